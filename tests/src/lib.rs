@@ -1,1 +1,1 @@
-//! x
+//! Cross-crate integration tests for tunnel, over real loopback sockets.

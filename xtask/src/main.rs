@@ -1,1 +1,123 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>` from anywhere in the workspace.
+//!
+//! - `cargo xtask ci`: everything CI checks, in order, failing fast.
+//! - `cargo xtask deps`: the dependency rules of ARCHITECTURE.md, checked against
+//!   `cargo metadata`.
+//! - `cargo xtask bench`: the benchmarks, printing figures.
+
+mod deps;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  ci      fmt check, clippy, tests, docs and dependency rules (what CI runs)
+  deps    check the crate layering written in ARCHITECTURE.md
+  bench   run the benchmarks and print their figures
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = project_root();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(&root),
+        Some("deps") => deps::check(&root),
+        Some("bench") => bench(&root, &args[1..]),
+        Some("-h" | "--help" | "help") => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => {
+            eprint!("unknown command {other:?}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs a command from the project root, logging it first; fails if it fails.
+fn run(root: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
+    let shown: Vec<String> = env
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(std::iter::once(program.to_string()))
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect();
+    eprintln!("\n==> {}", shown.join(" "));
+    let started = Instant::now();
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(root)
+        .status()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    eprintln!("<== {:.1}s", started.elapsed().as_secs_f64());
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{}` failed with {status}", shown.join(" ")))
+    }
+}
+
+fn ci(root: &Path) -> Result<(), String> {
+    let started = Instant::now();
+    run(root, "cargo", &["fmt", "--all", "--check"], &[])?;
+    deps::check(root)?;
+    run(
+        root,
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
+    run(
+        root,
+        "cargo",
+        &["test", "--workspace", "--all-features"],
+        &[],
+    )?;
+    run(
+        root,
+        "cargo",
+        &["doc", "--workspace", "--no-deps", "--all-features"],
+        &[("RUSTDOCFLAGS", "-D warnings")],
+    )?;
+    eprintln!(
+        "\nci: all steps passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn bench(root: &Path, extra: &[String]) -> Result<(), String> {
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut args = vec!["bench", "-p", "tunnel-proto", "--bench", "codec"];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra);
+    }
+    run(root, "cargo", &args, &[])
+}

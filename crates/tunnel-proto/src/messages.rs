@@ -20,7 +20,7 @@ pub trait TypedMessage: Serialize + DeserializeOwned {
     const TYPE: MessageType;
 
     /// Wraps the message in an envelope with its payload encoded in `format`.
-    fn into_envelope(
+    fn to_envelope(
         &self,
         id: u64,
         timestamp: u64,
@@ -360,7 +360,7 @@ mod tests {
             message: String::new(),
             regarding: None,
         }
-        .into_envelope(1, 2, Format::Json)
+        .to_envelope(1, 2, Format::Json)
         .expect("encode");
         assert!(Event::from_envelope(&env).is_ok());
         assert!(matches!(

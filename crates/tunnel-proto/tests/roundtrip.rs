@@ -24,7 +24,7 @@ fn roundtrip(format: Format, env: &Envelope) -> Envelope {
 fn typed_roundtrip<T: TypedMessage + PartialEq + std::fmt::Debug>(msg: T) {
     for format in Format::ALL {
         let env = msg
-            .into_envelope(42, 1_700_000_000_123, format)
+            .to_envelope(42, 1_700_000_000_123, format)
             .expect("wrap")
             .with_seq(7)
             .with_ack(3);
@@ -247,7 +247,7 @@ fn compressed_payloads_roundtrip_in_both_codecs() {
         observed_generation: None,
     };
     for format in Format::ALL {
-        let mut env = status.into_envelope(1, 0, format).expect("wrap");
+        let mut env = status.to_envelope(1, 0, format).expect("wrap");
         let plain_len = env.payload.as_ref().expect("payload").len();
         assert!(env.compress_payload(1024));
         let mut back = roundtrip(format, &env);

@@ -1,1 +1,1 @@
-//! x
+//! Reconnect policy for tunnel: backoff with jitter, circuit breakers, session resume.

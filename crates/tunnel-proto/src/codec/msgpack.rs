@@ -27,7 +27,7 @@ pub struct MsgPackCodec;
 
 type RefDeserializer<'de> = rmp_serde::Deserializer<rmp_serde::decode::ReadRefReader<'de, [u8]>>;
 
-struct BinRef<'de>(&'de [u8]);
+struct BinRef<'de>(Option<&'de [u8]>);
 
 impl<'de> serde::Deserialize<'de> for BinRef<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -38,14 +38,24 @@ impl<'de> serde::Deserialize<'de> for BinRef<'de> {
                 f.write_str("a bin holding the payload")
             }
             fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Self::Value, E> {
-                Ok(BinRef(v))
+                Ok(BinRef(Some(v)))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(BinRef(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(BinRef(None))
             }
         }
         d.deserialize_bytes(V)
     }
 }
 
-impl<'de> RawPayload<'de> for BinRef<'de> {}
+impl<'de> RawPayload<'de> for BinRef<'de> {
+    fn is_absent(&self) -> bool {
+        self.0.is_none()
+    }
+}
 
 fn value_err(e: rmp::encode::ValueWriteError) -> EncodeError {
     EncodeError::Serialize(e.to_string())
@@ -152,7 +162,8 @@ impl Codec for MsgPackCodec {
         expect_end(&mut de)?;
         let (raw_payload, mut env) = raw.into_parts();
         env.payload = raw_payload
-            .map(|BinRef(bytes)| Payload::from_trusted(Format::MsgPack, frame.slice_ref(bytes)));
+            .and_then(|BinRef(bytes)| bytes)
+            .map(|bytes| Payload::from_trusted(Format::MsgPack, frame.slice_ref(bytes)));
         Ok(env)
     }
 }
