@@ -1,6 +1,70 @@
-//! Metrics for tunnel: a small `Recorder` trait with a no-op default and an
-//! OpenTelemetry implementation (messages and bytes by type and direction, open
-//! connections, handshake failures by reason).
+//! Metrics for tunnel.
 //!
-//! Filled by the transport issue; this crate exists so the layering is fixed from the
-//! start.
+//! The transport and router report what happens through the [`Recorder`] trait:
+//! messages and bytes by type and direction, connections opened and closed, handshake
+//! failures by reason. [`NoopRecorder`] (the default) discards everything; with the
+//! `otel` feature, [`OtelRecorder`] records into OpenTelemetry instruments.
+//!
+//! # Example
+//! ```
+//! use tunnel_metrics::{Direction, Recorder, NoopRecorder};
+//! use tunnel_proto::MessageType;
+//!
+//! let recorder = NoopRecorder;
+//! recorder.message(Direction::Inbound, &MessageType::Event, 200);
+//! ```
+
+use std::fmt;
+
+use tunnel_proto::MessageType;
+
+#[cfg(feature = "otel")]
+mod otel;
+#[cfg(feature = "otel")]
+pub use otel::OtelRecorder;
+
+/// Which way a message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Received from the peer.
+    Inbound,
+    /// Sent to the peer.
+    Outbound,
+}
+
+impl Direction {
+    /// `in` or `out`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "in",
+            Direction::Outbound => "out",
+        }
+    }
+}
+
+/// Receives measurements. Every method has an empty default, so an implementation
+/// records only what it cares about. Calls happen on hot paths: keep them cheap.
+pub trait Recorder: Send + Sync + fmt::Debug + 'static {
+    /// One message of `bytes` encoded bytes went `direction`.
+    fn message(&self, direction: Direction, kind: &MessageType, bytes: usize) {
+        let _ = (direction, kind, bytes);
+    }
+
+    /// A connection was established (after the handshake).
+    fn connection_opened(&self) {}
+
+    /// An established connection ended.
+    fn connection_closed(&self) {}
+
+    /// An agent's upgrade or handshake failed; `reason` is a short label such as
+    /// `handshake_timeout` or `version_mismatch`.
+    fn handshake_failed(&self, reason: &'static str) {
+        let _ = reason;
+    }
+}
+
+/// Discards every measurement.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoopRecorder;
+
+impl Recorder for NoopRecorder {}

@@ -64,6 +64,15 @@ impl MessageType {
     /// The wire name of this type.
     pub fn as_str(&self) -> &str {
         match self {
+            MessageType::Unknown(name) => name,
+            known => known.static_name().unwrap_or_default(),
+        }
+    }
+
+    /// The wire name of a known type as a `&'static str` (`None` for
+    /// [`MessageType::Unknown`]), for metric labels that must not allocate.
+    pub fn static_name(&self) -> Option<&'static str> {
+        Some(match self {
             MessageType::Handshake => "handshake",
             MessageType::HandshakeAck => "handshake_ack",
             MessageType::Ping => "ping",
@@ -76,8 +85,8 @@ impl MessageType {
             MessageType::Reply => "reply",
             MessageType::Ack => "ack",
             MessageType::Window => "window",
-            MessageType::Unknown(name) => name,
-        }
+            MessageType::Unknown(_) => return None,
+        })
     }
 
     /// Parses a wire name. Never fails: unknown names become [`MessageType::Unknown`].

@@ -1,1 +1,48 @@
-//! The tunnel router: `Hub`, `Agent`, and dispatch of messages to tower `Service`s.
+//! The tunnel router: [`Hub`], [`Agent`], and a [`Router`] that dispatches inbound
+//! messages by type to tower `Service`s.
+//!
+//! A [`Hub`] accepts agents (over WebSocket with [`Hub::bind`], or any transport's
+//! acceptor with [`Hub::serve`]), keeps them in a registry keyed by
+//! [`AgentId`](tunnel_transport::AgentId), and can send to any of them. An [`Agent`]
+//! keeps one connection to a hub and redials with jittered exponential backoff when it
+//! drops. On both sides, each connection's inbound messages go through a [`Router`],
+//! one at a time and in order.
+//!
+//! # Example
+//! ```
+//! use std::time::Duration;
+//! use tokio::sync::mpsc;
+//! use tower::{BoxError, service_fn};
+//! use tunnel_proto::{MessageType, messages::Command};
+//! use tunnel_router::{Agent, AgentConfig, Hub, Inbound, Router};
+//! use tunnel_transport::{AgentId, ClientConfig, ServerConfig, SharedToken, WsConnector};
+//!
+//! # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+//! let (tx, mut commands) = mpsc::channel(8);
+//! let on_command = service_fn(move |msg: Inbound| {
+//!     let tx = tx.clone();
+//!     async move { tx.send(msg.envelope.decode_payload::<Command>()?).await?; Ok::<_, BoxError>(()) }
+//! });
+//! let hub = Hub::bind("127.0.0.1:0", ServerConfig::new(SharedToken::new("t0k3n")), Router::new()).await?;
+//! let id = AgentId::new("root:org", "cluster-1");
+//! let connector = WsConnector::new(ClientConfig::new(id.clone()).token(Some("t0k3n".into())));
+//! let agent = Agent::start(connector, AgentConfig::new(hub.url().unwrap()),
+//!     Router::new().route(MessageType::Command, on_command))?;
+//! agent.wait_connected(Duration::from_secs(5)).await?;
+//!
+//! hub.send(&id, MessageType::Command, &Command::new("restart")).await?;
+//! assert_eq!(commands.recv().await.unwrap().name, "restart");
+//! agent.shutdown().await;
+//! hub.shutdown().await;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+mod agent;
+mod hub;
+mod router;
+mod session;
+
+pub use agent::{Agent, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState};
+pub use hub::{Hub, HubSendError};
+pub use router::{Inbound, Router};

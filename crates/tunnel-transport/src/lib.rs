@@ -1,2 +1,77 @@
-//! The transport layer of tunnel: `Connection`, `Connector` and `Acceptor` traits and
-//! their WebSocket implementation on tokio-tungstenite.
+//! The transport layer of tunnel.
+//!
+//! - [`Connection`]: an established, handshaken connection to a peer, split into a
+//!   cloneable [`ConnectionSender`] and a [`ConnectionReceiver`]. It is the same type
+//!   whatever carries it.
+//! - [`Connector`] (agent side: dial an endpoint) and [`Acceptor`] (hub side: yield
+//!   authenticated connections), implemented over WebSocket ([`WsConnector`],
+//!   [`WsListener`]) and in memory ([`memory`]).
+//! - [`Authenticator`]: decides who may connect, before the WebSocket upgrade completes.
+//!
+//! # The WebSocket transport
+//! The upgrade carries `Authorization: Bearer <token>`, `X-SyncTarget` and
+//! `X-Workspace`; `Sec-WebSocket-Protocol` selects the codec. After the upgrade the agent
+//! sends `handshake` and the hub answers `handshake_ack` with a session id (PROTOCOL.md,
+//! section 5). Each connection then has one writer task, which batches queued frames
+//! (feed, then flush when the queue is momentarily empty) and sends keepalive pings; the
+//! read side runs in whichever task calls [`ConnectionReceiver::recv`].
+//!
+//! Bounds: the outbound queue holds [`ConnectionConfig::outbound_queue`] messages
+//! (`send` waits up to `send_timeout` for room, `try_send` fails at once); messages and
+//! frames are limited to `limits.max_message_size` (16 MiB by default); the read
+//! buffer is 4 KiB so an idle connection stays small.
+//!
+//! # Example
+//! ```
+//! use tunnel_transport::{AgentId, AllowAll, Acceptor, ClientConfig, Connector, ServerConfig, WsConnector, WsListener};
+//! use tunnel_proto::{CloseCode, MessageType};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let mut listener = WsListener::bind("127.0.0.1:0", ServerConfig::new(AllowAll)).await?;
+//! let url = format!("ws://{}/", listener.local_addr());
+//! let agent = WsConnector::new(ClientConfig::new(AgentId::new("root:org", "cluster-1")));
+//! let (client, server) = tokio::join!(agent.connect(&url), listener.accept());
+//! let (client, mut server) = (client?, server?);
+//!
+//! client.send(&client.sender().envelope(MessageType::Ping)).await?;
+//! let got = server.recv().await?.expect("a message");
+//! assert_eq!(got.kind, MessageType::Ping);
+//! assert_eq!(server.info().agent, AgentId::new("root:org", "cluster-1"));
+//! // Closing flushes what was queued and waits for the peer's close reply.
+//! let ((), end) = tokio::join!(client.close(CloseCode::NORMAL, "bye"), server.recv());
+//! assert!(end?.is_none());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+mod auth;
+mod config;
+mod connection;
+mod error;
+#[cfg(feature = "fault")]
+pub mod fault;
+pub mod memory;
+mod ws;
+
+pub use auth::{AgentId, AllowAll, AuthError, AuthRequest, Authenticator, SharedToken};
+pub use config::{ClientConfig, ConnectionConfig, ServerConfig};
+pub use connection::{
+    Connection, ConnectionInfo, ConnectionReceiver, ConnectionSender, unix_millis,
+};
+pub use error::{AcceptError, CloseReason, ConnectError, RecvError, SendError};
+pub use ws::{HEADER_SYNC_TARGET, HEADER_WORKSPACE, WsConnector, WsListener};
+
+/// Dials an endpoint and returns an established connection (agent side).
+#[async_trait::async_trait]
+pub trait Connector: Send + Sync + std::fmt::Debug {
+    /// Connects to `endpoint` (a URL for the WebSocket transport), performing the
+    /// upgrade and the protocol handshake.
+    async fn connect(&self, endpoint: &str) -> Result<Connection, ConnectError>;
+}
+
+/// Yields authenticated, handshaken connections (hub side).
+#[async_trait::async_trait]
+pub trait Acceptor: Send + std::fmt::Debug {
+    /// The next connection; [`AcceptError::Closed`] once the acceptor is shut down.
+    async fn accept(&mut self) -> Result<Connection, AcceptError>;
+}

@@ -1,0 +1,293 @@
+//! The agent: stays connected to a hub, redialing with jittered backoff.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tunnel_proto::{CloseCode, Envelope, MessageType};
+use tunnel_reconnect::{Backoff, BackoffConfig, ExponentialBackoff, InvalidBackoff};
+use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, SendError};
+
+use crate::router::Router;
+use crate::session::{self, SessionEnd};
+
+/// Where an agent's connection stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// Dialing the hub.
+    Connecting,
+    /// Connected, with this session id.
+    Connected {
+        /// The session id the hub assigned.
+        session_id: String,
+    },
+    /// Waiting before the next attempt.
+    Backoff {
+        /// When the next attempt starts.
+        until: Instant,
+    },
+    /// Shut down; no more attempts.
+    Closed,
+}
+
+/// Why an agent could not send.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentSendError {
+    /// The agent is between connections. (Buffering while disconnected arrives with
+    /// session resume.)
+    #[error("not connected to the hub")]
+    NotConnected,
+    /// The payload could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] tunnel_proto::EncodeError),
+    /// The connection refused the message.
+    #[error(transparent)]
+    Send(#[from] SendError),
+}
+
+/// Settings of an [`Agent`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AgentConfig {
+    /// The hub's URL.
+    pub endpoint: String,
+    /// Backoff between attempts (full jitter on every attempt, including the first
+    /// after a drop).
+    pub backoff: BackoffConfig,
+    /// A connection that stayed up this long resets the backoff. Default 30 s.
+    pub stable_after: Duration,
+}
+
+impl AgentConfig {
+    /// Settings for connecting to `endpoint`, with defaults otherwise.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        AgentConfig {
+            endpoint: endpoint.into(),
+            backoff: BackoffConfig::default(),
+            stable_after: Duration::from_secs(30),
+        }
+    }
+
+    /// Sets [`AgentConfig::backoff`].
+    pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Sets [`AgentConfig::stable_after`].
+    pub fn stable_after(mut self, stable_after: Duration) -> Self {
+        self.stable_after = stable_after;
+        self
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: watch::Sender<ConnectionState>,
+    current: watch::Sender<Option<ConnectionSender>>,
+    reconnects: AtomicU64,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// An agent: keeps one connection to a hub, redials when it drops, hands what the hub
+/// sends to a [`Router`].
+///
+/// ```no_run
+/// use tunnel_router::{Agent, AgentConfig, Router};
+/// use tunnel_transport::{AgentId, ClientConfig, WsConnector};
+/// use tunnel_proto::{MessageType, messages::Event};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let connector = WsConnector::new(ClientConfig::new(AgentId::new("root:org", "cluster-1")));
+/// let agent = Agent::start(connector, AgentConfig::new("ws://127.0.0.1:7070/"), Router::new())?;
+/// agent.wait_connected(std::time::Duration::from_secs(5)).await?;
+/// agent.send(MessageType::Event, &Event {
+///     event_type: "Normal".into(), reason: "Started".into(), message: String::new(), regarding: None,
+/// }).await?;
+/// agent.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+/// The agent did not connect in time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not connected within {0:?}")]
+pub struct ConnectTimeout(pub Duration);
+
+impl Agent {
+    /// Starts connecting through `connector` and keeps reconnecting until
+    /// [`Agent::shutdown`].
+    pub fn start(
+        connector: impl Connector + 'static,
+        config: AgentConfig,
+        router: Router,
+    ) -> Result<Agent, InvalidBackoff> {
+        let backoff = ExponentialBackoff::new(config.backoff)?;
+        Ok(Self::start_with_backoff(
+            connector,
+            config,
+            router,
+            Box::new(backoff),
+        ))
+    }
+
+    /// Like [`Agent::start`] with a backoff of your own (for example seeded, in tests).
+    pub fn start_with_backoff(
+        connector: impl Connector + 'static,
+        config: AgentConfig,
+        router: Router,
+        backoff: Box<dyn Backoff>,
+    ) -> Agent {
+        let inner = Arc::new(Inner {
+            state: watch::Sender::new(ConnectionState::Connecting),
+            current: watch::Sender::new(None),
+            reconnects: AtomicU64::new(0),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        inner.tasks.spawn(supervise(
+            Box::new(connector),
+            config,
+            router,
+            backoff,
+            inner.clone(),
+        ));
+        Agent { inner }
+    }
+
+    /// Watches the connection state.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.state.subscribe()
+    }
+
+    /// The current connection's sender, if connected.
+    pub fn sender(&self) -> Option<ConnectionSender> {
+        self.inner.current.borrow().clone()
+    }
+
+    /// How many times the agent has connected again after losing a connection.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Waits until connected, at most `timeout`.
+    pub async fn wait_connected(
+        &self,
+        timeout: Duration,
+    ) -> Result<ConnectionInfo, ConnectTimeout> {
+        let mut current = self.inner.current.subscribe();
+        let connected = tokio::time::timeout(
+            timeout,
+            current.wait_for(|c| c.as_ref().is_some_and(|s| !s.is_closed())),
+        )
+        .await
+        .map_err(|_| ConnectTimeout(timeout))?;
+        match connected {
+            Ok(sender) => sender
+                .as_ref()
+                .map(|s| s.info().clone())
+                .ok_or(ConnectTimeout(timeout)),
+            Err(_) => Err(ConnectTimeout(timeout)),
+        }
+    }
+
+    /// Sends a message of `kind` with `payload` on the current connection.
+    pub async fn send<T: serde::Serialize + ?Sized>(
+        &self,
+        kind: MessageType,
+        payload: &T,
+    ) -> Result<(), AgentSendError> {
+        let sender = self.sender().ok_or(AgentSendError::NotConnected)?;
+        let env = sender.envelope(kind).with_payload(sender.payload(payload)?);
+        Ok(sender.send(&env).await?)
+    }
+
+    /// Sends a prepared envelope on the current connection.
+    pub async fn send_envelope(&self, env: &Envelope) -> Result<(), AgentSendError> {
+        let sender = self.sender().ok_or(AgentSendError::NotConnected)?;
+        Ok(sender.send(env).await?)
+    }
+
+    /// Closes the connection gracefully and stops reconnecting.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+async fn supervise(
+    connector: Box<dyn Connector>,
+    config: AgentConfig,
+    mut router: Router,
+    mut backoff: Box<dyn Backoff>,
+    inner: Arc<Inner>,
+) {
+    let mut connected_before = false;
+    loop {
+        inner.state.send_replace(ConnectionState::Connecting);
+        let attempt = tokio::select! {
+            () = inner.shutdown.cancelled() => break,
+            r = connector.connect(&config.endpoint) => r,
+        };
+        match attempt {
+            Ok(conn) => {
+                if connected_before {
+                    inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                connected_before = true;
+                let since = Instant::now();
+                let (sender, receiver) = conn.split();
+                tracing::info!(session = %sender.info().session_id, endpoint = %config.endpoint, "connected");
+                inner.state.send_replace(ConnectionState::Connected {
+                    session_id: sender.info().session_id.clone(),
+                });
+                inner.current.send_replace(Some(sender.clone()));
+                let session = session::run(receiver, sender.clone(), &mut router);
+                tokio::pin!(session);
+                let (end, stopping) = tokio::select! {
+                    end = &mut session => (end, false),
+                    () = inner.shutdown.cancelled() => {
+                        let close = sender.close(CloseCode::NORMAL, "agent shutting down");
+                        (tokio::join!(session, close).0, true)
+                    }
+                };
+                inner.current.send_replace(None);
+                match end {
+                    SessionEnd::Closed => {
+                        tracing::info!(reason = ?sender.close_reason(), "connection closed");
+                    }
+                    SessionEnd::Failed(e) => tracing::warn!(error = %e, "connection failed"),
+                }
+                if stopping {
+                    break;
+                }
+                if since.elapsed() >= config.stable_after {
+                    backoff.reset();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(endpoint = %config.endpoint, error = %e, "connect failed");
+            }
+        }
+        let delay = backoff.next_delay();
+        let until = Instant::now() + delay;
+        inner.state.send_replace(ConnectionState::Backoff { until });
+        tokio::select! {
+            () = inner.shutdown.cancelled() => break,
+            () = tokio::time::sleep_until(until) => {}
+        }
+    }
+    inner.current.send_replace(None);
+    inner.state.send_replace(ConnectionState::Closed);
+}

@@ -1,0 +1,162 @@
+//! Dispatch of inbound messages by type to tower `Service`s.
+
+use std::fmt;
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, Service, ServiceExt};
+use tunnel_proto::{Envelope, MessageType};
+use tunnel_transport::{AgentId, ConnectionInfo, ConnectionSender};
+
+/// A message from the peer, as handed to a handler.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// The message.
+    pub envelope: Envelope,
+    sender: ConnectionSender,
+}
+
+impl Inbound {
+    /// A message received on the connection whose sender is `sender`.
+    pub fn new(envelope: Envelope, sender: ConnectionSender) -> Self {
+        Inbound { envelope, sender }
+    }
+
+    /// The agent at the other end (on an agent: the agent itself).
+    pub fn agent(&self) -> &AgentId {
+        &self.sender.info().agent
+    }
+
+    /// What is known about the connection the message came on.
+    pub fn connection(&self) -> &ConnectionInfo {
+        self.sender.info()
+    }
+
+    /// A handle to send on the same connection, for example to answer.
+    pub fn sender(&self) -> &ConnectionSender {
+        &self.sender
+    }
+}
+
+type Handler = BoxCloneSyncService<Inbound, (), BoxError>;
+
+/// Routes inbound messages to handlers by [`MessageType`].
+///
+/// Each handler is a tower `Service<Inbound, Response = ()>`; messages of a type with
+/// no route go to the fallback, or are dropped (and logged) if there is none. A
+/// connection's messages are handled one at a time, in order.
+///
+/// ```
+/// use tower::{BoxError, service_fn};
+/// use tunnel_proto::MessageType;
+/// use tunnel_router::{Inbound, Router};
+///
+/// let router = Router::new()
+///     .route(MessageType::Command, service_fn(|msg: Inbound| async move {
+///         println!("command from {}", msg.agent());
+///         Ok::<_, BoxError>(())
+///     }))
+///     .fallback(service_fn(|_: Inbound| async { Ok::<_, BoxError>(()) }));
+/// assert!(router.has_route(&MessageType::Command));
+/// ```
+#[derive(Clone, Default)]
+pub struct Router {
+    routes: Vec<(MessageType, Handler)>,
+    fallback: Option<Handler>,
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Router")
+            .field(
+                "routes",
+                &self
+                    .routes
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field("fallback", &self.fallback.is_some())
+            .finish()
+    }
+}
+
+fn boxed<S>(service: S) -> Handler
+where
+    S: Service<Inbound, Response = ()> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    BoxCloneSyncService::new(service.map_err(Into::into))
+}
+
+impl Router {
+    /// A router with no routes.
+    pub fn new() -> Self {
+        Router::default()
+    }
+
+    /// Sends messages of `kind` to `service`, replacing an earlier route for it.
+    pub fn route<S>(mut self, kind: MessageType, service: S) -> Self
+    where
+        S: Service<Inbound, Response = ()> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.routes.retain(|(k, _)| *k != kind);
+        self.routes.push((kind, boxed(service)));
+        self
+    }
+
+    /// Sends messages of every type without a route to `service`.
+    pub fn fallback<S>(mut self, service: S) -> Self
+    where
+        S: Service<Inbound, Response = ()> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.fallback = Some(boxed(service));
+        self
+    }
+
+    /// Whether `kind` has its own route.
+    pub fn has_route(&self, kind: &MessageType) -> bool {
+        self.routes.iter().any(|(k, _)| k == kind)
+    }
+
+    fn handler_mut(&mut self, kind: &MessageType) -> Option<&mut Handler> {
+        match self.routes.iter().position(|(k, _)| k == kind) {
+            Some(i) => Some(&mut self.routes[i].1),
+            None => self.fallback.as_mut(),
+        }
+    }
+
+    /// Handles one message in place: waits for the handler to be ready, then calls it.
+    /// Returns `Ok(false)` if no handler took the message.
+    pub async fn dispatch(&mut self, msg: Inbound) -> Result<bool, BoxError> {
+        let Some(handler) = self.handler_mut(&msg.envelope.kind) else {
+            return Ok(false);
+        };
+        handler.ready().await?.call(msg).await?;
+        Ok(true)
+    }
+}
+
+impl Service<Inbound> for Router {
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Each call readies its own clone of the chosen handler.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, msg: Inbound) -> Self::Future {
+        match self.handler_mut(&msg.envelope.kind).cloned() {
+            Some(handler) => Box::pin(handler.oneshot(msg)),
+            None => Box::pin(async { Ok(()) }),
+        }
+    }
+}

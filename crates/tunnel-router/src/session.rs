@@ -1,0 +1,56 @@
+//! The loop that reads one connection and feeds the router.
+
+use tunnel_proto::MessageType;
+use tunnel_transport::{ConnectionReceiver, ConnectionSender, RecvError};
+
+use crate::router::{Inbound, Router};
+
+/// How a session ended.
+#[derive(Debug)]
+pub(crate) enum SessionEnd {
+    /// The connection closed in an orderly way.
+    Closed,
+    /// The connection failed.
+    Failed(RecvError),
+}
+
+/// Reads messages until the connection ends, answering protocol pings and handing
+/// everything else to `router`, one message at a time.
+pub(crate) async fn run(
+    mut receiver: ConnectionReceiver,
+    sender: ConnectionSender,
+    router: &mut Router,
+) -> SessionEnd {
+    loop {
+        let env = match receiver.recv().await {
+            Ok(Some(env)) => env,
+            Ok(None) => return SessionEnd::Closed,
+            Err(e) => return SessionEnd::Failed(e),
+        };
+        match env.kind {
+            MessageType::Ping => {
+                let pong = sender.envelope(MessageType::Pong).with_correlation(env.id);
+                let _ = sender.try_send(&pong);
+                continue;
+            }
+            MessageType::Handshake | MessageType::HandshakeAck => {
+                tracing::debug!(
+                    connection = sender.info().id,
+                    "ignoring a repeated handshake"
+                );
+                continue;
+            }
+            _ => {}
+        }
+        let kind = env.kind.clone();
+        match router.dispatch(Inbound::new(env, sender.clone())).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(agent = %sender.info().agent, %kind, "no handler for message");
+            }
+            Err(e) => {
+                tracing::warn!(agent = %sender.info().agent, %kind, error = %e, "handler failed");
+            }
+        }
+    }
+}

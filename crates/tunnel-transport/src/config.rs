@@ -1,0 +1,243 @@
+//! Settings of connections, listeners and connectors.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tunnel_metrics::{NoopRecorder, Recorder};
+use tunnel_proto::{Format, Limits, VersionRange, capability};
+
+/// Settings every connection has, on both sides.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConnectionConfig {
+    /// Decoder limits; `max_message_size` also bounds WebSocket messages and frames.
+    /// Default: 16 MiB messages, 64 headers.
+    pub limits: Limits,
+    /// How often to send a WebSocket ping. Default 15 s.
+    pub ping_interval: Duration,
+    /// How long past a ping interval to wait for any inbound traffic before the peer is
+    /// declared dead: a peer is dead when nothing (data, ping or pong) arrived for
+    /// `ping_interval + pong_timeout`. Default 10 s.
+    pub pong_timeout: Duration,
+    /// Capacity of the outbound queue, in messages. When it is full, `send` waits up to
+    /// `send_timeout` for room and `try_send` fails at once. Default 1024.
+    pub outbound_queue: usize,
+    /// How long `send` waits for room in a full outbound queue. Default 5 s.
+    pub send_timeout: Duration,
+    /// How long a graceful close may take to flush pending messages. Default 5 s.
+    pub close_timeout: Duration,
+    /// Read buffer per connection, allocated up front. Small keeps idle connections
+    /// cheap. Default 4 KiB.
+    pub read_buffer_size: usize,
+    /// Outbound bytes buffered before a write to the socket (a flush always writes).
+    /// Default 64 KiB.
+    pub write_buffer_size: usize,
+    /// Where connection metrics go. Default: nowhere.
+    pub recorder: Arc<dyn Recorder>,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            limits: Limits::default(),
+            ping_interval: Duration::from_secs(15),
+            pong_timeout: Duration::from_secs(10),
+            outbound_queue: 1024,
+            send_timeout: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(5),
+            read_buffer_size: 4 * 1024,
+            write_buffer_size: 64 * 1024,
+            recorder: Arc::new(NoopRecorder),
+        }
+    }
+}
+
+macro_rules! setters {
+    ($ty:ty { $($(#[$doc:meta])* $name:ident : $t:ty),* $(,)? }) => {
+        impl $ty {
+            $(
+                $(#[$doc])*
+                pub fn $name(mut self, value: $t) -> Self {
+                    self.$name = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters!(ConnectionConfig {
+    /// Sets [`ConnectionConfig::limits`].
+    limits: Limits,
+    /// Sets [`ConnectionConfig::ping_interval`].
+    ping_interval: Duration,
+    /// Sets [`ConnectionConfig::pong_timeout`].
+    pong_timeout: Duration,
+    /// Sets [`ConnectionConfig::outbound_queue`].
+    outbound_queue: usize,
+    /// Sets [`ConnectionConfig::send_timeout`].
+    send_timeout: Duration,
+    /// Sets [`ConnectionConfig::close_timeout`].
+    close_timeout: Duration,
+    /// Sets [`ConnectionConfig::read_buffer_size`].
+    read_buffer_size: usize,
+    /// Sets [`ConnectionConfig::write_buffer_size`].
+    write_buffer_size: usize,
+    /// Sets [`ConnectionConfig::recorder`].
+    recorder: Arc<dyn Recorder>,
+});
+
+impl ConnectionConfig {
+    /// The dead-peer deadline: `ping_interval + pong_timeout`.
+    pub fn dead_after(&self) -> Duration {
+        self.ping_interval + self.pong_timeout
+    }
+
+    pub(crate) fn ws_config(&self) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_size)
+            .write_buffer_size(self.write_buffer_size)
+            .max_write_buffer_size(self.write_buffer_size + self.limits.max_message_size + 1024)
+            .max_message_size(Some(self.limits.max_message_size))
+            .max_frame_size(Some(self.limits.max_message_size))
+    }
+}
+
+/// Settings of a hub's listener.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Per-connection settings.
+    pub connection: ConnectionConfig,
+    /// Decides who may connect.
+    pub authenticator: Arc<dyn crate::Authenticator>,
+    /// Deadline for the HTTP upgrade plus the protocol handshake. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Protocol versions the hub speaks.
+    pub versions: VersionRange,
+    /// Capabilities the hub offers, in order of preference.
+    pub capabilities: Vec<String>,
+    /// Codecs the hub accepts. Default: both.
+    pub formats: Vec<Format>,
+    /// Completed connections waiting for `accept`; the handshakes of further agents wait
+    /// while it is full. Default 1024.
+    pub accept_queue: usize,
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("connection", &self.connection)
+            .field("authenticator", &self.authenticator)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("versions", &self.versions)
+            .field("capabilities", &self.capabilities)
+            .field("formats", &self.formats)
+            .finish()
+    }
+}
+
+impl ServerConfig {
+    /// A listener configuration with the given authenticator and defaults otherwise.
+    pub fn new(authenticator: impl crate::Authenticator) -> Self {
+        ServerConfig {
+            connection: ConnectionConfig::default(),
+            authenticator: Arc::new(authenticator),
+            handshake_timeout: Duration::from_secs(10),
+            versions: VersionRange::SUPPORTED,
+            capabilities: default_capabilities(),
+            formats: Format::ALL.to_vec(),
+            accept_queue: 1024,
+        }
+    }
+}
+
+setters!(ServerConfig {
+    /// Sets [`ServerConfig::connection`].
+    connection: ConnectionConfig,
+    /// Sets [`ServerConfig::handshake_timeout`].
+    handshake_timeout: Duration,
+    /// Sets [`ServerConfig::versions`].
+    versions: VersionRange,
+    /// Sets [`ServerConfig::capabilities`].
+    capabilities: Vec<String>,
+    /// Sets [`ServerConfig::formats`].
+    formats: Vec<Format>,
+    /// Sets [`ServerConfig::accept_queue`].
+    accept_queue: usize,
+});
+
+fn default_capabilities() -> Vec<String> {
+    vec![capability::REPLIES.to_string()]
+}
+
+/// Settings of an agent's connector.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// Per-connection settings.
+    pub connection: ConnectionConfig,
+    /// The identity to claim.
+    pub agent: crate::AgentId,
+    /// The bearer token, if any. Never logged.
+    pub token: Option<String>,
+    /// The codec to ask for. Default MessagePack.
+    pub format: Format,
+    /// Deadline for TCP connect, upgrade and handshake together. Default 10 s.
+    pub connect_timeout: Duration,
+    /// Protocol versions the agent speaks.
+    pub versions: VersionRange,
+    /// Capabilities the agent offers.
+    pub capabilities: Vec<String>,
+    /// Metadata sent in the handshake.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("connection", &self.connection)
+            .field("agent", &self.agent)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("format", &self.format)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("versions", &self.versions)
+            .field("capabilities", &self.capabilities)
+            .finish()
+    }
+}
+
+impl ClientConfig {
+    /// A connector configuration for `agent`, with defaults otherwise.
+    pub fn new(agent: crate::AgentId) -> Self {
+        ClientConfig {
+            connection: ConnectionConfig::default(),
+            agent,
+            token: None,
+            format: Format::MsgPack,
+            connect_timeout: Duration::from_secs(10),
+            versions: VersionRange::SUPPORTED,
+            capabilities: default_capabilities(),
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+setters!(ClientConfig {
+    /// Sets [`ClientConfig::connection`].
+    connection: ConnectionConfig,
+    /// Sets [`ClientConfig::token`].
+    token: Option<String>,
+    /// Sets [`ClientConfig::format`].
+    format: Format,
+    /// Sets [`ClientConfig::connect_timeout`].
+    connect_timeout: Duration,
+    /// Sets [`ClientConfig::versions`].
+    versions: VersionRange,
+    /// Sets [`ClientConfig::capabilities`].
+    capabilities: Vec<String>,
+    /// Sets [`ClientConfig::metadata`].
+    metadata: BTreeMap<String, String>,
+});

@@ -1,0 +1,528 @@
+//! A connection to a peer, independent of the transport that carries it.
+//!
+//! A [`Connection`] is two halves: a cloneable [`ConnectionSender`] that encodes and
+//! queues envelopes for the transport's writer, and a [`ConnectionReceiver`] that pulls
+//! frames from the transport, decodes them and runs keepalive. Reading happens in the
+//! task that calls [`ConnectionReceiver::recv`]: nothing is read while nobody asks, so a
+//! slow consumer slows its peer through TCP instead of growing a buffer.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tunnel_metrics::{Direction, Recorder};
+use tunnel_proto::{CloseCode, Codec, Envelope, Format, FrameKind, Limits, MessageType, Payload};
+
+use crate::AgentId;
+use crate::config::ConnectionConfig;
+use crate::error::{CloseReason, RecvError, SendError};
+
+/// What is known about an established connection.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConnectionInfo {
+    /// A number unique to this connection within the process.
+    pub id: u64,
+    /// The agent at the other end (on an agent: its own identity).
+    pub agent: AgentId,
+    /// The session id the hub assigned in its handshake reply.
+    pub session_id: String,
+    /// The negotiated protocol version.
+    pub version: u16,
+    /// Capabilities both sides support.
+    pub capabilities: Vec<String>,
+    /// The codec in use.
+    pub format: Format,
+    /// The peer's socket address, where the transport has one.
+    pub peer_addr: Option<SocketAddr>,
+    /// When the handshake completed.
+    pub connected_at: SystemTime,
+}
+
+impl ConnectionInfo {
+    /// Whether both sides agreed on `capability`.
+    pub fn has_capability(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|c| c == capability)
+    }
+}
+
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn next_connection_id() -> u64 {
+    NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Milliseconds since the Unix epoch, for envelope timestamps.
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Queued for a transport's writer.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// An encoded envelope.
+    Data(Bytes),
+    /// Close with this code and reason after everything queued before it.
+    Close(CloseCode, String),
+}
+
+/// Delivered by a transport's reader.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// One message.
+    Data(Bytes, FrameKind),
+    /// A keepalive ping from the peer (already answered by the transport).
+    Ping,
+    /// A keepalive pong with the payload of our ping.
+    Pong(Bytes),
+    /// The peer closed, with a code and reason if it gave one.
+    Closed(Option<(CloseCode, String)>),
+    /// The peer broke the transport's protocol; close with this code.
+    Protocol(CloseCode, String),
+    /// The socket failed.
+    Failed(String),
+}
+
+pub(crate) type IncomingStream = Pin<Box<dyn Stream<Item = Incoming> + Send>>;
+
+/// State shared by the halves of a connection and its writer.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) info: ConnectionInfo,
+    pub(crate) codec: &'static dyn Codec,
+    pub(crate) limits: Limits,
+    pub(crate) recorder: Arc<dyn Recorder>,
+    pub(crate) send_timeout: Duration,
+    pub(crate) close_timeout: Duration,
+    pub(crate) dead_after: Duration,
+    next_id: AtomicU64,
+    rtt_micros: AtomicU64,
+    pub(crate) epoch: Instant,
+    /// Cancelled when the connection is over, whoever ended it.
+    pub(crate) shutdown: CancellationToken,
+    /// Cancelled when the writer has exited.
+    pub(crate) writer_done: CancellationToken,
+    reason: Mutex<Option<CloseReason>>,
+}
+
+impl Shared {
+    pub(crate) fn new(info: ConnectionInfo, config: &ConnectionConfig) -> Arc<Shared> {
+        Arc::new(Shared {
+            codec: info.format.codec(),
+            info,
+            limits: config.limits.clone(),
+            recorder: config.recorder.clone(),
+            send_timeout: config.send_timeout,
+            close_timeout: config.close_timeout,
+            dead_after: config.dead_after(),
+            next_id: AtomicU64::new(1),
+            rtt_micros: AtomicU64::new(0),
+            epoch: Instant::now(),
+            shutdown: CancellationToken::new(),
+            writer_done: CancellationToken::new(),
+            reason: Mutex::new(None),
+        })
+    }
+
+    /// Records why the connection ends; the first reason wins.
+    pub(crate) fn set_reason(&self, reason: CloseReason) {
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(reason);
+        }
+    }
+
+    pub(crate) fn reason(&self) -> Option<CloseReason> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Ends the connection for `reason` (if none was recorded yet).
+    pub(crate) fn end(&self, reason: CloseReason) {
+        self.set_reason(reason);
+        self.shutdown.cancel();
+    }
+
+    /// The close frame the writer should still send when the connection ends this way.
+    pub(crate) fn final_close_frame(&self) -> Option<(CloseCode, String)> {
+        match self.reason()? {
+            CloseReason::Local(code, reason) | CloseReason::Protocol(code, reason) => {
+                Some((code, reason))
+            }
+            CloseReason::DeadPeer => Some((CloseCode::DEAD_PEER, "no keepalive response".into())),
+            CloseReason::Remote(..) | CloseReason::Io(_) => None,
+        }
+    }
+
+    /// Payload of a keepalive ping: the send time, to measure the round trip.
+    pub(crate) fn ping_payload(&self) -> Bytes {
+        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        Bytes::copy_from_slice(&nanos.to_be_bytes())
+    }
+
+    fn record_pong(&self, payload: &[u8]) {
+        let Ok(sent) = <[u8; 8]>::try_from(payload) else {
+            return;
+        };
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if let Some(rtt) = now.checked_sub(u64::from_be_bytes(sent)) {
+            self.rtt_micros
+                .store((rtt / 1000).max(1), Ordering::Relaxed);
+        }
+    }
+}
+
+/// The sending half of a connection. Cheap to clone; every clone sends on the same
+/// connection, in the order `send` calls complete.
+#[derive(Debug, Clone)]
+pub struct ConnectionSender {
+    tx: mpsc::Sender<Outgoing>,
+    shared: Arc<Shared>,
+}
+
+impl ConnectionSender {
+    /// What is known about the connection.
+    pub fn info(&self) -> &ConnectionInfo {
+        &self.shared.info
+    }
+
+    /// A fresh message id for this connection.
+    pub fn next_id(&self) -> u64 {
+        self.shared.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// An envelope with a fresh id and the current time.
+    pub fn envelope(&self, kind: MessageType) -> Envelope {
+        Envelope::new(self.next_id(), kind, unix_millis())
+    }
+
+    /// Encodes `value` in this connection's payload format.
+    pub fn payload<T: serde::Serialize + ?Sized>(
+        &self,
+        value: &T,
+    ) -> Result<Payload, tunnel_proto::EncodeError> {
+        Payload::encode(self.shared.info.format, value)
+    }
+
+    fn encode(&self, env: &Envelope) -> Result<Outgoing, SendError> {
+        let mut buf = Vec::with_capacity(
+            128 + env.payload.as_ref().map_or(0, Payload::len) + env.headers.len() * 64,
+        );
+        self.shared.codec.encode(env, &mut buf)?;
+        if buf.len() > self.shared.limits.max_message_size {
+            return Err(tunnel_proto::EncodeError::TooLarge {
+                size: buf.len(),
+                limit: self.shared.limits.max_message_size,
+            }
+            .into());
+        }
+        self.shared
+            .recorder
+            .message(Direction::Outbound, &env.kind, buf.len());
+        Ok(Outgoing::Data(buf.into()))
+    }
+
+    /// Queues `env`, waiting up to the configured send timeout for room in a full
+    /// outbound queue.
+    pub async fn send(&self, env: &Envelope) -> Result<(), SendError> {
+        let msg = self.encode(env)?;
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                let timeout = self.shared.send_timeout;
+                self.tx
+                    .send_timeout(msg, timeout)
+                    .await
+                    .map_err(|e| match e {
+                        mpsc::error::SendTimeoutError::Timeout(_) => SendError::Timeout(timeout),
+                        mpsc::error::SendTimeoutError::Closed(_) => SendError::Closed,
+                    })
+            }
+        }
+    }
+
+    /// Queues `env` if there is room now; fails with [`SendError::Full`] otherwise.
+    pub fn try_send(&self, env: &Envelope) -> Result<(), SendError> {
+        let msg = self.encode(env)?;
+        self.tx.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SendError::Full,
+            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+        })
+    }
+
+    /// Closes gracefully: messages queued before this call are flushed, then a close
+    /// frame with `code` and `reason` is sent and the peer's reply awaited, all within
+    /// the configured close timeout. Afterwards the connection is over.
+    ///
+    /// The peer's reply is read by the [`ConnectionReceiver`]: if nobody is polling it,
+    /// this waits for the whole close timeout. [`Connection::close`] drives both.
+    pub async fn close(&self, code: CloseCode, reason: &str) {
+        let deadline = Instant::now() + self.shared.close_timeout;
+        let queued = tokio::time::timeout_at(
+            deadline,
+            self.tx.send(Outgoing::Close(code, reason.to_owned())),
+        )
+        .await;
+        if matches!(queued, Ok(Ok(()))) {
+            let _ = tokio::time::timeout_at(deadline, self.shared.shutdown.cancelled()).await;
+        }
+        self.shared.end(CloseReason::Local(code, reason.to_owned()));
+        let _ = tokio::time::timeout_at(deadline, self.shared.writer_done.cancelled()).await;
+    }
+
+    /// Drops the connection at once, without a close handshake, as if the network
+    /// failed. Queued messages are discarded.
+    pub fn abort(&self) {
+        self.shared.end(CloseReason::Io("aborted locally".into()));
+    }
+
+    /// Whether the connection is over.
+    pub fn is_closed(&self) -> bool {
+        self.shared.shutdown.is_cancelled() || self.tx.is_closed()
+    }
+
+    /// Resolves when the connection is over.
+    pub async fn closed(&self) {
+        self.shared.shutdown.cancelled().await;
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.reason()
+    }
+
+    /// The latest keepalive round-trip time, once a pong has arrived.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.shared.rtt_micros.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+}
+
+/// The receiving half of a connection.
+pub struct ConnectionReceiver {
+    frames: IncomingStream,
+    shared: Arc<Shared>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    keepalive: Pin<Box<Sleep>>,
+    last_seen: Instant,
+    done: bool,
+}
+
+impl std::fmt::Debug for ConnectionReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionReceiver")
+            .field("info", &self.shared.info)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+enum Event {
+    Incoming(Incoming),
+    Shutdown,
+    Dead,
+}
+
+impl ConnectionReceiver {
+    /// What is known about the connection.
+    pub fn info(&self) -> &ConnectionInfo {
+        &self.shared.info
+    }
+
+    /// The next envelope from the peer.
+    ///
+    /// `Ok(None)` means the connection closed in an orderly way (either side closed
+    /// it); `Err` means it failed. After either, every call returns `Ok(None)`.
+    /// Keepalive runs while this is being awaited: a peer that sends nothing, not even
+    /// a pong, for `ping_interval + pong_timeout` fails the connection with
+    /// [`RecvError::DeadPeer`].
+    pub async fn recv(&mut self) -> Result<Option<Envelope>, RecvError> {
+        if self.done {
+            return Ok(None);
+        }
+        loop {
+            let event = std::future::poll_fn(|cx| self.poll_event(cx)).await;
+            match event {
+                Event::Incoming(Incoming::Data(frame, kind)) => {
+                    let expected = self.shared.codec.frame_kind();
+                    if kind != expected {
+                        let err = RecvError::WrongFrameKind {
+                            expected: kind_name(expected),
+                            got: kind_name(kind),
+                        };
+                        return self.fail(CloseCode::UNSUPPORTED_DATA, err);
+                    }
+                    match self.shared.codec.decode(&frame, &self.shared.limits) {
+                        Ok(env) => {
+                            self.shared.recorder.message(
+                                Direction::Inbound,
+                                &env.kind,
+                                frame.len(),
+                            );
+                            return Ok(Some(env));
+                        }
+                        Err(e) => return self.fail(e.close_code(), RecvError::Decode(e)),
+                    }
+                }
+                Event::Incoming(Incoming::Ping) => {}
+                Event::Incoming(Incoming::Pong(payload)) => self.shared.record_pong(&payload),
+                Event::Incoming(Incoming::Closed(frame)) => {
+                    let (code, reason) = frame.unwrap_or((CloseCode(1005), String::new()));
+                    self.finish(CloseReason::Remote(code, reason));
+                    return Ok(None);
+                }
+                Event::Incoming(Incoming::Protocol(code, reason)) => {
+                    return self.fail(code, RecvError::Io(format!("protocol error: {reason}")));
+                }
+                Event::Incoming(Incoming::Failed(e)) => {
+                    self.finish(CloseReason::Io(e.clone()));
+                    return Err(RecvError::Io(e));
+                }
+                Event::Shutdown => {
+                    self.done = true;
+                    return match self.shared.reason() {
+                        Some(CloseReason::DeadPeer) => Err(RecvError::DeadPeer),
+                        Some(CloseReason::Io(e)) => Err(RecvError::Io(e)),
+                        _ => Ok(None),
+                    };
+                }
+                Event::Dead => {
+                    self.finish(CloseReason::DeadPeer);
+                    return Err(RecvError::DeadPeer);
+                }
+            }
+        }
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::Shutdown);
+        }
+        match self.frames.as_mut().poll_next(cx) {
+            Poll::Ready(Some(incoming)) => {
+                self.last_seen = Instant::now();
+                return Poll::Ready(Event::Incoming(incoming));
+            }
+            Poll::Ready(None) => return Poll::Ready(Event::Incoming(Incoming::Closed(None))),
+            Poll::Pending => {}
+        }
+        while self.keepalive.as_mut().poll(cx).is_ready() {
+            let deadline = self.last_seen + self.shared.dead_after;
+            if Instant::now() >= deadline {
+                return Poll::Ready(Event::Dead);
+            }
+            self.keepalive.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+
+    fn finish(&mut self, reason: CloseReason) {
+        self.done = true;
+        self.shared.end(reason);
+    }
+
+    fn fail(&mut self, code: CloseCode, err: RecvError) -> Result<Option<Envelope>, RecvError> {
+        tracing::debug!(connection = self.shared.info.id, %code, error = %err, "closing connection");
+        self.finish(CloseReason::Protocol(code, err.to_string()));
+        Err(err)
+    }
+}
+
+fn kind_name(kind: FrameKind) -> &'static str {
+    match kind {
+        FrameKind::Text => "text",
+        FrameKind::Binary => "binary",
+    }
+}
+
+/// An established connection: a sender and a receiver.
+#[derive(Debug)]
+pub struct Connection {
+    sender: ConnectionSender,
+    receiver: ConnectionReceiver,
+}
+
+impl Connection {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        tx: mpsc::Sender<Outgoing>,
+        frames: IncomingStream,
+    ) -> Self {
+        shared.recorder.connection_opened();
+        let now = Instant::now();
+        let receiver = ConnectionReceiver {
+            frames,
+            shutdown: Box::pin(shared.shutdown.clone().cancelled_owned()),
+            keepalive: Box::pin(tokio::time::sleep_until(now + shared.dead_after)),
+            last_seen: now,
+            shared: shared.clone(),
+            done: false,
+        };
+        Connection {
+            sender: ConnectionSender { tx, shared },
+            receiver,
+        }
+    }
+
+    /// What is known about the connection.
+    pub fn info(&self) -> &ConnectionInfo {
+        self.sender.info()
+    }
+
+    /// A sending handle.
+    pub fn sender(&self) -> &ConnectionSender {
+        &self.sender
+    }
+
+    /// Splits into the sending and receiving halves.
+    pub fn split(self) -> (ConnectionSender, ConnectionReceiver) {
+        (self.sender, self.receiver)
+    }
+
+    /// Queues `env` (see [`ConnectionSender::send`]).
+    pub async fn send(&self, env: &Envelope) -> Result<(), SendError> {
+        self.sender.send(env).await
+    }
+
+    /// Receives the next envelope (see [`ConnectionReceiver::recv`]).
+    pub async fn recv(&mut self) -> Result<Option<Envelope>, RecvError> {
+        self.receiver.recv().await
+    }
+
+    /// Closes gracefully (see [`ConnectionSender::close`]), reading and discarding
+    /// whatever the peer still sends until its close reply arrives.
+    pub async fn close(mut self, code: CloseCode, reason: &str) {
+        let receiver = &mut self.receiver;
+        let drain = async move { while let Ok(Some(_)) = receiver.recv().await {} };
+        tokio::join!(self.sender.close(code, reason), drain);
+    }
+}
+
+impl Drop for ConnectionReceiver {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.end(CloseReason::Local(
+                CloseCode::NORMAL,
+                "receiver dropped".into(),
+            ));
+        }
+        self.shared.recorder.connection_closed();
+    }
+}

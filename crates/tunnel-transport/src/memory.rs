@@ -1,0 +1,190 @@
+//! An in-memory transport: connections over channels, for tests and embedding.
+//!
+//! It carries encoded frames exactly like the WebSocket transport (so codecs, limits
+//! and metrics behave the same) but has no sockets, no HTTP upgrade and no keepalive
+//! pings. [`listener`] returns a connector and an acceptor wired to each other.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tunnel_proto::{FrameKind, negotiate_capabilities, negotiate_version};
+
+use crate::auth::AuthRequest;
+use crate::config::{ClientConfig, ServerConfig};
+use crate::connection::{
+    Connection, ConnectionInfo, Incoming, Outgoing, Shared, next_connection_id,
+};
+use crate::error::{AcceptError, ConnectError};
+
+/// Creates a connected in-memory connector and acceptor.
+///
+/// ```
+/// use tunnel_transport::{AgentId, AllowAll, ClientConfig, Connector, Acceptor, ServerConfig, memory};
+///
+/// # tokio_test_block_on(async {
+/// let (connector, mut acceptor) = memory::listener(
+///     ClientConfig::new(AgentId::new("ws", "a")),
+///     ServerConfig::new(AllowAll),
+/// );
+/// let agent = connector.connect("memory").await.unwrap();
+/// let hub = acceptor.accept().await.unwrap();
+/// assert_eq!(agent.info().session_id, hub.info().session_id);
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+/// # }
+/// ```
+pub fn listener(client: ClientConfig, server: ServerConfig) -> (MemoryConnector, MemoryAcceptor) {
+    let (tx, rx) = mpsc::channel(server.accept_queue.max(1));
+    (
+        MemoryConnector {
+            client,
+            server: Arc::new(server),
+            to_acceptor: tx,
+        },
+        MemoryAcceptor { incoming: rx },
+    )
+}
+
+/// The agent side of [`listener`].
+#[derive(Debug, Clone)]
+pub struct MemoryConnector {
+    client: ClientConfig,
+    server: Arc<ServerConfig>,
+    to_acceptor: mpsc::Sender<Connection>,
+}
+
+/// The hub side of [`listener`].
+#[derive(Debug)]
+pub struct MemoryAcceptor {
+    incoming: mpsc::Receiver<Connection>,
+}
+
+#[async_trait::async_trait]
+impl crate::Connector for MemoryConnector {
+    async fn connect(&self, _endpoint: &str) -> Result<Connection, ConnectError> {
+        let (client, server) = (&self.client, &*self.server);
+        let refused = |status: u16, body: String| ConnectError::Refused { status, body };
+        if !server.formats.contains(&client.format) {
+            return Err(refused(400, "codec not accepted".into()));
+        }
+        server
+            .authenticator
+            .authenticate(&AuthRequest {
+                token: client.token.as_deref(),
+                agent: &client.agent,
+            })
+            .map_err(|e| refused(e.status(), e.to_string()))?;
+        let version = negotiate_version(server.versions, client.versions).map_err(|e| {
+            ConnectError::Closed {
+                code: tunnel_proto::CloseCode::VERSION_MISMATCH,
+                reason: e.to_string(),
+            }
+        })?;
+        let capabilities = negotiate_capabilities(&server.capabilities, &client.capabilities);
+        let info = ConnectionInfo {
+            id: 0,
+            agent: client.agent.clone(),
+            session_id: uuid::Uuid::new_v4().simple().to_string(),
+            version,
+            capabilities,
+            format: client.format,
+            peer_addr: None,
+            connected_at: std::time::SystemTime::now(),
+        };
+        let (agent_side, hub_side) = pair(info, client, server);
+        self.to_acceptor
+            .send(hub_side)
+            .await
+            .map_err(|_| ConnectError::Unreachable {
+                url: "memory".into(),
+                reason: "acceptor dropped".into(),
+            })?;
+        Ok(agent_side)
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::Acceptor for MemoryAcceptor {
+    async fn accept(&mut self) -> Result<Connection, AcceptError> {
+        self.incoming.recv().await.ok_or(AcceptError::Closed)
+    }
+}
+
+fn pair(
+    info: ConnectionInfo,
+    client: &ClientConfig,
+    server: &ServerConfig,
+) -> (Connection, Connection) {
+    let mut agent_info = info.clone();
+    agent_info.id = next_connection_id();
+    let mut hub_info = info;
+    hub_info.id = next_connection_id();
+    let agent = Shared::new(agent_info, &client.connection);
+    let hub = Shared::new(hub_info, &server.connection);
+    // No writer task: frames go straight into the peer's queue.
+    agent.writer_done.cancel();
+    hub.writer_done.cancel();
+    let (to_hub, hub_rx) = mpsc::channel(server.connection.outbound_queue.max(1));
+    let (to_agent, agent_rx) = mpsc::channel(client.connection.outbound_queue.max(1));
+    let kind = client.format.codec().frame_kind();
+    let agent_frames = MemFrames::new(agent_rx, kind, hub.clone());
+    let hub_frames = MemFrames::new(hub_rx, kind, agent.clone());
+    (
+        Connection::new(agent, to_hub, Box::pin(agent_frames)),
+        Connection::new(hub, to_agent, Box::pin(hub_frames)),
+    )
+}
+
+/// Frames from the peer's sender; ends when the peer's connection is over.
+struct MemFrames {
+    rx: mpsc::Receiver<Outgoing>,
+    kind: FrameKind,
+    peer: Arc<Shared>,
+    peer_gone: Pin<Box<WaitForCancellationFutureOwned>>,
+    done: bool,
+}
+
+impl MemFrames {
+    fn new(rx: mpsc::Receiver<Outgoing>, kind: FrameKind, peer: Arc<Shared>) -> Self {
+        MemFrames {
+            rx,
+            kind,
+            peer_gone: Box::pin(peer.shutdown.clone().cancelled_owned()),
+            peer,
+            done: false,
+        }
+    }
+}
+
+impl Stream for MemFrames {
+    type Item = Incoming;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let item = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Outgoing::Data(bytes))) => {
+                return Poll::Ready(Some(Incoming::Data(bytes, self.kind)));
+            }
+            Poll::Ready(Some(Outgoing::Close(code, reason))) => {
+                Incoming::Closed(Some((code, reason)))
+            }
+            Poll::Ready(None) => Incoming::Closed(None),
+            Poll::Pending => {
+                if self.peer_gone.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                Incoming::Closed(self.peer.final_close_frame())
+            }
+        };
+        self.done = true;
+        Poll::Ready(Some(item))
+    }
+}

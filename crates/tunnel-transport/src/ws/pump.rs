@@ -1,0 +1,240 @@
+//! The WebSocket writer task and the reader adapter.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tunnel_proto::{CloseCode, FrameKind};
+
+use crate::connection::{Connection, Incoming, Outgoing, Shared};
+use crate::error::CloseReason;
+
+/// Most messages written between two flushes.
+const MAX_BATCH: usize = 512;
+
+/// Longest a final close frame may take on a connection that is being torn down.
+const FINAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Wraps an upgraded, handshaken WebSocket in a [`Connection`]: spawns the writer task
+/// and adapts the read half into the receiver's frame stream.
+pub(crate) fn spawn_connection<S>(
+    ws: WebSocketStream<S>,
+    shared: Arc<Shared>,
+    queue: usize,
+    ping_interval: Duration,
+) -> Connection
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, stream) = ws.split();
+    let (tx, rx) = mpsc::channel(queue.max(1));
+    tokio::spawn(write_loop(sink, rx, shared.clone(), ping_interval));
+    Connection::new(
+        shared,
+        tx,
+        Box::pin(WsFrames {
+            inner: stream,
+            done: false,
+        }),
+    )
+}
+
+pub(crate) fn close_message(code: CloseCode, reason: &str) -> Message {
+    // A close reason is at most 123 bytes on the wire.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code: code.as_u16().into(),
+        reason: Utf8Bytes::from(&reason[..end]),
+    }))
+}
+
+pub(crate) fn data_message(kind: FrameKind, bytes: Bytes) -> Result<Message, String> {
+    Ok(match kind {
+        FrameKind::Binary => Message::Binary(bytes),
+        FrameKind::Text => Message::Text(
+            Utf8Bytes::try_from(bytes).map_err(|e| format!("codec produced invalid UTF-8: {e}"))?,
+        ),
+    })
+}
+
+async fn write_loop<S>(
+    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    shared: Arc<Shared>,
+    ping_interval: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let kind = shared.codec.frame_kind();
+    let mut ping =
+        tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result: Result<(), String> = loop {
+        tokio::select! {
+            biased;
+            () = shared.shutdown.cancelled() => break Ok(()),
+            msg = rx.recv() => {
+                let step = async {
+                    match msg {
+                        None => {
+                            shared.set_reason(CloseReason::Local(CloseCode::NORMAL, "all senders dropped".into()));
+                            sink.send(close_message(CloseCode::NORMAL, "")).await.map_err(|e| e.to_string())?;
+                            Ok(false)
+                        }
+                        Some(first) => write_batch(&mut sink, &mut rx, first, kind, &shared).await,
+                    }
+                };
+                let more = tokio::select! {
+                    biased;
+                    () = shared.shutdown.cancelled() => break Ok(()),
+                    r = step => r,
+                };
+                match more {
+                    Ok(true) => {}
+                    Ok(false) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            }
+            _ = ping.tick() => {
+                let sent = tokio::select! {
+                    biased;
+                    () = shared.shutdown.cancelled() => break Ok(()),
+                    r = sink.send(Message::Ping(shared.ping_payload())) => r,
+                };
+                if let Err(e) = sent {
+                    break Err(e.to_string());
+                }
+            }
+        }
+    };
+    match result {
+        Err(e) => shared.end(CloseReason::Io(e)),
+        Ok(()) if shared.shutdown.is_cancelled() => {
+            if let Some((code, reason)) = shared.final_close_frame() {
+                let _ = tokio::time::timeout(
+                    FINAL_CLOSE_TIMEOUT.min(shared.close_timeout),
+                    sink.send(close_message(code, &reason)),
+                )
+                .await;
+            }
+        }
+        Ok(()) => {}
+    }
+    drop(rx);
+    shared.writer_done.cancel();
+}
+
+/// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]), then flushes.
+/// Returns `Ok(false)` once a close frame was sent.
+async fn write_batch<S>(
+    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    rx: &mut mpsc::Receiver<Outgoing>,
+    first: Outgoing,
+    kind: FrameKind,
+    shared: &Shared,
+) -> Result<bool, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut next = Some(first);
+    let mut written = 0;
+    while let Some(msg) = next.take() {
+        match msg {
+            Outgoing::Data(bytes) => {
+                sink.feed(data_message(kind, bytes)?)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Outgoing::Close(code, reason) => {
+                shared.set_reason(CloseReason::Local(code, reason.clone()));
+                sink.send(close_message(code, &reason))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Ok(false);
+            }
+        }
+        written += 1;
+        if written < MAX_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    sink.flush().await.map_err(|e| e.to_string())?;
+    Ok(true)
+}
+
+/// The read half as a stream of [`Incoming`].
+struct WsFrames<S> {
+    inner: SplitStream<WebSocketStream<S>>,
+    done: bool,
+}
+
+impl<S> Stream for WsFrames<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    type Item = Incoming;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let item = match futures_util::ready!(self.inner.poll_next_unpin(cx)) {
+            None => Incoming::Closed(None),
+            Some(Ok(msg)) => match msg {
+                Message::Binary(b) => {
+                    return Poll::Ready(Some(Incoming::Data(b, FrameKind::Binary)));
+                }
+                Message::Text(t) => {
+                    return Poll::Ready(Some(Incoming::Data(t.into(), FrameKind::Text)));
+                }
+                Message::Ping(_) | Message::Frame(_) => return Poll::Ready(Some(Incoming::Ping)),
+                Message::Pong(p) => return Poll::Ready(Some(Incoming::Pong(p))),
+                Message::Close(frame) => {
+                    // tungstenite queued the close reply; polling once more flushes it
+                    // (and, on the server, ends the stream).
+                    let _ = self.inner.poll_next_unpin(cx);
+                    Incoming::Closed(
+                        frame.map(|f| (CloseCode(u16::from(f.code)), f.reason.as_str().to_owned())),
+                    )
+                }
+            },
+            Some(Err(e)) => map_read_error(e),
+        };
+        self.done = true;
+        Poll::Ready(Some(item))
+    }
+}
+
+pub(crate) fn map_read_error(e: WsError) -> Incoming {
+    match e {
+        WsError::ConnectionClosed | WsError::AlreadyClosed => Incoming::Closed(None),
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => Incoming::Protocol(
+            CloseCode::MESSAGE_TOO_BIG,
+            format!("message of {size} bytes exceeds max_message_size {max_size} bytes"),
+        ),
+        WsError::Capacity(e) => Incoming::Protocol(CloseCode::MESSAGE_TOO_BIG, e.to_string()),
+        WsError::Utf8(e) => Incoming::Protocol(
+            CloseCode::INVALID_PAYLOAD,
+            format!("invalid UTF-8 in text frame: {e}"),
+        ),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            Incoming::Failed("connection reset without closing handshake".into())
+        }
+        WsError::Protocol(e) => Incoming::Protocol(CloseCode::PROTOCOL_ERROR, e.to_string()),
+        WsError::Io(e) => Incoming::Failed(e.to_string()),
+        other => Incoming::Failed(other.to_string()),
+    }
+}

@@ -1,0 +1,440 @@
+//! The hub side: a TCP listener that upgrades, authenticates and handshakes agents.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tunnel_proto::messages::{Close, Handshake, HandshakeAck, TypedMessage};
+use tunnel_proto::{
+    CloseCode, Envelope, Format, MessageType, negotiate_capabilities, negotiate_version,
+};
+
+use super::pump::{close_message, data_message, spawn_connection};
+use super::{HEADER_SYNC_TARGET, HEADER_WORKSPACE};
+use crate::auth::{AgentId, AuthRequest};
+use crate::config::ServerConfig;
+use crate::connection::{Connection, ConnectionInfo, Shared, next_connection_id, unix_millis};
+use crate::error::AcceptError;
+
+/// Accepts agents over WebSocket.
+///
+/// Binding spawns an accept loop; each TCP connection is upgraded, authenticated and
+/// handshaken in its own task under the handshake timeout, and only then handed to
+/// [`WsListener::accept`]. Agents that fail any step never reach `accept`.
+#[derive(Debug)]
+pub struct WsListener {
+    ready: mpsc::Receiver<Connection>,
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl WsListener {
+    /// Binds `addr` and starts accepting.
+    pub async fn bind(addr: impl ToSocketAddrs, config: ServerConfig) -> Result<Self, AcceptError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AcceptError::Bind {
+                addr: "listen address".into(),
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| AcceptError::Bind {
+            addr: "listen address".into(),
+            source,
+        })?;
+        let (tx, ready) = mpsc::channel(config.accept_queue.max(1));
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(accept_loop(
+            listener,
+            Arc::new(config),
+            tx,
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        Ok(WsListener {
+            ready,
+            local_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting: closes the listening socket and abandons handshakes in progress.
+    /// Established connections are not affected.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+impl Drop for WsListener {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::Acceptor for WsListener {
+    async fn accept(&mut self) -> Result<Connection, AcceptError> {
+        tokio::select! {
+            conn = self.ready.recv() => conn.ok_or(AcceptError::Closed),
+            () = self.shutdown.cancelled() => Err(AcceptError::Closed),
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    ready: mpsc::Sender<Connection>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                let config = config.clone();
+                let ready = ready.clone();
+                let shutdown = shutdown.clone();
+                tasks.spawn(async move {
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = serve(tcp, peer, config, ready) => {}
+                    }
+                });
+            }
+            Err(e) => {
+                // Usually out of file descriptors: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// An HTTP refusal of the upgrade.
+type Refusal = (StatusCode, String);
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Refusal {
+    (status, message.into())
+}
+
+fn error_response((status, message): Refusal) -> ErrorResponse {
+    let mut resp = ErrorResponse::new(Some(message));
+    *resp.status_mut() = status;
+    resp
+}
+
+fn header_str<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// Checks the upgrade request; on success returns the identity and codec.
+fn check_upgrade(req: &Request, config: &ServerConfig) -> Result<(AgentId, Format), Refusal> {
+    let format = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(Format::from_subprotocol)
+        .find(|f| config.formats.contains(f))
+        .ok_or_else(|| {
+            let names: Vec<_> = config.formats.iter().map(|f| f.subprotocol()).collect();
+            refuse(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "Sec-WebSocket-Protocol must offer one of: {}",
+                    names.join(", ")
+                ),
+            )
+        })?;
+    let token = header_str(req, header::AUTHORIZATION.as_str()).and_then(|v| {
+        v.strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .map(str::trim)
+    });
+    let (Some(workspace), Some(sync_target)) = (
+        header_str(req, HEADER_WORKSPACE).filter(|s| !s.is_empty()),
+        header_str(req, HEADER_SYNC_TARGET).filter(|s| !s.is_empty()),
+    ) else {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            format!("the {HEADER_WORKSPACE} and {HEADER_SYNC_TARGET} headers are required"),
+        ));
+    };
+    let agent = AgentId::new(workspace, sync_target);
+    config
+        .authenticator
+        .authenticate(&AuthRequest {
+            token,
+            agent: &agent,
+        })
+        .map_err(|e| {
+            refuse(
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED),
+                e.to_string(),
+            )
+        })?;
+    Ok((agent, format))
+}
+
+// The callback's error type is tungstenite's HTTP response.
+#[allow(clippy::result_large_err)]
+async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    config: Arc<ServerConfig>,
+    ready: mpsc::Sender<Connection>,
+) {
+    let recorder = config.connection.recorder.clone();
+    let deadline = Instant::now() + config.handshake_timeout;
+    let mut upgrade: Option<(AgentId, Format)> = None;
+    let callback = |req: &Request, mut resp: Response| {
+        let (agent, format) = check_upgrade(req, &config).map_err(|refusal| {
+            tracing::debug!(%peer, status = %refusal.0, reason = %refusal.1, "refused upgrade");
+            error_response(refusal)
+        })?;
+        resp.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(format.subprotocol()),
+        );
+        upgrade = Some((agent, format));
+        Ok(resp)
+    };
+    let ws = match tokio::time::timeout_at(
+        deadline,
+        tokio_tungstenite::accept_hdr_async_with_config(
+            tcp,
+            callback,
+            Some(config.connection.ws_config()),
+        ),
+    )
+    .await
+    {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            recorder.handshake_failed("upgrade");
+            tracing::debug!(%peer, error = %e, "upgrade failed");
+            return;
+        }
+        Err(_) => {
+            recorder.handshake_failed("upgrade_timeout");
+            tracing::debug!(%peer, "upgrade timed out");
+            return;
+        }
+    };
+    let Some((agent, format)) = upgrade else {
+        return;
+    };
+    match handshake(ws, peer, agent, format, &config, deadline).await {
+        Ok(conn) => {
+            let _ = ready.send(conn).await;
+        }
+        Err(reason) => {
+            recorder.handshake_failed(reason);
+        }
+    }
+}
+
+/// Reads the agent's handshake and answers it. On failure the connection is closed with
+/// the documented code and the failure reason (a metric label) is returned.
+async fn handshake(
+    mut ws: WebSocketStream<TcpStream>,
+    peer: SocketAddr,
+    agent: AgentId,
+    format: Format,
+    config: &ServerConfig,
+    deadline: Instant,
+) -> Result<Connection, &'static str> {
+    let codec = format.codec();
+    let limits = &config.connection.limits;
+    let first = loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => {
+                reject(
+                    &mut ws,
+                    format,
+                    CloseCode::HANDSHAKE_TIMEOUT,
+                    "no handshake within the handshake timeout",
+                    None,
+                )
+                .await;
+                return Err("handshake_timeout");
+            }
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return Err("closed"),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
+            Ok(Some(Ok(msg @ (Message::Text(_) | Message::Binary(_))))) => break msg,
+        }
+    };
+    let (frame, kind) = match first {
+        Message::Text(t) => (bytes::Bytes::from(t), tunnel_proto::FrameKind::Text),
+        Message::Binary(b) => (b, tunnel_proto::FrameKind::Binary),
+        _ => return Err("closed"),
+    };
+    if kind != codec.frame_kind() {
+        reject(
+            &mut ws,
+            format,
+            CloseCode::UNSUPPORTED_DATA,
+            "frame kind does not match the codec",
+            None,
+        )
+        .await;
+        return Err("wrong_frame_kind");
+    }
+    let env = match codec.decode(&frame, limits) {
+        Ok(env) => env,
+        Err(e) => {
+            reject(&mut ws, format, e.close_code(), &e.to_string(), None).await;
+            return Err("malformed");
+        }
+    };
+    if env.kind != MessageType::Handshake {
+        reject(
+            &mut ws,
+            format,
+            CloseCode::HANDSHAKE_REQUIRED,
+            &format!("expected handshake, got {}", env.kind),
+            None,
+        )
+        .await;
+        return Err("handshake_required");
+    }
+    let hs = match Handshake::from_envelope(&env) {
+        Ok(hs) => hs,
+        Err(e) => {
+            reject(
+                &mut ws,
+                format,
+                CloseCode::BAD_HANDSHAKE,
+                &e.to_string(),
+                None,
+            )
+            .await;
+            return Err("bad_handshake");
+        }
+    };
+    if hs.workspace != agent.workspace || hs.sync_target != agent.sync_target {
+        let reason = format!(
+            "handshake claims {}/{} but the upgrade authenticated {agent}",
+            hs.workspace, hs.sync_target
+        );
+        reject(&mut ws, format, CloseCode::BAD_HANDSHAKE, &reason, None).await;
+        return Err("identity_mismatch");
+    }
+    let version = match negotiate_version(config.versions, hs.versions) {
+        Ok(v) => v,
+        Err(e) => {
+            reject(
+                &mut ws,
+                format,
+                CloseCode::VERSION_MISMATCH,
+                &e.to_string(),
+                Some(env.id),
+            )
+            .await;
+            return Err("version_mismatch");
+        }
+    };
+    let capabilities = negotiate_capabilities(&config.capabilities, &hs.capabilities);
+    let session_id = uuid::Uuid::new_v4().simple().to_string();
+    let ack = HandshakeAck {
+        version,
+        session_id: session_id.clone(),
+        capabilities: capabilities.clone(),
+        resumed: false,
+        last_received: None,
+    };
+    let reply = match ack.to_envelope(0, unix_millis(), format) {
+        Ok(reply) => reply.with_correlation(env.id),
+        Err(_) => return Err("internal"),
+    };
+    if send_envelope(&mut ws, format, &reply).await.is_err() {
+        return Err("closed");
+    }
+    let info = ConnectionInfo {
+        id: next_connection_id(),
+        agent,
+        session_id,
+        version,
+        capabilities,
+        format,
+        peer_addr: Some(peer),
+        connected_at: std::time::SystemTime::now(),
+    };
+    tracing::debug!(%peer, agent = %info.agent, session = %info.session_id, "agent connected");
+    let shared = Shared::new(info, &config.connection);
+    Ok(spawn_connection(
+        ws,
+        shared,
+        config.connection.outbound_queue,
+        config.connection.ping_interval,
+    ))
+}
+
+pub(crate) async fn send_envelope<S>(
+    ws: &mut WebSocketStream<S>,
+    format: Format,
+    env: &Envelope,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = Vec::new();
+    format
+        .codec()
+        .encode(env, &mut buf)
+        .map_err(|e| e.to_string())?;
+    let msg = data_message(format.codec().frame_kind(), buf.into())?;
+    ws.send(msg).await.map_err(|e| e.to_string())
+}
+
+/// Sends a `close` message and a close frame, then waits briefly for the peer's close.
+async fn reject(
+    ws: &mut WebSocketStream<TcpStream>,
+    format: Format,
+    code: CloseCode,
+    reason: &str,
+    correlation: Option<u64>,
+) {
+    tracing::debug!(%code, reason, "rejecting handshake");
+    let close = Close {
+        code: code.as_u16(),
+        reason: reason.to_owned(),
+        reconnect: None,
+    };
+    if let Ok(mut env) = close.to_envelope(0, unix_millis(), format) {
+        env.correlation = correlation;
+        let _ = send_envelope(ws, format, &env).await;
+    }
+    let _ = ws.send(close_message(code, reason)).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
