@@ -1,0 +1,146 @@
+//! Authentication, codec selection and the protocol handshake.
+
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tunnel_proto::{CloseCode, Format, MessageType, VersionRange};
+use tunnel_router::Router;
+use tunnel_transport::{AgentId, ConnectError, Connector, SharedToken, WsConnector};
+
+use crate::support::*;
+
+fn status_of(result: Result<RawWs, WsError>) -> u16 {
+    match result {
+        Err(WsError::Http(resp)) => resp.status().as_u16(),
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected an HTTP refusal, got an upgrade"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_or_missing_token_is_401_and_no_session() {
+    let hub = hub(server_config(), Router::new()).await;
+    let url = hub.url().expect("url");
+    let id = AgentId::new("ws", "intruder");
+    let wrong = WsConnector::new(client_config(&id, Format::Json).token(Some("wrong".into())));
+    assert!(matches!(
+        wrong.connect(&url).await,
+        Err(ConnectError::Refused { status: 401, .. })
+    ));
+    let missing = WsConnector::new(client_config(&id, Format::Json).token(None));
+    let err = missing.connect(&url).await.expect_err("refused");
+    assert_eq!(err.kind(), "unauthorized");
+    assert!(hub.agents().is_empty());
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_identity_is_403() {
+    let config = tunnel_transport::ServerConfig::new(
+        SharedToken::new(TOKEN).allow_workspaces(["root:allowed"]),
+    );
+    let hub = hub(config, Router::new()).await;
+    let url = hub.url().expect("url");
+    let ok = WsConnector::new(client_config(
+        &AgentId::new("root:allowed", "a"),
+        Format::MsgPack,
+    ));
+    assert!(ok.connect(&url).await.is_ok());
+    let denied = WsConnector::new(client_config(
+        &AgentId::new("root:other", "a"),
+        Format::MsgPack,
+    ));
+    match denied.connect(&url).await {
+        Err(ConnectError::Refused { status, body }) => {
+            assert_eq!(status, 403);
+            assert!(body.contains("root:other"), "{body}");
+        }
+        other => panic!("expected 403, got {other:?}"),
+    }
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_codec_and_missing_identity_are_400() {
+    let hub = hub(server_config(), Router::new()).await;
+    let url = hub.url().expect("url");
+    let auth = format!("Bearer {TOKEN}");
+    let unknown_codec = raw_upgrade(
+        &url,
+        &[
+            ("authorization", &auth),
+            ("x-workspace", "ws"),
+            ("x-synctarget", "a"),
+            ("sec-websocket-protocol", "tunnel.v9.cbor"),
+        ],
+    )
+    .await;
+    assert_eq!(status_of(unknown_codec), 400);
+    let no_identity = raw_upgrade(
+        &url,
+        &[
+            ("authorization", &auth),
+            ("sec-websocket-protocol", "tunnel.v1.json"),
+        ],
+    )
+    .await;
+    assert_eq!(status_of(no_identity), 400);
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_mismatch_closes_with_4002() {
+    let config = server_config().versions(VersionRange::new(1, 1).expect("range"));
+    let hub = hub(config, Router::new()).await;
+    let url = hub.url().expect("url");
+    let id = AgentId::new("ws", "future");
+    let future = WsConnector::new(
+        client_config(&id, Format::Json).versions(VersionRange::new(2, 3).expect("range")),
+    );
+    match future.connect(&url).await {
+        Err(ConnectError::Closed { code, reason }) => {
+            assert_eq!(code, CloseCode::VERSION_MISMATCH);
+            assert!(reason.contains("no common protocol version"), "{reason}");
+        }
+        other => panic!("expected a 4002 close, got {other:?}"),
+    }
+    assert!(hub.agents().is_empty());
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_client_after_upgrade_is_closed_with_4000() {
+    let config = server_config().handshake_timeout(Duration::from_millis(300));
+    let hub = hub(config, Router::new()).await;
+    let url = hub.url().expect("url");
+    let id = AgentId::new("ws", "silent");
+    let mut ws = raw_client(&url, &id, Format::Json).await;
+    let started = std::time::Instant::now();
+    let (code, seen) = read_until_close(&mut ws, Format::Json).await;
+    assert_eq!(code, Some(CloseCode::HANDSHAKE_TIMEOUT));
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed too early"
+    );
+    assert_eq!(seen.len(), 1, "a close message precedes the close frame");
+    assert_eq!(seen[0].kind, MessageType::Close);
+    assert!(hub.agents().is_empty());
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_for_another_identity_is_closed_with_4003() {
+    let hub = hub(server_config(), Router::new()).await;
+    let url = hub.url().expect("url");
+    let mut ws = raw_client(&url, &AgentId::new("ws", "me"), Format::MsgPack).await;
+    send_raw(
+        &mut ws,
+        Format::MsgPack,
+        &handshake(&AgentId::new("ws", "someone-else"), Format::MsgPack),
+    )
+    .await;
+    let (code, _) = read_until_close(&mut ws, Format::MsgPack).await;
+    assert_eq!(code, Some(CloseCode::BAD_HANDSHAKE));
+    assert!(hub.agents().is_empty());
+    hub.shutdown().await;
+}

@@ -1,0 +1,7 @@
+//! Integration tests over real loopback WebSockets: hub, agents, raw clients.
+
+mod auth;
+mod bad_input;
+mod keepalive;
+mod lifecycle;
+mod support;

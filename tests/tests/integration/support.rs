@@ -1,0 +1,213 @@
+//! Shared helpers: hubs, agents and raw WebSocket clients on loopback.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tower::{BoxError, service_fn};
+use tunnel_proto::{CloseCode, Envelope, Format, MessageType};
+use tunnel_reconnect::BackoffConfig;
+use tunnel_router::{Agent, AgentConfig, Hub, Inbound, Router};
+use tunnel_transport::{
+    AgentId, ClientConfig, ConnectionConfig, ServerConfig, SharedToken, WsConnector,
+};
+
+pub(crate) const TOKEN: &str = "test-token";
+/// Upper bound for anything that should happen "soon" on loopback.
+pub(crate) const SOON: Duration = Duration::from_secs(5);
+
+/// A router that forwards every message (any type) into a channel.
+pub(crate) fn collecting_router() -> (Router, mpsc::UnboundedReceiver<Inbound>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let router = Router::new().fallback(service_fn(move |msg: Inbound| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(msg);
+            Ok::<_, BoxError>(())
+        }
+    }));
+    (router, rx)
+}
+
+pub(crate) fn server_config() -> ServerConfig {
+    ServerConfig::new(SharedToken::new(TOKEN))
+}
+
+pub(crate) async fn hub(config: ServerConfig, router: Router) -> Hub {
+    Hub::bind("127.0.0.1:0", config, router)
+        .await
+        .expect("bind hub")
+}
+
+pub(crate) fn client_config(agent: &AgentId, format: Format) -> ClientConfig {
+    ClientConfig::new(agent.clone())
+        .token(Some(TOKEN.into()))
+        .format(format)
+}
+
+pub(crate) fn fast_backoff() -> BackoffConfig {
+    BackoffConfig::default()
+        .base(Duration::from_millis(20))
+        .cap(Duration::from_millis(200))
+}
+
+pub(crate) fn agent(url: &str, config: ClientConfig, router: Router) -> Agent {
+    Agent::start(
+        WsConnector::new(config),
+        AgentConfig::new(url).backoff(fast_backoff()),
+        router,
+    )
+    .expect("valid backoff")
+}
+
+/// Connection settings with short keepalive for tests that exercise it.
+pub(crate) fn quick_keepalive() -> ConnectionConfig {
+    ConnectionConfig::default()
+        .ping_interval(Duration::from_millis(100))
+        .pong_timeout(Duration::from_millis(200))
+}
+
+pub(crate) async fn recv_soon<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(SOON, rx.recv())
+        .await
+        .expect("timed out waiting for a message")
+        .expect("channel closed")
+}
+
+/// Waits until `check` holds, polling every 10 ms, at most [`SOON`].
+pub(crate) async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + SOON;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub(crate) type RawWs = WebSocketStream<TcpStream>;
+
+/// Opens a raw WebSocket to the hub with the given headers (no protocol handshake).
+pub(crate) async fn raw_upgrade(url: &str, headers: &[(&str, &str)]) -> Result<RawWs, WsError> {
+    let mut req = url.into_client_request()?;
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+            HeaderValue::from_str(v).expect("header value"),
+        );
+    }
+    let addr = req
+        .uri()
+        .authority()
+        .expect("authority")
+        .as_str()
+        .to_owned();
+    let tcp = TcpStream::connect(addr).await.expect("tcp connect");
+    Ok(tokio_tungstenite::client_async(req, tcp).await?.0)
+}
+
+/// A raw, authenticated WebSocket with the given codec, before any handshake.
+pub(crate) async fn raw_client(url: &str, agent: &AgentId, format: Format) -> RawWs {
+    raw_upgrade(
+        url,
+        &[
+            ("authorization", &format!("Bearer {TOKEN}")),
+            ("x-workspace", &agent.workspace),
+            ("x-synctarget", &agent.sync_target),
+            ("sec-websocket-protocol", format.subprotocol()),
+        ],
+    )
+    .await
+    .expect("upgrade")
+}
+
+/// Encodes `env` and sends it as the codec's frame kind.
+pub(crate) async fn send_raw(ws: &mut RawWs, format: Format, env: &Envelope) {
+    let mut buf = Vec::new();
+    format.codec().encode(env, &mut buf).expect("encode");
+    let msg = match format {
+        Format::Json => Message::Text(String::from_utf8(buf).expect("utf8").into()),
+        _ => Message::Binary(buf.into()),
+    };
+    ws.send(msg).await.expect("send");
+}
+
+/// Reads until the server closes; returns the close code (or `None` if the socket
+/// ended without a close frame) and any `close` envelope seen first.
+pub(crate) async fn read_until_close(
+    ws: &mut RawWs,
+    format: Format,
+) -> (Option<CloseCode>, Vec<Envelope>) {
+    let mut seen = Vec::new();
+    let result = tokio::time::timeout(SOON, async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Close(frame)) => return frame.map(|f| CloseCode(u16::from(f.code))),
+                Ok(Message::Text(t)) => seen.push(decode(format, bytes::Bytes::from(t))),
+                Ok(Message::Binary(b)) => seen.push(decode(format, b)),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .expect("server did not close in time");
+    (result, seen)
+}
+
+fn decode(format: Format, frame: bytes::Bytes) -> Envelope {
+    format
+        .codec()
+        .decode(&frame, &Default::default())
+        .expect("server sent a decodable frame")
+}
+
+/// A handshake envelope for `agent`.
+pub(crate) fn handshake(agent: &AgentId, format: Format) -> Envelope {
+    use tunnel_proto::messages::{Handshake, TypedMessage};
+    Handshake::new(agent.workspace.clone(), agent.sync_target.clone())
+        .to_envelope(0, 1, format)
+        .expect("handshake")
+}
+
+/// Sends a handshake and waits for the ack.
+pub(crate) async fn raw_handshake(ws: &mut RawWs, agent: &AgentId, format: Format) {
+    send_raw(ws, format, &handshake(agent, format)).await;
+    loop {
+        let msg = tokio::time::timeout(SOON, ws.next())
+            .await
+            .expect("ack in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                assert_eq!(
+                    decode(format, bytes::Bytes::from(t)).kind,
+                    MessageType::HandshakeAck
+                );
+                return;
+            }
+            Some(Ok(Message::Binary(b))) => {
+                assert_eq!(decode(format, b).kind, MessageType::HandshakeAck);
+                return;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("no handshake ack: {other:?}"),
+        }
+    }
+}
+
+/// Waits until the hub has registered `agent` (an agent sees its handshake reply a
+/// moment before the hub's accept loop registers the connection) and returns its sender.
+pub(crate) async fn registered(hub: &Hub, agent: &AgentId) -> tunnel_transport::ConnectionSender {
+    eventually("the hub to register the agent", || {
+        hub.sender(agent).is_some()
+    })
+    .await;
+    hub.sender(agent).expect("registered")
+}
