@@ -1,6 +1,108 @@
 //! The `tunnel` command: runs a hub, an agent, the demo and the benchmarks.
 
-fn main() {
-    eprintln!("tunnel: the hub, agent and demo commands arrive with the transport layer");
-    std::process::exit(2);
+mod bench;
+mod demo;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tunnel_proto::Format;
+
+/// A persistent, self-healing message tunnel over WebSocket between agents and a hub.
+#[derive(Debug, Parser)]
+#[command(name = "tunnel", version, about, long_about = None)]
+struct Cli {
+    /// Log filter in RUST_LOG syntax (for example `info` or `tunnel_router=debug`).
+    /// Defaults to RUST_LOG, else `info` (`warn` for demo and bench).
+    #[arg(long, global = true, value_name = "FILTER")]
+    log: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a hub that accepts agents.
+    Hub(run::HubArgs),
+    /// Run an agent that stays connected to a hub.
+    Agent(run::AgentArgs),
+    /// Run an embedded hub and a few agents on loopback, exchange messages, cut one
+    /// agent's TCP connection half-way, and print a summary.
+    Demo(demo::DemoArgs),
+    /// Measure throughput, latency and memory on loopback, printing figures.
+    Bench(bench::BenchArgs),
+}
+
+/// The codec an agent asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Codec {
+    /// MessagePack (binary frames), the default.
+    Msgpack,
+    /// JSON (text frames).
+    Json,
+}
+
+impl From<Codec> for Format {
+    fn from(c: Codec) -> Format {
+        match c {
+            Codec::Msgpack => Format::MsgPack,
+            Codec::Json => Format::Json,
+        }
+    }
+}
+
+/// Reads a token file: the token is the file's content without surrounding whitespace.
+pub(crate) fn read_token(path: &PathBuf) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("token file {} is empty", path.display()));
+    }
+    Ok(token.to_owned())
+}
+
+fn init_logging(filter: Option<&str>, default: &str) {
+    let filter = filter
+        .map(str::to_owned)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| default.to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
+    init_logging(cli.log.as_deref(), if quiet { "warn" } else { "info" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tunnel: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Hub(args) => run::hub(args).await,
+            Command::Agent(args) => run::agent(args).await,
+            Command::Demo(args) => demo::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tunnel: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -46,3 +46,8 @@ mod session;
 pub use agent::{Agent, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState};
 pub use hub::{Hub, HubSendError};
 pub use router::{Inbound, Router};
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
