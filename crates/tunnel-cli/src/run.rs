@@ -53,10 +53,8 @@ pub(crate) struct AgentArgs {
     status_interval: u64,
 }
 
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    async {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+async fn shutdown_signal() {
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
