@@ -16,7 +16,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   ci      fmt check, clippy, tests, docs and dependency rules (what CI runs)
   deps    check the crate layering written in ARCHITECTURE.md
-  bench   run the benchmarks and print their figures
+  bench   run the benchmarks and print their figures (extra arguments go to `tunnel bench`)
 ";
 
 fn main() -> ExitCode {
@@ -112,12 +112,17 @@ fn ci(root: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The codec micro-benchmarks (criterion), then `tunnel bench` (throughput, latency and
+/// idle memory on loopback, each beside a raw tokio-tungstenite baseline). Extra
+/// arguments go to `tunnel bench`, for example `cargo xtask bench throughput`.
 fn bench(root: &Path, extra: &[String]) -> Result<(), String> {
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let mut args = vec!["bench", "-p", "tunnel-proto", "--bench", "codec"];
-    if !extra.is_empty() {
-        args.push("--");
-        args.extend(extra);
-    }
+    run(
+        root,
+        "cargo",
+        &["bench", "-p", "tunnel-proto", "--bench", "codec"],
+        &[],
+    )?;
+    let mut args = vec!["run", "--release", "-p", "tunnel-cli", "--", "bench"];
+    args.extend(extra.iter().map(String::as_str));
     run(root, "cargo", &args, &[])
 }

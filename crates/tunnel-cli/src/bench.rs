@@ -1,10 +1,621 @@
-//! `tunnel bench`: figures measured on loopback.
+//! `tunnel bench`: throughput, latency and idle memory, measured on loopback, each
+//! beside a baseline written directly on tokio-tungstenite in the same run.
 
-use clap::Args;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::Message;
+use tower::{BoxError, service_fn};
+use tunnel_proto::messages::{Event, Gvr, ObjectRef};
+use tunnel_proto::{Format, MessageType, Payload};
+use tunnel_router::{Hub, Inbound, Router};
+use tunnel_transport::{
+    AgentId, AllowAll, ClientConfig, ConnectionSender, Connector, ServerConfig, WsConnector,
+    WsListener,
+};
+
+use crate::demo::thousands;
 
 #[derive(Debug, Args)]
-pub(crate) struct BenchArgs {}
+pub(crate) struct BenchArgs {
+    /// Which scenario to run.
+    #[arg(value_enum, default_value_t = Scenario::All)]
+    scenario: Scenario,
+    /// Messages per throughput run.
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    /// Round trips per latency run.
+    #[arg(long, default_value_t = 20_000)]
+    round_trips: usize,
+    /// Idle agents for the memory scenario.
+    #[arg(long, default_value_t = 10_000)]
+    agents: usize,
+    /// Runs per throughput figure; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Only run tunnel's side of the throughput scenario with this codec (for profiling).
+    #[arg(long, value_enum, hide = true)]
+    profile: Option<crate::Codec>,
+}
 
-pub(crate) async fn run(_args: BenchArgs) -> Result<(), String> {
-    Err("bench is not built yet".into())
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// One-way messages per second, agent to hub.
+    Throughput,
+    /// Request/reply round trips, p50 and p99.
+    Latency,
+    /// Hub memory per idle agent connection.
+    Idle,
+    /// All of the above.
+    All,
+}
+
+pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
+    let all = args.scenario == Scenario::All;
+    if all || args.scenario == Scenario::Throughput {
+        throughput(&args).await?;
+    }
+    if all || args.scenario == Scenario::Latency {
+        latency(&args)?;
+    }
+    if all || args.scenario == Scenario::Idle {
+        idle(&args).await?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Throughput
+
+/// The original design's envelope: uuid string id, RFC 3339 timestamp, a payload that
+/// the sender serializes from its type and the receiver parses into a JSON value.
+#[derive(Debug, Serialize, Deserialize)]
+struct OriginalEnvelope<P> {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    timestamp: String,
+    payload: Option<P>,
+    error: Option<String>,
+}
+
+fn sample_event() -> Event {
+    Event {
+        event_type: "Normal".into(),
+        reason: "ScalingReplicaSet".into(),
+        message: "Scaled up replica set web-7d4b9c8f5 to 3".into(),
+        regarding: Some(ObjectRef {
+            gvr: Gvr::new("apps", "v1", "deployments"),
+            namespace: Some("default".into()),
+            name: "web".into(),
+        }),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn throughput(args: &BenchArgs) -> Result<(), String> {
+    let n = args.messages;
+    if let Some(codec) = args.profile {
+        let rate = tunnel_throughput(n, codec.into()).await?;
+        println!("tunnel {:?}: {} msg/s", codec, thousands(rate as u64));
+        return Ok(());
+    }
+    println!(
+        "throughput: {} one-way messages agent -> hub per run, median of {} runs, loopback, 2 runtime workers",
+        thousands(n),
+        args.runs
+    );
+    let mut baseline = Vec::new();
+    for _ in 0..args.runs {
+        baseline.push(raw_throughput(n).await?);
+    }
+    let baseline = median(baseline);
+    println!(
+        "  {:<48} {:>12} msg/s",
+        "baseline: tokio-tungstenite + serde_json (uuid, RFC 3339)",
+        thousands(baseline as u64)
+    );
+    for (format, bar) in [(Format::Json, 1.5), (Format::MsgPack, 2.0)] {
+        let mut runs = Vec::new();
+        for _ in 0..args.runs {
+            runs.push(tunnel_throughput(n, format).await?);
+        }
+        let rate = median(runs);
+        let ratio = rate / baseline;
+        let verdict = if ratio >= bar { "meets" } else { "BELOW" };
+        println!(
+            "  {:<48} {:>12} msg/s  {ratio:.2}x baseline ({verdict} the {bar}x bar)",
+            format!("tunnel agent -> hub, {format}"),
+            thousands(rate as u64)
+        );
+    }
+    Ok(())
+}
+
+async fn raw_throughput(n: u64) -> Result<f64, String> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        let mut ws = tokio_tungstenite::accept_async(tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut got = 0u64;
+        while got < n {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let env: OriginalEnvelope<serde_json::Value> =
+                        serde_json::from_str(&text).map_err(|e| e.to_string())?;
+                    std::hint::black_box(env);
+                    got += 1;
+                }
+                Some(Ok(_)) => {}
+                other => return Err(format!("baseline server: {other:?}")),
+            }
+        }
+        Ok::<Instant, String>(Instant::now())
+    });
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let event = sample_event();
+    let started = Instant::now();
+    for i in 0..n {
+        let env = OriginalEnvelope {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind: "event".into(),
+            timestamp: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(|e| e.to_string())?,
+            payload: Some(&event),
+            error: None,
+        };
+        let text = serde_json::to_string(&env).map_err(|e| e.to_string())?;
+        ws.feed(Message::Text(text.into()))
+            .await
+            .map_err(|e| e.to_string())?;
+        if i % 256 == 255 {
+            ws.flush().await.map_err(|e| e.to_string())?;
+        }
+    }
+    ws.flush().await.map_err(|e| e.to_string())?;
+    let done = server.await.map_err(|e| e.to_string())??;
+    Ok(n as f64 / (done - started).as_secs_f64())
+}
+
+async fn tunnel_throughput(n: u64, format: Format) -> Result<f64, String> {
+    let received = Arc::new(AtomicU64::new(0));
+    let all_in = Arc::new(Notify::new());
+    let (counter, notify) = (received.clone(), all_in.clone());
+    let router = Router::new().route(
+        MessageType::Event,
+        service_fn(move |_: Inbound| {
+            if counter.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                notify.notify_one();
+            }
+            std::future::ready(Ok::<_, BoxError>(()))
+        }),
+    );
+    let hub = Hub::bind("127.0.0.1:0", ServerConfig::new(AllowAll), router)
+        .await
+        .map_err(|e| e.to_string())?;
+    let url = hub.url().unwrap_or_default();
+    let config = ClientConfig::new(AgentId::new("bench", "agent")).format(format);
+    let conn = WsConnector::new(config)
+        .connect(&url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (sender, mut receiver) = conn.split();
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = receiver.recv().await {} });
+    let event = sample_event();
+    let started = Instant::now();
+    for _ in 0..n {
+        let env = sender
+            .envelope(MessageType::Event)
+            .with_payload(Payload::encode(format, &event).map_err(|e| e.to_string())?);
+        sender.send(&env).await.map_err(|e| e.to_string())?;
+    }
+    tokio::time::timeout(Duration::from_secs(120), all_in.notified())
+        .await
+        .map_err(|_| {
+            format!(
+                "only {} of {n} messages arrived",
+                received.load(Ordering::Relaxed)
+            )
+        })?;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    sender.close(tunnel_proto::CloseCode::NORMAL, "done").await;
+    let _ = drain.await;
+    hub.shutdown().await;
+    Ok(rate)
+}
+
+// ---------------------------------------------------------------------------------
+// Latency
+
+struct Placement {
+    name: &'static str,
+    client_core: usize,
+    server_core: usize,
+}
+
+fn pinned_runtime(core: usize) -> Result<tokio::runtime::Runtime, String> {
+    let ids = core_affinity::get_core_ids().unwrap_or_default();
+    let id = ids.get(core % ids.len().max(1)).copied();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_start(move || {
+            if let Some(id) = id {
+                core_affinity::set_for_current(id);
+            }
+        })
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// Runs `server` on its own thread and runtime pinned to one core, and `client` on
+/// another pinned to another (or the same) core.
+fn two_sided<S, C, T>(placement: &Placement, server: S, client: C) -> Result<T, String>
+where
+    S: FnOnce(mpsc::Sender<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
+        + Send
+        + 'static,
+    C: FnOnce(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>>>>
+        + Send
+        + 'static,
+    T: Send + 'static,
+{
+    let (url_tx, mut url_rx) = mpsc::channel(1);
+    let server_core = placement.server_core;
+    let server_thread = std::thread::spawn(move || {
+        let ids = core_affinity::get_core_ids().unwrap_or_default();
+        if let Some(id) = ids.get(server_core % ids.len().max(1)) {
+            core_affinity::set_for_current(*id);
+        }
+        if let Ok(rt) = pinned_runtime(server_core) {
+            rt.block_on(server(url_tx));
+        }
+    });
+    let client_core = placement.client_core;
+    let result = std::thread::spawn(move || {
+        let ids = core_affinity::get_core_ids().unwrap_or_default();
+        if let Some(id) = ids.get(client_core % ids.len().max(1)) {
+            core_affinity::set_for_current(*id);
+        }
+        let rt = pinned_runtime(client_core)?;
+        rt.block_on(async move {
+            let url = url_rx.recv().await.ok_or("server did not start")?;
+            client(url).await
+        })
+    })
+    .join()
+    .map_err(|_| "client thread panicked".to_string())?;
+    let _ = server_thread.join();
+    result
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn latency(args: &BenchArgs) -> Result<(), String> {
+    let n = args.round_trips;
+    println!(
+        "\nlatency: {} request/reply round trips, one in flight, client and server each on a pinned single-thread runtime",
+        thousands(n as u64)
+    );
+    let cores = core_affinity::get_core_ids().map_or(1, |c| c.len());
+    let mut placements = vec![Placement {
+        name: "same core",
+        client_core: 0,
+        server_core: 0,
+    }];
+    if cores > 1 {
+        placements.push(Placement {
+            name: "cross core",
+            client_core: 0,
+            server_core: 1,
+        });
+    }
+    for placement in &placements {
+        let raw = two_sided(
+            placement,
+            move |url_tx| Box::pin(raw_echo_server(url_tx)),
+            move |url| Box::pin(raw_echo_client(url, n)),
+        )?;
+        let ours = two_sided(
+            placement,
+            move |url_tx| Box::pin(tunnel_echo_server(url_tx)),
+            move |url| Box::pin(tunnel_echo_client(url, n)),
+        )?;
+        let (rp50, rp99) = (percentile(&raw, 0.5), percentile(&raw, 0.99));
+        let (tp50, tp99) = (percentile(&ours, 0.5), percentile(&ours, 0.99));
+        let ratio = tp50.as_secs_f64() / rp50.as_secs_f64();
+        let verdict = if ratio <= 1.3 { "meets" } else { "ABOVE" };
+        println!(
+            "  {} (client core {}, server core {}):",
+            placement.name, placement.client_core, placement.server_core
+        );
+        println!(
+            "    raw tokio-tungstenite echo      p50 {:>8.1} us  p99 {:>8.1} us",
+            us(rp50),
+            us(rp99)
+        );
+        println!(
+            "    tunnel command -> reply (msgpack) p50 {:>8.1} us  p99 {:>8.1} us  p50 {ratio:.2}x raw ({verdict} the 1.3x bar)",
+            us(tp50),
+            us(tp99)
+        );
+    }
+    Ok(())
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+async fn raw_echo_server(url_tx: mpsc::Sender<String>) {
+    let Ok(listener) = TcpListener::bind("127.0.0.1:0").await else {
+        return;
+    };
+    let Ok(addr) = listener.local_addr() else {
+        return;
+    };
+    let _ = url_tx.send(format!("ws://{addr}/")).await;
+    let Ok((tcp, _)) = listener.accept().await else {
+        return;
+    };
+    let _ = tcp.set_nodelay(true);
+    let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+        return;
+    };
+    while let Some(Ok(msg)) = ws.next().await {
+        if msg.is_binary() && ws.send(msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn raw_echo_client(url: String, n: usize) -> Result<Vec<Duration>, String> {
+    let addr: SocketAddr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let payload = bytes::Bytes::from(vec![7u8; 64]);
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let start = Instant::now();
+        ws.send(Message::Binary(payload.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(_))) => break,
+                Some(Ok(_)) => {}
+                other => return Err(format!("raw echo: {other:?}")),
+            }
+        }
+        if i >= n / 10 {
+            samples.push(start.elapsed());
+        }
+    }
+    let _ = ws.close(None).await;
+    samples.sort();
+    Ok(samples)
+}
+
+async fn tunnel_echo_server(url_tx: mpsc::Sender<String>) {
+    let router = Router::new().route(
+        MessageType::Command,
+        service_fn(|msg: Inbound| async move {
+            let sender = msg.sender();
+            let reply = sender
+                .envelope(MessageType::Reply)
+                .with_correlation(msg.envelope.id);
+            sender.send(&reply).await?;
+            Ok::<_, BoxError>(())
+        }),
+    );
+    let Ok(listener) = WsListener::bind("127.0.0.1:0", ServerConfig::new(AllowAll)).await else {
+        return;
+    };
+    let _ = url_tx
+        .send(format!("ws://{}/", listener.local_addr()))
+        .await;
+    let hub = Hub::serve(listener, router);
+    // Serve until the client's connection has come and gone.
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if hub.agents().is_empty() && SERVED.load(Ordering::Relaxed) {
+            break;
+        }
+        if !hub.agents().is_empty() {
+            SERVED.store(true, Ordering::Relaxed);
+        }
+    }
+    SERVED.store(false, Ordering::Relaxed);
+    hub.shutdown().await;
+}
+
+static SERVED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+async fn tunnel_echo_client(url: String, n: usize) -> Result<Vec<Duration>, String> {
+    let config = ClientConfig::new(AgentId::new("bench", "latency"));
+    let conn = WsConnector::new(config)
+        .connect(&url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (sender, mut receiver): (ConnectionSender, _) = conn.split();
+    let command = sender
+        .payload(&tunnel_proto::messages::Command::new("echo"))
+        .map_err(|e| e.to_string())?;
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let start = Instant::now();
+        let env = sender
+            .envelope(MessageType::Command)
+            .with_payload(command.clone());
+        sender.send(&env).await.map_err(|e| e.to_string())?;
+        loop {
+            match receiver.recv().await {
+                Ok(Some(reply)) if reply.correlation == Some(env.id) => break,
+                Ok(Some(_)) => {}
+                other => return Err(format!("tunnel echo: {other:?}")),
+            }
+        }
+        if i >= n / 10 {
+            samples.push(start.elapsed());
+        }
+    }
+    let close = sender.close(tunnel_proto::CloseCode::NORMAL, "done");
+    let drain = async { while let Ok(Some(_)) = receiver.recv().await {} };
+    tokio::join!(close, drain);
+    samples.sort();
+    Ok(samples)
+}
+
+// ---------------------------------------------------------------------------------
+// Idle memory
+
+fn rss_kib(pid: u32) -> Result<u64, String> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| "no VmRSS in /proc status".to_string())
+}
+
+async fn idle(args: &BenchArgs) -> Result<(), String> {
+    let n = args.agents;
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let dir = std::env::temp_dir().join(format!("tunnel-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "bench-token").map_err(|e| e.to_string())?;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        l.local_addr().map_err(|e| e.to_string())?.port()
+    };
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = tokio::process::Command::new(exe)
+        .args([
+            "hub",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--token-file",
+        ])
+        .arg(&token_file)
+        .args(["--log", "error"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start the hub process: {e}"))?;
+    let pid = child.id().ok_or("hub process has no pid")?;
+    let url = format!("ws://127.0.0.1:{port}/");
+    // Wait for the hub to listen.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if Instant::now() > deadline {
+            return Err("hub process did not start listening".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Warm the hub with one connection so one-off allocations are in the baseline.
+    let warm = connect_idle(&url, usize::MAX).await?;
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid)?;
+    println!(
+        "\nidle: {} idle agents on one hub process (pid {pid}), hub RSS before {} KiB",
+        thousands(n as u64),
+        thousands(before)
+    );
+    let started = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    let (tx, mut rx) = mpsc::channel(256);
+    let url2 = url.clone();
+    let dialer = tokio::spawn(async move {
+        let limit = Arc::new(tokio::sync::Semaphore::new(128));
+        for i in 0..n {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
+            let (tx, url) = (tx.clone(), url2.clone());
+            tokio::spawn(async move {
+                let r = connect_idle(&url, i).await;
+                drop(permit);
+                let _ = tx.send(r).await;
+            });
+        }
+    });
+    let mut failures = 0;
+    while conns.len() + failures < n {
+        match rx.recv().await {
+            Some(Ok(c)) => conns.push(c),
+            Some(Err(e)) => {
+                failures += 1;
+                if failures == 1 {
+                    eprintln!("  first connection failure: {e}");
+                }
+            }
+            None => break,
+        }
+    }
+    let _ = dialer.await;
+    let connect_time = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid)?;
+    let per_agent = (after.saturating_sub(before)) as f64 / conns.len().max(1) as f64;
+    let verdict = if per_agent <= 16.0 { "meets" } else { "ABOVE" };
+    println!(
+        "  connected {} agents in {:.1}s ({} failed)",
+        thousands(conns.len() as u64),
+        connect_time.as_secs_f64(),
+        failures
+    );
+    println!(
+        "  hub RSS after {} KiB: {per_agent:.1} KiB per idle agent ({verdict} the 16 KiB bar)",
+        thousands(after)
+    );
+    drop(conns);
+    let _ = child.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// An idle agent: an established connection whose receiver is kept (so the socket
+/// stays open) but not polled.
+async fn connect_idle(url: &str, i: usize) -> Result<tunnel_transport::Connection, String> {
+    let config = ClientConfig::new(AgentId::new("bench", format!("idle-{i}")))
+        .token(Some("bench-token".into()));
+    WsConnector::new(config)
+        .connect(url)
+        .await
+        .map_err(|e| e.to_string())
 }

@@ -8,6 +8,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// Many small buffers are allocated on one thread and freed on another (encoded frames
+/// cross from senders to the writer task); mimalloc handles that far better than the
+/// system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tunnel_proto::Format;
 
 /// A persistent, self-healing message tunnel over WebSocket between agents and a hub.

@@ -139,6 +139,10 @@ async fn write_loop<S>(
 
 /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]), then flushes.
 /// Returns `Ok(false)` once a close frame was sent.
+///
+/// When the queue runs dry the writer yields to the scheduler once before flushing:
+/// a producer on another worker usually queues more in that time, so one write
+/// syscall carries many messages instead of one each.
 async fn write_batch<S>(
     sink: &mut SplitSink<WebSocketStream<S>, Message>,
     rx: &mut mpsc::Receiver<Outgoing>,
@@ -151,24 +155,34 @@ where
 {
     let mut next = Some(first);
     let mut written = 0;
-    while let Some(msg) = next.take() {
-        match msg {
-            Outgoing::Data(bytes) => {
-                sink.feed(data_message(kind, bytes)?)
-                    .await
-                    .map_err(|e| e.to_string())?;
+    loop {
+        while let Some(msg) = next.take() {
+            match msg {
+                Outgoing::Data(bytes) => {
+                    sink.feed(data_message(kind, bytes)?)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Outgoing::Close(code, reason) => {
+                    shared.set_reason(CloseReason::Local(code, reason.clone()));
+                    sink.send(close_message(code, &reason))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    return Ok(false);
+                }
             }
-            Outgoing::Close(code, reason) => {
-                shared.set_reason(CloseReason::Local(code, reason.clone()));
-                sink.send(close_message(code, &reason))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                return Ok(false);
+            written += 1;
+            if written < MAX_BATCH {
+                next = rx.try_recv().ok();
             }
         }
-        written += 1;
-        if written < MAX_BATCH {
-            next = rx.try_recv().ok();
+        if written >= MAX_BATCH {
+            break;
+        }
+        tokio::task::yield_now().await;
+        next = rx.try_recv().ok();
+        if next.is_none() {
+            break;
         }
     }
     sink.flush().await.map_err(|e| e.to_string())?;
