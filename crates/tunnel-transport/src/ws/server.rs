@@ -29,7 +29,7 @@ use crate::error::AcceptError;
 ///
 /// Binding spawns an accept loop; each TCP connection is upgraded, authenticated and
 /// handshaken in its own task under the handshake timeout, and only then handed to
-/// [`WsListener::accept`]. Agents that fail any step never reach `accept`.
+/// [`Acceptor::accept`](crate::Acceptor::accept). Agents that fail any step never reach `accept`.
 #[derive(Debug)]
 pub struct WsListener {
     ready: mpsc::Receiver<Connection>,
