@@ -287,14 +287,15 @@ impl fmt::Debug for Payload {
 impl Payload {
     /// Serializes `value` in `format`.
     pub fn encode<T: Serialize + ?Sized>(format: Format, value: &T) -> Result<Self, EncodeError> {
-        let bytes = match format {
-            Format::Json => {
-                serde_json::to_vec(value).map_err(|e| EncodeError::Serialize(e.to_string()))?
-            }
-            Format::MsgPack => {
-                rmp_serde::to_vec_named(value).map_err(|e| EncodeError::Serialize(e.to_string()))?
-            }
-        };
+        // Most payloads are small: one allocation of this size avoids the doubling
+        // reallocations of an empty Vec.
+        let mut bytes = Vec::with_capacity(256);
+        match format {
+            Format::Json => serde_json::to_writer(&mut bytes, value)
+                .map_err(|e| EncodeError::Serialize(e.to_string()))?,
+            Format::MsgPack => rmp_serde::encode::write_named(&mut bytes, value)
+                .map_err(|e| EncodeError::Serialize(e.to_string()))?,
+        }
         Ok(Payload {
             format,
             bytes: bytes.into(),

@@ -19,7 +19,8 @@ pub struct ConnectionConfig {
     pub ping_interval: Duration,
     /// How long past a ping interval to wait for any inbound traffic before the peer is
     /// declared dead: a peer is dead when nothing (data, ping or pong) arrived for
-    /// `ping_interval + pong_timeout`. Default 10 s.
+    /// `ping_interval + pong_timeout`; that is noticed at most half a `pong_timeout`
+    /// later. Default 10 s.
     pub pong_timeout: Duration,
     /// Capacity of the outbound queue, in messages. When it is full, `send` waits up to
     /// `send_timeout` for room and `try_send` fails at once. Default 1024.

@@ -106,7 +106,7 @@ pub(crate) struct Shared {
     pub(crate) recorder: Arc<dyn Recorder>,
     pub(crate) send_timeout: Duration,
     pub(crate) close_timeout: Duration,
-    pub(crate) dead_after: Duration,
+    keepalive: KeepaliveCheck,
     next_id: AtomicU64,
     rtt_micros: AtomicU64,
     pub(crate) epoch: Instant,
@@ -126,7 +126,7 @@ impl Shared {
             recorder: config.recorder.clone(),
             send_timeout: config.send_timeout,
             close_timeout: config.close_timeout,
-            dead_after: config.dead_after(),
+            keepalive: KeepaliveCheck::new(config),
             next_id: AtomicU64::new(1),
             rtt_micros: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -321,8 +321,32 @@ pub struct ConnectionReceiver {
     shared: Arc<Shared>,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     keepalive: Pin<Box<Sleep>>,
-    last_seen: Instant,
+    /// Frames seen since the keepalive timer last fired.
+    seen: bool,
+    /// Consecutive keepalive periods without a frame.
+    quiet_periods: u32,
     done: bool,
+}
+
+/// How the receiver checks the dead-peer deadline: every `period`, declaring the peer
+/// dead after `quiet_limit` periods in a row without a frame.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeepaliveCheck {
+    period: Duration,
+    quiet_limit: u32,
+}
+
+impl KeepaliveCheck {
+    /// Checks every half pong timeout, so detection is at most that late.
+    fn new(config: &ConnectionConfig) -> Self {
+        let dead_after = config.dead_after().max(Duration::from_millis(1));
+        let period = (config.pong_timeout / 2).clamp(Duration::from_millis(1), dead_after);
+        let quiet_limit = dead_after.as_nanos().div_ceil(period.as_nanos().max(1));
+        KeepaliveCheck {
+            period,
+            quiet_limit: u32::try_from(quiet_limit).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 impl std::fmt::Debug for ConnectionReceiver {
@@ -352,7 +376,7 @@ impl ConnectionReceiver {
     /// it); `Err` means it failed. After either, every call returns `Ok(None)`.
     /// Keepalive runs while this is being awaited: a peer that sends nothing, not even
     /// a pong, for `ping_interval + pong_timeout` fails the connection with
-    /// [`RecvError::DeadPeer`].
+    /// [`RecvError::DeadPeer`] (detected at most half a `pong_timeout` later).
     pub async fn recv(&mut self) -> Result<Option<Envelope>, RecvError> {
         if self.done {
             return Ok(None);
@@ -417,18 +441,28 @@ impl ConnectionReceiver {
         }
         match self.frames.as_mut().poll_next(cx) {
             Poll::Ready(Some(incoming)) => {
-                self.last_seen = Instant::now();
+                self.seen = true;
                 return Poll::Ready(Event::Incoming(incoming));
             }
             Poll::Ready(None) => return Poll::Ready(Event::Incoming(Incoming::Closed(None))),
             Poll::Pending => {}
         }
+        // Reading the clock for every frame would cost more than the rest of the
+        // receive path's bookkeeping, so frames only set a flag and a timer checks it
+        // once per keepalive period. After `quiet_limit` periods in a row without a
+        // frame, at least the dead-peer deadline has passed since the last one: a peer
+        // is never declared dead early, and at most one period late.
         while self.keepalive.as_mut().poll(cx).is_ready() {
-            let deadline = self.last_seen + self.shared.dead_after;
-            if Instant::now() >= deadline {
-                return Poll::Ready(Event::Dead);
+            if std::mem::take(&mut self.seen) {
+                self.quiet_periods = 0;
+            } else {
+                self.quiet_periods += 1;
+                if self.quiet_periods >= self.shared.keepalive.quiet_limit {
+                    return Poll::Ready(Event::Dead);
+                }
             }
-            self.keepalive.as_mut().reset(deadline);
+            let next = Instant::now() + self.shared.keepalive.period;
+            self.keepalive.as_mut().reset(next);
         }
         Poll::Pending
     }
@@ -470,8 +504,9 @@ impl Connection {
         let receiver = ConnectionReceiver {
             frames,
             shutdown: Box::pin(shared.shutdown.clone().cancelled_owned()),
-            keepalive: Box::pin(tokio::time::sleep_until(now + shared.dead_after)),
-            last_seen: now,
+            keepalive: Box::pin(tokio::time::sleep_until(now + shared.keepalive.period)),
+            seen: false,
+            quiet_periods: 0,
             shared: shared.clone(),
             done: false,
         };
