@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -112,6 +112,9 @@ pub(crate) struct Shared {
     pub(crate) epoch: Instant,
     /// Cancelled when the connection is over, whoever ended it.
     pub(crate) shutdown: CancellationToken,
+    /// Set just before `shutdown` is cancelled: a check that costs one atomic load
+    /// (asking the token takes a lock).
+    ended: AtomicBool,
     /// Cancelled when the writer has exited.
     pub(crate) writer_done: CancellationToken,
     reason: Mutex<Option<CloseReason>>,
@@ -131,6 +134,7 @@ impl Shared {
             rtt_micros: AtomicU64::new(0),
             epoch: Instant::now(),
             shutdown: CancellationToken::new(),
+            ended: AtomicBool::new(false),
             writer_done: CancellationToken::new(),
             reason: Mutex::new(None),
         })
@@ -154,7 +158,13 @@ impl Shared {
     /// Ends the connection for `reason` (if none was recorded yet).
     pub(crate) fn end(&self, reason: CloseReason) {
         self.set_reason(reason);
+        self.ended.store(true, Ordering::Release);
         self.shutdown.cancel();
+    }
+
+    /// Whether the connection is over.
+    pub(crate) fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 
     /// The close frame the writer should still send when the connection ends this way.
@@ -190,6 +200,11 @@ impl Shared {
 /// connection, in the order `send` calls complete.
 #[derive(Debug, Clone)]
 pub struct ConnectionSender {
+    inner: Arc<SenderInner>,
+}
+
+#[derive(Debug)]
+struct SenderInner {
     tx: mpsc::Sender<Outgoing>,
     shared: Arc<Shared>,
 }
@@ -197,12 +212,12 @@ pub struct ConnectionSender {
 impl ConnectionSender {
     /// What is known about the connection.
     pub fn info(&self) -> &ConnectionInfo {
-        &self.shared.info
+        &self.inner.shared.info
     }
 
     /// A fresh message id for this connection.
     pub fn next_id(&self) -> u64 {
-        self.shared.next_id.fetch_add(1, Ordering::Relaxed)
+        self.inner.shared.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// An envelope with a fresh id and the current time.
@@ -215,22 +230,23 @@ impl ConnectionSender {
         &self,
         value: &T,
     ) -> Result<Payload, tunnel_proto::EncodeError> {
-        Payload::encode(self.shared.info.format, value)
+        Payload::encode(self.inner.shared.info.format, value)
     }
 
     fn encode(&self, env: &Envelope) -> Result<Outgoing, SendError> {
         let mut buf = Vec::with_capacity(
             128 + env.payload.as_ref().map_or(0, Payload::len) + env.headers.len() * 64,
         );
-        self.shared.codec.encode(env, &mut buf)?;
-        if buf.len() > self.shared.limits.max_message_size {
+        self.inner.shared.codec.encode(env, &mut buf)?;
+        if buf.len() > self.inner.shared.limits.max_message_size {
             return Err(tunnel_proto::EncodeError::TooLarge {
                 size: buf.len(),
-                limit: self.shared.limits.max_message_size,
+                limit: self.inner.shared.limits.max_message_size,
             }
             .into());
         }
-        self.shared
+        self.inner
+            .shared
             .recorder
             .message(Direction::Outbound, &env.kind, buf.len());
         Ok(Outgoing::Data(buf.into()))
@@ -240,12 +256,13 @@ impl ConnectionSender {
     /// outbound queue.
     pub async fn send(&self, env: &Envelope) -> Result<(), SendError> {
         let msg = self.encode(env)?;
-        match self.tx.try_send(msg) {
+        match self.inner.tx.try_send(msg) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
             Err(mpsc::error::TrySendError::Full(msg)) => {
-                let timeout = self.shared.send_timeout;
-                self.tx
+                let timeout = self.inner.shared.send_timeout;
+                self.inner
+                    .tx
                     .send_timeout(msg, timeout)
                     .await
                     .map_err(|e| match e {
@@ -259,7 +276,7 @@ impl ConnectionSender {
     /// Queues `env` if there is room now; fails with [`SendError::Full`] otherwise.
     pub fn try_send(&self, env: &Envelope) -> Result<(), SendError> {
         let msg = self.encode(env)?;
-        self.tx.try_send(msg).map_err(|e| match e {
+        self.inner.tx.try_send(msg).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SendError::Full,
             mpsc::error::TrySendError::Closed(_) => SendError::Closed,
         })
@@ -272,43 +289,47 @@ impl ConnectionSender {
     /// The peer's reply is read by the [`ConnectionReceiver`]: if nobody is polling it,
     /// this waits for the whole close timeout. [`Connection::close`] drives both.
     pub async fn close(&self, code: CloseCode, reason: &str) {
-        let deadline = Instant::now() + self.shared.close_timeout;
+        let deadline = Instant::now() + self.inner.shared.close_timeout;
         let queued = tokio::time::timeout_at(
             deadline,
-            self.tx.send(Outgoing::Close(code, reason.to_owned())),
+            self.inner.tx.send(Outgoing::Close(code, reason.to_owned())),
         )
         .await;
         if matches!(queued, Ok(Ok(()))) {
-            let _ = tokio::time::timeout_at(deadline, self.shared.shutdown.cancelled()).await;
+            let _ = tokio::time::timeout_at(deadline, self.inner.shared.shutdown.cancelled()).await;
         }
-        self.shared.end(CloseReason::Local(code, reason.to_owned()));
-        let _ = tokio::time::timeout_at(deadline, self.shared.writer_done.cancelled()).await;
+        self.inner
+            .shared
+            .end(CloseReason::Local(code, reason.to_owned()));
+        let _ = tokio::time::timeout_at(deadline, self.inner.shared.writer_done.cancelled()).await;
     }
 
     /// Drops the connection at once, without a close handshake, as if the network
     /// failed. Queued messages are discarded.
     pub fn abort(&self) {
-        self.shared.end(CloseReason::Io("aborted locally".into()));
+        self.inner
+            .shared
+            .end(CloseReason::Io("aborted locally".into()));
     }
 
     /// Whether the connection is over.
     pub fn is_closed(&self) -> bool {
-        self.shared.shutdown.is_cancelled() || self.tx.is_closed()
+        self.inner.shared.has_ended() || self.inner.tx.is_closed()
     }
 
     /// Resolves when the connection is over.
     pub async fn closed(&self) {
-        self.shared.shutdown.cancelled().await;
+        self.inner.shared.shutdown.cancelled().await;
     }
 
     /// Why the connection ended, once it has.
     pub fn close_reason(&self) -> Option<CloseReason> {
-        self.shared.reason()
+        self.inner.shared.reason()
     }
 
     /// The latest keepalive round-trip time, once a pong has arrived.
     pub fn rtt(&self) -> Option<Duration> {
-        match self.shared.rtt_micros.load(Ordering::Relaxed) {
+        match self.inner.shared.rtt_micros.load(Ordering::Relaxed) {
             0 => None,
             us => Some(Duration::from_micros(us)),
         }
@@ -436,7 +457,7 @@ impl ConnectionReceiver {
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if self.shutdown.as_mut().poll(cx).is_ready() {
+        if self.shared.has_ended() {
             return Poll::Ready(Event::Shutdown);
         }
         match self.frames.as_mut().poll_next(cx) {
@@ -446,6 +467,10 @@ impl ConnectionReceiver {
             }
             Poll::Ready(None) => return Poll::Ready(Event::Incoming(Incoming::Closed(None))),
             Poll::Pending => {}
+        }
+        // Only when idle: register to be woken if someone else ends the connection.
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::Shutdown);
         }
         // Reading the clock for every frame would cost more than the rest of the
         // receive path's bookkeeping, so frames only set a flag and a timer checks it
@@ -511,7 +536,9 @@ impl Connection {
             done: false,
         };
         Connection {
-            sender: ConnectionSender { tx, shared },
+            sender: ConnectionSender {
+                inner: Arc::new(SenderInner { tx, shared }),
+            },
             receiver,
         }
     }
