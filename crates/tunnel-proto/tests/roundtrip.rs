@@ -412,3 +412,45 @@ fn subprotocols_select_codecs() {
         assert_eq!(format.codec().format(), format);
     }
 }
+
+#[test]
+fn msgpack_nesting_and_huge_counts_are_bounded() {
+    // An unknown field nested 200 arrays deep: rejected at the depth limit, no overflow.
+    let mut deep = Vec::new();
+    rmp::encode::write_map_len(&mut deep, 4).expect("w");
+    for (k, v) in [("id", 1u64), ("ts", 1)] {
+        rmp::encode::write_str(&mut deep, k).expect("w");
+        rmp::encode::write_uint(&mut deep, v).expect("w");
+    }
+    rmp::encode::write_str(&mut deep, "type").expect("w");
+    rmp::encode::write_str(&mut deep, "event").expect("w");
+    rmp::encode::write_str(&mut deep, "future").expect("w");
+    for _ in 0..200 {
+        rmp::encode::write_array_len(&mut deep, 1).expect("w");
+    }
+    rmp::encode::write_nil(&mut deep).expect("w");
+    assert!(matches!(
+        decode(Format::MsgPack, &deep),
+        Err(DecodeError::Malformed { .. })
+    ));
+
+    // A map claiming 4 billion entries in a few bytes: truncated at once.
+    let mut huge = Vec::new();
+    rmp::encode::write_map_len(&mut huge, u32::MAX).expect("w");
+    rmp::encode::write_str(&mut huge, "id").expect("w");
+    rmp::encode::write_uint(&mut huge, 1).expect("w");
+    assert_eq!(decode(Format::MsgPack, &huge), Err(DecodeError::Truncated));
+
+    // A header map claiming more entries than the limit is refused before reading them.
+    let mut headers = Vec::new();
+    rmp::encode::write_map_len(&mut headers, 1).expect("w");
+    rmp::encode::write_str(&mut headers, "headers").expect("w");
+    rmp::encode::write_map_len(&mut headers, 1_000_000).expect("w");
+    assert!(matches!(
+        decode(Format::MsgPack, &headers),
+        Err(DecodeError::TooManyHeaders {
+            count: 1_000_000,
+            limit: 64
+        })
+    ));
+}

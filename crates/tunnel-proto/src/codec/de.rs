@@ -13,12 +13,9 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visi
 use crate::envelope::{Envelope, ErrorBody, Headers, MessageType};
 use crate::error::DecodeError;
 
-/// The payload field as it sits in the frame, borrowed.
-pub(crate) trait RawPayload<'de>: de::Deserialize<'de> {
-    /// Whether the field stands for "no payload" (MessagePack `nil`). In JSON a `null`
-    /// payload is a payload whose value is null, so that every JSON value round-trips.
-    fn is_absent(&self) -> bool;
-}
+/// The payload field as it sits in the frame, borrowed. In JSON a `null` payload is a
+/// payload whose value is null, so that every JSON value round-trips.
+pub(crate) trait RawPayload<'de>: de::Deserialize<'de> {}
 
 /// Decoding state shared between the visitor and the codec that drives it.
 pub(crate) struct Ctx {
@@ -274,10 +271,7 @@ impl<'de, P: RawPayload<'de>> Visitor<'de> for EnvelopeVisitor<'_, P> {
                 Field::Headers => {
                     set_once(ctx, &mut headers, map.next_value_seed(HeadersSeed(ctx))?)?
                 }
-                Field::Payload => {
-                    let value = map.next_value::<P>()?;
-                    set_once(ctx, &mut payload, (!value.is_absent()).then_some(value))?
-                }
+                Field::Payload => set_once(ctx, &mut payload, Some(map.next_value::<P>()?))?,
                 Field::Error => set_once(ctx, &mut error, map.next_value::<Option<ErrorBody>>()?)?,
                 Field::Unknown(name) => {
                     map.next_value::<IgnoredAny>()?;

@@ -31,11 +31,7 @@ impl<'de> serde::Deserialize<'de> for JsonRaw<'de> {
     }
 }
 
-impl<'de> RawPayload<'de> for JsonRaw<'de> {
-    fn is_absent(&self) -> bool {
-        false
-    }
-}
+impl<'de> RawPayload<'de> for JsonRaw<'de> {}
 
 fn write_str(out: &mut Vec<u8>, s: &str) -> Result<(), EncodeError> {
     serde_json::to_writer(out, s).map_err(|e| EncodeError::Serialize(e.to_string()))
