@@ -10,6 +10,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
 use tunnel_proto::messages::{Close, Handshake, HandshakeAck, TypedMessage};
 use tunnel_proto::{CloseCode, FrameKind, MessageType};
 
+use super::burst::BurstReader;
 use super::pump::spawn_connection;
 use super::server::send_envelope;
 use super::{HEADER_SYNC_TARGET, HEADER_WORKSPACE};
@@ -118,7 +119,7 @@ impl crate::Connector for WsConnector {
             deadline,
             tokio_tungstenite::client_async_with_config(
                 request,
-                tcp,
+                BurstReader::new(tcp),
                 Some(config.connection.ws_config()),
             ),
         )

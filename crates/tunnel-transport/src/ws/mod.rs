@@ -1,5 +1,6 @@
 //! The WebSocket transport, on tokio-tungstenite.
 
+mod burst;
 mod client;
 mod pump;
 mod server;

@@ -18,6 +18,7 @@ use tunnel_proto::{
     CloseCode, Envelope, Format, MessageType, negotiate_capabilities, negotiate_version,
 };
 
+use super::burst::BurstReader;
 use super::pump::{close_message, data_message, spawn_connection};
 use super::{HEADER_SYNC_TARGET, HEADER_WORKSPACE};
 use crate::auth::{AgentId, AuthRequest};
@@ -229,7 +230,7 @@ async fn serve(
     let ws = match tokio::time::timeout_at(
         deadline,
         tokio_tungstenite::accept_hdr_async_with_config(
-            tcp,
+            BurstReader::new(tcp),
             callback,
             Some(config.connection.ws_config()),
         ),
@@ -264,7 +265,7 @@ async fn serve(
 /// Reads the agent's handshake and answers it. On failure the connection is closed with
 /// the documented code and the failure reason (a metric label) is returned.
 async fn handshake(
-    mut ws: WebSocketStream<TcpStream>,
+    mut ws: WebSocketStream<BurstReader<TcpStream>>,
     peer: SocketAddr,
     agent: AgentId,
     format: Format,
@@ -416,7 +417,7 @@ where
 
 /// Sends a `close` message and a close frame, then waits briefly for the peer's close.
 async fn reject(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut WebSocketStream<BurstReader<TcpStream>>,
     format: Format,
     code: CloseCode,
     reason: &str,
