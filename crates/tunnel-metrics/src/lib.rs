@@ -3,7 +3,8 @@
 //! The transport and router report what happens through the [`Recorder`] trait:
 //! messages and bytes by type and direction, connections opened and closed, handshake
 //! failures by reason. [`NoopRecorder`] (the default) discards everything; with the
-//! `otel` feature, [`OtelRecorder`] records into OpenTelemetry instruments.
+//! `otel` feature, [`OtelRecorder`] records into OpenTelemetry instruments; the
+//! `testing` feature adds `testing::TestMeter` to read them back in tests.
 //!
 //! # Example
 //! ```
@@ -22,6 +23,8 @@ use tunnel_proto::MessageType;
 mod otel;
 #[cfg(feature = "otel")]
 pub use otel::OtelRecorder;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 /// Which way a message went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -454,3 +454,41 @@ fn msgpack_nesting_and_huge_counts_are_bounded() {
         })
     ));
 }
+
+#[test]
+fn decoding_validated_text_matches_decoding_bytes() {
+    let codec = Format::Json.codec();
+    let env = Envelope::new(3, MessageType::Event, 9)
+        .with_header("x-note", "naïve ☃")
+        .with_payload(Payload::json(&json!({"message": "grüße", "n": [1, 2]})).expect("payload"));
+    let mut buf = Vec::new();
+    codec.encode(&env, &mut buf).expect("encode");
+    let frame = Bytes::from(buf);
+    let text = std::str::from_utf8(&frame).expect("utf8");
+    let limits = Limits::default();
+    let via_text = codec
+        .decode_text(&frame, text, &limits)
+        .expect("decode_text");
+    assert_eq!(via_text, codec.decode(&frame, &limits).expect("decode"));
+    assert_eq!(via_text, env);
+    // A `text` that is not the frame's own memory falls back to the byte path.
+    let copy = text.to_owned();
+    assert_eq!(
+        codec.decode_text(&frame, &copy, &limits).expect("fallback"),
+        env
+    );
+    // Errors are the same either way.
+    let bad = Bytes::from_static(br#"{"id":"x","type":"event","ts":1}"#);
+    let bad_text = std::str::from_utf8(&bad).expect("utf8");
+    assert_eq!(
+        codec.decode_text(&bad, bad_text, &limits),
+        codec.decode(&bad, &limits)
+    );
+    // MessagePack has no text form: the default goes through `decode`.
+    assert!(
+        Format::MsgPack
+            .codec()
+            .decode_text(&frame, text, &limits)
+            .is_err()
+    );
+}

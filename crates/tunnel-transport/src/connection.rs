@@ -83,6 +83,8 @@ pub(crate) enum Outgoing {
 pub(crate) enum Incoming {
     /// One message.
     Data(Bytes, FrameKind),
+    /// One text message whose contents the transport has checked to be UTF-8.
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
     /// A keepalive ping from the peer (already answered by the transport).
     Ping,
     /// A keepalive pong with the payload of our ping.
@@ -406,25 +408,10 @@ impl ConnectionReceiver {
             let event = std::future::poll_fn(|cx| self.poll_event(cx)).await;
             match event {
                 Event::Incoming(Incoming::Data(frame, kind)) => {
-                    let expected = self.shared.codec.frame_kind();
-                    if kind != expected {
-                        let err = RecvError::WrongFrameKind {
-                            expected: kind_name(expected),
-                            got: kind_name(kind),
-                        };
-                        return self.fail(CloseCode::UNSUPPORTED_DATA, err);
-                    }
-                    match self.shared.codec.decode(&frame, &self.shared.limits) {
-                        Ok(env) => {
-                            self.shared.recorder.message(
-                                Direction::Inbound,
-                                &env.kind,
-                                frame.len(),
-                            );
-                            return Ok(Some(env));
-                        }
-                        Err(e) => return self.fail(e.close_code(), RecvError::Decode(e)),
-                    }
+                    return self.decode(kind, &frame, None);
+                }
+                Event::Incoming(Incoming::Text(text)) => {
+                    return self.decode(FrameKind::Text, text.as_ref(), Some(text.as_str()));
                 }
                 Event::Incoming(Incoming::Ping) => {}
                 Event::Incoming(Incoming::Pong(payload)) => self.shared.record_pong(&payload),
@@ -490,6 +477,40 @@ impl ConnectionReceiver {
             self.keepalive.as_mut().reset(next);
         }
         Poll::Pending
+    }
+
+    /// Decodes one data frame; `text` is its contents when the transport has already
+    /// checked that they are UTF-8.
+    fn decode(
+        &mut self,
+        kind: FrameKind,
+        frame: &Bytes,
+        text: Option<&str>,
+    ) -> Result<Option<Envelope>, RecvError> {
+        let expected = self.shared.codec.frame_kind();
+        if kind != expected {
+            let err = RecvError::WrongFrameKind {
+                expected: kind_name(expected),
+                got: kind_name(kind),
+            };
+            return self.fail(CloseCode::UNSUPPORTED_DATA, err);
+        }
+        let decoded = match text {
+            Some(text) => self
+                .shared
+                .codec
+                .decode_text(frame, text, &self.shared.limits),
+            None => self.shared.codec.decode(frame, &self.shared.limits),
+        };
+        match decoded {
+            Ok(env) => {
+                self.shared
+                    .recorder
+                    .message(Direction::Inbound, &env.kind, frame.len());
+                Ok(Some(env))
+            }
+            Err(e) => self.fail(e.close_code(), RecvError::Decode(e)),
+        }
     }
 
     fn finish(&mut self, reason: CloseReason) {

@@ -4,4 +4,5 @@ mod auth;
 mod bad_input;
 mod keepalive;
 mod lifecycle;
+mod metrics;
 mod support;

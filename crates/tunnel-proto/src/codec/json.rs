@@ -120,37 +120,60 @@ impl Codec for JsonCodec {
 
     fn decode(&self, frame: &Bytes, limits: &Limits) -> Result<Envelope, DecodeError> {
         limits.check_size(frame.len())?;
-        let ctx = Ctx::new(limits.max_headers);
-        let mut de = serde_json::Deserializer::from_slice(frame);
-        let raw: RawEnvelope<JsonRaw<'_>> = EnvelopeSeed {
-            ctx: &ctx,
-            _payload: PhantomData,
-        }
-        .deserialize(&mut de)
-        .and_then(|raw| de.end().map(|()| raw))
-        .map_err(|e| map_error(&ctx, e))?;
-        let (raw_payload, mut env) = raw.into_parts();
-        env.payload = match raw_payload {
-            None => None,
-            Some(JsonRaw(value)) if env.content_encoding().is_some() => {
-                let text: &str =
-                    serde_json::from_str(value.get()).map_err(|_| DecodeError::BadField {
-                        field: "payload",
-                        reason: "a payload with content-encoding must be a base64 string".into(),
-                    })?;
-                let bytes = BASE64.decode(text).map_err(|e| DecodeError::BadField {
-                    field: "payload",
-                    reason: format!("invalid base64: {e}"),
-                })?;
-                Some(Payload::from_trusted(Format::Json, bytes.into()))
-            }
-            Some(JsonRaw(value)) => Some(Payload::from_trusted(
-                Format::Json,
-                frame.slice_ref(value.get().as_bytes()),
-            )),
-        };
-        Ok(env)
+        decode_from(serde_json::Deserializer::from_slice(frame), frame, limits)
     }
+
+    fn decode_text(
+        &self,
+        frame: &Bytes,
+        text: &str,
+        limits: &Limits,
+    ) -> Result<Envelope, DecodeError> {
+        // Parsing from a `str` skips serde_json's UTF-8 checks of every string, which
+        // the transport already made for the whole frame. The payload is sliced out of
+        // `frame`, so `text` must be the very same bytes.
+        if text.as_ptr() != frame.as_ptr() || text.len() != frame.len() {
+            return self.decode(frame, limits);
+        }
+        limits.check_size(frame.len())?;
+        decode_from(serde_json::Deserializer::from_str(text), frame, limits)
+    }
+}
+
+fn decode_from<'de, R: serde_json::de::Read<'de>>(
+    mut de: serde_json::Deserializer<R>,
+    frame: &Bytes,
+    limits: &Limits,
+) -> Result<Envelope, DecodeError> {
+    let ctx = Ctx::new(limits.max_headers);
+    let raw: RawEnvelope<JsonRaw<'de>> = EnvelopeSeed {
+        ctx: &ctx,
+        _payload: PhantomData,
+    }
+    .deserialize(&mut de)
+    .and_then(|raw| de.end().map(|()| raw))
+    .map_err(|e| map_error(&ctx, e))?;
+    let (raw_payload, mut env) = raw.into_parts();
+    env.payload = match raw_payload {
+        None => None,
+        Some(JsonRaw(value)) if env.content_encoding().is_some() => {
+            let text: &str =
+                serde_json::from_str(value.get()).map_err(|_| DecodeError::BadField {
+                    field: "payload",
+                    reason: "a payload with content-encoding must be a base64 string".into(),
+                })?;
+            let bytes = BASE64.decode(text).map_err(|e| DecodeError::BadField {
+                field: "payload",
+                reason: format!("invalid base64: {e}"),
+            })?;
+            Some(Payload::from_trusted(Format::Json, bytes.into()))
+        }
+        Some(JsonRaw(value)) => Some(Payload::from_trusted(
+            Format::Json,
+            frame.slice_ref(value.get().as_bytes()),
+        )),
+    };
+    Ok(env)
 }
 
 fn map_error(ctx: &Ctx, e: serde_json::Error) -> DecodeError {

@@ -111,6 +111,20 @@ pub trait Codec: Send + Sync + fmt::Debug + 'static {
 
     /// Decodes one frame. The payload is sliced out of `frame` without being parsed.
     fn decode(&self, frame: &Bytes, limits: &Limits) -> Result<Envelope, DecodeError>;
+
+    /// Decodes a frame that is already known to be UTF-8 (a WebSocket text frame, which
+    /// the transport has validated): `text` is `frame`'s contents as a `str`. A text
+    /// codec can skip its own UTF-8 checks; the default just calls
+    /// [`Codec::decode`].
+    fn decode_text(
+        &self,
+        frame: &Bytes,
+        text: &str,
+        limits: &Limits,
+    ) -> Result<Envelope, DecodeError> {
+        let _ = text;
+        self.decode(frame, limits)
+    }
 }
 
 impl Format {

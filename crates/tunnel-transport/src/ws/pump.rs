@@ -211,9 +211,7 @@ where
                 Message::Binary(b) => {
                     return Poll::Ready(Some(Incoming::Data(b, FrameKind::Binary)));
                 }
-                Message::Text(t) => {
-                    return Poll::Ready(Some(Incoming::Data(t.into(), FrameKind::Text)));
-                }
+                Message::Text(t) => return Poll::Ready(Some(Incoming::Text(t))),
                 Message::Ping(_) | Message::Frame(_) => return Poll::Ready(Some(Incoming::Ping)),
                 Message::Pong(p) => return Poll::Ready(Some(Incoming::Pong(p))),
                 Message::Close(frame) => {
