@@ -53,7 +53,19 @@ pub(crate) struct AgentArgs {
     status_interval: u64,
 }
 
+/// Resolves on Ctrl-C or, on Unix, SIGTERM (what an orchestrator sends).
 async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
     let _ = tokio::signal::ctrl_c().await;
 }
 

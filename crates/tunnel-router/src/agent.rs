@@ -265,7 +265,7 @@ async fn supervise(
                 inner.current.send_replace(None);
                 match end {
                     SessionEnd::Closed => {
-                        tracing::info!(reason = ?sender.close_reason(), "connection closed");
+                        tracing::info!(reason = %sender.close_reason().map(|r| r.to_string()).unwrap_or_default(), "connection closed");
                     }
                     SessionEnd::Failed(e) => tracing::warn!(error = %e, "connection failed"),
                 }

@@ -199,7 +199,7 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
             };
             match end {
                 SessionEnd::Closed => {
-                    tracing::info!(agent = %sender.info().agent, reason = ?sender.close_reason(), "agent disconnected");
+                    tracing::info!(agent = %sender.info().agent, reason = %sender.close_reason().map(|r| r.to_string()).unwrap_or_default(), "agent disconnected");
                 }
                 SessionEnd::Failed(e) => {
                     tracing::info!(agent = %sender.info().agent, error = %e, "agent connection failed");
