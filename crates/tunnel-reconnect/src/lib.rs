@@ -5,7 +5,9 @@
 //! between zero and the current ceiling) so that agents cut off together do not come
 //! back together. Randomness is injected, so tests are deterministic.
 //!
-//! Circuit breakers and session resume arrive in later versions of this crate.
+//! [`CircuitBreaker`] guards one endpoint: closed, open after consecutive failures,
+//! half-open with a single probe after a cooldown. Both take `now` as an argument.
+//! Session resume arrives in a later version of this crate.
 //!
 //! # Example
 //! ```
@@ -23,6 +25,10 @@
 //! assert!(second <= Duration::from_millis(200));
 //! # Ok::<(), tunnel_reconnect::InvalidBackoff>(())
 //! ```
+
+mod breaker;
+
+pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, InvalidBreaker, Refused};
 
 use std::fmt;
 use std::time::Duration;
