@@ -3,7 +3,8 @@
 //! This crate defines what travels between an agent and a hub: the [`Envelope`], the
 //! [`MessageType`]s and their typed payloads ([`messages`]), the [`Codec`]s that turn
 //! envelopes into WebSocket frames (JSON and MessagePack), protocol version negotiation
-//! ([`negotiate_version`]), close codes ([`CloseCode`]) and payload compression.
+//! ([`negotiate_version`]), close codes ([`CloseCode`]), payload compression, and the
+//! sequence/acknowledgement state machines of resumable sessions ([`session`]).
 //!
 //! It never touches a socket, a clock or an async runtime: timestamps are passed in by
 //! the caller, and encoding writes into the caller's buffer. That makes every part of it
@@ -43,6 +44,7 @@ pub mod compress;
 mod envelope;
 mod error;
 pub mod messages;
+pub mod session;
 mod version;
 
 pub use close::CloseCode;

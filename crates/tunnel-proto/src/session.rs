@@ -1,0 +1,590 @@
+//! Sequence numbers, cumulative acknowledgements and replay, as pure state machines.
+//!
+//! Each direction of a session has an [`Outbound`] on the sending side and an
+//! [`Inbound`] on the receiving side:
+//!
+//! - [`Outbound`] numbers data messages `1, 2, 3, ...`, keeps every message the peer has
+//!   not acknowledged in a replay buffer bounded by count, bytes and age, drops what a
+//!   cumulative `ack` covers, and after a reconnect replays what the peer reports it has
+//!   not received, or says plainly that it cannot ([`ResumeError`]).
+//! - [`Inbound`] delivers each sequence number once and in order, suppresses duplicates
+//!   (replays of what was already delivered), and decides when an acknowledgement is due:
+//!   after `ack_every` messages or `ack_delay` of quiet, whichever comes first.
+//!
+//! Nothing here reads a clock: every call that needs the time takes `now`.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use tunnel_proto::session::{Accept, Inbound, Outbound, SessionConfig};
+//!
+//! let config = SessionConfig::default();
+//! let now = Instant::now();
+//! let mut tx: Outbound<&str> = Outbound::new(config.clone());
+//! let mut rx = Inbound::new(config);
+//!
+//! let one = tx.push("one", 3, now)?;
+//! let two = tx.push("two", 3, now)?;
+//! assert_eq!(rx.on_data(one, now), Accept::Deliver);
+//! // The connection drops before "two" arrives. On resume the receiver reports what it
+//! // has, and the sender replays the rest.
+//! let replay: Vec<_> = tx.resume(rx.last_received())?.map(|m| m.item).collect();
+//! assert_eq!(replay, ["two"]);
+//! assert_eq!(rx.on_data(two, now), Accept::Deliver);
+//! assert_eq!(rx.on_data(two, now), Accept::Duplicate);
+//! tx.on_ack(rx.take_ack())?;
+//! assert!(tx.is_empty());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Bounds and acknowledgement timing of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionConfig {
+    /// Most unacknowledged messages held for replay. Default 10,000.
+    pub max_replay_messages: usize,
+    /// Most unacknowledged bytes held for replay. Default 16 MiB.
+    pub max_replay_bytes: usize,
+    /// Oldest unacknowledged message kept; older ones expire. Default 5 minutes.
+    pub max_replay_age: Duration,
+    /// Acknowledge after this many messages at the latest. Default 64.
+    pub ack_every: u32,
+    /// Acknowledge after this long at the latest. Default 20 ms.
+    pub ack_delay: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_replay_messages: 10_000,
+            max_replay_bytes: 16 * 1024 * 1024,
+            max_replay_age: Duration::from_secs(300),
+            ack_every: 64,
+            ack_delay: Duration::from_millis(20),
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Sets [`SessionConfig::max_replay_messages`].
+    pub fn max_replay_messages(mut self, count: usize) -> Self {
+        self.max_replay_messages = count;
+        self
+    }
+
+    /// Sets [`SessionConfig::max_replay_bytes`].
+    pub fn max_replay_bytes(mut self, bytes: usize) -> Self {
+        self.max_replay_bytes = bytes;
+        self
+    }
+
+    /// Sets [`SessionConfig::max_replay_age`].
+    pub fn max_replay_age(mut self, age: Duration) -> Self {
+        self.max_replay_age = age;
+        self
+    }
+
+    /// Sets [`SessionConfig::ack_every`].
+    pub fn ack_every(mut self, count: u32) -> Self {
+        self.ack_every = count;
+        self
+    }
+
+    /// Sets [`SessionConfig::ack_delay`].
+    pub fn ack_delay(mut self, delay: Duration) -> Self {
+        self.ack_delay = delay;
+        self
+    }
+}
+
+/// A message held for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent<T> {
+    /// Its sequence number.
+    pub seq: u64,
+    /// What the caller stored (an envelope, an encoded frame...).
+    pub item: T,
+    /// Its size in bytes, as the caller counted it.
+    pub size: usize,
+    /// When it was pushed.
+    pub at: Instant,
+}
+
+/// Which bound a full replay buffer hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// `max_replay_messages`.
+    Messages,
+    /// `max_replay_bytes`.
+    Bytes,
+}
+
+/// The replay buffer has no room: the item comes back with the bound it hit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("replay buffer full ({bound:?} bound)")]
+pub struct Full<T> {
+    /// The item that was not accepted.
+    pub item: T,
+    /// The bound that was hit.
+    pub bound: Bound,
+}
+
+/// An acknowledgement that cannot be right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    /// The peer acknowledged a sequence number that was never sent.
+    #[error("ack {ack} is beyond the highest sequence sent ({highest_sent})")]
+    Unsent {
+        /// The acknowledgement.
+        ack: u64,
+        /// The highest sequence number sent.
+        highest_sent: u64,
+    },
+}
+
+/// A resume that cannot deliver exactly once: the session must be reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeError {
+    /// The peer reports having received more than was ever sent (it talks about another
+    /// session, or this side lost its state).
+    #[error("peer reports receiving {peer_received} but only {highest_sent} were sent")]
+    PeerAhead {
+        /// What the peer reported.
+        peer_received: u64,
+        /// The highest sequence number sent.
+        highest_sent: u64,
+    },
+    /// Messages the peer has not received are no longer held (they expired or the
+    /// buffer overflowed).
+    #[error("messages after {peer_received} up to {lost_through} are no longer held")]
+    Gap {
+        /// What the peer reported.
+        peer_received: u64,
+        /// The highest sequence number that was dropped unacknowledged.
+        lost_through: u64,
+    },
+}
+
+/// The sending side of one direction.
+#[derive(Debug, Clone)]
+pub struct Outbound<T> {
+    config: SessionConfig,
+    next_seq: u64,
+    acked: u64,
+    /// The highest sequence number dropped without an acknowledgement (0: none).
+    lost_through: u64,
+    pending: VecDeque<Sent<T>>,
+    bytes: usize,
+}
+
+impl<T> Outbound<T> {
+    /// A new direction: the first message gets sequence number 1.
+    pub fn new(config: SessionConfig) -> Self {
+        Outbound {
+            config,
+            next_seq: 1,
+            acked: 0,
+            lost_through: 0,
+            pending: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Whether an item of `size` bytes fits now.
+    pub fn has_room(&self, size: usize) -> Result<(), Bound> {
+        if self.pending.len() >= self.config.max_replay_messages {
+            Err(Bound::Messages)
+        } else if self.bytes.saturating_add(size) > self.config.max_replay_bytes
+            && !self.pending.is_empty()
+        {
+            // A single message larger than the byte bound is still accepted alone, so
+            // that a large message is never refused forever.
+            Err(Bound::Bytes)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Numbers `item` and holds it until acknowledged; returns its sequence number.
+    pub fn push(&mut self, item: T, size: usize, now: Instant) -> Result<u64, Full<T>> {
+        if let Err(bound) = self.has_room(size) {
+            return Err(Full { item, bound });
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.bytes += size;
+        self.pending.push_back(Sent {
+            seq,
+            item,
+            size,
+            at: now,
+        });
+        Ok(seq)
+    }
+
+    /// Applies a cumulative acknowledgement and returns the messages it covers, oldest
+    /// first. An older acknowledgement than one already applied changes nothing.
+    pub fn on_ack(&mut self, ack: u64) -> Result<Vec<Sent<T>>, AckError> {
+        if ack >= self.next_seq {
+            return Err(AckError::Unsent {
+                ack,
+                highest_sent: self.highest_sent(),
+            });
+        }
+        let mut done = Vec::new();
+        if ack <= self.acked {
+            return Ok(done);
+        }
+        self.acked = ack;
+        while self.pending.front().is_some_and(|m| m.seq <= ack) {
+            if let Some(m) = self.pending.pop_front() {
+                self.bytes -= m.size;
+                done.push(m);
+            }
+        }
+        Ok(done)
+    }
+
+    /// Drops messages older than `max_replay_age` and returns them, oldest first. The
+    /// peer may not have them: a later resume that needs them fails with
+    /// [`ResumeError::Gap`].
+    pub fn expire(&mut self, now: Instant) -> Vec<Sent<T>> {
+        let mut expired = Vec::new();
+        while self
+            .pending
+            .front()
+            .is_some_and(|m| now.saturating_duration_since(m.at) > self.config.max_replay_age)
+        {
+            if let Some(m) = self.pending.pop_front() {
+                self.bytes -= m.size;
+                self.lost_through = m.seq;
+                expired.push(m);
+            }
+        }
+        expired
+    }
+
+    /// When the oldest held message expires, if any is held.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.pending
+            .front()
+            .map(|m| m.at + self.config.max_replay_age)
+    }
+
+    /// After a reconnect: the peer reports the highest sequence number it received in
+    /// order. Everything up to it counts as acknowledged; the rest is returned to be
+    /// sent again, oldest first.
+    pub fn resume(
+        &mut self,
+        peer_received: u64,
+    ) -> Result<impl Iterator<Item = &Sent<T>>, ResumeError> {
+        if peer_received > self.highest_sent() {
+            return Err(ResumeError::PeerAhead {
+                peer_received,
+                highest_sent: self.highest_sent(),
+            });
+        }
+        if peer_received < self.lost_through {
+            return Err(ResumeError::Gap {
+                peer_received,
+                lost_through: self.lost_through,
+            });
+        }
+        // Cannot fail: peer_received <= highest_sent was checked above.
+        let _ = self.on_ack(peer_received);
+        Ok(self.pending.iter())
+    }
+
+    /// Drops everything held (a session reset) and returns it, oldest first. Sequence
+    /// numbers start again at 1.
+    pub fn reset(&mut self) -> Vec<Sent<T>> {
+        self.next_seq = 1;
+        self.acked = 0;
+        self.lost_through = 0;
+        self.bytes = 0;
+        self.pending.drain(..).collect()
+    }
+
+    /// The highest sequence number handed out (0 before the first).
+    pub fn highest_sent(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// The highest sequence number acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Messages held for replay.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Bytes held for replay.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// What to do with an arriving data message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accept {
+    /// The next in order: deliver it.
+    Deliver,
+    /// Already delivered (a replay): drop it. An acknowledgement is scheduled at once so
+    /// the sender stops replaying.
+    Duplicate,
+    /// Sequence numbers were skipped: the peer broke the protocol or state was lost.
+    Gap {
+        /// The sequence number expected.
+        expected: u64,
+        /// The one that arrived.
+        got: u64,
+    },
+}
+
+/// The receiving side of one direction.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    config: SessionConfig,
+    received: u64,
+    unacked: u32,
+    ack_at: Option<Instant>,
+}
+
+impl Inbound {
+    /// A new direction: the first message expected is 1.
+    pub fn new(config: SessionConfig) -> Self {
+        Self::resumed(config, 0)
+    }
+
+    /// A direction that has already received everything up to `received`.
+    pub fn resumed(config: SessionConfig, received: u64) -> Self {
+        Inbound {
+            config,
+            received,
+            unacked: 0,
+            ack_at: None,
+        }
+    }
+
+    /// Classifies an arriving data message with sequence number `seq`.
+    pub fn on_data(&mut self, seq: u64, now: Instant) -> Accept {
+        if seq <= self.received {
+            self.ack_at = Some(now);
+            return Accept::Duplicate;
+        }
+        if seq != self.received + 1 {
+            return Accept::Gap {
+                expected: self.received + 1,
+                got: seq,
+            };
+        }
+        self.received = seq;
+        self.unacked = self.unacked.saturating_add(1);
+        let due = if self.unacked >= self.config.ack_every {
+            now
+        } else {
+            now + self.config.ack_delay
+        };
+        self.ack_at = Some(self.ack_at.map_or(due, |at| at.min(due)));
+        Accept::Deliver
+    }
+
+    /// When an acknowledgement is due, if one is owed: at once after `ack_every`
+    /// messages (or a duplicate), else `ack_delay` after the first unacknowledged one.
+    pub fn ack_due_at(&self) -> Option<Instant> {
+        self.ack_at
+    }
+
+    /// Whether an acknowledgement should be sent at `now`.
+    pub fn ack_due(&self, now: Instant) -> bool {
+        self.ack_at.is_some_and(|at| at <= now)
+    }
+
+    /// The cumulative acknowledgement to send now (standalone or riding on an outgoing
+    /// message); clears what was owed.
+    pub fn take_ack(&mut self) -> u64 {
+        self.unacked = 0;
+        self.ack_at = None;
+        self.received
+    }
+
+    /// The highest sequence number received in order.
+    pub fn last_received(&self) -> u64 {
+        self.received
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SessionConfig {
+        SessionConfig::default()
+            .max_replay_messages(4)
+            .max_replay_bytes(100)
+            .max_replay_age(Duration::from_secs(60))
+            .ack_every(3)
+            .ack_delay(Duration::from_millis(20))
+    }
+
+    #[test]
+    fn sequence_numbers_start_at_one_and_acks_release_the_buffer() {
+        let t = Instant::now();
+        let mut tx = Outbound::new(config());
+        assert_eq!(tx.push('a', 10, t), Ok(1));
+        assert_eq!(tx.push('b', 10, t), Ok(2));
+        assert_eq!(tx.push('c', 10, t), Ok(3));
+        assert_eq!((tx.len(), tx.bytes()), (3, 30));
+        let done: Vec<_> = tx
+            .on_ack(2)
+            .expect("ack")
+            .into_iter()
+            .map(|m| m.item)
+            .collect();
+        assert_eq!(done, ['a', 'b']);
+        assert_eq!((tx.len(), tx.bytes(), tx.acked()), (1, 10, 2));
+        // A stale ack changes nothing; an ack of something never sent is an error.
+        assert!(tx.on_ack(1).expect("stale").is_empty());
+        assert_eq!(
+            tx.on_ack(4),
+            Err(AckError::Unsent {
+                ack: 4,
+                highest_sent: 3
+            })
+        );
+    }
+
+    #[test]
+    fn the_buffer_is_bounded_by_count_and_bytes() {
+        let t = Instant::now();
+        let mut tx = Outbound::new(config());
+        for i in 0..4 {
+            tx.push(i, 1, t).expect("room");
+        }
+        assert_eq!(
+            tx.push(9, 1, t),
+            Err(Full {
+                item: 9,
+                bound: Bound::Messages
+            })
+        );
+        let mut tx = Outbound::new(config());
+        tx.push(0, 60, t).expect("room");
+        assert_eq!(
+            tx.push(1, 60, t),
+            Err(Full {
+                item: 1,
+                bound: Bound::Bytes
+            })
+        );
+        // One oversized message alone is accepted rather than refused forever.
+        let mut tx = Outbound::new(config());
+        assert!(tx.push(0, 500, t).is_ok());
+    }
+
+    #[test]
+    fn resume_replays_what_the_peer_lacks_and_acks_the_rest() {
+        let t = Instant::now();
+        let mut tx = Outbound::new(config());
+        for c in ['a', 'b', 'c'] {
+            tx.push(c, 1, t).expect("room");
+        }
+        let replay: Vec<_> = tx
+            .resume(1)
+            .expect("resume")
+            .map(|m| (m.seq, m.item))
+            .collect();
+        assert_eq!(replay, [(2, 'b'), (3, 'c')]);
+        assert_eq!(tx.acked(), 1);
+        assert_eq!(
+            tx.resume(7).err(),
+            Some(ResumeError::PeerAhead {
+                peer_received: 7,
+                highest_sent: 3
+            })
+        );
+    }
+
+    #[test]
+    fn expired_messages_make_a_later_resume_a_gap() {
+        let t = Instant::now();
+        let mut tx = Outbound::new(config());
+        tx.push('a', 1, t).expect("room");
+        tx.push('b', 1, t + Duration::from_secs(30)).expect("room");
+        assert_eq!(tx.next_expiry(), Some(t + Duration::from_secs(60)));
+        let expired: Vec<_> = tx
+            .expire(t + Duration::from_secs(61))
+            .into_iter()
+            .map(|m| m.item)
+            .collect();
+        assert_eq!(expired, ['a']);
+        assert_eq!(
+            tx.resume(0).err(),
+            Some(ResumeError::Gap {
+                peer_received: 0,
+                lost_through: 1
+            })
+        );
+        // A peer that did receive 'a' can still resume.
+        let replay: Vec<_> = tx.resume(1).expect("resume").map(|m| m.item).collect();
+        assert_eq!(replay, ['b']);
+    }
+
+    #[test]
+    fn reset_returns_everything_and_starts_over() {
+        let t = Instant::now();
+        let mut tx = Outbound::new(config());
+        tx.push('a', 1, t).expect("room");
+        tx.push('b', 1, t).expect("room");
+        let dropped: Vec<_> = tx.reset().into_iter().map(|m| m.item).collect();
+        assert_eq!(dropped, ['a', 'b']);
+        assert_eq!((tx.len(), tx.bytes(), tx.highest_sent()), (0, 0, 0));
+        assert_eq!(tx.push('c', 1, t), Ok(1));
+    }
+
+    #[test]
+    fn inbound_delivers_in_order_once_and_detects_gaps() {
+        let t = Instant::now();
+        let mut rx = Inbound::new(config());
+        assert_eq!(rx.on_data(1, t), Accept::Deliver);
+        assert_eq!(rx.on_data(1, t), Accept::Duplicate);
+        assert_eq!(
+            rx.on_data(3, t),
+            Accept::Gap {
+                expected: 2,
+                got: 3
+            }
+        );
+        assert_eq!(rx.on_data(2, t), Accept::Deliver);
+        assert_eq!(rx.last_received(), 2);
+    }
+
+    #[test]
+    fn acks_are_due_after_n_messages_or_the_delay() {
+        let t = Instant::now();
+        let mut rx = Inbound::new(config());
+        assert!(!rx.ack_due(t));
+        assert_eq!(rx.ack_due_at(), None);
+        rx.on_data(1, t);
+        assert!(!rx.ack_due(t));
+        assert_eq!(rx.ack_due_at(), Some(t + Duration::from_millis(20)));
+        assert!(rx.ack_due(t + Duration::from_millis(20)));
+        rx.on_data(2, t);
+        rx.on_data(3, t);
+        assert!(rx.ack_due(t), "three messages: due at once");
+        assert_eq!(rx.take_ack(), 3);
+        assert!(!rx.ack_due(t + Duration::from_secs(1)));
+        // A duplicate makes an ack due at once, so the sender stops replaying.
+        rx.on_data(2, t);
+        assert!(rx.ack_due(t));
+    }
+}
