@@ -1,7 +1,6 @@
 //! `tunnel bench`: throughput, latency and idle memory, measured on loopback, each
 //! beside a baseline written directly on tokio-tungstenite in the same run.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,6 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tower::{BoxError, service_fn};
 use tunnel_proto::messages::{Event, Gvr, ObjectRef};
@@ -171,18 +171,7 @@ async fn raw_sink_server(
     n: u64,
     typed: bool,
 ) {
-    let Ok(listener) = TcpListener::bind("127.0.0.1:0").await else {
-        return;
-    };
-    let Ok(addr) = listener.local_addr() else {
-        return;
-    };
-    let _ = url_tx.send(format!("ws://{addr}/")).await;
-    let Ok((tcp, _)) = listener.accept().await else {
-        return;
-    };
-    let _ = tcp.set_nodelay(true);
-    let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+    let Some(mut ws) = accept_raw(url_tx).await else {
         return;
     };
     let mut got = 0u64;
@@ -213,15 +202,7 @@ async fn raw_source_client(
     done: tokio::sync::oneshot::Receiver<Instant>,
     n: u64,
 ) -> Result<f64, String> {
-    let addr = url
-        .trim_start_matches("ws://")
-        .trim_end_matches('/')
-        .to_owned();
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut ws = connect_raw(url).await?;
     let event = sample_event();
     let started = Instant::now();
     for i in 0..n {
@@ -465,19 +446,33 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-async fn raw_echo_server(url_tx: mpsc::Sender<String>) {
-    let Ok(listener) = TcpListener::bind("127.0.0.1:0").await else {
-        return;
-    };
-    let Ok(addr) = listener.local_addr() else {
-        return;
-    };
-    let _ = url_tx.send(format!("ws://{addr}/")).await;
-    let Ok((tcp, _)) = listener.accept().await else {
-        return;
-    };
+/// Listens on a loopback port, reports its URL, and upgrades the first connection with
+/// tokio-tungstenite's defaults.
+async fn accept_raw(url_tx: mpsc::Sender<String>) -> Option<WebSocketStream<TcpStream>> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.ok()?;
+    let addr = listener.local_addr().ok()?;
+    url_tx.send(format!("ws://{addr}/")).await.ok()?;
+    let (tcp, _) = listener.accept().await.ok()?;
     let _ = tcp.set_nodelay(true);
-    let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+    tokio_tungstenite::accept_async(tcp).await.ok()
+}
+
+/// Connects to `url` with tokio-tungstenite's defaults.
+async fn connect_raw(url: String) -> Result<WebSocketStream<TcpStream>, String> {
+    let addr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_owned();
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (ws, _) = tokio_tungstenite::client_async(url, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+async fn raw_echo_server(url_tx: mpsc::Sender<String>) {
+    let Some(mut ws) = accept_raw(url_tx).await else {
         return;
     };
     while let Some(Ok(msg)) = ws.next().await {
@@ -488,16 +483,7 @@ async fn raw_echo_server(url_tx: mpsc::Sender<String>) {
 }
 
 async fn raw_echo_client(url: String, n: usize) -> Result<Vec<Duration>, String> {
-    let addr: SocketAddr = url
-        .trim_start_matches("ws://")
-        .trim_end_matches('/')
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut ws = connect_raw(url).await?;
     let payload = bytes::Bytes::from(vec![7u8; 64]);
     let mut samples = Vec::with_capacity(n);
     for i in 0..n + n / 10 {

@@ -15,7 +15,7 @@ use super::pump::spawn_connection;
 use super::server::send_envelope;
 use super::{HEADER_SYNC_TARGET, HEADER_WORKSPACE};
 use crate::config::ClientConfig;
-use crate::connection::{Connection, ConnectionInfo, Shared, next_connection_id, unix_millis};
+use crate::connection::{Connection, ConnectionInfo, next_connection_id, unix_millis};
 use crate::error::ConnectError;
 
 /// Dials hubs over WebSocket (`ws://host:port/path`).
@@ -224,12 +224,6 @@ impl crate::Connector for WsConnector {
             peer_addr,
             connected_at: std::time::SystemTime::now(),
         };
-        let shared = Shared::new(info, &config.connection);
-        Ok(spawn_connection(
-            ws,
-            shared,
-            config.connection.outbound_queue,
-            config.connection.ping_interval,
-        ))
+        Ok(spawn_connection(ws, info, &config.connection))
     }
 }

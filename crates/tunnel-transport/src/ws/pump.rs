@@ -16,7 +16,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tunnel_proto::{CloseCode, FrameKind};
 
-use crate::connection::{Connection, Incoming, Outgoing, Shared};
+use crate::config::ConnectionConfig;
+use crate::connection::{Connection, ConnectionInfo, Incoming, Outgoing, Shared};
 use crate::error::CloseReason;
 
 /// Most messages written between two flushes.
@@ -29,16 +30,16 @@ const FINAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// and adapts the read half into the receiver's frame stream.
 pub(crate) fn spawn_connection<S>(
     ws: WebSocketStream<S>,
-    shared: Arc<Shared>,
-    queue: usize,
-    ping_interval: Duration,
+    info: ConnectionInfo,
+    config: &ConnectionConfig,
 ) -> Connection
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let shared = Shared::new(info, config);
     let (sink, stream) = ws.split();
-    let (tx, rx) = mpsc::channel(queue.max(1));
-    tokio::spawn(write_loop(sink, rx, shared.clone(), ping_interval));
+    let (tx, rx) = mpsc::channel(config.outbound_queue.max(1));
+    tokio::spawn(write_loop(sink, rx, shared.clone(), config.ping_interval));
     Connection::new(
         shared,
         tx,

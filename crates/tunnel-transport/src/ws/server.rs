@@ -23,7 +23,7 @@ use super::pump::{close_message, data_message, spawn_connection};
 use super::{HEADER_SYNC_TARGET, HEADER_WORKSPACE};
 use crate::auth::{AgentId, AuthRequest};
 use crate::config::ServerConfig;
-use crate::connection::{Connection, ConnectionInfo, Shared, next_connection_id, unix_millis};
+use crate::connection::{Connection, ConnectionInfo, next_connection_id, unix_millis};
 use crate::error::AcceptError;
 
 /// Accepts agents over WebSocket.
@@ -389,13 +389,7 @@ async fn handshake(
         connected_at: std::time::SystemTime::now(),
     };
     tracing::debug!(%peer, agent = %info.agent, session = %info.session_id, "agent connected");
-    let shared = Shared::new(info, &config.connection);
-    Ok(spawn_connection(
-        ws,
-        shared,
-        config.connection.outbound_queue,
-        config.connection.ping_interval,
-    ))
+    Ok(spawn_connection(ws, info, &config.connection))
 }
 
 pub(crate) async fn send_envelope<S>(
