@@ -1,5 +1,6 @@
 //! The agent: stays connected to a hub, redialing with jittered backoff.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -9,7 +10,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tunnel_proto::{CloseCode, Envelope, MessageType};
-use tunnel_reconnect::{Backoff, BackoffConfig, ExponentialBackoff, InvalidBackoff};
+use tunnel_reconnect::{
+    Backoff, BackoffConfig, BreakerConfig, CircuitBreaker, ExponentialBackoff, InvalidBackoff,
+    InvalidBreaker,
+};
 use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, SendError};
 
 use crate::router::Router;
@@ -29,6 +33,14 @@ pub enum ConnectionState {
     /// Waiting before the next attempt.
     Backoff {
         /// When the next attempt starts.
+        until: Instant,
+    },
+    /// The endpoint's circuit breaker is open after repeated failures: no attempt is
+    /// made on it until `until`.
+    CircuitOpen {
+        /// The endpoint.
+        endpoint: String,
+        /// When one probe attempt will be allowed.
         until: Instant,
     },
     /// Shut down; no more attempts.
@@ -62,6 +74,9 @@ pub struct AgentConfig {
     pub backoff: BackoffConfig,
     /// A connection that stayed up this long resets the backoff. Default 30 s.
     pub stable_after: Duration,
+    /// The circuit breaker of each endpoint. Default: open after 5 consecutive failed
+    /// connects, one probe after 10 s.
+    pub breaker: BreakerConfig,
 }
 
 impl AgentConfig {
@@ -71,7 +86,14 @@ impl AgentConfig {
             endpoint: endpoint.into(),
             backoff: BackoffConfig::default(),
             stable_after: Duration::from_secs(30),
+            breaker: BreakerConfig::default(),
         }
+    }
+
+    /// Sets [`AgentConfig::breaker`].
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.breaker = breaker;
+        self
     }
 
     /// Sets [`AgentConfig::backoff`].
@@ -99,6 +121,12 @@ struct Inner {
 /// An agent: keeps one connection to a hub, redials when it drops, hands what the hub
 /// sends to a [`Router`].
 ///
+/// Every redial waits a fully jittered exponential backoff, and never less than a
+/// closing hub asked for (`close` message, `reconnect.after_ms`); a hint with
+/// `endpoints` replaces the endpoints the agent dials. Each endpoint has a circuit
+/// breaker: after repeated failed connects it is skipped until one probe is allowed
+/// ([`ConnectionState::CircuitOpen`]).
+///
 /// ```no_run
 /// use tunnel_router::{Agent, AgentConfig, Router};
 /// use tunnel_transport::{AgentId, ClientConfig, WsConnector};
@@ -119,6 +147,18 @@ pub struct Agent {
     inner: Arc<Inner>,
 }
 
+/// An [`AgentConfig`] that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidAgentConfig {
+    /// The backoff settings.
+    #[error(transparent)]
+    Backoff(#[from] InvalidBackoff),
+    /// The circuit breaker settings.
+    #[error(transparent)]
+    Breaker(#[from] InvalidBreaker),
+}
+
 /// The agent did not connect in time.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("not connected within {0:?}")]
@@ -131,14 +171,9 @@ impl Agent {
         connector: impl Connector + 'static,
         config: AgentConfig,
         router: Router,
-    ) -> Result<Agent, InvalidBackoff> {
+    ) -> Result<Agent, InvalidAgentConfig> {
         let backoff = ExponentialBackoff::new(config.backoff)?;
-        Ok(Self::start_with_backoff(
-            connector,
-            config,
-            router,
-            Box::new(backoff),
-        ))
+        Self::start_with_backoff(connector, config, router, Box::new(backoff))
     }
 
     /// Like [`Agent::start`] with a backoff of your own (for example seeded, in tests).
@@ -147,7 +182,8 @@ impl Agent {
         config: AgentConfig,
         router: Router,
         backoff: Box<dyn Backoff>,
-    ) -> Agent {
+    ) -> Result<Agent, InvalidAgentConfig> {
+        let breaker = CircuitBreaker::new(config.breaker)?;
         let inner = Arc::new(Inner {
             state: watch::Sender::new(ConnectionState::Connecting),
             current: watch::Sender::new(None),
@@ -160,9 +196,10 @@ impl Agent {
             config,
             router,
             backoff,
+            breaker,
             inner.clone(),
         ));
-        Agent { inner }
+        Ok(Agent { inner })
     }
 
     /// Watches the connection state.
@@ -231,29 +268,61 @@ async fn supervise(
     config: AgentConfig,
     mut router: Router,
     mut backoff: Box<dyn Backoff>,
+    new_breaker: CircuitBreaker,
     inner: Arc<Inner>,
 ) {
+    let mut endpoints = vec![config.endpoint.clone()];
+    let mut breakers: HashMap<String, CircuitBreaker> = HashMap::new();
+    let mut next = 0usize;
     let mut connected_before = false;
     loop {
+        let endpoint = endpoints[next % endpoints.len()].clone();
+        let breaker = breakers
+            .entry(endpoint.clone())
+            .or_insert_with(|| new_breaker.clone());
+        if let Err(refused) = breaker.try_acquire(Instant::now().into_std()) {
+            let until = Instant::from_std(refused.retry_at);
+            tracing::debug!(%endpoint, "circuit open, not dialing");
+            inner.state.send_replace(ConnectionState::CircuitOpen {
+                endpoint: endpoint.clone(),
+                until,
+            });
+            next += 1;
+            // With other endpoints, try the next one now; with one, wait for the probe.
+            if endpoints.len() == 1 {
+                tokio::select! {
+                    () = inner.shutdown.cancelled() => break,
+                    () = tokio::time::sleep_until(until) => {}
+                }
+            } else {
+                tokio::select! {
+                    () = inner.shutdown.cancelled() => break,
+                    () = tokio::time::sleep(MIN_PAUSE) => {}
+                }
+            }
+            continue;
+        }
         inner.state.send_replace(ConnectionState::Connecting);
         let attempt = tokio::select! {
             () = inner.shutdown.cancelled() => break,
-            r = connector.connect(&config.endpoint) => r,
+            r = connector.connect(&endpoint) => r,
         };
+        let mut hint = None;
         match attempt {
             Ok(conn) => {
+                breaker.on_success();
                 if connected_before {
                     inner.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
                 connected_before = true;
                 let since = Instant::now();
                 let (sender, receiver) = conn.split();
-                tracing::info!(session = %sender.info().session_id, endpoint = %config.endpoint, "connected");
+                tracing::info!(session = %sender.info().session_id, %endpoint, "connected");
                 inner.state.send_replace(ConnectionState::Connected {
                     session_id: sender.info().session_id.clone(),
                 });
                 inner.current.send_replace(Some(sender.clone()));
-                let session = session::run(receiver, sender.clone(), &mut router);
+                let session = session::run(receiver, sender.clone(), &mut router, &mut hint);
                 tokio::pin!(session);
                 let (end, stopping) = tokio::select! {
                     end = &mut session => (end, false),
@@ -277,11 +346,23 @@ async fn supervise(
                 }
             }
             Err(e) => {
-                tracing::warn!(endpoint = %config.endpoint, error = %e, "connect failed");
+                breaker.on_failure(Instant::now().into_std());
+                tracing::warn!(%endpoint, error = %e, "connect failed");
+                next += 1;
             }
         }
-        let delay = backoff.next_delay();
-        let until = Instant::now() + delay;
+        // Full jitter on every attempt, but never sooner than the hub asked.
+        let mut until = Instant::now() + backoff.next_delay();
+        if let Some(hint) = hint {
+            if let Some(ms) = hint.after_ms {
+                until = until.max(Instant::now() + Duration::from_millis(ms));
+            }
+            if !hint.endpoints.is_empty() {
+                tracing::info!(endpoints = ?hint.endpoints, "hub pointed to other endpoints");
+                endpoints = hint.endpoints;
+                next = 0;
+            }
+        }
         inner.state.send_replace(ConnectionState::Backoff { until });
         tokio::select! {
             () = inner.shutdown.cancelled() => break,
@@ -291,3 +372,6 @@ async fn supervise(
     inner.current.send_replace(None);
     inner.state.send_replace(ConnectionState::Closed);
 }
+
+/// Shortest pause between skipping an open circuit and trying the next endpoint.
+const MIN_PAUSE: Duration = Duration::from_millis(10);

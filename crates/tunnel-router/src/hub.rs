@@ -187,7 +187,8 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
         let mut router = router.clone();
         let inner2 = inner.clone();
         inner.tasks.spawn(async move {
-            let session = session::run(receiver, sender.clone(), &mut router);
+            let mut hint = None;
+            let session = session::run(receiver, sender.clone(), &mut router, &mut hint);
             tokio::pin!(session);
             let end = tokio::select! {
                 end = &mut session => end,

@@ -43,7 +43,9 @@ mod hub;
 mod router;
 mod session;
 
-pub use agent::{Agent, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState};
+pub use agent::{
+    Agent, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState, InvalidAgentConfig,
+};
 pub use hub::{Hub, HubSendError};
 pub use router::{Inbound, Router};
 

@@ -1,6 +1,7 @@
 //! The loop that reads one connection and feeds the router.
 
 use tunnel_proto::MessageType;
+use tunnel_proto::messages::{Close, ReconnectHint, TypedMessage};
 use tunnel_transport::{ConnectionReceiver, ConnectionSender, RecvError};
 
 use crate::router::{Inbound, Router};
@@ -14,12 +15,14 @@ pub(crate) enum SessionEnd {
     Failed(RecvError),
 }
 
-/// Reads messages until the connection ends, answering protocol pings and handing
-/// everything else to `router`, one message at a time.
+/// Reads messages until the connection ends, answering protocol pings, keeping the
+/// reconnect hint of a `close` message in `hint`, and handing everything else to
+/// `router`, one message at a time.
 pub(crate) async fn run(
     mut receiver: ConnectionReceiver,
     sender: ConnectionSender,
     router: &mut Router,
+    hint: &mut Option<ReconnectHint>,
 ) -> SessionEnd {
     loop {
         let env = match receiver.recv().await {
@@ -31,6 +34,16 @@ pub(crate) async fn run(
             MessageType::Ping => {
                 let pong = sender.envelope(MessageType::Pong).with_correlation(env.id);
                 let _ = sender.try_send(&pong);
+                continue;
+            }
+            MessageType::Close => {
+                match Close::from_envelope(&env) {
+                    Ok(close) => {
+                        tracing::debug!(code = close.code, reason = %close.reason, "peer is closing");
+                        *hint = close.reconnect;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "ignoring a malformed close message"),
+                }
                 continue;
             }
             MessageType::Handshake | MessageType::HandshakeAck => {

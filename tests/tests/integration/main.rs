@@ -5,4 +5,5 @@ mod bad_input;
 mod keepalive;
 mod lifecycle;
 mod metrics;
+mod reconnect;
 mod support;
