@@ -362,7 +362,7 @@ async fn hub_traffic(hub: Hub, agents: Vec<AgentId>, stats: Arc<Stats>, stop: Ar
             n += 1;
             let command = Command::new("sync").arg("round", n);
             match hub.send(id, MessageType::Command, &command).await {
-                Ok(()) => stats.sent_to_agents.fetch_add(1, Ordering::Relaxed),
+                Ok(_) => stats.sent_to_agents.fetch_add(1, Ordering::Relaxed),
                 Err(_) => stats.send_errors.fetch_add(1, Ordering::Relaxed),
             };
         }

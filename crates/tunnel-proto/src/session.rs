@@ -307,6 +307,18 @@ impl<T> Outbound<T> {
         self.pending.drain(..).collect()
     }
 
+    /// The held message with sequence number `seq`, if it is still held.
+    pub fn get(&self, seq: u64) -> Option<&Sent<T>> {
+        let first = self.pending.front()?.seq;
+        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
+        self.pending.get(index)
+    }
+
+    /// The held messages, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Sent<T>> {
+        self.pending.iter()
+    }
+
     /// The highest sequence number handed out (0 before the first).
     pub fn highest_sent(&self) -> u64 {
         self.next_seq - 1

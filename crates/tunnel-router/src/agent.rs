@@ -2,20 +2,22 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tunnel_proto::{CloseCode, Envelope, MessageType};
+use tunnel_proto::session::SessionConfig;
+use tunnel_proto::{CloseCode, Envelope, MessageType, capability};
 use tunnel_reconnect::{
     Backoff, BackoffConfig, BreakerConfig, CircuitBreaker, ExponentialBackoff, InvalidBackoff,
     InvalidBreaker,
 };
-use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, SendError};
+use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, Resume, SendError};
 
+use crate::reliable::{Receipt, Reliable, ReliableSendError, WhenFull};
 use crate::router::Router;
 use crate::session::{self, SessionEnd};
 
@@ -29,6 +31,17 @@ pub enum ConnectionState {
     Connected {
         /// The session id the hub assigned.
         session_id: String,
+    },
+    /// Connected again and the earlier session continues: nothing was lost.
+    Resumed {
+        /// The session id.
+        session_id: String,
+    },
+    /// Connected, but the earlier session could not be resumed (see
+    /// [`SessionEvent::Reset`]).
+    Reset {
+        /// Why.
+        reason: String,
     },
     /// Waiting before the next attempt.
     Backoff {
@@ -61,6 +74,9 @@ pub enum AgentSendError {
     /// The connection refused the message.
     #[error(transparent)]
     Send(#[from] SendError),
+    /// The session did not accept the message (buffer full, shut down).
+    #[error(transparent)]
+    Session(#[from] ReliableSendError),
 }
 
 /// Settings of an [`Agent`].
@@ -77,6 +93,11 @@ pub struct AgentConfig {
     /// The circuit breaker of each endpoint. Default: open after 5 consecutive failed
     /// connects, one probe after 10 s.
     pub breaker: BreakerConfig,
+    /// Sequence numbers, acknowledgements and resume, used when the hub offers
+    /// `resume`. `None` turns them off. Default: on, with [`SessionConfig::default`].
+    pub session: Option<SessionConfig>,
+    /// What `send` does while the replay buffer is full. Default: wait up to 5 s.
+    pub when_full: WhenFull,
 }
 
 impl AgentConfig {
@@ -87,7 +108,21 @@ impl AgentConfig {
             backoff: BackoffConfig::default(),
             stable_after: Duration::from_secs(30),
             breaker: BreakerConfig::default(),
+            session: Some(SessionConfig::default()),
+            when_full: WhenFull::Wait(Duration::from_secs(5)),
         }
+    }
+
+    /// Sets [`AgentConfig::session`].
+    pub fn session(mut self, session: Option<SessionConfig>) -> Self {
+        self.session = session;
+        self
+    }
+
+    /// Sets [`AgentConfig::when_full`].
+    pub fn when_full(mut self, when_full: WhenFull) -> Self {
+        self.when_full = when_full;
+        self
     }
 
     /// Sets [`AgentConfig::breaker`].
@@ -116,6 +151,28 @@ struct Inner {
     reconnects: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Exactly-once delivery across reconnects, when the hub resumes sessions.
+    reliable: Option<Arc<Reliable>>,
+    /// Whether the current connection carries the session (the hub granted `resume`).
+    resumable: AtomicBool,
+    when_full: WhenFull,
+    next_id: AtomicU64,
+    events: broadcast::Sender<SessionEvent>,
+}
+
+/// Something the application must know about its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEvent {
+    /// The session could not be resumed: messages not yet acknowledged were failed (their
+    /// receipts say so) and the peer may have lost state. Resynchronize. `epoch` counts
+    /// resets.
+    Reset {
+        /// Why.
+        reason: String,
+        /// How many resets this agent has seen.
+        epoch: u64,
+    },
 }
 
 /// An agent: keeps one connection to a hub, redials when it drops, hands what the hub
@@ -190,7 +247,24 @@ impl Agent {
             reconnects: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            reliable: config.session.clone().map(Reliable::new),
+            resumable: AtomicBool::new(false),
+            when_full: config.when_full,
+            next_id: AtomicU64::new(1),
+            events: broadcast::channel(16).0,
         });
+        if let Some(reliable) = inner.reliable.clone() {
+            let shutdown = inner.shutdown.clone();
+            inner.tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        _ = tick.tick() => reliable.expire().await,
+                    }
+                }
+            });
+        }
         inner.tasks.spawn(supervise(
             Box::new(connector),
             config,
@@ -238,21 +312,64 @@ impl Agent {
         }
     }
 
-    /// Sends a message of `kind` with `payload` on the current connection.
+    /// Sends a message of `kind` with `payload` (see [`Agent::send_envelope`]).
     pub async fn send<T: serde::Serialize + ?Sized>(
         &self,
         kind: MessageType,
         payload: &T,
-    ) -> Result<(), AgentSendError> {
-        let sender = self.sender().ok_or(AgentSendError::NotConnected)?;
-        let env = sender.envelope(kind).with_payload(sender.payload(payload)?);
-        Ok(sender.send(&env).await?)
+    ) -> Result<Receipt, AgentSendError> {
+        let format = self.format();
+        let env = Envelope::new(0, kind, tunnel_transport::unix_millis())
+            .with_payload(tunnel_proto::Payload::encode(format, payload)?);
+        self.send_envelope(env).await
     }
 
-    /// Sends a prepared envelope on the current connection.
-    pub async fn send_envelope(&self, env: &Envelope) -> Result<(), AgentSendError> {
-        let sender = self.sender().ok_or(AgentSendError::NotConnected)?;
-        Ok(sender.send(env).await?)
+    /// Sends `env` (its id is assigned here).
+    ///
+    /// With a resumable session (the hub offers `resume`, the default on both sides when
+    /// the hub has sessions), the message is held until the hub acknowledges it, is
+    /// replayed after reconnects, and is accepted even while disconnected, up to the
+    /// replay buffer's bounds ([`AgentConfig::when_full`] says what happens when they
+    /// are reached). The receipt resolves when the hub has it, or with the reason it
+    /// never will. Without one, the message goes on the current connection (failing with
+    /// [`AgentSendError::NotConnected`] between connections) and the receipt says it is
+    /// untracked.
+    pub async fn send_envelope(&self, mut env: Envelope) -> Result<Receipt, AgentSendError> {
+        env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let current = self.sender();
+        let resumable = self.inner.resumable.load(Ordering::Acquire);
+        match &self.inner.reliable {
+            Some(reliable) if resumable || current.is_none() => {
+                Ok(reliable.send(env, self.inner.when_full).await?)
+            }
+            _ => {
+                let sender = current.ok_or(AgentSendError::NotConnected)?;
+                sender.send(&env).await?;
+                Ok(Receipt::untracked())
+            }
+        }
+    }
+
+    /// The payload format of the current connection (MessagePack when disconnected,
+    /// transcoded on send if the connection turns out to use JSON).
+    fn format(&self) -> tunnel_proto::Format {
+        self.sender()
+            .map_or(tunnel_proto::Format::MsgPack, |s| s.info().format)
+    }
+
+    /// Messages and bytes held until the hub acknowledges them (`None` without
+    /// sessions).
+    pub async fn held(&self) -> Option<(usize, usize)> {
+        match &self.inner.reliable {
+            Some(reliable) => Some(reliable.held().await),
+            None => None,
+        }
+    }
+
+    /// Session events (resets), as they happen. A slow subscriber may miss events beyond
+    /// the last 16 and then sees a lag error.
+    pub fn session_events(&self) -> broadcast::Receiver<SessionEvent> {
+        self.inner.events.subscribe()
     }
 
     /// Closes the connection gracefully and stops reconnecting.
@@ -275,6 +392,8 @@ async fn supervise(
     let mut breakers: HashMap<String, CircuitBreaker> = HashMap::new();
     let mut next = 0usize;
     let mut connected_before = false;
+    let mut session_id: Option<String> = None;
+    let mut epoch = 0u64;
     loop {
         let endpoint = endpoints[next % endpoints.len()].clone();
         let breaker = breakers
@@ -303,9 +422,16 @@ async fn supervise(
             continue;
         }
         inner.state.send_replace(ConnectionState::Connecting);
+        let resume = match (&inner.reliable, &session_id) {
+            (Some(reliable), Some(id)) => Some(Resume {
+                session_id: id.clone(),
+                last_received: reliable.last_received(),
+            }),
+            _ => None,
+        };
         let attempt = tokio::select! {
             () = inner.shutdown.cancelled() => break,
-            r = connector.connect(&endpoint) => r,
+            r = connector.connect_with(&endpoint, resume) => r,
         };
         let mut hint = None;
         match attempt {
@@ -317,12 +443,56 @@ async fn supervise(
                 connected_before = true;
                 let since = Instant::now();
                 let (sender, receiver) = conn.split();
-                tracing::info!(session = %sender.info().session_id, %endpoint, "connected");
-                inner.state.send_replace(ConnectionState::Connected {
-                    session_id: sender.info().session_id.clone(),
-                });
+                let info = sender.info().clone();
+                tracing::info!(session = %info.session_id, resumed = info.resumed, %endpoint, "connected");
+                let reliable = inner
+                    .reliable
+                    .as_ref()
+                    .filter(|_| info.has_capability(capability::RESUME));
+                let state = match reliable {
+                    Some(reliable) => {
+                        let reset = reliable
+                            .attach(sender.clone(), info.resumed, info.peer_last_received)
+                            .await;
+                        session_id = Some(info.session_id.clone());
+                        match reset {
+                            Some(reason) => {
+                                epoch += 1;
+                                tracing::warn!(%reason, epoch, "session reset");
+                                let _ = inner.events.send(SessionEvent::Reset {
+                                    reason: reason.clone(),
+                                    epoch,
+                                });
+                                ConnectionState::Reset { reason }
+                            }
+                            None if info.resumed => ConnectionState::Resumed {
+                                session_id: info.session_id.clone(),
+                            },
+                            None => ConnectionState::Connected {
+                                session_id: info.session_id.clone(),
+                            },
+                        }
+                    }
+                    None => {
+                        if let Some(reliable) = &inner.reliable {
+                            // Held messages cannot be delivered without resume.
+                            reliable.fail_held("the hub does not resume sessions").await;
+                        }
+                        ConnectionState::Connected {
+                            session_id: info.session_id.clone(),
+                        }
+                    }
+                };
+                inner.resumable.store(reliable.is_some(), Ordering::Release);
+                inner.state.send_replace(state);
                 inner.current.send_replace(Some(sender.clone()));
-                let session = session::run(receiver, sender.clone(), &mut router, &mut hint);
+                let session = session::run(
+                    receiver,
+                    sender.clone(),
+                    &mut router,
+                    &mut hint,
+                    reliable.map(|r| &**r),
+                );
                 tokio::pin!(session);
                 let (end, stopping) = tokio::select! {
                     end = &mut session => (end, false),
@@ -332,6 +502,10 @@ async fn supervise(
                     }
                 };
                 inner.current.send_replace(None);
+                inner.resumable.store(false, Ordering::Release);
+                if let Some(reliable) = reliable {
+                    reliable.detach(&sender).await;
+                }
                 match end {
                     SessionEnd::Closed => {
                         tracing::info!(reason = %sender.close_reason().map(|r| r.to_string()).unwrap_or_default(), "connection closed");
@@ -370,6 +544,9 @@ async fn supervise(
         }
     }
     inner.current.send_replace(None);
+    if let Some(reliable) = &inner.reliable {
+        reliable.shut_down(crate::Undelivered::ShutDown).await;
+    }
     inner.state.send_replace(ConnectionState::Closed);
 }
 

@@ -2,19 +2,26 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::ToSocketAddrs;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tunnel_proto::{CloseCode, Envelope, MessageType};
+use tunnel_proto::{CloseCode, Envelope, MessageType, capability};
 use tunnel_transport::{
     AcceptError, Acceptor, AgentId, ConnectionInfo, ConnectionSender, SendError, ServerConfig,
     WsListener,
 };
 
+use crate::hub_sessions::{HubSessions, Store};
+use crate::reliable::{Receipt, ReliableSendError, WhenFull};
 use crate::router::Router;
+
+/// How often a hub with sessions expires old messages and ends sessions past their
+/// grace period.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
 use crate::session::{self, SessionEnd};
 
 /// Why the hub could not send to an agent.
@@ -30,6 +37,9 @@ pub enum HubSendError {
     /// The connection refused the message.
     #[error(transparent)]
     Send(#[from] SendError),
+    /// The agent's session did not accept the message (buffer full, shut down).
+    #[error(transparent)]
+    Session(#[from] ReliableSendError),
 }
 
 #[derive(Debug)]
@@ -38,6 +48,9 @@ struct Inner {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     shutdown_timeout: Duration,
+    sessions: Option<Arc<Store>>,
+    when_full: WhenFull,
+    next_id: AtomicU64,
 }
 
 /// A hub: accepts agents, keeps them in a registry keyed by [`AgentId`], hands what
@@ -79,17 +92,54 @@ impl Hub {
         Ok(hub)
     }
 
+    /// Listens for WebSocket agents on `addr`, keeping their sessions so that an agent
+    /// that reconnects within the grace period resumes without losing or repeating a
+    /// message (see [`HubSessions`]).
+    pub async fn bind_resumable(
+        addr: impl ToSocketAddrs,
+        config: ServerConfig,
+        router: Router,
+        sessions: HubSessions,
+    ) -> Result<Hub, AcceptError> {
+        let store = Store::new(sessions);
+        let listener = WsListener::bind(addr, config.sessions(store.clone())).await?;
+        let local_addr = listener.local_addr();
+        let mut hub = Hub::start(Box::new(listener), router, Some(store));
+        hub.local_addr = Some(local_addr);
+        Ok(hub)
+    }
+
     /// Serves agents from any transport's acceptor.
     pub fn serve(acceptor: impl Acceptor + 'static, router: Router) -> Hub {
+        Hub::start(Box::new(acceptor), router, None)
+    }
+
+    fn start(acceptor: Box<dyn Acceptor>, router: Router, sessions: Option<Arc<Store>>) -> Hub {
         let inner = Arc::new(Inner {
             agents: RwLock::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             shutdown_timeout: Duration::from_secs(5),
+            sessions,
+            when_full: WhenFull::Wait(Duration::from_secs(5)),
+            next_id: AtomicU64::new(1),
         });
         inner
             .tasks
-            .spawn(accept_loop(Box::new(acceptor), router, inner.clone()));
+            .spawn(accept_loop(acceptor, router, inner.clone()));
+        if let Some(store) = inner.sessions.clone() {
+            let shutdown = inner.shutdown.clone();
+            inner.tasks.spawn(async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        _ = tick.tick() => store.sweep().await,
+                    }
+                }
+                store.close_all().await;
+            });
+        }
         Hub {
             inner,
             local_addr: None,
@@ -123,26 +173,49 @@ impl Hub {
         self.inner.agents.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends a message of `kind` with `payload` to `agent`.
+    /// Sends a message of `kind` with `payload` to `agent` (see [`Hub::send_envelope`]).
     pub async fn send<T: serde::Serialize + ?Sized>(
         &self,
         agent: &AgentId,
         kind: MessageType,
         payload: &T,
-    ) -> Result<(), HubSendError> {
-        let sender = self
+    ) -> Result<Receipt, HubSendError> {
+        let format = self
             .sender(agent)
-            .ok_or_else(|| HubSendError::NotConnected(agent.clone()))?;
-        let env = sender.envelope(kind).with_payload(sender.payload(payload)?);
-        Ok(sender.send(&env).await?)
+            .map_or(tunnel_proto::Format::MsgPack, |s| s.info().format);
+        let env = Envelope::new(0, kind, tunnel_transport::unix_millis())
+            .with_payload(tunnel_proto::Payload::encode(format, payload)?);
+        self.send_envelope(agent, env).await
     }
 
-    /// Sends a prepared envelope to `agent`.
-    pub async fn send_envelope(&self, agent: &AgentId, env: &Envelope) -> Result<(), HubSendError> {
+    /// Sends `env` to `agent` (its id is assigned here).
+    ///
+    /// On a hub with sessions ([`Hub::bind_resumable`]) the message goes into the
+    /// agent's session: held until acknowledged, replayed after a reconnect, accepted
+    /// while the agent is within its grace period; the receipt tells the outcome.
+    /// Otherwise it goes on the agent's current connection and the receipt is untracked.
+    pub async fn send_envelope(
+        &self,
+        agent: &AgentId,
+        mut env: Envelope,
+    ) -> Result<Receipt, HubSendError> {
+        env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(store) = &self.inner.sessions
+            && let Some(reliable) = store.of_agent(agent)
+        {
+            return Ok(reliable.send(env, self.inner.when_full).await?);
+        }
         let sender = self
             .sender(agent)
             .ok_or_else(|| HubSendError::NotConnected(agent.clone()))?;
-        Ok(sender.send(env).await?)
+        sender.send(&env).await?;
+        Ok(Receipt::untracked())
+    }
+
+    /// Sessions held (connected agents plus those within their grace period); 0
+    /// without sessions.
+    pub fn sessions(&self) -> usize {
+        self.inner.sessions.as_ref().map_or(0, |s| s.len())
     }
 
     /// Stops accepting, closes every agent's connection with `1001 going_away` (after
@@ -183,12 +256,29 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                     .await;
             });
         }
-        tracing::info!(%agent, session = %sender.info().session_id, "agent connected");
+        tracing::info!(%agent, session = %sender.info().session_id, resumed = sender.info().resumed, "agent connected");
         let mut router = router.clone();
         let inner2 = inner.clone();
+        let reliable = inner
+            .sessions
+            .as_ref()
+            .filter(|_| sender.info().has_capability(capability::RESUME))
+            .and_then(|store| store.get(&sender.info().session_id));
         inner.tasks.spawn(async move {
+            if let Some(reliable) = &reliable {
+                let info = sender.info();
+                if let Some(reason) = reliable.attach(sender.clone(), info.resumed, info.peer_last_received).await {
+                    tracing::info!(agent = %info.agent, %reason, "session reset");
+                }
+            }
             let mut hint = None;
-            let session = session::run(receiver, sender.clone(), &mut router, &mut hint);
+            let session = session::run(
+                receiver,
+                sender.clone(),
+                &mut router,
+                &mut hint,
+                reliable.as_deref(),
+            );
             tokio::pin!(session);
             let end = tokio::select! {
                 end = &mut session => end,
@@ -204,6 +294,12 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 }
                 SessionEnd::Failed(e) => {
                     tracing::info!(agent = %sender.info().agent, error = %e, "agent connection failed");
+                }
+            }
+            if let Some(reliable) = &reliable {
+                reliable.detach(&sender).await;
+                if let Some(store) = &inner2.sessions {
+                    store.set_connected(&sender.info().session_id, false);
                 }
             }
             let mut agents = inner2.agents.write().unwrap_or_else(|e| e.into_inner());

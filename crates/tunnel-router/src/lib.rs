@@ -40,13 +40,18 @@
 
 mod agent;
 mod hub;
+mod hub_sessions;
+mod reliable;
 mod router;
 mod session;
 
 pub use agent::{
     Agent, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState, InvalidAgentConfig,
+    SessionEvent,
 };
 pub use hub::{Hub, HubSendError};
+pub use hub_sessions::HubSessions;
+pub use reliable::{Receipt, ReliableSendError, Undelivered, WhenFull};
 pub use router::{Inbound, Router};
 
 /// The README's examples, compiled as doc tests.

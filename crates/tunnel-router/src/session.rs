@@ -1,9 +1,10 @@
 //! The loop that reads one connection and feeds the router.
 
-use tunnel_proto::MessageType;
 use tunnel_proto::messages::{Close, ReconnectHint, TypedMessage};
+use tunnel_proto::{CloseCode, MessageType};
 use tunnel_transport::{ConnectionReceiver, ConnectionSender, RecvError};
 
+use crate::reliable::{Reliable, Verdict};
 use crate::router::{Inbound, Router};
 
 /// How a session ended.
@@ -23,13 +24,50 @@ pub(crate) async fn run(
     sender: ConnectionSender,
     router: &mut Router,
     hint: &mut Option<ReconnectHint>,
+    reliable: Option<&Reliable>,
 ) -> SessionEnd {
+    // One timer for standalone acks, moved rather than re-created per message.
+    let ack_timer = tokio::time::sleep(std::time::Duration::from_secs(3600));
+    tokio::pin!(ack_timer);
+    let mut ack_armed = false;
     loop {
-        let env = match receiver.recv().await {
+        if let Some(reliable) = reliable {
+            match reliable.ack_due_at() {
+                Some(at) if !ack_armed || at < ack_timer.deadline() => {
+                    ack_timer.as_mut().reset(at);
+                    ack_armed = true;
+                }
+                Some(_) => {}
+                None => ack_armed = false,
+            }
+        }
+        let received = tokio::select! {
+            biased;
+            r = receiver.recv() => r,
+            () = &mut ack_timer, if ack_armed => {
+                ack_armed = false;
+                if let Some(reliable) = reliable {
+                    reliable.send_ack_if_due(&sender).await;
+                }
+                continue;
+            }
+        };
+        let env = match received {
             Ok(Some(env)) => env,
             Ok(None) => return SessionEnd::Closed,
             Err(e) => return SessionEnd::Failed(e),
         };
+        if let Some(reliable) = reliable {
+            match reliable.on_inbound(&env).await {
+                Verdict::Deliver => {}
+                Verdict::Drop => continue,
+                Verdict::Violation(reason) => {
+                    tracing::warn!(connection = sender.info().id, %reason, "session rule broken");
+                    sender.abort_with(CloseCode::PROTOCOL_ERROR, &reason);
+                    return SessionEnd::Failed(RecvError::Io(reason));
+                }
+            }
+        }
         match env.kind {
             MessageType::Ping => {
                 let pong = sender.envelope(MessageType::Pong).with_correlation(env.id);

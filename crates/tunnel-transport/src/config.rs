@@ -125,6 +125,9 @@ pub struct ServerConfig {
     /// Completed connections waiting for `accept`; the handshakes of further agents wait
     /// while it is full. Default 1024.
     pub accept_queue: usize,
+    /// Decides which session each connection belongs to. Default: none, every
+    /// connection is a new session and `resume` is not offered.
+    pub sessions: Option<Arc<dyn crate::SessionStore>>,
 }
 
 impl fmt::Debug for ServerConfig {
@@ -151,7 +154,17 @@ impl ServerConfig {
             capabilities: default_capabilities(),
             formats: Format::ALL.to_vec(),
             accept_queue: 1024,
+            sessions: None,
         }
+    }
+
+    /// Resumes sessions through `store`, and offers the `resume` capability.
+    pub fn sessions(mut self, store: Arc<dyn crate::SessionStore>) -> Self {
+        self.sessions = Some(store);
+        if !self.capabilities.iter().any(|c| c == capability::RESUME) {
+            self.capabilities.push(capability::RESUME.to_string());
+        }
+        self
     }
 }
 
@@ -220,7 +233,11 @@ impl ClientConfig {
             format: Format::MsgPack,
             connect_timeout: Duration::from_secs(10),
             versions: VersionRange::SUPPORTED,
-            capabilities: default_capabilities(),
+            // Resume is used only with hubs that offer it (hubs with sessions).
+            capabilities: vec![
+                capability::REPLIES.to_string(),
+                capability::RESUME.to_string(),
+            ],
             metadata: BTreeMap::new(),
         }
     }

@@ -36,6 +36,11 @@ pub struct ConnectionInfo {
     pub agent: AgentId,
     /// The session id the hub assigned in its handshake reply.
     pub session_id: String,
+    /// Whether this connection continues an earlier session.
+    pub resumed: bool,
+    /// When resumed: the highest sequence number the peer reported having received in
+    /// order (the agent's report on a hub, the hub's on an agent).
+    pub peer_last_received: Option<u64>,
     /// The negotiated protocol version.
     pub version: u16,
     /// Capabilities both sides support.
@@ -304,6 +309,14 @@ impl ConnectionSender {
             .shared
             .end(CloseReason::Local(code, reason.to_owned()));
         let _ = tokio::time::timeout_at(deadline, self.inner.shared.writer_done.cancelled()).await;
+    }
+
+    /// Ends the connection at once: queued messages are discarded and a close frame
+    /// with `code` and `reason` is sent if the socket still takes it.
+    pub fn abort_with(&self, code: CloseCode, reason: &str) {
+        self.inner
+            .shared
+            .end(CloseReason::Protocol(code, reason.to_owned()));
     }
 
     /// Drops the connection at once, without a close handshake, as if the network

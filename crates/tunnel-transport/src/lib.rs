@@ -51,6 +51,7 @@ mod error;
 #[cfg(feature = "fault")]
 pub mod fault;
 pub mod memory;
+mod sessions;
 mod ws;
 
 pub use auth::{AgentId, AllowAll, AuthError, AuthRequest, Authenticator, SharedToken};
@@ -59,14 +60,26 @@ pub use connection::{
     Connection, ConnectionInfo, ConnectionReceiver, ConnectionSender, unix_millis,
 };
 pub use error::{AcceptError, CloseReason, ConnectError, RecvError, SendError};
+pub use sessions::{SessionGrant, SessionStore, new_session_id};
+pub use tunnel_proto::messages::Resume;
 pub use ws::{HEADER_SYNC_TARGET, HEADER_WORKSPACE, WsConnector, WsListener};
 
 /// Dials an endpoint and returns an established connection (agent side).
 #[async_trait::async_trait]
 pub trait Connector: Send + Sync + std::fmt::Debug {
     /// Connects to `endpoint` (a URL for the WebSocket transport), performing the
-    /// upgrade and the protocol handshake.
-    async fn connect(&self, endpoint: &str) -> Result<Connection, ConnectError>;
+    /// upgrade and the protocol handshake, for a new session.
+    async fn connect(&self, endpoint: &str) -> Result<Connection, ConnectError> {
+        self.connect_with(endpoint, None).await
+    }
+
+    /// Connects, asking in the handshake to resume an earlier session. Whether the hub
+    /// agreed is in [`ConnectionInfo::resumed`].
+    async fn connect_with(
+        &self,
+        endpoint: &str,
+        resume: Option<Resume>,
+    ) -> Result<Connection, ConnectError>;
 }
 
 /// Yields authenticated, handshaken connections (hub side).

@@ -67,7 +67,11 @@ pub struct MemoryAcceptor {
 
 #[async_trait::async_trait]
 impl crate::Connector for MemoryConnector {
-    async fn connect(&self, _endpoint: &str) -> Result<Connection, ConnectError> {
+    async fn connect_with(
+        &self,
+        _endpoint: &str,
+        resume: Option<crate::Resume>,
+    ) -> Result<Connection, ConnectError> {
         let (client, server) = (&self.client, &*self.server);
         let refused = |status: u16, body: String| ConnectError::Refused { status, body };
         if !server.formats.contains(&client.format) {
@@ -87,17 +91,29 @@ impl crate::Connector for MemoryConnector {
             }
         })?;
         let capabilities = negotiate_capabilities(&server.capabilities, &client.capabilities);
+        let grant = match &server.sessions {
+            Some(store) => store.open(&client.agent, resume.as_ref()),
+            None => crate::SessionGrant::new_session(),
+        };
+        let resumed = grant.resumed;
+        // Each side learns what the other has received.
+        let peers_last = (
+            grant.last_received.filter(|_| resumed),
+            resume.map(|r| r.last_received).filter(|_| resumed),
+        );
         let info = ConnectionInfo {
             id: 0,
             agent: client.agent.clone(),
-            session_id: uuid::Uuid::new_v4().simple().to_string(),
+            session_id: grant.session_id,
+            resumed: grant.resumed,
+            peer_last_received: None,
             version,
             capabilities,
             format: client.format,
             peer_addr: None,
             connected_at: std::time::SystemTime::now(),
         };
-        let (agent_side, hub_side) = pair(info, client, server);
+        let (agent_side, hub_side) = pair(info, peers_last, client, server);
         self.to_acceptor
             .send(hub_side)
             .await
@@ -118,13 +134,16 @@ impl crate::Acceptor for MemoryAcceptor {
 
 fn pair(
     info: ConnectionInfo,
+    (hub_received, agent_received): (Option<u64>, Option<u64>),
     client: &ClientConfig,
     server: &ServerConfig,
 ) -> (Connection, Connection) {
     let mut agent_info = info.clone();
     agent_info.id = next_connection_id();
+    agent_info.peer_last_received = hub_received;
     let mut hub_info = info;
     hub_info.id = next_connection_id();
+    hub_info.peer_last_received = agent_received;
     let agent = Shared::new(agent_info, &client.connection);
     let hub = Shared::new(hub_info, &server.connection);
     // No writer task: frames go straight into the peer's queue.

@@ -110,7 +110,7 @@ async fn every_message_type_both_ways_in_both_codecs() {
         assert_eq!(sender.info().session_id, info.session_id);
         let sent = every_message(&sender, format);
         for env in &sent {
-            hub.send_envelope(&id, env).await.expect("send");
+            sender.send(env).await.expect("send");
         }
         for env in &sent {
             same_message(&recv_soon(&mut at_agent).await.envelope, env);

@@ -6,4 +6,5 @@ mod keepalive;
 mod lifecycle;
 mod metrics;
 mod reconnect;
+mod sessions;
 mod support;

@@ -60,7 +60,11 @@ fn header_value(url: &str, name: &str, value: &str) -> Result<HeaderValue, Conne
 
 #[async_trait::async_trait]
 impl crate::Connector for WsConnector {
-    async fn connect(&self, url: &str) -> Result<Connection, ConnectError> {
+    async fn connect_with(
+        &self,
+        url: &str,
+        resume: Option<crate::Resume>,
+    ) -> Result<Connection, ConnectError> {
         let config = &self.config;
         let deadline = Instant::now() + config.connect_timeout;
         let timed_out = || ConnectError::Timeout(config.connect_timeout);
@@ -152,6 +156,7 @@ impl crate::Connector for WsConnector {
         hello.versions = config.versions;
         hello.capabilities = config.capabilities.clone();
         hello.metadata = config.metadata.clone();
+        hello.resume = resume;
         let hello = hello
             .to_envelope(0, unix_millis(), format)
             .map_err(|e| ConnectError::Handshake(e.to_string()))?;
@@ -218,6 +223,8 @@ impl crate::Connector for WsConnector {
             id: next_connection_id(),
             agent: config.agent.clone(),
             session_id: ack.session_id,
+            resumed: ack.resumed,
+            peer_last_received: ack.last_received.filter(|_| ack.resumed),
             version: ack.version,
             capabilities: ack.capabilities,
             format,

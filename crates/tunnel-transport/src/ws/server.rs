@@ -25,6 +25,7 @@ use crate::auth::{AgentId, AuthRequest};
 use crate::config::ServerConfig;
 use crate::connection::{Connection, ConnectionInfo, next_connection_id, unix_millis};
 use crate::error::AcceptError;
+use crate::sessions::SessionGrant;
 
 /// Accepts agents over WebSocket.
 ///
@@ -363,13 +364,16 @@ async fn handshake(
         }
     };
     let capabilities = negotiate_capabilities(&config.capabilities, &hs.capabilities);
-    let session_id = uuid::Uuid::new_v4().simple().to_string();
+    let grant = match &config.sessions {
+        Some(store) => store.open(&agent, hs.resume.as_ref()),
+        None => SessionGrant::new_session(),
+    };
     let ack = HandshakeAck {
         version,
-        session_id: session_id.clone(),
+        session_id: grant.session_id.clone(),
         capabilities: capabilities.clone(),
-        resumed: false,
-        last_received: None,
+        resumed: grant.resumed,
+        last_received: grant.last_received,
     };
     let reply = match ack.to_envelope(0, unix_millis(), format) {
         Ok(reply) => reply.with_correlation(env.id),
@@ -381,7 +385,9 @@ async fn handshake(
     let info = ConnectionInfo {
         id: next_connection_id(),
         agent,
-        session_id,
+        session_id: grant.session_id,
+        resumed: grant.resumed,
+        peer_last_received: hs.resume.filter(|_| grant.resumed).map(|r| r.last_received),
         version,
         capabilities,
         format,

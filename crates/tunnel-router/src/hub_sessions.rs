@@ -1,0 +1,190 @@
+//! The hub's session store: sessions outlive connections for a grace period, so an
+//! agent that reconnects in time resumes where it left off.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tunnel_proto::session::SessionConfig;
+use tunnel_transport::{AgentId, Resume, SessionGrant, SessionStore, new_session_id};
+
+use crate::reliable::{Reliable, Undelivered};
+
+/// Session resume on a hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HubSessions {
+    /// Bounds and ack timing of each session.
+    pub session: SessionConfig,
+    /// How long a disconnected agent's session is kept for it to resume. A resume after
+    /// that gets a reset. Default 60 s.
+    pub grace: Duration,
+}
+
+impl Default for HubSessions {
+    fn default() -> Self {
+        HubSessions {
+            session: SessionConfig::default(),
+            grace: Duration::from_secs(60),
+        }
+    }
+}
+
+impl HubSessions {
+    /// Sets [`HubSessions::session`].
+    pub fn session(mut self, session: SessionConfig) -> Self {
+        self.session = session;
+        self
+    }
+
+    /// Sets [`HubSessions::grace`].
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    agent: AgentId,
+    reliable: Arc<Reliable>,
+    /// When its last connection ended (None while connected).
+    detached_at: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Maps {
+    sessions: HashMap<String, Entry>,
+    by_agent: HashMap<AgentId, String>,
+}
+
+/// Sessions by id, and each agent's current session.
+#[derive(Debug)]
+pub(crate) struct Store {
+    config: HubSessions,
+    maps: Mutex<Maps>,
+}
+
+impl Store {
+    pub(crate) fn new(config: HubSessions) -> Arc<Self> {
+        Arc::new(Store {
+            config,
+            maps: Mutex::new(Maps::default()),
+        })
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session `id`'s state.
+    pub(crate) fn get(&self, id: &str) -> Option<Arc<Reliable>> {
+        self.maps().sessions.get(id).map(|e| e.reliable.clone())
+    }
+
+    /// The current session of `agent`, connected or within its grace period.
+    pub(crate) fn of_agent(&self, agent: &AgentId) -> Option<Arc<Reliable>> {
+        let maps = self.maps();
+        let id = maps.by_agent.get(agent)?;
+        maps.sessions.get(id).map(|e| e.reliable.clone())
+    }
+
+    /// Marks session `id` connected (`true`) or disconnected from now on.
+    pub(crate) fn set_connected(&self, id: &str, connected: bool) {
+        if let Some(entry) = self.maps().sessions.get_mut(id) {
+            entry.detached_at = (!connected).then(Instant::now);
+        }
+    }
+
+    /// Expires old messages, and drops sessions disconnected for longer than the grace
+    /// period (their unacknowledged messages fail with a reset).
+    pub(crate) async fn sweep(&self) {
+        let (all, gone): (Vec<Arc<Reliable>>, Vec<Arc<Reliable>>) = {
+            let mut maps = self.maps();
+            let grace = self.config.grace;
+            let stale: Vec<String> = maps
+                .sessions
+                .iter()
+                .filter(|(_, e)| e.detached_at.is_some_and(|at| at.elapsed() > grace))
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut gone = Vec::new();
+            for id in stale {
+                if let Some(entry) = maps.sessions.remove(&id) {
+                    if maps.by_agent.get(&entry.agent) == Some(&id) {
+                        maps.by_agent.remove(&entry.agent);
+                    }
+                    gone.push(entry.reliable);
+                }
+            }
+            (
+                maps.sessions.values().map(|e| e.reliable.clone()).collect(),
+                gone,
+            )
+        };
+        for reliable in gone {
+            reliable
+                .shut_down(Undelivered::Reset(
+                    "the agent did not come back within the grace period".into(),
+                ))
+                .await;
+        }
+        for reliable in all {
+            reliable.expire().await;
+        }
+    }
+
+    /// Ends every session (hub shutdown).
+    pub(crate) async fn close_all(&self) {
+        let all: Vec<Arc<Reliable>> = {
+            let mut maps = self.maps();
+            maps.by_agent.clear();
+            maps.sessions.drain().map(|(_, e)| e.reliable).collect()
+        };
+        for reliable in all {
+            reliable.shut_down(Undelivered::ShutDown).await;
+        }
+    }
+
+    /// Sessions held (connected or in their grace period).
+    pub(crate) fn len(&self) -> usize {
+        self.maps().sessions.len()
+    }
+}
+
+impl SessionStore for Store {
+    fn open(&self, agent: &AgentId, resume: Option<&Resume>) -> SessionGrant {
+        let mut maps = self.maps();
+        if let Some(resume) = resume
+            && let Some(entry) = maps.sessions.get_mut(&resume.session_id)
+            && entry.agent == *agent
+        {
+            entry.detached_at = None;
+            return SessionGrant::resumed(
+                resume.session_id.clone(),
+                entry.reliable.last_received(),
+            );
+        }
+        let id = new_session_id();
+        if let Some(old_id) = maps.by_agent.insert(agent.clone(), id.clone())
+            && let Some(old) = maps.sessions.remove(&old_id)
+        {
+            // The agent started over: its old session's undelivered messages fail.
+            tokio::spawn(async move {
+                old.reliable
+                    .shut_down(Undelivered::Reset("the agent started a new session".into()))
+                    .await;
+            });
+        }
+        maps.sessions.insert(
+            id.clone(),
+            Entry {
+                agent: agent.clone(),
+                reliable: Reliable::new(self.config.session.clone()),
+                detached_at: None,
+            },
+        );
+        SessionGrant::fresh(id)
+    }
+}

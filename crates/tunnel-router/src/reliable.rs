@@ -1,0 +1,419 @@
+//! Exactly-once, in-order delivery across reconnects: the driver of
+//! [`tunnel_proto::session`] for one session, shared by the connections that carry it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tunnel_proto::session::{Accept, Bound, Inbound, Outbound, SessionConfig};
+use tunnel_proto::{Envelope, MessageType, Payload};
+use tunnel_transport::ConnectionSender;
+
+/// Why a message accepted by `send` was not delivered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Undelivered {
+    /// The session was reset (the peer lost it, or it could not be resumed).
+    #[error("session reset: {0}")]
+    Reset(String),
+    /// The message stayed unacknowledged longer than the replay buffer keeps messages.
+    #[error("expired before the peer acknowledged it")]
+    Expired,
+    /// The session was shut down first.
+    #[error("shut down before the peer acknowledged it")]
+    ShutDown,
+    /// The connection does not acknowledge messages (session resume was not
+    /// negotiated): the message was queued, and nothing more is known.
+    #[error("delivery is not tracked on this connection")]
+    Untracked,
+}
+
+/// What to do when the replay buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WhenFull {
+    /// Fail at once with [`ReliableSendError::Full`].
+    Reject,
+    /// Wait up to this long for acknowledgements to make room, then fail.
+    Wait(Duration),
+}
+
+/// A message could not be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReliableSendError {
+    /// The replay buffer is full.
+    #[error("replay buffer full ({0:?} bound)")]
+    Full(Bound),
+    /// The session is shut down.
+    #[error("session shut down")]
+    ShutDown,
+}
+
+/// Where receipts look for their outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Progress {
+    epoch: u64,
+    acked: u64,
+    expired_through: u64,
+    /// Set when `epoch` ended (reset or shutdown): every message of it not yet acked failed.
+    ended: Option<Undelivered>,
+}
+
+/// Resolves once the peer acknowledged the message, or with the reason it never will.
+#[derive(Debug)]
+pub struct Receipt {
+    seq: u64,
+    epoch: u64,
+    progress: Option<watch::Receiver<Progress>>,
+}
+
+impl Receipt {
+    /// A receipt for a message sent without acknowledgement tracking.
+    pub(crate) fn untracked() -> Self {
+        Receipt {
+            seq: 0,
+            epoch: 0,
+            progress: None,
+        }
+    }
+
+    /// The message's sequence number (0 when untracked).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Waits for the outcome.
+    pub async fn delivered(self) -> Result<(), Undelivered> {
+        let (seq, epoch) = (self.seq, self.epoch);
+        let Some(mut progress) = self.progress else {
+            return Err(Undelivered::Untracked);
+        };
+        let outcome = progress
+            .wait_for(|p| {
+                p.epoch != epoch || p.acked >= seq || p.expired_through >= seq || p.ended.is_some()
+            })
+            .await
+            .map(|p| p.clone());
+        match outcome {
+            Ok(p) if p.epoch == epoch && p.acked >= seq => Ok(()),
+            Ok(p) if p.epoch == epoch && p.expired_through >= seq => Err(Undelivered::Expired),
+            Ok(p) if p.epoch == epoch => Err(p.ended.unwrap_or(Undelivered::ShutDown)),
+            // A later epoch: this one ended in a reset.
+            Ok(_) => Err(Undelivered::Reset("session was reset".into())),
+            Err(_) => Err(Undelivered::ShutDown),
+        }
+    }
+}
+
+/// What the session loop should do with an arriving envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Hand it to the router.
+    Deliver,
+    /// Consumed by the session (an ack, a duplicate).
+    Drop,
+    /// The peer broke the session rules; close the connection (the next one resumes).
+    Violation(String),
+}
+
+struct Out {
+    out: Outbound<Envelope>,
+    conn: Option<ConnectionSender>,
+    epoch: u64,
+    attached_before: bool,
+    shut: bool,
+}
+
+/// One session's reliable state.
+pub(crate) struct Reliable {
+    out: tokio::sync::Mutex<Out>,
+    inb: Mutex<Inbound>,
+    config: SessionConfig,
+    progress: watch::Sender<Progress>,
+    room: Notify,
+}
+
+impl std::fmt::Debug for Reliable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reliable")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn size_of(env: &Envelope) -> usize {
+    64 + env.payload.as_ref().map_or(0, Payload::len)
+}
+
+fn is_data(kind: &MessageType) -> bool {
+    !kind.is_control()
+}
+
+impl Reliable {
+    pub(crate) fn new(config: SessionConfig) -> Arc<Self> {
+        Arc::new(Reliable {
+            out: tokio::sync::Mutex::new(Out {
+                out: Outbound::new(config.clone()),
+                conn: None,
+                epoch: 0,
+                attached_before: false,
+                shut: false,
+            }),
+            inb: Mutex::new(Inbound::new(config.clone())),
+            config,
+            progress: watch::Sender::new(Progress {
+                epoch: 0,
+                acked: 0,
+                expired_through: 0,
+                ended: None,
+            }),
+            room: Notify::new(),
+        })
+    }
+
+    fn inbound(&self) -> std::sync::MutexGuard<'_, Inbound> {
+        self.inb.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The highest sequence number received in order (for a resume request or grant).
+    pub(crate) fn last_received(&self) -> u64 {
+        self.inbound().last_received()
+    }
+
+    /// Numbers `env`, holds it until acknowledged and sends it on the current
+    /// connection if there is one (else it waits for the next).
+    pub(crate) async fn send(
+        &self,
+        env: Envelope,
+        when_full: WhenFull,
+    ) -> Result<Receipt, ReliableSendError> {
+        let deadline = match when_full {
+            WhenFull::Wait(d) => Some(Instant::now() + d),
+            WhenFull::Reject => None,
+        };
+        let mut env = env;
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let mut st = self.out.lock().await;
+            if st.shut {
+                return Err(ReliableSendError::ShutDown);
+            }
+            let size = size_of(&env);
+            match st.out.push(env, size, Instant::now().into_std()) {
+                Ok(seq) => {
+                    let epoch = st.epoch;
+                    self.transmit(&mut st, seq).await;
+                    return Ok(Receipt {
+                        seq,
+                        epoch,
+                        progress: Some(self.progress.subscribe()),
+                    });
+                }
+                Err(full) => {
+                    let Some(deadline) = deadline else {
+                        return Err(ReliableSendError::Full(full.bound));
+                    };
+                    env = full.item;
+                    drop(st);
+                    if tokio::time::timeout_at(deadline, room).await.is_err() {
+                        return Err(ReliableSendError::Full(full.bound));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the held message `seq` on the current connection, with the latest ack.
+    async fn transmit(&self, st: &mut Out, seq: u64) {
+        let Some(conn) = st.conn.clone() else { return };
+        let Some(wire) = self.wire(st, seq) else {
+            return;
+        };
+        if conn.send(&wire).await.is_err() {
+            st.conn = None;
+        }
+    }
+
+    fn wire(&self, st: &Out, seq: u64) -> Option<Envelope> {
+        let held = st.out.get(seq)?;
+        let mut wire = held.item.clone();
+        wire.seq = Some(seq);
+        let mut inb = self.inbound();
+        if inb.last_received() > 0 {
+            wire.ack = Some(inb.take_ack());
+        }
+        Some(wire)
+    }
+
+    /// Makes `conn` the session's connection. `resumed` and `peer_received` come from
+    /// the handshake; a session that cannot continue is reset (its unacknowledged
+    /// messages fail) and the reason returned.
+    pub(crate) async fn attach(
+        &self,
+        conn: ConnectionSender,
+        resumed: bool,
+        peer_received: Option<u64>,
+    ) -> Option<String> {
+        let mut st = self.out.lock().await;
+        let mut reset = None;
+        if resumed {
+            let peer_received = peer_received.unwrap_or(0);
+            let replay: Result<Vec<u64>, _> = st
+                .out
+                .resume(peer_received)
+                .map(|it| it.map(|m| m.seq).collect());
+            match replay {
+                Ok(seqs) => {
+                    self.publish_acked(&st);
+                    st.conn = Some(conn);
+                    for seq in seqs {
+                        self.transmit(&mut st, seq).await;
+                    }
+                    st.attached_before = true;
+                    return None;
+                }
+                Err(e) => reset = Some(e.to_string()),
+            }
+        } else if st.attached_before {
+            reset = Some("the peer started a new session".into());
+        }
+        if let Some(reason) = &reset {
+            self.reset_locked(&mut st, reason);
+        }
+        st.conn = Some(conn);
+        st.attached_before = true;
+        // Everything held (sent while disconnected, or after a reset nothing) goes out now.
+        let seqs: Vec<u64> = st.out.iter().map(|m| m.seq).collect();
+        for seq in seqs {
+            self.transmit(&mut st, seq).await;
+        }
+        reset
+    }
+
+    fn reset_locked(&self, st: &mut Out, reason: &str) {
+        st.out.reset();
+        *self.inbound() = Inbound::new(self.config.clone());
+        st.epoch += 1;
+        self.progress.send_modify(|p| {
+            p.ended = Some(Undelivered::Reset(reason.to_owned()));
+        });
+        // Receipts of the old epoch resolved; the new epoch starts clean.
+        self.progress.send_modify(|p| {
+            *p = Progress {
+                epoch: st.epoch,
+                acked: 0,
+                expired_through: 0,
+                ended: None,
+            };
+        });
+        self.room.notify_waiters();
+    }
+
+    fn publish_acked(&self, st: &Out) {
+        let acked = st.out.acked();
+        self.progress.send_if_modified(|p| {
+            let changed = p.acked != acked;
+            p.acked = acked;
+            changed
+        });
+        self.room.notify_waiters();
+    }
+
+    /// Forgets `conn` if it is the current connection.
+    pub(crate) async fn detach(&self, conn: &ConnectionSender) {
+        let mut st = self.out.lock().await;
+        if st
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.info().id == conn.info().id)
+        {
+            st.conn = None;
+        }
+    }
+
+    /// Applies an arriving envelope's `seq` and `ack`.
+    pub(crate) async fn on_inbound(&self, env: &Envelope) -> Verdict {
+        if let Some(ack) = env.ack {
+            let mut st = self.out.lock().await;
+            match st.out.on_ack(ack) {
+                Ok(done) if !done.is_empty() => self.publish_acked(&st),
+                Ok(_) => {}
+                Err(e) => return Verdict::Violation(e.to_string()),
+            }
+        }
+        if env.kind == MessageType::Ack {
+            return Verdict::Drop;
+        }
+        if !is_data(&env.kind) {
+            return Verdict::Deliver;
+        }
+        // Data sent without a sequence number (straight on a connection, bypassing
+        // the session) is delivered best-effort.
+        let Some(seq) = env.seq else {
+            return Verdict::Deliver;
+        };
+        match self.inbound().on_data(seq, Instant::now().into_std()) {
+            Accept::Deliver => Verdict::Deliver,
+            Accept::Duplicate => Verdict::Drop,
+            Accept::Gap { expected, got } => {
+                Verdict::Violation(format!("expected sequence {expected}, got {got}"))
+            }
+        }
+    }
+
+    /// When a standalone acknowledgement is due, if one is owed.
+    pub(crate) fn ack_due_at(&self) -> Option<Instant> {
+        self.inbound().ack_due_at().map(Instant::from_std)
+    }
+
+    /// Sends a standalone acknowledgement on `conn` if one is due.
+    pub(crate) async fn send_ack_if_due(&self, conn: &ConnectionSender) {
+        let ack = {
+            let mut inb = self.inbound();
+            if !inb.ack_due(Instant::now().into_std()) {
+                return;
+            }
+            inb.take_ack()
+        };
+        let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
+    }
+
+    /// Drops messages held past the age bound; their receipts fail with `Expired`.
+    pub(crate) async fn expire(&self) {
+        let mut st = self.out.lock().await;
+        if let Some(last) = st.out.expire(Instant::now().into_std()).last() {
+            let through = last.seq;
+            self.progress.send_modify(|p| p.expired_through = through);
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Fails every held message with a reset (they cannot be delivered); the session
+    /// itself stays usable.
+    pub(crate) async fn fail_held(&self, reason: &str) {
+        let mut st = self.out.lock().await;
+        if !st.out.is_empty() {
+            self.reset_locked(&mut st, reason);
+        }
+    }
+
+    /// Ends the session: every unacknowledged message fails with `reason`.
+    pub(crate) async fn shut_down(&self, reason: Undelivered) {
+        let mut st = self.out.lock().await;
+        st.shut = true;
+        st.out.reset();
+        st.conn = None;
+        self.progress.send_modify(|p| p.ended = Some(reason));
+        self.room.notify_waiters();
+    }
+
+    /// Messages and bytes held for replay.
+    pub(crate) async fn held(&self) -> (usize, usize) {
+        let st = self.out.lock().await;
+        (st.out.len(), st.out.bytes())
+    }
+}

@@ -1,0 +1,63 @@
+//! Which session a new connection belongs to: the hook a hub uses to resume sessions.
+
+use std::fmt;
+
+use tunnel_proto::messages::Resume;
+
+use crate::AgentId;
+
+/// What a [`SessionStore`] decided for one handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionGrant {
+    /// The session id sent to the agent.
+    pub session_id: String,
+    /// Whether the agent's earlier session continues (false: a new session; if the
+    /// agent asked to resume, it must treat this as a reset).
+    pub resumed: bool,
+    /// When resumed: the highest sequence number the hub received in order.
+    pub last_received: Option<u64>,
+}
+
+impl SessionGrant {
+    /// A new session with a fresh random id.
+    pub fn new_session() -> Self {
+        SessionGrant {
+            session_id: new_session_id(),
+            resumed: false,
+            last_received: None,
+        }
+    }
+
+    /// A new session with the given id.
+    pub fn fresh(session_id: impl Into<String>) -> Self {
+        SessionGrant {
+            session_id: session_id.into(),
+            resumed: false,
+            last_received: None,
+        }
+    }
+
+    /// The earlier session `session_id` continues; the hub has received up to
+    /// `last_received`.
+    pub fn resumed(session_id: impl Into<String>, last_received: u64) -> Self {
+        SessionGrant {
+            session_id: session_id.into(),
+            resumed: true,
+            last_received: Some(last_received),
+        }
+    }
+}
+
+/// A fresh, unguessable session id (128 random bits, hex).
+pub fn new_session_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Decides, during each handshake, which session the connection belongs to. Called
+/// with the authenticated identity and the agent's resume request, if any. It must not
+/// block: it runs inside the handshake.
+pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
+    /// The session for this connection.
+    fn open(&self, agent: &AgentId, resume: Option<&Resume>) -> SessionGrant;
+}

@@ -1,0 +1,230 @@
+//! Resumable sessions: nothing accepted is lost or duplicated across disconnects, or the
+//! application is told plainly.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::mpsc;
+use tower::{BoxError, service_fn};
+use tunnel_proto::{Format, MessageType};
+use tunnel_reconnect::BreakerConfig;
+use tunnel_router::{
+    Agent, AgentConfig, ConnectionState, Hub, HubSessions, Inbound, Router, SessionEvent,
+    Undelivered,
+};
+use tunnel_transport::fault::FaultProxy;
+use tunnel_transport::{AgentId, WsConnector};
+
+use crate::support::*;
+
+/// A router that forwards the `n` of every `{"n": ...}` payload into a channel.
+fn numbers() -> (Router, mpsc::UnboundedReceiver<u64>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let router = Router::new().fallback(service_fn(move |msg: Inbound| {
+        let tx = tx.clone();
+        async move {
+            if let Ok(v) = msg.envelope.decode_payload::<serde_json::Value>()
+                && let Some(n) = v["n"].as_u64()
+            {
+                let _ = tx.send(n);
+            }
+            Ok::<_, BoxError>(())
+        }
+    }));
+    (router, rx)
+}
+
+async fn resumable_hub(router: Router, sessions: HubSessions) -> Hub {
+    Hub::bind_resumable("127.0.0.1:0", server_config(), router, sessions)
+        .await
+        .expect("bind")
+}
+
+fn session_agent(url: &str, id: &AgentId, router: Router) -> Agent {
+    Agent::start(
+        WsConnector::new(client_config(id, Format::MsgPack)),
+        AgentConfig::new(url)
+            .backoff(fast_backoff())
+            // Tests refuse connections for a while: keep the breaker's cooldown short.
+            .breaker(BreakerConfig::default().cooldown(Duration::from_millis(200))),
+        router,
+    )
+    .expect("valid config")
+}
+
+async fn expect_numbers(rx: &mut mpsc::UnboundedReceiver<u64>, count: u64) {
+    for expected in 1..=count {
+        let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {expected}"))
+            .expect("channel");
+        assert_eq!(got, expected, "out of order or duplicated");
+    }
+    // Nothing more (no duplicates after the last one).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        rx.try_recv().is_err(),
+        "a duplicate arrived after the last message"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_resumes_without_loss_or_duplicates() {
+    let (hub_router, mut at_hub) = numbers();
+    let hub = resumable_hub(hub_router, HubSessions::default()).await;
+    let proxy = FaultProxy::start(hub.local_addr().expect("addr"))
+        .await
+        .expect("proxy");
+    let id = AgentId::new("ws", "resumer");
+    let (agent_router, mut at_agent) = numbers();
+    let agent = session_agent(&proxy.ws_url(), &id, agent_router);
+    let first = agent.wait_connected(SOON).await.expect("connected");
+    registered(&hub, &id).await;
+
+    let n = 3000u64;
+    let mut receipts = Vec::new();
+    let mut hub_receipts = Vec::new();
+    for i in 1..=n {
+        receipts.push(
+            agent
+                .send(MessageType::Event, &json!({ "n": i }))
+                .await
+                .expect("send"),
+        );
+        hub_receipts.push(
+            hub.send(&id, MessageType::Command, &json!({ "n": i }))
+                .await
+                .expect("send"),
+        );
+        if i % 1000 == 500 {
+            proxy.cut_all();
+        }
+    }
+    expect_numbers(&mut at_hub, n).await;
+    expect_numbers(&mut at_agent, n).await;
+    for r in receipts.into_iter().chain(hub_receipts) {
+        assert_eq!(r.delivered().await, Ok(()));
+    }
+    assert!(agent.reconnects() >= 1);
+    let info = agent.sender().expect("connected").info().clone();
+    assert_eq!(
+        info.session_id, first.session_id,
+        "the same session throughout"
+    );
+    assert!(info.resumed);
+    assert_eq!(agent.held().await, Some((0, 0)));
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_while_disconnected_are_delivered_after_reconnecting() {
+    let (hub_router, mut at_hub) = numbers();
+    let hub = resumable_hub(hub_router, HubSessions::default()).await;
+    let proxy = FaultProxy::start(hub.local_addr().expect("addr"))
+        .await
+        .expect("proxy");
+    let id = AgentId::new("ws", "offline");
+    let agent = session_agent(&proxy.ws_url(), &id, Router::new());
+    agent.wait_connected(SOON).await.expect("connected");
+    proxy.set_refuse(true);
+    proxy.cut_all();
+    let mut state = agent.state();
+    tokio::time::timeout(
+        SOON,
+        state.wait_for(|s| {
+            !matches!(
+                s,
+                ConnectionState::Connected { .. } | ConnectionState::Resumed { .. }
+            )
+        }),
+    )
+    .await
+    .expect("noticed")
+    .expect("state");
+    let mut receipts = Vec::new();
+    for i in 1..=10 {
+        receipts.push(
+            agent
+                .send(MessageType::Status, &json!({ "n": i }))
+                .await
+                .expect("accepted offline"),
+        );
+    }
+    assert_eq!(agent.held().await.map(|(m, _)| m), Some(10));
+    proxy.set_refuse(false);
+    expect_numbers(&mut at_hub, 10).await;
+    for r in receipts {
+        assert_eq!(r.delivered().await, Ok(()));
+    }
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_after_the_grace_period_is_a_reset_and_undelivered_messages_fail() {
+    let sessions = HubSessions::default().grace(Duration::from_millis(300));
+    let hub = resumable_hub(Router::new(), sessions).await;
+    let proxy = FaultProxy::start(hub.local_addr().expect("addr"))
+        .await
+        .expect("proxy");
+    let id = AgentId::new("ws", "late");
+    let (agent_router, mut at_agent) = numbers();
+    let agent = session_agent(&proxy.ws_url(), &id, agent_router);
+    let mut events = agent.session_events();
+    agent.wait_connected(SOON).await.expect("connected");
+    registered(&hub, &id).await;
+
+    // The agent goes away; the hub keeps sending into its session.
+    proxy.set_refuse(true);
+    proxy.cut_all();
+    eventually("the hub to notice", || hub.sender(&id).is_none()).await;
+    let receipt = hub
+        .send(&id, MessageType::Command, &json!({ "n": 1 }))
+        .await
+        .expect("buffered");
+    // Past the grace period the session is dropped: the hub's message fails.
+    let failed = tokio::time::timeout(SOON, receipt.delivered())
+        .await
+        .expect("resolved");
+    assert!(matches!(failed, Err(Undelivered::Reset(_))), "{failed:?}");
+    assert_eq!(hub.sessions(), 0);
+
+    // Meanwhile the agent buffered a message; when it comes back its resume is refused.
+    let mine = agent
+        .send(MessageType::Event, &json!({ "n": 1 }))
+        .await
+        .expect("accepted");
+    proxy.set_refuse(false);
+    let event = tokio::time::timeout(SOON, events.recv())
+        .await
+        .expect("event")
+        .expect("event");
+    assert!(
+        matches!(event, SessionEvent::Reset { epoch: 1, .. }),
+        "{event:?}"
+    );
+    assert!(matches!(mine.delivered().await, Err(Undelivered::Reset(_))));
+    assert!(
+        at_agent.try_recv().is_err(),
+        "the failed message was not delivered late"
+    );
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_hub_sessions_receipts_say_delivery_is_untracked() {
+    let hub = hub(server_config(), Router::new()).await;
+    let id = AgentId::new("ws", "plain");
+    let agent = session_agent(&hub.url().expect("url"), &id, Router::new());
+    let info = agent.wait_connected(SOON).await.expect("connected");
+    assert!(!info.has_capability("resume"));
+    let receipt = agent
+        .send(MessageType::Event, &json!({"n": 1}))
+        .await
+        .expect("send");
+    assert_eq!(receipt.delivered().await, Err(Undelivered::Untracked));
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
