@@ -1,6 +1,7 @@
 //! Resumable sessions: nothing accepted is lost or duplicated across disconnects, or the
 //! application is told plainly.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -227,4 +228,144 @@ async fn without_hub_sessions_receipts_say_delivery_is_untracked() {
     assert_eq!(receipt.delivered().await, Err(Undelivered::Untracked));
     agent.shutdown().await;
     hub.shutdown().await;
+}
+
+/// The chaos run: both sides send as fast as they can while a proxy cuts the
+/// connection at seeded random intervals of 50 to 500 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_many_messages_each_way_with_random_cuts_exactly_once_in_order() {
+    use rand::{Rng, SeedableRng};
+
+    const N: u64 = 200_000;
+    let (hub_router, mut at_hub) = numbers();
+    let hub = resumable_hub(hub_router, HubSessions::default()).await;
+    let proxy = Arc::new(
+        FaultProxy::start(hub.local_addr().expect("addr"))
+            .await
+            .expect("proxy"),
+    );
+    let id = AgentId::new("ws", "chaos");
+    let (agent_router, mut at_agent) = numbers();
+    let agent = session_agent(&proxy.ws_url(), &id, agent_router);
+    agent.wait_connected(SOON).await.expect("connected");
+    registered(&hub, &id).await;
+
+    let stop = tokio_util_stop();
+    let cutter = {
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(0x7e11);
+            let mut cuts = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(50..=500))).await;
+                if proxy.cut_all() > 0 {
+                    cuts += 1;
+                }
+            }
+            cuts
+        })
+    };
+    let up = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut receipts = Vec::with_capacity(N as usize);
+            for i in 1..=N {
+                receipts.push(
+                    agent
+                        .send(MessageType::Event, &json!({ "n": i }))
+                        .await
+                        .expect("agent send"),
+                );
+            }
+            receipts
+        })
+    };
+    let down = {
+        let (hub, id) = (hub.clone(), id.clone());
+        tokio::spawn(async move {
+            let mut receipts = Vec::with_capacity(N as usize);
+            for i in 1..=N {
+                receipts.push(
+                    hub.send(&id, MessageType::Command, &json!({ "n": i }))
+                        .await
+                        .expect("hub send"),
+                );
+            }
+            receipts
+        })
+    };
+    let (got_up, got_down) = tokio::join!(
+        expect_numbers_within(&mut at_hub, N, Duration::from_secs(120)),
+        expect_numbers_within(&mut at_agent, N, Duration::from_secs(120)),
+    );
+    got_up.expect("agent to hub");
+    got_down.expect("hub to agent");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let cuts = cutter.await.expect("cutter");
+    assert!(cuts >= 2, "only {cuts} cuts happened");
+    for r in up
+        .await
+        .expect("up")
+        .into_iter()
+        .chain(down.await.expect("down"))
+    {
+        assert_eq!(r.delivered().await, Ok(()));
+    }
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+fn tokio_util_stop() -> Arc<std::sync::atomic::AtomicBool> {
+    Arc::new(std::sync::atomic::AtomicBool::new(false))
+}
+
+/// Like `expect_numbers`, with an overall deadline and an error instead of a panic.
+async fn expect_numbers_within(
+    rx: &mut mpsc::UnboundedReceiver<u64>,
+    count: u64,
+    limit: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    for expected in 1..=count {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(got)) if got == expected => {}
+            Ok(Some(got)) => return Err(format!("expected {expected}, got {got}")),
+            Ok(None) => return Err("channel closed".into()),
+            Err(_) => return Err(format!("timed out at {expected} of {count}")),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_hub_cannot_resume_and_the_agent_is_told() {
+    let first = resumable_hub(Router::new(), HubSessions::default()).await;
+    let addr = first.local_addr().expect("addr");
+    let id = AgentId::new("ws", "restart");
+    let agent = session_agent(&first.url().expect("url"), &id, Router::new());
+    let mut events = agent.session_events();
+    let before = agent.wait_connected(SOON).await.expect("connected");
+    first.shutdown().await;
+    let second = Hub::bind_resumable(addr, server_config(), Router::new(), HubSessions::default())
+        .await
+        .expect("rebind");
+    let event = tokio::time::timeout(SOON, events.recv())
+        .await
+        .expect("event")
+        .expect("event");
+    assert!(
+        matches!(event, SessionEvent::Reset { epoch: 1, .. }),
+        "{event:?}"
+    );
+    let after = agent.wait_connected(SOON).await.expect("reconnected");
+    assert_ne!(after.session_id, before.session_id);
+    assert!(!after.resumed);
+    // The new session works.
+    let receipt = agent
+        .send(MessageType::Event, &json!({"n": 1}))
+        .await
+        .expect("send");
+    assert_eq!(receipt.delivered().await, Ok(()));
+    agent.shutdown().await;
+    second.shutdown().await;
 }
