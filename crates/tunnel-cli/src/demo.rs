@@ -9,7 +9,7 @@ use tower::{BoxError, service_fn};
 use tunnel_proto::messages::{Command, Event, Gvr, Resource, ResourceOp, Status};
 use tunnel_proto::{Format, MessageType, Payload};
 use tunnel_reconnect::BackoffConfig;
-use tunnel_router::{Agent, AgentConfig, Hub, Inbound, Router};
+use tunnel_router::{Agent, AgentConfig, Hub, HubSessions, Inbound, Router};
 use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{
     AgentId, ClientConfig, ConnectionConfig, ServerConfig, SharedToken, WsConnector,
@@ -50,6 +50,38 @@ struct Stats {
     received_by_agents: AtomicU64,
     replies_received: AtomicU64,
     send_errors: AtomicU64,
+    duplicates: AtomicU64,
+    out_of_order: AtomicU64,
+    /// The last demo sequence number seen on each stream (sender -> receiver).
+    last_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// The header carrying each stream's own count, so receivers can spot a duplicate or
+/// a gap independently of the protocol's sequence numbers.
+const DEMO_SEQ: &str = "x-demo-seq";
+
+impl Stats {
+    /// Checks one arriving message of `stream` against the last one seen.
+    fn arrived(&self, stream: String, env: &tunnel_proto::Envelope, delivered: &AtomicU64) {
+        let Some(n) = env
+            .headers
+            .get(DEMO_SEQ)
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            return;
+        };
+        let mut last = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let prev = last.entry(stream).or_insert(0);
+        if n <= *prev {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+        } else {
+            if n != *prev + 1 {
+                self.out_of_order.fetch_add(1, Ordering::Relaxed);
+            }
+            *prev = n;
+            delivered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Stats {
@@ -102,16 +134,25 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
         .ping_interval(Duration::from_secs(1))
         .pong_timeout(Duration::from_secs(2));
 
+    let at_hub = stats.clone();
     let hub_router = Router::new()
         .route(
             MessageType::Reply,
             counting(stats.clone(), |s| &s.replies_received),
         )
-        .fallback(counting(stats.clone(), |s| &s.received_by_hub));
-    let hub = Hub::bind(
+        .fallback(service_fn(move |msg: Inbound| {
+            at_hub.arrived(
+                format!("{}->hub", msg.agent()),
+                &msg.envelope,
+                &at_hub.received_by_hub,
+            );
+            std::future::ready(Ok::<_, BoxError>(()))
+        }));
+    let hub = Hub::bind_resumable(
         "127.0.0.1:0",
         ServerConfig::new(SharedToken::new(token.clone())).connection(keepalive.clone()),
         hub_router,
+        HubSessions::default(),
     )
     .await
     .map_err(|e| e.to_string())?;
@@ -125,9 +166,11 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
         .route(
             MessageType::Command,
             service_fn(move |msg: Inbound| {
-                on_command
-                    .received_by_agents
-                    .fetch_add(1, Ordering::Relaxed);
+                on_command.arrived(
+                    format!("hub->{}", msg.agent()),
+                    &msg.envelope,
+                    &on_command.received_by_agents,
+                );
                 async move {
                     let sender = msg.sender();
                     let reply = sender
@@ -232,8 +275,14 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
     for w in workers {
         let _ = w.await;
     }
-    // Let what is in flight arrive.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let what is in flight (and anything replayed) arrive: at most 10 s.
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(10)
+        && (Stats::get(&stats.received_by_hub) < Stats::get(&stats.sent_to_hub)
+            || Stats::get(&stats.received_by_agents) < Stats::get(&stats.sent_to_agents))
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let elapsed = started.elapsed().as_secs_f64();
     let reconnects: u64 = agents.iter().map(|(_, a)| a.reconnects()).sum();
     let all_connected = agents
@@ -244,12 +293,14 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
     let got_up = Stats::get(&stats.received_by_hub);
     let sent_down = Stats::get(&stats.sent_to_agents);
     let got_down = Stats::get(&stats.received_by_agents);
+    let duplicates = Stats::get(&stats.duplicates);
+    let out_of_order = Stats::get(&stats.out_of_order);
+    let lost = sent_up.saturating_sub(got_up) + sent_down.saturating_sub(got_down);
     println!("\nsummary after {elapsed:.1}s");
     println!(
-        "  agents -> hub : {} sent, {} delivered, {} not delivered ({:.0} msg/s)",
+        "  agents -> hub : {} sent, {} delivered ({:.0} msg/s)",
         thousands(sent_up),
         thousands(got_up),
-        thousands(sent_up.saturating_sub(got_up)),
         got_up as f64 / elapsed
     );
     println!(
@@ -258,14 +309,18 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
         thousands(got_down),
         thousands(Stats::get(&stats.replies_received))
     );
-    println!("  reconnects    : {reconnects}");
+    println!("  duplicated    : {}", thousands(duplicates));
+    println!("  lost          : {}", thousands(lost));
+    println!("  out of order  : {}", thousands(out_of_order));
     println!(
-        "  send errors   : {} (sends refused while an agent was reconnecting)",
+        "  reconnects    : {reconnects} (sessions resumed: nothing was resent by the application)"
+    );
+    println!(
+        "  send errors   : {}",
         thousands(Stats::get(&stats.send_errors))
     );
-    println!(
-        "  note          : messages in flight when a connection is cut can be lost until session resume lands"
-    );
+    println!();
+    print!("{}", status_table(&hub));
 
     for (_, agent) in &agents {
         agent.shutdown().await;
@@ -277,7 +332,36 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
     if reconnects == 0 || !all_connected {
         return Err("the cut agent did not come back".into());
     }
+    if duplicates + lost + out_of_order > 0 {
+        return Err("messages were lost, duplicated or reordered".into());
+    }
     Ok(())
+}
+
+/// Connected agents, one line each.
+fn status_table(hub: &Hub) -> String {
+    let mut agents = hub.agents();
+    agents.sort_by(|a, b| a.agent.cmp(&b.agent));
+    let mut out = format!(
+        "  {:<24} {:<10} {:<34} {:>9}\n",
+        "agent", "codec", "session", "rtt"
+    );
+    for info in agents {
+        let rtt = hub
+            .sender(&info.agent)
+            .and_then(|s| s.rtt())
+            .map_or("-".to_string(), |d| {
+                format!("{:.0} us", d.as_secs_f64() * 1e6)
+            });
+        out.push_str(&format!(
+            "  {:<24} {:<10} {:<32} {:>9}\n",
+            info.agent.to_string(),
+            info.format.to_string(),
+            info.session_id,
+            rtt
+        ));
+    }
+    out
 }
 
 async fn agent_traffic(
@@ -293,11 +377,10 @@ async fn agent_traffic(
     let mut n: u64 = 0;
     while !stop.is_set() {
         ticker.tick().await;
-        let Some(sender) = agent.sender().filter(|s| !s.is_closed()) else {
-            stats.send_errors.fetch_add(per_tick, Ordering::Relaxed);
-            continue;
-        };
-        let format = sender.info().format;
+        // The session accepts messages while disconnected too; they are replayed.
+        let format = agent
+            .sender()
+            .map_or(tunnel_proto::Format::MsgPack, |s| s.info().format);
         for _ in 0..per_tick {
             n += 1;
             let name = format!("web-{}", n % 16);
@@ -342,11 +425,11 @@ async fn agent_traffic(
                 ),
             };
             let Ok(payload) = payload else { continue };
-            match sender
-                .send(&sender.envelope(kind).with_payload(payload))
-                .await
-            {
-                Ok(()) => stats.sent_to_hub.fetch_add(1, Ordering::Relaxed),
+            let env = tunnel_proto::Envelope::new(0, kind, tunnel_transport::unix_millis())
+                .with_header(DEMO_SEQ, n.to_string())
+                .with_payload(payload);
+            match agent.send_envelope(env).await {
+                Ok(_) => stats.sent_to_hub.fetch_add(1, Ordering::Relaxed),
                 Err(_) => stats.send_errors.fetch_add(1, Ordering::Relaxed),
             };
         }
@@ -358,10 +441,20 @@ async fn hub_traffic(hub: Hub, agents: Vec<AgentId>, stats: Arc<Stats>, stop: Ar
     let mut n: u64 = 0;
     while !stop.is_set() {
         ticker.tick().await;
+        n += 1;
         for id in &agents {
-            n += 1;
             let command = Command::new("sync").arg("round", n);
-            match hub.send(id, MessageType::Command, &command).await {
+            let Ok(payload) = Payload::encode(tunnel_proto::Format::MsgPack, &command) else {
+                continue;
+            };
+            let env = tunnel_proto::Envelope::new(
+                0,
+                MessageType::Command,
+                tunnel_transport::unix_millis(),
+            )
+            .with_header(DEMO_SEQ, n.to_string())
+            .with_payload(payload);
+            match hub.send_envelope(id, env).await {
                 Ok(_) => stats.sent_to_agents.fetch_add(1, Ordering::Relaxed),
                 Err(_) => stats.send_errors.fetch_add(1, Ordering::Relaxed),
             };
