@@ -40,6 +40,9 @@ pub(crate) struct BenchArgs {
     /// Runs per throughput figure; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Connection cuts measured by the session scenario.
+    #[arg(long, default_value_t = 40)]
+    cuts: usize,
     /// Only run tunnel's side of the throughput scenario with this codec (for profiling).
     #[arg(long, value_enum, hide = true)]
     profile: Option<crate::Codec>,
@@ -53,6 +56,9 @@ enum Scenario {
     Latency,
     /// Hub memory per idle agent connection.
     Idle,
+    /// Resumable sessions: throughput beside transport-only, cut-to-resume time,
+    /// replay memory.
+    Session,
     /// All of the above.
     All,
 }
@@ -65,6 +71,10 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
     }
     if all || args.scenario == Scenario::Latency {
         tokio::task::block_in_place(|| latency(&args))?;
+    }
+    if all || args.scenario == Scenario::Session {
+        tokio::task::block_in_place(|| crate::session_bench::throughput(args.messages, args.runs))?;
+        crate::session_bench::resume_time(args.cuts).await?;
     }
     if all || args.scenario == Scenario::Idle {
         idle(&args).await?;
@@ -87,7 +97,7 @@ struct OriginalEnvelope<P> {
     error: Option<String>,
 }
 
-fn sample_event() -> Event {
+pub(crate) fn sample_event() -> Event {
     Event {
         event_type: "Normal".into(),
         reason: "ScalingReplicaSet".into(),
@@ -100,7 +110,7 @@ fn sample_event() -> Event {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -233,13 +243,13 @@ async fn raw_source_client(
 
 /// Client on core 0, server on core 1, each a single-thread runtime: as if agent and hub
 /// ran on two machines. Both the baseline and tunnel are measured this way.
-const THROUGHPUT_PLACEMENT: Placement = Placement {
+pub(crate) const THROUGHPUT_PLACEMENT: Placement = Placement {
     name: "cross core",
     client_core: 0,
     server_core: 1,
 };
 
-fn tunnel_throughput(n: u64, format: Format) -> Result<f64, String> {
+pub(crate) fn tunnel_throughput(n: u64, format: Format) -> Result<f64, String> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     two_sided(
         &THROUGHPUT_PLACEMENT,
@@ -318,10 +328,10 @@ async fn tunnel_source_client(
 // ---------------------------------------------------------------------------------
 // Latency
 
-struct Placement {
-    name: &'static str,
-    client_core: usize,
-    server_core: usize,
+pub(crate) struct Placement {
+    pub(crate) name: &'static str,
+    pub(crate) client_core: usize,
+    pub(crate) server_core: usize,
 }
 
 fn pinned_runtime(core: usize) -> Result<tokio::runtime::Runtime, String> {
@@ -340,7 +350,7 @@ fn pinned_runtime(core: usize) -> Result<tokio::runtime::Runtime, String> {
 
 /// Runs `server` on its own thread and runtime pinned to one core, and `client` on
 /// another pinned to another (or the same) core.
-fn two_sided<S, C, T>(placement: &Placement, server: S, client: C) -> Result<T, String>
+pub(crate) fn two_sided<S, C, T>(placement: &Placement, server: S, client: C) -> Result<T, String>
 where
     S: FnOnce(mpsc::Sender<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
         + Send
@@ -385,7 +395,7 @@ where
     result
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod run;
+mod session_bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,7 +22,7 @@ use tunnel_proto::Format;
 #[command(name = "tunnel", version, about, long_about = None)]
 struct Cli {
     /// Log filter in RUST_LOG syntax (for example `info` or `tunnel_router=debug`).
-    /// Defaults to RUST_LOG, else `info` (`warn` for demo and bench).
+    /// Defaults to RUST_LOG, else `info` (`warn` for demo, `error` for bench).
     #[arg(long, global = true, value_name = "FILTER")]
     log: Option<String>,
 
@@ -84,8 +85,13 @@ fn init_logging(filter: Option<&str>, default: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
-    init_logging(cli.log.as_deref(), if quiet { "warn" } else { "info" });
+    let default_filter = match cli.command {
+        // Figures only; connection cuts are part of the scenarios.
+        Command::Bench(_) => "error",
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log.as_deref(), default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

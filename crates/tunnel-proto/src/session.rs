@@ -24,13 +24,13 @@
 //!
 //! let one = tx.push("one", 3, now)?;
 //! let two = tx.push("two", 3, now)?;
-//! assert_eq!(rx.on_data(one, now), Accept::Deliver);
+//! assert_eq!(rx.on_data(one, || now), Accept::Deliver);
 //! // The connection drops before "two" arrives. On resume the receiver reports what it
 //! // has, and the sender replays the rest.
 //! let replay: Vec<_> = tx.resume(rx.last_received())?.map(|m| m.item).collect();
 //! assert_eq!(replay, ["two"]);
-//! assert_eq!(rx.on_data(two, now), Accept::Deliver);
-//! assert_eq!(rx.on_data(two, now), Accept::Duplicate);
+//! assert_eq!(rx.on_data(two, || now), Accept::Deliver);
+//! assert_eq!(rx.on_data(two, || now), Accept::Duplicate);
 //! tx.on_ack(rx.take_ack())?;
 //! assert!(tx.is_empty());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -307,6 +307,19 @@ impl<T> Outbound<T> {
         self.pending.drain(..).collect()
     }
 
+    /// The sequence number the next pushed message will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The held message with sequence number `seq`, mutably (to update the `ack` it
+    /// carries before sending it again, say).
+    pub fn get_mut(&mut self, seq: u64) -> Option<&mut Sent<T>> {
+        let first = self.pending.front()?.seq;
+        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
+        self.pending.get_mut(index)
+    }
+
     /// The held message with sequence number `seq`, if it is still held.
     pub fn get(&self, seq: u64) -> Option<&Sent<T>> {
         let first = self.pending.front()?.seq;
@@ -368,6 +381,8 @@ pub struct Inbound {
     config: SessionConfig,
     received: u64,
     unacked: u32,
+    /// When the first message not yet acknowledged arrived.
+    first_at: Option<Instant>,
     ack_at: Option<Instant>,
 }
 
@@ -383,14 +398,19 @@ impl Inbound {
             config,
             received,
             unacked: 0,
+            first_at: None,
             ack_at: None,
         }
     }
 
-    /// Classifies an arriving data message with sequence number `seq`.
-    pub fn on_data(&mut self, seq: u64, now: Instant) -> Accept {
+    /// Classifies an arriving data message with sequence number `seq`. `now` is asked
+    /// only when the time matters (the first unacknowledged message of a batch, or a
+    /// duplicate), so a busy receiver does not read the clock per message.
+    pub fn on_data(&mut self, seq: u64, now: impl FnOnce() -> Instant) -> Accept {
         if seq <= self.received {
-            self.ack_at = Some(now);
+            let t = now();
+            self.first_at.get_or_insert(t);
+            self.ack_at = Some(self.ack_at.map_or(t, |at| at.min(t)));
             return Accept::Duplicate;
         }
         if seq != self.received + 1 {
@@ -401,12 +421,19 @@ impl Inbound {
         }
         self.received = seq;
         self.unacked = self.unacked.saturating_add(1);
-        let due = if self.unacked >= self.config.ack_every {
-            now
-        } else {
-            now + self.config.ack_delay
+        let first = match self.first_at {
+            Some(first) => first,
+            None => {
+                let t = now();
+                self.first_at = Some(t);
+                self.ack_at = Some(t + self.config.ack_delay);
+                t
+            }
         };
-        self.ack_at = Some(self.ack_at.map_or(due, |at| at.min(due)));
+        if self.unacked >= self.config.ack_every {
+            // Due at once: the first message's arrival is certainly not in the future.
+            self.ack_at = Some(first);
+        }
         Accept::Deliver
     }
 
@@ -414,6 +441,12 @@ impl Inbound {
     /// messages (or a duplicate), else `ack_delay` after the first unacknowledged one.
     pub fn ack_due_at(&self) -> Option<Instant> {
         self.ack_at
+    }
+
+    /// Whether `ack_every` messages await an acknowledgement (it is due whatever the
+    /// time; checking this needs no clock).
+    pub fn ack_owed_by_count(&self) -> bool {
+        self.unacked >= self.config.ack_every
     }
 
     /// Whether an acknowledgement should be sent at `now`.
@@ -425,6 +458,7 @@ impl Inbound {
     /// message); clears what was owed.
     pub fn take_ack(&mut self) -> u64 {
         self.unacked = 0;
+        self.first_at = None;
         self.ack_at = None;
         self.received
     }
@@ -567,16 +601,16 @@ mod tests {
     fn inbound_delivers_in_order_once_and_detects_gaps() {
         let t = Instant::now();
         let mut rx = Inbound::new(config());
-        assert_eq!(rx.on_data(1, t), Accept::Deliver);
-        assert_eq!(rx.on_data(1, t), Accept::Duplicate);
+        assert_eq!(rx.on_data(1, || t), Accept::Deliver);
+        assert_eq!(rx.on_data(1, || t), Accept::Duplicate);
         assert_eq!(
-            rx.on_data(3, t),
+            rx.on_data(3, || t),
             Accept::Gap {
                 expected: 2,
                 got: 3
             }
         );
-        assert_eq!(rx.on_data(2, t), Accept::Deliver);
+        assert_eq!(rx.on_data(2, || t), Accept::Deliver);
         assert_eq!(rx.last_received(), 2);
     }
 
@@ -586,17 +620,17 @@ mod tests {
         let mut rx = Inbound::new(config());
         assert!(!rx.ack_due(t));
         assert_eq!(rx.ack_due_at(), None);
-        rx.on_data(1, t);
+        rx.on_data(1, || t);
         assert!(!rx.ack_due(t));
         assert_eq!(rx.ack_due_at(), Some(t + Duration::from_millis(20)));
         assert!(rx.ack_due(t + Duration::from_millis(20)));
-        rx.on_data(2, t);
-        rx.on_data(3, t);
+        rx.on_data(2, || t);
+        rx.on_data(3, || t);
         assert!(rx.ack_due(t), "three messages: due at once");
         assert_eq!(rx.take_ack(), 3);
         assert!(!rx.ack_due(t + Duration::from_secs(1)));
         // A duplicate makes an ack due at once, so the sender stops replaying.
-        rx.on_data(2, t);
+        rx.on_data(2, || t);
         assert!(rx.ack_due(t));
     }
 }

@@ -168,7 +168,7 @@ mod session_model {
 
             let deliver = |link: &mut VecDeque<(u64, u64)>, rx: &mut Inbound, now: Instant, delivered: &mut Vec<u64>| {
                 if let Some((seq, value)) = link.pop_front() {
-                    match rx.on_data(seq, now) {
+                    match rx.on_data(seq, || now) {
                         Accept::Deliver => delivered.push(value),
                         Accept::Duplicate => {}
                         Accept::Gap { expected, got } => panic!("gap: expected {expected}, got {got}"),

@@ -336,10 +336,15 @@ impl Agent {
     /// untracked.
     pub async fn send_envelope(&self, mut env: Envelope) -> Result<Receipt, AgentSendError> {
         env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(reliable) = &self.inner.reliable
+            && self.inner.resumable.load(Ordering::Acquire)
+        {
+            return Ok(reliable.send(env, self.inner.when_full).await?);
+        }
         let current = self.sender();
-        let resumable = self.inner.resumable.load(Ordering::Acquire);
         match &self.inner.reliable {
-            Some(reliable) if resumable || current.is_none() => {
+            // Between connections: held for the next one.
+            Some(reliable) if current.is_none() => {
                 Ok(reliable.send(env, self.inner.when_full).await?)
             }
             _ => {

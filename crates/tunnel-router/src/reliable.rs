@@ -121,6 +121,10 @@ pub(crate) enum Verdict {
 struct Out {
     out: Outbound<Envelope>,
     conn: Option<ConnectionSender>,
+    /// The first held message not yet handed to `conn` because its queue was full (or
+    /// a replay is in progress). While set, new messages are only held, and the
+    /// drainer sends them in order.
+    backlog_from: Option<u64>,
     epoch: u64,
     attached_before: bool,
     shut: bool,
@@ -128,11 +132,17 @@ struct Out {
 
 /// One session's reliable state.
 pub(crate) struct Reliable {
-    out: tokio::sync::Mutex<Out>,
+    out: Mutex<Out>,
     inb: Mutex<Inbound>,
+    /// One drainer at a time sends the backlog, in order.
+    drain: tokio::sync::Mutex<()>,
     config: SessionConfig,
     progress: watch::Sender<Progress>,
     room: Notify,
+    /// A coarse clock for the replay buffer's age bound, advanced by `expire` (every
+    /// sweep): reading the real clock per message would cost more than the bound needs.
+    epoch_start: Instant,
+    coarse_ms: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Reliable {
@@ -154,14 +164,16 @@ fn is_data(kind: &MessageType) -> bool {
 impl Reliable {
     pub(crate) fn new(config: SessionConfig) -> Arc<Self> {
         Arc::new(Reliable {
-            out: tokio::sync::Mutex::new(Out {
+            out: Mutex::new(Out {
                 out: Outbound::new(config.clone()),
                 conn: None,
+                backlog_from: None,
                 epoch: 0,
                 attached_before: false,
                 shut: false,
             }),
             inb: Mutex::new(Inbound::new(config.clone())),
+            drain: tokio::sync::Mutex::new(()),
             config,
             progress: watch::Sender::new(Progress {
                 epoch: 0,
@@ -170,11 +182,23 @@ impl Reliable {
                 ended: None,
             }),
             room: Notify::new(),
+            epoch_start: Instant::now(),
+            coarse_ms: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Now, to the precision of the sweep interval.
+    fn coarse_now(&self) -> std::time::Instant {
+        let ms = self.coarse_ms.load(std::sync::atomic::Ordering::Relaxed);
+        (self.epoch_start + Duration::from_millis(ms)).into_std()
     }
 
     fn inbound(&self) -> std::sync::MutexGuard<'_, Inbound> {
         self.inb.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Out> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The highest sequence number received in order (for a resume request or grant).
@@ -182,31 +206,50 @@ impl Reliable {
         self.inbound().last_received()
     }
 
+    /// The ack to carry on an outgoing message, if anything was received.
+    fn piggyback(&self) -> Option<u64> {
+        let mut inb = self.inbound();
+        (inb.last_received() > 0).then(|| inb.take_ack())
+    }
+
     /// Numbers `env`, holds it until acknowledged and sends it on the current
-    /// connection if there is one (else it waits for the next).
+    /// connection if there is one (else it waits for the next). Returns once the
+    /// message is queued on the connection or held for the next one.
     pub(crate) async fn send(
         &self,
         env: Envelope,
         when_full: WhenFull,
     ) -> Result<Receipt, ReliableSendError> {
-        let deadline = match when_full {
-            WhenFull::Wait(d) => Some(Instant::now() + d),
-            WhenFull::Reject => None,
-        };
         let mut env = env;
+        let mut deadline = None;
         loop {
             let room = self.room.notified();
             tokio::pin!(room);
-            room.as_mut().enable();
-            let mut st = self.out.lock().await;
-            if st.shut {
-                return Err(ReliableSendError::ShutDown);
-            }
-            let size = size_of(&env);
-            match st.out.push(env, size, Instant::now().into_std()) {
-                Ok(seq) => {
-                    let epoch = st.epoch;
-                    self.transmit(&mut st, seq).await;
+            let pushed = {
+                let mut st = self.state();
+                if st.shut {
+                    return Err(ReliableSendError::ShutDown);
+                }
+                let size = size_of(&env);
+                env.seq = Some(st.out.next_seq());
+                match st.out.push(env, size, self.coarse_now()) {
+                    Ok(seq) => {
+                        let backlog = self.try_transmit(&mut st, seq);
+                        Ok((seq, st.epoch, backlog))
+                    }
+                    Err(full) => {
+                        // Register for room before letting go of the lock, so an ack
+                        // that frees room in between is not missed.
+                        room.as_mut().enable();
+                        Err(full)
+                    }
+                }
+            };
+            match pushed {
+                Ok((seq, epoch, backlog)) => {
+                    if backlog {
+                        self.drain().await;
+                    }
                     return Ok(Receipt {
                         seq,
                         epoch,
@@ -214,11 +257,11 @@ impl Reliable {
                     });
                 }
                 Err(full) => {
-                    let Some(deadline) = deadline else {
+                    let WhenFull::Wait(wait) = when_full else {
                         return Err(ReliableSendError::Full(full.bound));
                     };
+                    let deadline = *deadline.get_or_insert_with(|| Instant::now() + wait);
                     env = full.item;
-                    drop(st);
                     if tokio::time::timeout_at(deadline, room).await.is_err() {
                         return Err(ReliableSendError::Full(full.bound));
                     }
@@ -227,75 +270,121 @@ impl Reliable {
         }
     }
 
-    /// Sends the held message `seq` on the current connection, with the latest ack.
-    async fn transmit(&self, st: &mut Out, seq: u64) {
-        let Some(conn) = st.conn.clone() else { return };
-        let Some(wire) = self.wire(st, seq) else {
-            return;
+    /// Hands the held message `seq` to the connection if it can go at once and in
+    /// order; returns whether a backlog needs draining.
+    fn try_transmit(&self, st: &mut Out, seq: u64) -> bool {
+        if st.backlog_from.is_some() {
+            return true;
+        }
+        let Some(conn) = st.conn.clone() else {
+            return false;
         };
-        if conn.send(&wire).await.is_err() {
-            st.conn = None;
+        let ack = self.piggyback();
+        let Some(held) = st.out.get_mut(seq) else {
+            return false;
+        };
+        held.item.ack = ack;
+        match conn.try_send(&held.item) {
+            Ok(()) => false,
+            Err(tunnel_transport::SendError::Full) => {
+                st.backlog_from = Some(seq);
+                true
+            }
+            Err(_) => {
+                st.conn = None;
+                false
+            }
         }
     }
 
-    fn wire(&self, st: &Out, seq: u64) -> Option<Envelope> {
-        let held = st.out.get(seq)?;
-        let mut wire = held.item.clone();
-        wire.seq = Some(seq);
-        let mut inb = self.inbound();
-        if inb.last_received() > 0 {
-            wire.ack = Some(inb.take_ack());
+    /// Sends the backlog in order, waiting for room on the connection, until it is
+    /// empty or the connection is gone.
+    async fn drain(&self) {
+        let _one = self.drain.lock().await;
+        loop {
+            let next = {
+                let mut st = self.state();
+                let Some(from) = st.backlog_from else {
+                    return;
+                };
+                let Some(conn) = st.conn.clone() else {
+                    return;
+                };
+                // Skip what was acknowledged or expired meanwhile.
+                let oldest = st.out.iter().next().map(|m| m.seq);
+                let first = oldest.map_or(from, |seq| seq.max(from));
+                if first > st.out.highest_sent() {
+                    st.backlog_from = None;
+                    return;
+                }
+                let ack = self.piggyback();
+                let Some(held) = st.out.get_mut(first) else {
+                    st.backlog_from = None;
+                    return;
+                };
+                held.item.ack = ack;
+                (conn, held.item.clone(), first)
+            };
+            let (conn, env, seq) = next;
+            let sent = conn.send(&env).await;
+            let mut st = self.state();
+            match sent {
+                Ok(()) if st.backlog_from.is_some() => {
+                    st.backlog_from = (seq < st.out.highest_sent()).then_some(seq + 1);
+                }
+                Ok(()) => return,
+                Err(_) => {
+                    if st
+                        .conn
+                        .as_ref()
+                        .is_some_and(|c| c.info().id == conn.info().id)
+                    {
+                        st.conn = None;
+                    }
+                    return;
+                }
+            }
         }
-        Some(wire)
     }
 
     /// Makes `conn` the session's connection. `resumed` and `peer_received` come from
     /// the handshake; a session that cannot continue is reset (its unacknowledged
-    /// messages fail) and the reason returned.
+    /// messages fail) and the reason returned. Everything held is then sent, in order,
+    /// before any new message.
     pub(crate) async fn attach(
         &self,
         conn: ConnectionSender,
         resumed: bool,
         peer_received: Option<u64>,
     ) -> Option<String> {
-        let mut st = self.out.lock().await;
-        let mut reset = None;
-        if resumed {
-            let peer_received = peer_received.unwrap_or(0);
-            let replay: Result<Vec<u64>, _> = st
-                .out
-                .resume(peer_received)
-                .map(|it| it.map(|m| m.seq).collect());
-            match replay {
-                Ok(seqs) => {
+        let reset = {
+            let mut st = self.state();
+            let mut reset = None;
+            if resumed {
+                if let Err(e) = st.out.resume(peer_received.unwrap_or(0)) {
+                    reset = Some(e.to_string());
+                } else {
                     self.publish_acked(&st);
-                    st.conn = Some(conn);
-                    for seq in seqs {
-                        self.transmit(&mut st, seq).await;
-                    }
-                    st.attached_before = true;
-                    return None;
                 }
-                Err(e) => reset = Some(e.to_string()),
+            } else if st.attached_before {
+                reset = Some("the peer started a new session".into());
             }
-        } else if st.attached_before {
-            reset = Some("the peer started a new session".into());
-        }
-        if let Some(reason) = &reset {
-            self.reset_locked(&mut st, reason);
-        }
-        st.conn = Some(conn);
-        st.attached_before = true;
-        // Everything held (sent while disconnected, or after a reset nothing) goes out now.
-        let seqs: Vec<u64> = st.out.iter().map(|m| m.seq).collect();
-        for seq in seqs {
-            self.transmit(&mut st, seq).await;
-        }
+            if let Some(reason) = &reset {
+                self.reset_locked(&mut st, reason);
+            }
+            st.conn = Some(conn);
+            st.attached_before = true;
+            let first = st.out.iter().next().map(|m| m.seq);
+            st.backlog_from = first;
+            reset
+        };
+        self.drain().await;
         reset
     }
 
     fn reset_locked(&self, st: &mut Out, reason: &str) {
         st.out.reset();
+        st.backlog_from = None;
         *self.inbound() = Inbound::new(self.config.clone());
         st.epoch += 1;
         self.progress.send_modify(|p| {
@@ -325,7 +414,7 @@ impl Reliable {
 
     /// Forgets `conn` if it is the current connection.
     pub(crate) async fn detach(&self, conn: &ConnectionSender) {
-        let mut st = self.out.lock().await;
+        let mut st = self.state();
         if st
             .conn
             .as_ref()
@@ -338,7 +427,7 @@ impl Reliable {
     /// Applies an arriving envelope's `seq` and `ack`.
     pub(crate) async fn on_inbound(&self, env: &Envelope) -> Verdict {
         if let Some(ack) = env.ack {
-            let mut st = self.out.lock().await;
+            let mut st = self.state();
             match st.out.on_ack(ack) {
                 Ok(done) if !done.is_empty() => self.publish_acked(&st),
                 Ok(_) => {}
@@ -356,7 +445,7 @@ impl Reliable {
         let Some(seq) = env.seq else {
             return Verdict::Deliver;
         };
-        match self.inbound().on_data(seq, Instant::now().into_std()) {
+        match self.inbound().on_data(seq, std::time::Instant::now) {
             Accept::Deliver => Verdict::Deliver,
             Accept::Duplicate => Verdict::Drop,
             Accept::Gap { expected, got } => {
@@ -382,9 +471,26 @@ impl Reliable {
         let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
     }
 
+    /// Sends a standalone acknowledgement at once if `ack_every` messages await one. A
+    /// busy connection never lets the ack timer fire, so this runs per message.
+    pub(crate) fn ack_if_owed_by_count(&self, conn: &ConnectionSender) {
+        let ack = {
+            let mut inb = self.inbound();
+            if !inb.ack_owed_by_count() {
+                return;
+            }
+            inb.take_ack()
+        };
+        let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
+    }
+
     /// Drops messages held past the age bound; their receipts fail with `Expired`.
+    /// Also advances the coarse clock, so call it regularly.
     pub(crate) async fn expire(&self) {
-        let mut st = self.out.lock().await;
+        let ms = u64::try_from(self.epoch_start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.coarse_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+        let mut st = self.state();
         if let Some(last) = st.out.expire(Instant::now().into_std()).last() {
             let through = last.seq;
             self.progress.send_modify(|p| p.expired_through = through);
@@ -395,7 +501,7 @@ impl Reliable {
     /// Fails every held message with a reset (they cannot be delivered); the session
     /// itself stays usable.
     pub(crate) async fn fail_held(&self, reason: &str) {
-        let mut st = self.out.lock().await;
+        let mut st = self.state();
         if !st.out.is_empty() {
             self.reset_locked(&mut st, reason);
         }
@@ -403,17 +509,18 @@ impl Reliable {
 
     /// Ends the session: every unacknowledged message fails with `reason`.
     pub(crate) async fn shut_down(&self, reason: Undelivered) {
-        let mut st = self.out.lock().await;
+        let mut st = self.state();
         st.shut = true;
         st.out.reset();
         st.conn = None;
+        st.backlog_from = None;
         self.progress.send_modify(|p| p.ended = Some(reason));
         self.room.notify_waiters();
     }
 
     /// Messages and bytes held for replay.
     pub(crate) async fn held(&self) -> (usize, usize) {
-        let st = self.out.lock().await;
+        let st = self.state();
         (st.out.len(), st.out.bytes())
     }
 }

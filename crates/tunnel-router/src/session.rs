@@ -59,7 +59,7 @@ pub(crate) async fn run(
         };
         if let Some(reliable) = reliable {
             match reliable.on_inbound(&env).await {
-                Verdict::Deliver => {}
+                Verdict::Deliver => reliable.ack_if_owed_by_count(&sender),
                 Verdict::Drop => continue,
                 Verdict::Violation(reason) => {
                     tracing::warn!(connection = sender.info().id, %reason, "session rule broken");

@@ -1,0 +1,201 @@
+//! `tunnel bench session`: what resumable sessions cost and how fast they recover.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc};
+use tower::{BoxError, service_fn};
+use tunnel_proto::{Envelope, Format, MessageType, Payload};
+use tunnel_reconnect::BackoffConfig;
+use tunnel_router::{Agent, AgentConfig, ConnectionState, Hub, HubSessions, Inbound, Router};
+use tunnel_transport::fault::FaultProxy;
+use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig, WsConnector};
+
+use crate::bench::{
+    THROUGHPUT_PLACEMENT, median, percentile, sample_event, tunnel_throughput, two_sided,
+};
+use crate::demo::thousands;
+
+/// One-way MessagePack throughput through an agent's session into a resumable hub,
+/// beside the transport-only figure, same placement, same run.
+pub(crate) fn throughput(n: u64, runs: usize) -> Result<(), String> {
+    println!(
+        "\nsession: {} one-way event messages agent -> hub per run, median of {runs} runs, client core 0, server core 1",
+        thousands(n)
+    );
+    let mut plain = Vec::new();
+    let mut with_sessions = Vec::new();
+    let mut held = (0usize, 0usize);
+    for _ in 0..runs.max(1) {
+        plain.push(tunnel_throughput(n, Format::MsgPack)?);
+        let (rate, max_held) = session_throughput(n)?;
+        with_sessions.push(rate);
+        held = held.max(max_held);
+    }
+    let (plain, sessions) = (median(plain), median(with_sessions));
+    let ratio = sessions / plain;
+    let verdict = if ratio >= 0.8 { "meets" } else { "BELOW" };
+    println!(
+        "  {:<44} {:>10} msg/s",
+        "transport only (connection -> hub)",
+        thousands(plain as u64)
+    );
+    println!(
+        "  {:<44} {:>10} msg/s  {ratio:.2}x transport-only ({verdict} the 0.8x bar)",
+        "with sessions (agent -> resumable hub)",
+        thousands(sessions as u64)
+    );
+    println!(
+        "  replay buffer under this load: at most {} messages, {} KiB held (bounds: 10,000 messages, 16 MiB, 5 min)",
+        thousands(held.0 as u64),
+        thousands(held.1 as u64 / 1024)
+    );
+    Ok(())
+}
+
+fn session_throughput(n: u64) -> Result<(f64, (usize, usize)), String> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    two_sided(
+        &THROUGHPUT_PLACEMENT,
+        move |url_tx| Box::pin(sink(url_tx, done_tx, n)),
+        move |url| Box::pin(source(url, done_rx, n)),
+    )
+}
+
+async fn sink(url_tx: mpsc::Sender<String>, done: tokio::sync::oneshot::Sender<Instant>, n: u64) {
+    let received = Arc::new(AtomicU64::new(0));
+    let all_in = Arc::new(Notify::new());
+    let (counter, notify) = (received.clone(), all_in.clone());
+    let router = Router::new().route(
+        MessageType::Event,
+        service_fn(move |_: Inbound| {
+            if counter.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                notify.notify_one();
+            }
+            std::future::ready(Ok::<_, BoxError>(()))
+        }),
+    );
+    let Ok(hub) = Hub::bind_resumable(
+        "127.0.0.1:0",
+        ServerConfig::new(AllowAll),
+        router,
+        HubSessions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    let _ = url_tx.send(hub.url().unwrap_or_default()).await;
+    if tokio::time::timeout(Duration::from_secs(120), all_in.notified())
+        .await
+        .is_ok()
+    {
+        let _ = done.send(Instant::now());
+    }
+    for _ in 0..1000 {
+        if hub.agents().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    hub.shutdown().await;
+}
+
+async fn source(
+    url: String,
+    done: tokio::sync::oneshot::Receiver<Instant>,
+    n: u64,
+) -> Result<(f64, (usize, usize)), String> {
+    let connector = WsConnector::new(ClientConfig::new(AgentId::new("bench", "session")));
+    let agent =
+        Agent::start(connector, AgentConfig::new(url), Router::new()).map_err(|e| e.to_string())?;
+    agent
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())?;
+    let event = sample_event();
+    let mut held = (0usize, 0usize);
+    let started = Instant::now();
+    for i in 0..n {
+        let env = Envelope::new(0, MessageType::Event, tunnel_transport::unix_millis())
+            .with_payload(Payload::encode(Format::MsgPack, &event).map_err(|e| e.to_string())?);
+        drop(agent.send_envelope(env).await.map_err(|e| e.to_string())?);
+        if i % 10_000 == 0 {
+            held = held.max(agent.held().await.unwrap_or_default());
+        }
+    }
+    let finished = done
+        .await
+        .map_err(|_| "not every message arrived".to_string())?;
+    let rate = n as f64 / (finished - started).as_secs_f64();
+    agent.shutdown().await;
+    Ok((rate, held))
+}
+
+/// Time from a cut TCP connection to a resumed session, over `cuts` cuts.
+pub(crate) async fn resume_time(cuts: usize) -> Result<(), String> {
+    let backoff = BackoffConfig::default()
+        .base(Duration::from_millis(10))
+        .cap(Duration::from_millis(100));
+    let hub = Hub::bind_resumable(
+        "127.0.0.1:0",
+        ServerConfig::new(AllowAll),
+        Router::new(),
+        HubSessions::default(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let proxy = FaultProxy::start(hub.local_addr().ok_or("no address")?)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connector = WsConnector::new(ClientConfig::new(AgentId::new("bench", "resume")));
+    let agent = Agent::start(
+        connector,
+        AgentConfig::new(proxy.ws_url()).backoff(backoff),
+        Router::new(),
+    )
+    .map_err(|e| e.to_string())?;
+    agent
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut state = agent.state();
+    let mut samples = Vec::with_capacity(cuts);
+    for _ in 0..cuts.max(1) {
+        let cut_at = Instant::now();
+        proxy.cut_all();
+        // Down first, then resumed again.
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            state.wait_for(|s| {
+                !matches!(
+                    s,
+                    ConnectionState::Connected { .. } | ConnectionState::Resumed { .. }
+                )
+            }),
+        )
+        .await
+        .map_err(|_| "the cut went unnoticed")?
+        .map_err(|e| e.to_string())?;
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            state.wait_for(|s| matches!(s, ConnectionState::Resumed { .. })),
+        )
+        .await
+        .map_err(|_| "no resume")?
+        .map_err(|e| e.to_string())?;
+        samples.push(cut_at.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    samples.sort();
+    println!(
+        "  cut to resumed session, {} cuts (backoff 10 ms base, 100 ms cap, full jitter): p50 {:.1} ms, p99 {:.1} ms",
+        samples.len(),
+        percentile(&samples, 0.5).as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3
+    );
+    agent.shutdown().await;
+    hub.shutdown().await;
+    Ok(())
+}
