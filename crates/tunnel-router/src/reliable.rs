@@ -143,6 +143,8 @@ pub(crate) struct Reliable {
     /// sweep): reading the real clock per message would cost more than the bound needs.
     epoch_start: Instant,
     coarse_ms: std::sync::atomic::AtomicU64,
+    /// Set when data arrived that no outgoing message has acknowledged yet.
+    owed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Reliable {
@@ -184,6 +186,7 @@ impl Reliable {
             room: Notify::new(),
             epoch_start: Instant::now(),
             coarse_ms: std::sync::atomic::AtomicU64::new(0),
+            owed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -208,6 +211,10 @@ impl Reliable {
 
     /// The ack to carry on an outgoing message, if anything was received.
     fn piggyback(&self) -> Option<u64> {
+        // Without anything new to acknowledge, skip the lock.
+        if !self.owed.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return None;
+        }
         let mut inb = self.inbound();
         (inb.last_received() > 0).then(|| inb.take_ack())
     }
@@ -276,15 +283,16 @@ impl Reliable {
         if st.backlog_from.is_some() {
             return true;
         }
-        let Some(conn) = st.conn.clone() else {
+        let Out { out, conn, .. } = st;
+        let Some(sender) = conn.as_ref() else {
             return false;
         };
         let ack = self.piggyback();
-        let Some(held) = st.out.get_mut(seq) else {
+        let Some(held) = out.get_mut(seq) else {
             return false;
         };
         held.item.ack = ack;
-        match conn.try_send(&held.item) {
+        match sender.try_send(&held.item) {
             Ok(()) => false,
             Err(tunnel_transport::SendError::Full) => {
                 st.backlog_from = Some(seq);
@@ -424,8 +432,10 @@ impl Reliable {
         }
     }
 
-    /// Applies an arriving envelope's `seq` and `ack`.
-    pub(crate) async fn on_inbound(&self, env: &Envelope) -> Verdict {
+    /// Applies an arriving envelope's `seq` and `ack`. For a delivered message, a
+    /// standalone acknowledgement goes out on `conn` at once if `ack_every` messages
+    /// await one (a busy connection never lets the ack timer fire).
+    pub(crate) async fn on_inbound(&self, env: &Envelope, conn: &ConnectionSender) -> Verdict {
         if let Some(ack) = env.ack {
             let mut st = self.state();
             match st.out.on_ack(ack) {
@@ -445,8 +455,18 @@ impl Reliable {
         let Some(seq) = env.seq else {
             return Verdict::Deliver;
         };
-        match self.inbound().on_data(seq, std::time::Instant::now) {
-            Accept::Deliver => Verdict::Deliver,
+        let mut inb = self.inbound();
+        match inb.on_data(seq, std::time::Instant::now) {
+            Accept::Deliver => {
+                if inb.ack_owed_by_count() {
+                    let ack = inb.take_ack();
+                    drop(inb);
+                    let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
+                } else {
+                    self.owed.store(true, std::sync::atomic::Ordering::Release);
+                }
+                Verdict::Deliver
+            }
             Accept::Duplicate => Verdict::Drop,
             Accept::Gap { expected, got } => {
                 Verdict::Violation(format!("expected sequence {expected}, got {got}"))
@@ -464,19 +484,6 @@ impl Reliable {
         let ack = {
             let mut inb = self.inbound();
             if !inb.ack_due(Instant::now().into_std()) {
-                return;
-            }
-            inb.take_ack()
-        };
-        let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
-    }
-
-    /// Sends a standalone acknowledgement at once if `ack_every` messages await one. A
-    /// busy connection never lets the ack timer fire, so this runs per message.
-    pub(crate) fn ack_if_owed_by_count(&self, conn: &ConnectionSender) {
-        let ack = {
-            let mut inb = self.inbound();
-            if !inb.ack_owed_by_count() {
                 return;
             }
             inb.take_ack()

@@ -58,8 +58,8 @@ pub(crate) async fn run(
             Err(e) => return SessionEnd::Failed(e),
         };
         if let Some(reliable) = reliable {
-            match reliable.on_inbound(&env).await {
-                Verdict::Deliver => reliable.ack_if_owed_by_count(&sender),
+            match reliable.on_inbound(&env, &sender).await {
+                Verdict::Deliver => {}
                 Verdict::Drop => continue,
                 Verdict::Violation(reason) => {
                     tracing::warn!(connection = sender.info().id, %reason, "session rule broken");
