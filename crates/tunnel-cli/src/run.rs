@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::Args;
 use tower::{BoxError, service_fn};
 use tunnel_proto::messages::{Command, Gvr, Status};
-use tunnel_proto::{MessageType, Payload};
-use tunnel_router::{Agent, AgentConfig, Hub, Inbound, Router};
+use tunnel_proto::MessageType;
+use tunnel_router::{Agent, AgentConfig, Hub, HubSessions, Inbound, Router};
 use tunnel_transport::{AgentId, ClientConfig, ServerConfig, SharedToken, WsConnector};
 
 use crate::{Codec, read_token};
@@ -29,6 +29,9 @@ pub(crate) struct HubArgs {
     /// Seconds between statistics lines.
     #[arg(long, default_value_t = 10)]
     stats_interval: u64,
+    /// Seconds a disconnected agent's session is kept for it to resume; later it is reset.
+    #[arg(long, default_value_t = 60)]
+    session_grace: u64,
 }
 
 #[derive(Debug, Args)]
@@ -92,7 +95,8 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
                 Ok::<_, BoxError>(())
             }
         }));
-    let hub = Hub::bind(args.listen, ServerConfig::new(auth), router)
+    let sessions = HubSessions::default().grace(Duration::from_secs(args.session_grace));
+    let hub = Hub::bind_resumable(args.listen, ServerConfig::new(auth), router, sessions)
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(url = %hub.url().unwrap_or_default(), "hub listening");
@@ -163,10 +167,9 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
                     status: serde_json::json!({"heartbeat": beat}),
                     observed_generation: None,
                 };
-                let Some(sender) = agent.sender() else { continue };
-                let Ok(payload) = Payload::encode(sender.info().format, &status) else { continue };
-                if let Err(e) = sender.send(&sender.envelope(MessageType::Status).with_payload(payload)).await {
-                    tracing::warn!(error = %e, "status not sent");
+                // Held and replayed by the session while the hub is unreachable.
+                if let Err(e) = agent.send(MessageType::Status, &status).await {
+                    tracing::warn!(error = %e, "status not accepted");
                 }
             }
         }
