@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::Args;
 use tower::{BoxError, service_fn};
-use tunnel_proto::messages::{Command, Gvr, Status};
 use tunnel_proto::MessageType;
+use tunnel_proto::messages::{Command, Gvr, Status};
 use tunnel_router::{Agent, AgentConfig, Hub, HubSessions, Inbound, Router};
 use tunnel_transport::{AgentId, ClientConfig, ServerConfig, SharedToken, WsConnector};
 
