@@ -32,6 +32,9 @@ pub(crate) struct HubArgs {
     /// Seconds a disconnected agent's session is kept for it to resume; later it is reset.
     #[arg(long, default_value_t = 60)]
     session_grace: u64,
+    /// Do not keep sessions: no resume, no replay (every connection starts afresh).
+    #[arg(long)]
+    no_sessions: bool,
 }
 
 #[derive(Debug, Args)]
@@ -95,10 +98,14 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
                 Ok::<_, BoxError>(())
             }
         }));
-    let sessions = HubSessions::default().grace(Duration::from_secs(args.session_grace));
-    let hub = Hub::bind_resumable(args.listen, ServerConfig::new(auth), router, sessions)
-        .await
-        .map_err(|e| e.to_string())?;
+    let config = ServerConfig::new(auth);
+    let hub = if args.no_sessions {
+        Hub::bind(args.listen, config, router).await
+    } else {
+        let sessions = HubSessions::default().grace(Duration::from_secs(args.session_grace));
+        Hub::bind_resumable(args.listen, config, router, sessions).await
+    }
+    .map_err(|e| e.to_string())?;
     tracing::info!(url = %hub.url().unwrap_or_default(), "hub listening");
     let mut ticker = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
     ticker.tick().await;

@@ -260,7 +260,7 @@ impl Agent {
                 loop {
                     tokio::select! {
                         () = shutdown.cancelled() => break,
-                        _ = tick.tick() => reliable.expire().await,
+                        _ = tick.tick() => reliable.expire(),
                     }
                 }
             });
@@ -366,7 +366,7 @@ impl Agent {
     /// sessions).
     pub async fn held(&self) -> Option<(usize, usize)> {
         match &self.inner.reliable {
-            Some(reliable) => Some(reliable.held().await),
+            Some(reliable) => Some(reliable.held()),
             None => None,
         }
     }
@@ -456,9 +456,12 @@ async fn supervise(
                     .filter(|_| info.has_capability(capability::RESUME));
                 let state = match reliable {
                     Some(reliable) => {
-                        let reset = reliable
-                            .attach(sender.clone(), info.resumed, info.peer_last_received)
-                            .await;
+                        let reset = Box::pin(reliable.attach(
+                            sender.clone(),
+                            info.resumed,
+                            info.peer_last_received,
+                        ))
+                        .await;
                         session_id = Some(info.session_id.clone());
                         match reset {
                             Some(reason) => {
@@ -481,7 +484,7 @@ async fn supervise(
                     None => {
                         if let Some(reliable) = &inner.reliable {
                             // Held messages cannot be delivered without resume.
-                            reliable.fail_held("the hub does not resume sessions").await;
+                            reliable.fail_held("the hub does not resume sessions");
                         }
                         ConnectionState::Connected {
                             session_id: info.session_id.clone(),
@@ -509,7 +512,7 @@ async fn supervise(
                 inner.current.send_replace(None);
                 inner.resumable.store(false, Ordering::Release);
                 if let Some(reliable) = reliable {
-                    reliable.detach(&sender).await;
+                    reliable.detach(&sender);
                 }
                 match end {
                     SessionEnd::Closed => {
@@ -550,7 +553,7 @@ async fn supervise(
     }
     inner.current.send_replace(None);
     if let Some(reliable) = &inner.reliable {
-        reliable.shut_down(crate::Undelivered::ShutDown).await;
+        reliable.shut_down(crate::Undelivered::ShutDown);
     }
     inner.state.send_replace(ConnectionState::Closed);
 }

@@ -267,7 +267,10 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
         inner.tasks.spawn(async move {
             if let Some(reliable) = &reliable {
                 let info = sender.info();
-                if let Some(reason) = reliable.attach(sender.clone(), info.resumed, info.peer_last_received).await {
+                // Boxed: a replay's futures would otherwise make every connection's task
+                // larger, sessions or not.
+                let attach = Box::pin(reliable.attach(sender.clone(), info.resumed, info.peer_last_received));
+                if let Some(reason) = attach.await {
                     tracing::info!(agent = %info.agent, %reason, "session reset");
                 }
             }
@@ -297,7 +300,7 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 }
             }
             if let Some(reliable) = &reliable {
-                reliable.detach(&sender).await;
+                reliable.detach(&sender);
                 if let Some(store) = &inner2.sessions {
                     store.set_connected(&sender.info().session_id, false);
                 }

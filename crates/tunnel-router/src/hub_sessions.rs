@@ -124,14 +124,12 @@ impl Store {
             )
         };
         for reliable in gone {
-            reliable
-                .shut_down(Undelivered::Reset(
-                    "the agent did not come back within the grace period".into(),
-                ))
-                .await;
+            reliable.shut_down(Undelivered::Reset(
+                "the agent did not come back within the grace period".into(),
+            ));
         }
         for reliable in all {
-            reliable.expire().await;
+            reliable.expire();
         }
     }
 
@@ -143,7 +141,7 @@ impl Store {
             maps.sessions.drain().map(|(_, e)| e.reliable).collect()
         };
         for reliable in all {
-            reliable.shut_down(Undelivered::ShutDown).await;
+            reliable.shut_down(Undelivered::ShutDown);
         }
     }
 
@@ -173,8 +171,7 @@ impl SessionStore for Store {
             // The agent started over: its old session's undelivered messages fail.
             tokio::spawn(async move {
                 old.reliable
-                    .shut_down(Undelivered::Reset("the agent started a new session".into()))
-                    .await;
+                    .shut_down(Undelivered::Reset("the agent started a new session".into()));
             });
         }
         maps.sessions.insert(

@@ -421,7 +421,7 @@ impl Reliable {
     }
 
     /// Forgets `conn` if it is the current connection.
-    pub(crate) async fn detach(&self, conn: &ConnectionSender) {
+    pub(crate) fn detach(&self, conn: &ConnectionSender) {
         let mut st = self.state();
         if st
             .conn
@@ -435,7 +435,7 @@ impl Reliable {
     /// Applies an arriving envelope's `seq` and `ack`. For a delivered message, a
     /// standalone acknowledgement goes out on `conn` at once if `ack_every` messages
     /// await one (a busy connection never lets the ack timer fire).
-    pub(crate) async fn on_inbound(&self, env: &Envelope, conn: &ConnectionSender) -> Verdict {
+    pub(crate) fn on_inbound(&self, env: &Envelope, conn: &ConnectionSender) -> Verdict {
         if let Some(ack) = env.ack {
             let mut st = self.state();
             match st.out.on_ack(ack) {
@@ -480,7 +480,7 @@ impl Reliable {
     }
 
     /// Sends a standalone acknowledgement on `conn` if one is due.
-    pub(crate) async fn send_ack_if_due(&self, conn: &ConnectionSender) {
+    pub(crate) fn send_ack_if_due(&self, conn: &ConnectionSender) {
         let ack = {
             let mut inb = self.inbound();
             if !inb.ack_due(Instant::now().into_std()) {
@@ -493,7 +493,7 @@ impl Reliable {
 
     /// Drops messages held past the age bound; their receipts fail with `Expired`.
     /// Also advances the coarse clock, so call it regularly.
-    pub(crate) async fn expire(&self) {
+    pub(crate) fn expire(&self) {
         let ms = u64::try_from(self.epoch_start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.coarse_ms
             .store(ms, std::sync::atomic::Ordering::Relaxed);
@@ -507,7 +507,7 @@ impl Reliable {
 
     /// Fails every held message with a reset (they cannot be delivered); the session
     /// itself stays usable.
-    pub(crate) async fn fail_held(&self, reason: &str) {
+    pub(crate) fn fail_held(&self, reason: &str) {
         let mut st = self.state();
         if !st.out.is_empty() {
             self.reset_locked(&mut st, reason);
@@ -515,7 +515,7 @@ impl Reliable {
     }
 
     /// Ends the session: every unacknowledged message fails with `reason`.
-    pub(crate) async fn shut_down(&self, reason: Undelivered) {
+    pub(crate) fn shut_down(&self, reason: Undelivered) {
         let mut st = self.state();
         st.shut = true;
         st.out.reset();
@@ -526,7 +526,7 @@ impl Reliable {
     }
 
     /// Messages and bytes held for replay.
-    pub(crate) async fn held(&self) -> (usize, usize) {
+    pub(crate) fn held(&self) -> (usize, usize) {
         let st = self.state();
         (st.out.len(), st.out.bytes())
     }

@@ -26,28 +26,37 @@ pub(crate) async fn run(
     hint: &mut Option<ReconnectHint>,
     reliable: Option<&Reliable>,
 ) -> SessionEnd {
-    // One timer for standalone acks, moved rather than re-created per message.
-    let ack_timer = tokio::time::sleep(std::time::Duration::from_secs(3600));
-    tokio::pin!(ack_timer);
+    // One timer for standalone acks, reset rather than re-created per message, and
+    // allocated only on sessions that acknowledge (idle connections stay small).
+    let mut ack_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let mut ack_armed = false;
     loop {
         if let Some(reliable) = reliable {
             match reliable.ack_due_at() {
-                Some(at) if !ack_armed || at < ack_timer.deadline() => {
-                    ack_timer.as_mut().reset(at);
-                    ack_armed = true;
+                Some(at) => {
+                    let timer =
+                        ack_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                    if !ack_armed || at < timer.deadline() {
+                        timer.as_mut().reset(at);
+                        ack_armed = true;
+                    }
                 }
-                Some(_) => {}
                 None => ack_armed = false,
             }
         }
+        let ack_wait = async {
+            match ack_timer.as_mut() {
+                Some(timer) if ack_armed => timer.as_mut().await,
+                _ => std::future::pending().await,
+            }
+        };
         let received = tokio::select! {
             biased;
             r = receiver.recv() => r,
-            () = &mut ack_timer, if ack_armed => {
+            () = ack_wait => {
                 ack_armed = false;
                 if let Some(reliable) = reliable {
-                    reliable.send_ack_if_due(&sender).await;
+                    reliable.send_ack_if_due(&sender);
                 }
                 continue;
             }
@@ -58,7 +67,7 @@ pub(crate) async fn run(
             Err(e) => return SessionEnd::Failed(e),
         };
         if let Some(reliable) = reliable {
-            match reliable.on_inbound(&env, &sender).await {
+            match reliable.on_inbound(&env, &sender) {
                 Verdict::Deliver => {}
                 Verdict::Drop => continue,
                 Verdict::Violation(reason) => {
