@@ -365,10 +365,7 @@ impl Agent {
     /// Messages and bytes held until the hub acknowledges them (`None` without
     /// sessions).
     pub async fn held(&self) -> Option<(usize, usize)> {
-        match &self.inner.reliable {
-            Some(reliable) => Some(reliable.held()),
-            None => None,
-        }
+        self.inner.reliable.as_ref().map(|reliable| reliable.held())
     }
 
     /// Session events (resets), as they happen. A slow subscriber may miss events beyond
