@@ -122,7 +122,7 @@ async fn source(
             .with_payload(Payload::encode(Format::MsgPack, &event).map_err(|e| e.to_string())?);
         drop(agent.send_envelope(env).await.map_err(|e| e.to_string())?);
         if i % 10_000 == 0 {
-            held = held.max(agent.held().await.unwrap_or_default());
+            held = held.max(agent.held().unwrap_or_default());
         }
     }
     let finished = done

@@ -364,7 +364,7 @@ impl Agent {
 
     /// Messages and bytes held until the hub acknowledges them (`None` without
     /// sessions).
-    pub async fn held(&self) -> Option<(usize, usize)> {
+    pub fn held(&self) -> Option<(usize, usize)> {
         self.inner.reliable.as_ref().map(|reliable| reliable.held())
     }
 
