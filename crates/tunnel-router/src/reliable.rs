@@ -256,6 +256,10 @@ impl Reliable {
                 Ok((seq, epoch, backlog)) => {
                     if backlog {
                         self.drain().await;
+                    } else {
+                        // A producer that never has to wait would starve the tasks on
+                        // its thread that read the peer's acks: yield now and then.
+                        tokio::task::consume_budget().await;
                     }
                     return Ok(Receipt {
                         seq,
