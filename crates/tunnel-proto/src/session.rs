@@ -320,6 +320,18 @@ impl<T> Outbound<T> {
         self.pending.get_mut(index)
     }
 
+    /// Replaces what message `seq` holds (same sequence number), keeping the byte count
+    /// right; returns the old item, or gives `item` back if `seq` is not held.
+    pub fn replace(&mut self, seq: u64, item: T, size: usize) -> Result<T, T> {
+        let Some(held) = self.get_mut(seq) else {
+            return Err(item);
+        };
+        let old_size = std::mem::replace(&mut held.size, size);
+        let old = std::mem::replace(&mut held.item, item);
+        self.bytes = self.bytes - old_size + size;
+        Ok(old)
+    }
+
     /// The held message with sequence number `seq`, if it is still held.
     pub fn get(&self, seq: u64) -> Option<&Sent<T>> {
         let first = self.pending.front()?.seq;

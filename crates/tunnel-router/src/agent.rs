@@ -17,7 +17,7 @@ use tunnel_reconnect::{
 };
 use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, Resume, SendError};
 
-use crate::reliable::{Receipt, Reliable, ReliableSendError, WhenFull};
+use crate::reliable::{FullPolicy, Receipt, Reliable, ReliableSendError};
 use crate::router::Router;
 use crate::session::{self, SessionEnd};
 
@@ -96,8 +96,9 @@ pub struct AgentConfig {
     /// Sequence numbers, acknowledgements and resume, used when the hub offers
     /// `resume`. `None` turns them off. Default: on, with [`SessionConfig::default`].
     pub session: Option<SessionConfig>,
-    /// What `send` does while the replay buffer is full. Default: wait up to 5 s.
-    pub when_full: WhenFull,
+    /// What `send` does while the replay buffer is full, per message type (see
+    /// [`FullPolicy::default`]).
+    pub when_full: FullPolicy,
 }
 
 impl AgentConfig {
@@ -109,7 +110,7 @@ impl AgentConfig {
             stable_after: Duration::from_secs(30),
             breaker: BreakerConfig::default(),
             session: Some(SessionConfig::default()),
-            when_full: WhenFull::Wait(Duration::from_secs(5)),
+            when_full: FullPolicy::default(),
         }
     }
 
@@ -120,7 +121,7 @@ impl AgentConfig {
     }
 
     /// Sets [`AgentConfig::when_full`].
-    pub fn when_full(mut self, when_full: WhenFull) -> Self {
+    pub fn when_full(mut self, when_full: FullPolicy) -> Self {
         self.when_full = when_full;
         self
     }
@@ -155,7 +156,7 @@ struct Inner {
     reliable: Option<Arc<Reliable>>,
     /// Whether the current connection carries the session (the hub granted `resume`).
     resumable: AtomicBool,
-    when_full: WhenFull,
+    when_full: FullPolicy,
     next_id: AtomicU64,
     events: broadcast::Sender<SessionEvent>,
 }
@@ -249,7 +250,7 @@ impl Agent {
             tasks: TaskTracker::new(),
             reliable: config.session.clone().map(Reliable::new),
             resumable: AtomicBool::new(false),
-            when_full: config.when_full,
+            when_full: config.when_full.clone(),
             next_id: AtomicU64::new(1),
             events: broadcast::channel(16).0,
         });
@@ -339,13 +340,15 @@ impl Agent {
         if let Some(reliable) = &self.inner.reliable
             && self.inner.resumable.load(Ordering::Acquire)
         {
-            return Ok(reliable.send(env, self.inner.when_full).await?);
+            let policy = self.inner.when_full.for_type(&env.kind);
+            return Ok(reliable.send(env, policy).await?);
         }
         let current = self.sender();
         match &self.inner.reliable {
             // Between connections: held for the next one.
             Some(reliable) if current.is_none() => {
-                Ok(reliable.send(env, self.inner.when_full).await?)
+                let policy = self.inner.when_full.for_type(&env.kind);
+                Ok(reliable.send(env, policy).await?)
             }
             _ => {
                 let sender = current.ok_or(AgentSendError::NotConnected)?;

@@ -16,7 +16,7 @@ use tunnel_transport::{
 };
 
 use crate::hub_sessions::{HubSessions, Store};
-use crate::reliable::{Receipt, ReliableSendError, WhenFull};
+use crate::reliable::{Receipt, ReliableSendError};
 use crate::router::Router;
 
 /// How often a hub with sessions expires old messages and ends sessions past their
@@ -49,7 +49,6 @@ struct Inner {
     tasks: TaskTracker,
     shutdown_timeout: Duration,
     sessions: Option<Arc<Store>>,
-    when_full: WhenFull,
     next_id: AtomicU64,
 }
 
@@ -121,7 +120,6 @@ impl Hub {
             tasks: TaskTracker::new(),
             shutdown_timeout: Duration::from_secs(5),
             sessions,
-            when_full: WhenFull::Wait(Duration::from_secs(5)),
             next_id: AtomicU64::new(1),
         });
         inner
@@ -203,7 +201,8 @@ impl Hub {
         if let Some(store) = &self.inner.sessions
             && let Some(reliable) = store.of_agent(agent)
         {
-            return Ok(reliable.send(env, self.inner.when_full).await?);
+            let policy = store.when_full().for_type(&env.kind);
+            return Ok(reliable.send(env, policy).await?);
         }
         let sender = self
             .sender(agent)

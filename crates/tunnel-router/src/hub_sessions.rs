@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tunnel_proto::session::SessionConfig;
 use tunnel_transport::{AgentId, Resume, SessionGrant, SessionStore, new_session_id};
 
-use crate::reliable::{Reliable, Undelivered};
+use crate::reliable::{FullPolicy, Reliable, Undelivered};
 
 /// Session resume on a hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +20,8 @@ pub struct HubSessions {
     /// How long a disconnected agent's session is kept for it to resume. A resume after
     /// that gets a reset. Default 60 s.
     pub grace: Duration,
+    /// What `send` does when an agent's replay buffer is full, per message type.
+    pub when_full: FullPolicy,
 }
 
 impl Default for HubSessions {
@@ -27,6 +29,7 @@ impl Default for HubSessions {
         HubSessions {
             session: SessionConfig::default(),
             grace: Duration::from_secs(60),
+            when_full: FullPolicy::default(),
         }
     }
 }
@@ -35,6 +38,12 @@ impl HubSessions {
     /// Sets [`HubSessions::session`].
     pub fn session(mut self, session: SessionConfig) -> Self {
         self.session = session;
+        self
+    }
+
+    /// Sets [`HubSessions::when_full`].
+    pub fn when_full(mut self, when_full: FullPolicy) -> Self {
+        self.when_full = when_full;
         self
     }
 
@@ -143,6 +152,11 @@ impl Store {
         for reliable in all {
             reliable.shut_down(Undelivered::ShutDown);
         }
+    }
+
+    /// What `send` does when a replay buffer is full.
+    pub(crate) fn when_full(&self) -> &FullPolicy {
+        &self.config.when_full
     }
 
     /// Sessions held (connected or in their grace period).

@@ -51,7 +51,7 @@ pub use agent::{
 };
 pub use hub::{Hub, HubSendError};
 pub use hub_sessions::HubSessions;
-pub use reliable::{Receipt, ReliableSendError, Undelivered, WhenFull};
+pub use reliable::{FullPolicy, Receipt, ReliableSendError, Undelivered, WhenFull};
 pub use router::{Inbound, Router};
 
 /// The README's examples, compiled as doc tests.

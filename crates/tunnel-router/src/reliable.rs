@@ -29,7 +29,8 @@ pub enum Undelivered {
     Untracked,
 }
 
-/// What to do when the replay buffer is full.
+/// What `send` does when the replay buffer is full (or, for [`WhenFull::KeepLatest`],
+/// also before it is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WhenFull {
@@ -37,6 +38,49 @@ pub enum WhenFull {
     Reject,
     /// Wait up to this long for acknowledgements to make room, then fail.
     Wait(Duration),
+    /// For `status` messages: a status for a resource (group, version, resource,
+    /// namespace, name) that already has a status waiting to be sent (not yet handed to
+    /// any connection, for example while disconnected) replaces it in place, so at most
+    /// one waits per resource. The replaced message's receipt resolves with the newer
+    /// one's outcome. Otherwise, as [`WhenFull::Wait`] with this duration.
+    KeepLatest(Duration),
+}
+
+/// What `send` does when the replay buffer is full, per message type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FullPolicy {
+    /// For types without their own entry. Default: wait up to 5 s.
+    pub default: WhenFull,
+    /// Per type. Default: `status` keeps only the latest per resource
+    /// ([`WhenFull::KeepLatest`], waiting up to 5 s when there is none to replace).
+    pub by_type: Vec<(MessageType, WhenFull)>,
+}
+
+impl Default for FullPolicy {
+    fn default() -> Self {
+        let wait = Duration::from_secs(5);
+        FullPolicy {
+            default: WhenFull::Wait(wait),
+            by_type: vec![(MessageType::Status, WhenFull::KeepLatest(wait))],
+        }
+    }
+}
+
+impl FullPolicy {
+    /// The policy for messages of `kind`.
+    pub fn for_type(&self, kind: &MessageType) -> WhenFull {
+        self.by_type
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map_or(self.default, |(_, p)| *p)
+    }
+
+    /// Sets the policy for `kind`.
+    pub fn set(mut self, kind: MessageType, policy: WhenFull) -> Self {
+        self.by_type.retain(|(k, _)| *k != kind);
+        self.by_type.push((kind, policy));
+        self
+    }
 }
 
 /// A message could not be accepted.
@@ -121,6 +165,12 @@ pub(crate) enum Verdict {
 struct Out {
     out: Outbound<Envelope>,
     conn: Option<ConnectionSender>,
+    /// The highest sequence number ever handed to a connection. Only messages above it
+    /// may be replaced: the peer may have any message at or below it.
+    transmitted_through: u64,
+    /// For `KeepLatest` status messages: the sequence number of the latest one per
+    /// resource key.
+    latest: std::collections::HashMap<String, u64>,
     /// The first held message not yet handed to `conn` because its queue was full (or
     /// a replay is in progress). While set, new messages are only held, and the
     /// drainer sends them in order.
@@ -159,6 +209,22 @@ fn size_of(env: &Envelope) -> usize {
     64 + env.payload.as_ref().map_or(0, Payload::len)
 }
 
+/// The resource a `status` message is about, as a conflation key.
+fn status_key(env: &Envelope) -> Option<String> {
+    if env.kind != MessageType::Status {
+        return None;
+    }
+    let status: tunnel_proto::messages::Status = env.payload.as_ref()?.decode().ok()?;
+    Some(format!(
+        "{}/{}/{}/{}/{}",
+        status.gvr.group,
+        status.gvr.version,
+        status.gvr.resource,
+        status.namespace.unwrap_or_default(),
+        status.name
+    ))
+}
+
 fn is_data(kind: &MessageType) -> bool {
     !kind.is_control()
 }
@@ -169,6 +235,8 @@ impl Reliable {
             out: Mutex::new(Out {
                 out: Outbound::new(config.clone()),
                 conn: None,
+                transmitted_through: 0,
+                latest: std::collections::HashMap::new(),
                 backlog_from: None,
                 epoch: 0,
                 attached_before: false,
@@ -229,6 +297,10 @@ impl Reliable {
     ) -> Result<Receipt, ReliableSendError> {
         let mut env = env;
         let mut deadline = None;
+        let key = match when_full {
+            WhenFull::KeepLatest(_) => status_key(&env),
+            _ => None,
+        };
         loop {
             let room = self.room.notified();
             tokio::pin!(room);
@@ -238,9 +310,32 @@ impl Reliable {
                     return Err(ReliableSendError::ShutDown);
                 }
                 let size = size_of(&env);
+                if let Some(key) = &key
+                    && let Some(&seq) = st.latest.get(key)
+                    && seq > st.transmitted_through
+                {
+                    env.seq = Some(seq);
+                    match st.out.replace(seq, env, size) {
+                        Ok(_superseded) => {
+                            return Ok(Receipt {
+                                seq,
+                                epoch: st.epoch,
+                                progress: Some(self.progress.subscribe()),
+                            });
+                        }
+                        Err(back) => env = back,
+                    }
+                }
                 env.seq = Some(st.out.next_seq());
                 match st.out.push(env, size, self.coarse_now()) {
                     Ok(seq) => {
+                        if let Some(key) = &key {
+                            if st.latest.len() > 2 * self.config.max_replay_messages {
+                                let through = st.transmitted_through;
+                                st.latest.retain(|_, s| *s > through);
+                            }
+                            st.latest.insert(key.clone(), seq);
+                        }
                         let backlog = self.try_transmit(&mut st, seq);
                         Ok((seq, st.epoch, backlog))
                     }
@@ -268,7 +363,7 @@ impl Reliable {
                     });
                 }
                 Err(full) => {
-                    let WhenFull::Wait(wait) = when_full else {
+                    let (WhenFull::Wait(wait) | WhenFull::KeepLatest(wait)) = when_full else {
                         return Err(ReliableSendError::Full(full.bound));
                     };
                     let deadline = *deadline.get_or_insert_with(|| Instant::now() + wait);
@@ -297,7 +392,10 @@ impl Reliable {
         };
         held.item.ack = ack;
         match sender.try_send(&held.item) {
-            Ok(()) => false,
+            Ok(()) => {
+                st.transmitted_through = st.transmitted_through.max(seq);
+                false
+            }
             Err(tunnel_transport::SendError::Full) => {
                 st.backlog_from = Some(seq);
                 true
@@ -340,6 +438,9 @@ impl Reliable {
             let (conn, env, seq) = next;
             let sent = conn.send(&env).await;
             let mut st = self.state();
+            if sent.is_ok() {
+                st.transmitted_through = st.transmitted_through.max(seq);
+            }
             match sent {
                 Ok(()) if st.backlog_from.is_some() => {
                     st.backlog_from = (seq < st.out.highest_sent()).then_some(seq + 1);
@@ -397,6 +498,8 @@ impl Reliable {
     fn reset_locked(&self, st: &mut Out, reason: &str) {
         st.out.reset();
         st.backlog_from = None;
+        st.transmitted_through = 0;
+        st.latest.clear();
         *self.inbound() = Inbound::new(self.config.clone());
         st.epoch += 1;
         self.progress.send_modify(|p| {
@@ -525,6 +628,7 @@ impl Reliable {
         st.out.reset();
         st.conn = None;
         st.backlog_from = None;
+        st.latest.clear();
         self.progress.send_modify(|p| p.ended = Some(reason));
         self.room.notify_waiters();
     }

@@ -369,3 +369,112 @@ async fn a_restarted_hub_cannot_resume_and_the_agent_is_told() {
     agent.shutdown().await;
     second.shutdown().await;
 }
+
+fn status(name: &str, ready: u64) -> tunnel_proto::messages::Status {
+    tunnel_proto::messages::Status {
+        gvr: tunnel_proto::messages::Gvr::new("apps", "v1", "deployments"),
+        namespace: Some("default".into()),
+        name: name.into(),
+        status: json!({ "readyReplicas": ready }),
+        observed_generation: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_statuses_keep_only_the_latest_per_resource_and_full_buffers_follow_policy() {
+    let (tx, mut at_hub) = mpsc::unbounded_channel();
+    let router = Router::new().fallback(service_fn(move |msg: Inbound| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(msg.envelope);
+            Ok::<_, BoxError>(())
+        }
+    }));
+    let hub = resumable_hub(router, HubSessions::default()).await;
+    let proxy = FaultProxy::start(hub.local_addr().expect("addr"))
+        .await
+        .expect("proxy");
+    let id = AgentId::new("ws", "conflate");
+    let small = tunnel_proto::session::SessionConfig::default().max_replay_messages(3);
+    let policy = tunnel_router::FullPolicy::default()
+        .set(MessageType::Event, tunnel_router::WhenFull::Reject);
+    let agent = Agent::start(
+        WsConnector::new(client_config(&id, Format::MsgPack)),
+        AgentConfig::new(proxy.ws_url())
+            .backoff(fast_backoff())
+            .breaker(BreakerConfig::default().cooldown(Duration::from_millis(200)))
+            .session(Some(small))
+            .when_full(policy),
+        Router::new(),
+    )
+    .expect("valid config");
+    agent.wait_connected(SOON).await.expect("connected");
+    proxy.set_refuse(true);
+    proxy.cut_all();
+    let mut state = agent.state();
+    tokio::time::timeout(
+        SOON,
+        state.wait_for(|s| {
+            !matches!(
+                s,
+                ConnectionState::Connected { .. } | ConnectionState::Resumed { .. }
+            )
+        }),
+    )
+    .await
+    .expect("noticed")
+    .expect("state");
+
+    // Offline: three statuses for two resources leave two held, the latest of each.
+    let a1 = agent
+        .send(MessageType::Status, &status("a", 1))
+        .await
+        .expect("held");
+    let b1 = agent
+        .send(MessageType::Status, &status("b", 1))
+        .await
+        .expect("held");
+    let a2 = agent
+        .send(MessageType::Status, &status("a", 2))
+        .await
+        .expect("replaces a1");
+    assert_eq!(a1.seq(), a2.seq(), "replaced in place");
+    assert_eq!(agent.held().map(|(m, _)| m), Some(2));
+    // An event fills the buffer; the next event is rejected at once (its policy).
+    let e1 = agent
+        .send(MessageType::Event, &json!({"n": 1}))
+        .await
+        .expect("held");
+    let e2 = agent.send(MessageType::Event, &json!({"n": 2})).await;
+    assert!(
+        matches!(e2, Err(tunnel_router::AgentSendError::Session(_))),
+        "{e2:?}"
+    );
+    // A status for a resource already waiting still fits: it replaces.
+    let a3 = agent
+        .send(MessageType::Status, &status("a", 3))
+        .await
+        .expect("replaces a2");
+    assert_eq!(agent.held().map(|(m, _)| m), Some(3));
+
+    proxy.set_refuse(false);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let env = recv_soon(&mut at_hub).await;
+        got.push(match env.kind {
+            MessageType::Status => {
+                let s: tunnel_proto::messages::Status = env.decode_payload().expect("status");
+                format!("{}={}", s.name, s.status["readyReplicas"])
+            }
+            kind => kind.to_string(),
+        });
+    }
+    assert_eq!(got, ["a=3", "b=1", "event"]);
+    for r in [a1, b1, a2, e1, a3] {
+        assert_eq!(r.delivered().await, Ok(()));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(at_hub.try_recv().is_err(), "nothing else arrived");
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
