@@ -64,6 +64,36 @@ pub trait Recorder: Send + Sync + fmt::Debug + 'static {
     fn handshake_failed(&self, reason: &'static str) {
         let _ = reason;
     }
+
+    /// An endpoint's circuit breaker is now in `state`.
+    fn circuit_state(&self, endpoint: &str, state: CircuitState) {
+        let _ = (endpoint, state);
+    }
+
+    /// A session could not be resumed and was reset.
+    fn session_reset(&self) {}
+}
+
+/// A circuit breaker's state, for [`Recorder::circuit_state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CircuitState {
+    /// Attempts go through.
+    Closed,
+    /// One probe is allowed.
+    HalfOpen,
+    /// Attempts are refused until a cooldown ends.
+    Open,
+}
+
+impl CircuitState {
+    /// 0 closed, 1 half-open, 2 open (the gauge's value).
+    pub fn as_i64(self) -> i64 {
+        match self {
+            CircuitState::Closed => 0,
+            CircuitState::HalfOpen => 1,
+            CircuitState::Open => 2,
+        }
+    }
 }
 
 /// Discards every measurement.

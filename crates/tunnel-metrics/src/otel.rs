@@ -1,7 +1,7 @@
 //! The OpenTelemetry recorder.
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Meter, UpDownCounter};
+use opentelemetry::metrics::{Counter, Gauge, Meter, UpDownCounter};
 use tunnel_proto::MessageType;
 
 use crate::{Direction, Recorder};
@@ -14,12 +14,16 @@ use crate::{Direction, Recorder};
 /// | `tunnel.message.size` | counter | `By` | `direction`, `message.type` |
 /// | `tunnel.connections.active` | up-down counter | `{connection}` | |
 /// | `tunnel.handshake.failures` | counter | `{failure}` | `reason` |
+/// | `tunnel.circuit.state` | gauge (0 closed, 1 half-open, 2 open) | `{state}` | `endpoint` |
+/// | `tunnel.session.resets` | counter | `{reset}` | |
 #[derive(Debug, Clone)]
 pub struct OtelRecorder {
     messages: Counter<u64>,
     bytes: Counter<u64>,
     connections: UpDownCounter<i64>,
     handshake_failures: Counter<u64>,
+    circuit: Gauge<i64>,
+    resets: Counter<u64>,
 }
 
 impl OtelRecorder {
@@ -45,6 +49,18 @@ impl OtelRecorder {
                 .u64_counter("tunnel.handshake.failures")
                 .with_unit("{failure}")
                 .with_description("Failed upgrades and handshakes by reason")
+                .build(),
+            circuit: meter
+                .i64_gauge("tunnel.circuit.state")
+                .with_unit("{state}")
+                .with_description(
+                    "Circuit breaker state per endpoint: 0 closed, 1 half-open, 2 open",
+                )
+                .build(),
+            resets: meter
+                .u64_counter("tunnel.session.resets")
+                .with_unit("{reset}")
+                .with_description("Sessions that could not be resumed")
                 .build(),
         }
     }
@@ -79,5 +95,16 @@ impl Recorder for OtelRecorder {
     fn handshake_failed(&self, reason: &'static str) {
         self.handshake_failures
             .add(1, &[KeyValue::new("reason", reason)]);
+    }
+
+    fn circuit_state(&self, endpoint: &str, state: crate::CircuitState) {
+        self.circuit.record(
+            state.as_i64(),
+            &[KeyValue::new("endpoint", endpoint.to_owned())],
+        );
+    }
+
+    fn session_reset(&self) {
+        self.resets.add(1, &[]);
     }
 }

@@ -112,6 +112,26 @@ impl TestMeter {
         total
     }
 
+    /// The last value of gauge `name` at the data point whose attributes include all
+    /// of `attrs`.
+    pub fn gauge(&self, name: &str, attrs: &[KeyValue]) -> Option<i64> {
+        let rm = self.collect();
+        for metric in rm.scope_metrics().flat_map(|s| s.metrics()) {
+            if metric.name() != name {
+                continue;
+            }
+            if let AggregatedMetrics::I64(MetricData::Gauge(g)) = metric.data() {
+                for point in g.data_points() {
+                    let point_attrs: Vec<KeyValue> = point.attributes().cloned().collect();
+                    if attrs.iter().all(|a| point_attrs.contains(a)) {
+                        return Some(point.value());
+                    }
+                }
+            }
+        }
+        None
+    }
+
     /// The unit of instrument `name`, once it has recorded something.
     pub fn unit(&self, name: &str) -> Option<String> {
         self.collect()

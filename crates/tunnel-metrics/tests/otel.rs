@@ -3,6 +3,7 @@
 use opentelemetry::KeyValue;
 use tunnel_metrics::testing::TestMeter;
 use tunnel_metrics::{Direction, Recorder};
+
 use tunnel_proto::MessageType;
 
 #[test]
@@ -57,4 +58,18 @@ fn records_exact_counts_with_units_and_attributes() {
         2
     );
     assert_eq!(meter.sum("tunnel.handshake.failures", &[]), 3);
+
+    recorder.circuit_state("ws://a/", tunnel_metrics::CircuitState::Open);
+    recorder.circuit_state("ws://b/", tunnel_metrics::CircuitState::Closed);
+    recorder.circuit_state("ws://a/", tunnel_metrics::CircuitState::HalfOpen);
+    recorder.session_reset();
+    assert_eq!(
+        meter.gauge("tunnel.circuit.state", &[kv("endpoint", "ws://a/")]),
+        Some(1)
+    );
+    assert_eq!(
+        meter.gauge("tunnel.circuit.state", &[kv("endpoint", "ws://b/")]),
+        Some(0)
+    );
+    assert_eq!(meter.sum("tunnel.session.resets", &[]), 1);
 }

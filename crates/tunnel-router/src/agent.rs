@@ -9,11 +9,12 @@ use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tunnel_metrics::{CircuitState, NoopRecorder, Recorder};
 use tunnel_proto::session::SessionConfig;
 use tunnel_proto::{CloseCode, Envelope, MessageType, capability};
 use tunnel_reconnect::{
-    Backoff, BackoffConfig, BreakerConfig, CircuitBreaker, ExponentialBackoff, InvalidBackoff,
-    InvalidBreaker,
+    Backoff, BackoffConfig, BreakerConfig, BreakerState, CircuitBreaker, ExponentialBackoff,
+    InvalidBackoff, InvalidBreaker,
 };
 use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, Resume, SendError};
 
@@ -80,7 +81,7 @@ pub enum AgentSendError {
 }
 
 /// Settings of an [`Agent`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct AgentConfig {
     /// The hub's URL.
@@ -99,6 +100,22 @@ pub struct AgentConfig {
     /// What `send` does while the replay buffer is full, per message type (see
     /// [`FullPolicy::default`]).
     pub when_full: FullPolicy,
+    /// Where circuit breaker states and session resets are recorded. Default: nowhere.
+    /// (Connection metrics go to the connector's own recorder.)
+    pub recorder: Arc<dyn Recorder>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("endpoint", &self.endpoint)
+            .field("backoff", &self.backoff)
+            .field("stable_after", &self.stable_after)
+            .field("breaker", &self.breaker)
+            .field("session", &self.session)
+            .field("when_full", &self.when_full)
+            .finish()
+    }
 }
 
 impl AgentConfig {
@@ -111,7 +128,14 @@ impl AgentConfig {
             breaker: BreakerConfig::default(),
             session: Some(SessionConfig::default()),
             when_full: FullPolicy::default(),
+            recorder: Arc::new(NoopRecorder),
         }
+    }
+
+    /// Sets [`AgentConfig::recorder`].
+    pub fn recorder(mut self, recorder: Arc<dyn Recorder>) -> Self {
+        self.recorder = recorder;
+        self
     }
 
     /// Sets [`AgentConfig::session`].
@@ -404,7 +428,9 @@ async fn supervise(
         let breaker = breakers
             .entry(endpoint.clone())
             .or_insert_with(|| new_breaker.clone());
-        if let Err(refused) = breaker.try_acquire(Instant::now().into_std()) {
+        let acquired = breaker.try_acquire(Instant::now().into_std());
+        report_circuit(&*config.recorder, &endpoint, breaker.state());
+        if let Err(refused) = acquired {
             let until = Instant::from_std(refused.retry_at);
             tracing::debug!(%endpoint, "circuit open, not dialing");
             inner.state.send_replace(ConnectionState::CircuitOpen {
@@ -442,6 +468,7 @@ async fn supervise(
         match attempt {
             Ok(conn) => {
                 breaker.on_success();
+                report_circuit(&*config.recorder, &endpoint, breaker.state());
                 if connected_before {
                     inner.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
@@ -466,6 +493,7 @@ async fn supervise(
                         match reset {
                             Some(reason) => {
                                 epoch += 1;
+                                config.recorder.session_reset();
                                 tracing::warn!(%reason, epoch, "session reset");
                                 let _ = inner.events.send(SessionEvent::Reset {
                                     reason: reason.clone(),
@@ -529,6 +557,7 @@ async fn supervise(
             }
             Err(e) => {
                 breaker.on_failure(Instant::now().into_std());
+                report_circuit(&*config.recorder, &endpoint, breaker.state());
                 tracing::warn!(%endpoint, error = %e, "connect failed");
                 next += 1;
             }
@@ -556,6 +585,17 @@ async fn supervise(
         reliable.shut_down(crate::Undelivered::ShutDown);
     }
     inner.state.send_replace(ConnectionState::Closed);
+}
+
+fn report_circuit(recorder: &dyn Recorder, endpoint: &str, state: BreakerState) {
+    recorder.circuit_state(
+        endpoint,
+        match state {
+            BreakerState::Closed { .. } => CircuitState::Closed,
+            BreakerState::HalfOpen { .. } => CircuitState::HalfOpen,
+            BreakerState::Open { .. } => CircuitState::Open,
+        },
+    );
 }
 
 /// Shortest pause between skipping an open circuit and trying the next endpoint.
