@@ -100,7 +100,7 @@ impl Hub {
         router: Router,
         sessions: HubSessions,
     ) -> Result<Hub, AcceptError> {
-        let store = Store::new(sessions);
+        let store = Store::new(sessions, config.connection.recorder.clone());
         let listener = WsListener::bind(addr, config.sessions(store.clone())).await?;
         let local_addr = listener.local_addr();
         let mut hub = Hub::start(Box::new(listener), router, Some(store));
@@ -270,6 +270,9 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 // larger, sessions or not.
                 let attach = Box::pin(reliable.attach(sender.clone(), info.resumed, info.peer_last_received));
                 if let Some(reason) = attach.await {
+                    if let Some(store) = &inner2.sessions {
+                        store.recorder().session_reset();
+                    }
                     tracing::info!(agent = %info.agent, %reason, "session reset");
                 }
             }

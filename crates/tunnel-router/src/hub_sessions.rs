@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tunnel_metrics::Recorder;
 use tunnel_proto::session::SessionConfig;
 use tunnel_transport::{AgentId, Resume, SessionGrant, SessionStore, new_session_id};
 
@@ -73,14 +74,21 @@ struct Maps {
 pub(crate) struct Store {
     config: HubSessions,
     maps: Mutex<Maps>,
+    recorder: Arc<dyn Recorder>,
 }
 
 impl Store {
-    pub(crate) fn new(config: HubSessions) -> Arc<Self> {
+    pub(crate) fn new(config: HubSessions, recorder: Arc<dyn Recorder>) -> Arc<Self> {
         Arc::new(Store {
             config,
             maps: Mutex::new(Maps::default()),
+            recorder,
         })
+    }
+
+    /// Where session resets are recorded.
+    pub(crate) fn recorder(&self) -> &dyn Recorder {
+        &*self.recorder
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
@@ -133,6 +141,7 @@ impl Store {
             )
         };
         for reliable in gone {
+            self.recorder.session_reset();
             reliable.shut_down(Undelivered::Reset(
                 "the agent did not come back within the grace period".into(),
             ));

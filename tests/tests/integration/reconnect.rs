@@ -49,7 +49,17 @@ async fn the_circuit_opens_after_failed_connects_and_probes_after_the_cooldown()
     let breaker = BreakerConfig::default()
         .failure_threshold(2)
         .cooldown(Duration::from_millis(300));
-    let agent = agent_with(&format!("ws://{addr}/"), &id, breaker);
+    let meter = tunnel_metrics::testing::TestMeter::new();
+    let url = format!("ws://{addr}/");
+    let agent = Agent::start(
+        WsConnector::new(client_config(&id, Format::MsgPack)),
+        AgentConfig::new(&url)
+            .backoff(fast_backoff())
+            .breaker(breaker)
+            .recorder(meter.recorder()),
+        Router::new(),
+    )
+    .expect("valid config");
     let mut state = agent.state();
     tokio::time::timeout(
         SOON,
@@ -58,6 +68,9 @@ async fn the_circuit_opens_after_failed_connects_and_probes_after_the_cooldown()
     .await
     .expect("the circuit opened")
     .expect("state");
+    let endpoint = opentelemetry::KeyValue::new("endpoint", url.clone());
+    let circuit = || meter.gauge("tunnel.circuit.state", std::slice::from_ref(&endpoint));
+    assert_eq!(circuit(), Some(2), "open, in the metrics too");
 
     // The hub comes up: the next probe after the cooldown connects.
     let hub = tunnel_router::Hub::bind(addr, server_config(), Router::new())
@@ -67,6 +80,7 @@ async fn the_circuit_opens_after_failed_connects_and_probes_after_the_cooldown()
         .wait_connected(SOON)
         .await
         .expect("connected after the cooldown");
+    assert_eq!(circuit(), Some(0), "closed again");
     agent.shutdown().await;
     hub.shutdown().await;
 }
