@@ -110,7 +110,8 @@ struct Progress {
 pub struct Receipt {
     seq: u64,
     epoch: u64,
-    progress: Option<watch::Receiver<Progress>>,
+    /// The session, subscribed to only when the receipt is awaited (most are not).
+    session: Option<Arc<Reliable>>,
 }
 
 impl Receipt {
@@ -119,7 +120,7 @@ impl Receipt {
         Receipt {
             seq: 0,
             epoch: 0,
-            progress: None,
+            session: None,
         }
     }
 
@@ -131,9 +132,10 @@ impl Receipt {
     /// Waits for the outcome.
     pub async fn delivered(self) -> Result<(), Undelivered> {
         let (seq, epoch) = (self.seq, self.epoch);
-        let Some(mut progress) = self.progress else {
+        let Some(session) = self.session else {
             return Err(Undelivered::Untracked);
         };
+        let mut progress = session.progress.subscribe();
         let outcome = progress
             .wait_for(|p| {
                 p.epoch != epoch || p.acked >= seq || p.expired_through >= seq || p.ended.is_some()
@@ -291,7 +293,7 @@ impl Reliable {
     /// connection if there is one (else it waits for the next). Returns once the
     /// message is queued on the connection or held for the next one.
     pub(crate) async fn send(
-        &self,
+        self: &Arc<Self>,
         env: Envelope,
         when_full: WhenFull,
     ) -> Result<Receipt, ReliableSendError> {
@@ -320,7 +322,7 @@ impl Reliable {
                             return Ok(Receipt {
                                 seq,
                                 epoch: st.epoch,
-                                progress: Some(self.progress.subscribe()),
+                                session: Some(self.clone()),
                             });
                         }
                         Err(back) => env = back,
@@ -359,7 +361,7 @@ impl Reliable {
                     return Ok(Receipt {
                         seq,
                         epoch,
-                        progress: Some(self.progress.subscribe()),
+                        session: Some(self.clone()),
                     });
                 }
                 Err(full) => {
