@@ -250,10 +250,16 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
             .insert(agent.clone(), sender.clone());
         if let Some(old) = replaced {
             tracing::info!(%agent, "newer connection replaces the registered one");
-            inner.tasks.spawn(async move {
-                old.close(CloseCode::SESSION_REPLACED, "a newer connection took over")
-                    .await;
-            });
+            if inner.sessions.is_some() {
+                // The newer connection carries the session on: end the older at once
+                // (anything it had not delivered is replayed on the newer).
+                old.abort_with(CloseCode::SESSION_REPLACED, "a newer connection took over");
+            } else {
+                inner.tasks.spawn(async move {
+                    old.close(CloseCode::SESSION_REPLACED, "a newer connection took over")
+                        .await;
+                });
+            }
         }
         tracing::info!(%agent, session = %sender.info().session_id, resumed = sender.info().resumed, "agent connected");
         let mut router = router.clone();
@@ -276,6 +282,11 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                     tracing::info!(agent = %info.agent, %reason, "session reset");
                 }
             }
+            // Deliver only once an older connection of the same session has stopped.
+            let _reader = match &reliable {
+                Some(reliable) => Some(reliable.reader.lock().await),
+                None => None,
+            };
             let mut hint = None;
             let session = session::run(
                 receiver,
@@ -301,11 +312,11 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                     tracing::info!(agent = %sender.info().agent, error = %e, "agent connection failed");
                 }
             }
-            if let Some(reliable) = &reliable {
-                reliable.detach(&sender);
-                if let Some(store) = &inner2.sessions {
-                    store.set_connected(&sender.info().session_id, false);
-                }
+            if let Some(reliable) = &reliable
+                && reliable.detach(&sender)
+                && let Some(store) = &inner2.sessions
+            {
+                store.set_connected(&sender.info().session_id, false);
             }
             let mut agents = inner2.agents.write().unwrap_or_else(|e| e.into_inner());
             if agents

@@ -38,11 +38,11 @@ pub enum WhenFull {
     Reject,
     /// Wait up to this long for acknowledgements to make room, then fail.
     Wait(Duration),
-    /// For `status` messages: a status for a resource (group, version, resource,
-    /// namespace, name) that already has a status waiting to be sent (not yet handed to
-    /// any connection, for example while disconnected) replaces it in place, so at most
-    /// one waits per resource. The replaced message's receipt resolves with the newer
-    /// one's outcome. Otherwise, as [`WhenFull::Wait`] with this duration.
+    /// For `status` messages, when the buffer is full: a status for a resource (group,
+    /// version, resource, namespace, name) whose latest status is still waiting to be
+    /// sent (not yet handed to any connection, for example while disconnected) replaces
+    /// it in place instead of waiting. The replaced message's receipt resolves with the
+    /// newer one's outcome. Otherwise, as [`WhenFull::Wait`] with this duration.
     KeepLatest(Duration),
 }
 
@@ -188,6 +188,10 @@ pub(crate) struct Reliable {
     inb: Mutex<Inbound>,
     /// One drainer at a time sends the backlog, in order.
     drain: tokio::sync::Mutex<()>,
+    /// Held by the one connection whose messages are being delivered. A newer
+    /// connection of the session waits for the older one's loop to end, so deliveries
+    /// from two connections never interleave out of order.
+    pub(crate) reader: tokio::sync::Mutex<()>,
     config: SessionConfig,
     progress: watch::Sender<Progress>,
     room: Notify,
@@ -246,6 +250,7 @@ impl Reliable {
             }),
             inb: Mutex::new(Inbound::new(config.clone())),
             drain: tokio::sync::Mutex::new(()),
+            reader: tokio::sync::Mutex::new(()),
             config,
             progress: watch::Sender::new(Progress {
                 epoch: 0,
@@ -312,7 +317,9 @@ impl Reliable {
                     return Err(ReliableSendError::ShutDown);
                 }
                 let size = size_of(&env);
+                // Only a full buffer conflates: otherwise every status is delivered.
                 if let Some(key) = &key
+                    && st.out.has_room(size).is_err()
                     && let Some(&seq) = st.latest.get(key)
                     && seq > st.transmitted_through
                 {
@@ -529,16 +536,17 @@ impl Reliable {
         self.room.notify_waiters();
     }
 
-    /// Forgets `conn` if it is the current connection.
-    pub(crate) fn detach(&self, conn: &ConnectionSender) {
+    /// Forgets `conn` if it is the current connection; returns whether it was.
+    pub(crate) fn detach(&self, conn: &ConnectionSender) -> bool {
         let mut st = self.state();
-        if st
+        let current = st
             .conn
             .as_ref()
-            .is_some_and(|c| c.info().id == conn.info().id)
-        {
+            .is_some_and(|c| c.info().id == conn.info().id);
+        if current {
             st.conn = None;
         }
+        current
     }
 
     /// Applies an arriving envelope's `seq` and `ack`. For a delivered message, a

@@ -25,7 +25,7 @@ fn numbers() -> (Router, mpsc::UnboundedReceiver<u64>) {
         let tx = tx.clone();
         async move {
             if let Ok(v) = msg.envelope.decode_payload::<serde_json::Value>()
-                && let Some(n) = v["n"].as_u64()
+                && let Some(n) = v["n"].as_u64().or_else(|| v["status"]["n"].as_u64())
             {
                 let _ = tx.send(n);
             }
@@ -246,7 +246,20 @@ async fn chaos_many_messages_each_way_with_random_cuts_exactly_once_in_order() {
     );
     let id = AgentId::new("ws", "chaos");
     let (agent_router, mut at_agent) = numbers();
-    let agent = session_agent(&proxy.ws_url(), &id, agent_router);
+    // Exactly once for everything: statuses wait for room like the rest instead of
+    // replacing each other when the buffer is full (that policy has its own test).
+    let agent = Agent::start(
+        WsConnector::new(client_config(&id, Format::MsgPack)),
+        AgentConfig::new(proxy.ws_url())
+            .backoff(fast_backoff())
+            .breaker(BreakerConfig::default().cooldown(Duration::from_millis(200)))
+            .when_full(tunnel_router::FullPolicy::default().set(
+                MessageType::Status,
+                tunnel_router::WhenFull::Wait(Duration::from_secs(5)),
+            )),
+        agent_router,
+    )
+    .expect("valid config");
     agent.wait_connected(SOON).await.expect("connected");
     registered(&hub, &id).await;
 
@@ -270,12 +283,16 @@ async fn chaos_many_messages_each_way_with_random_cuts_exactly_once_in_order() {
         tokio::spawn(async move {
             let mut receipts = Vec::with_capacity(N as usize);
             for i in 1..=N {
-                receipts.push(
-                    agent
-                        .send(MessageType::Event, &json!({ "n": i }))
-                        .await
-                        .expect("agent send"),
-                );
+                // A third are statuses of a few resources: the default policy for
+                // statuses must not drop any while there is room.
+                let receipt = if i % 3 == 0 {
+                    let mut update = status(&format!("web-{}", i % 16), 0);
+                    update.status = json!({ "n": i });
+                    agent.send(MessageType::Status, &update).await
+                } else {
+                    agent.send(MessageType::Event, &json!({ "n": i })).await
+                };
+                receipts.push(receipt.expect("agent send"));
             }
             receipts
         })
@@ -425,7 +442,7 @@ async fn offline_statuses_keep_only_the_latest_per_resource_and_full_buffers_fol
     .expect("noticed")
     .expect("state");
 
-    // Offline: three statuses for two resources leave two held, the latest of each.
+    // Offline, with room: every status is held.
     let a1 = agent
         .send(MessageType::Status, &status("a", 1))
         .await
@@ -434,27 +451,31 @@ async fn offline_statuses_keep_only_the_latest_per_resource_and_full_buffers_fol
         .send(MessageType::Status, &status("b", 1))
         .await
         .expect("held");
-    let a2 = agent
-        .send(MessageType::Status, &status("a", 2))
-        .await
-        .expect("replaces a1");
-    assert_eq!(a1.seq(), a2.seq(), "replaced in place");
-    assert_eq!(agent.held().map(|(m, _)| m), Some(2));
-    // An event fills the buffer; the next event is rejected at once (its policy).
     let e1 = agent
         .send(MessageType::Event, &json!({"n": 1}))
         .await
         .expect("held");
+    assert_eq!(agent.held().map(|(m, _)| m), Some(3));
+    // Full: an event is rejected at once (its policy)...
     let e2 = agent.send(MessageType::Event, &json!({"n": 2})).await;
     assert!(
         matches!(e2, Err(tunnel_router::AgentSendError::Session(_))),
         "{e2:?}"
     );
-    // A status for a resource already waiting still fits: it replaces.
+    // ...while a newer status for a waiting resource replaces the older one in place.
+    let a2 = agent
+        .send(MessageType::Status, &status("a", 2))
+        .await
+        .expect("replaces a1");
     let a3 = agent
         .send(MessageType::Status, &status("a", 3))
         .await
         .expect("replaces a2");
+    assert_eq!(
+        (a1.seq(), a2.seq()),
+        (a3.seq(), a3.seq()),
+        "replaced in place"
+    );
     assert_eq!(agent.held().map(|(m, _)| m), Some(3));
 
     proxy.set_refuse(false);
@@ -470,7 +491,7 @@ async fn offline_statuses_keep_only_the_latest_per_resource_and_full_buffers_fol
         });
     }
     assert_eq!(got, ["a=3", "b=1", "event"]);
-    for r in [a1, b1, a2, e1, a3] {
+    for r in [a1, b1, e1, a2, a3] {
         assert_eq!(r.delivered().await, Ok(()));
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
