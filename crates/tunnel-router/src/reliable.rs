@@ -359,7 +359,9 @@ impl Reliable {
             match pushed {
                 Ok((seq, epoch, backlog)) => {
                     if backlog {
-                        self.drain().await;
+                        // Boxed: the drainer's futures are large and rarely needed, and
+                        // inline they would weigh on every send.
+                        Box::pin(self.drain()).await;
                     } else {
                         // A producer that never has to wait would starve the tasks on
                         // its thread that read the peer's acks: yield now and then.
