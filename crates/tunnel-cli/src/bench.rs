@@ -263,21 +263,37 @@ async fn tunnel_sink_server(
     done: tokio::sync::oneshot::Sender<Instant>,
     n: u64,
 ) {
+    let (router, all_in) = counting_router(n);
+    let Ok(hub) = Hub::bind("127.0.0.1:0", ServerConfig::new(AllowAll), router).await else {
+        return;
+    };
+    serve_until_counted(hub, url_tx, done, all_in).await;
+}
+
+/// A router that counts events and notifies once `n` have arrived.
+pub(crate) fn counting_router(n: u64) -> (Router, Arc<Notify>) {
     let received = Arc::new(AtomicU64::new(0));
     let all_in = Arc::new(Notify::new());
-    let (counter, notify) = (received.clone(), all_in.clone());
+    let notify = all_in.clone();
     let router = Router::new().route(
         MessageType::Event,
         service_fn(move |_: Inbound| {
-            if counter.fetch_add(1, Ordering::Relaxed) + 1 == n {
+            if received.fetch_add(1, Ordering::Relaxed) + 1 == n {
                 notify.notify_one();
             }
             std::future::ready(Ok::<_, BoxError>(()))
         }),
     );
-    let Ok(hub) = Hub::bind("127.0.0.1:0", ServerConfig::new(AllowAll), router).await else {
-        return;
-    };
+    (router, all_in)
+}
+
+/// Reports the hub's URL, reports when `all_in` fires, lets the agent leave, stops.
+pub(crate) async fn serve_until_counted(
+    hub: Hub,
+    url_tx: mpsc::Sender<String>,
+    done: tokio::sync::oneshot::Sender<Instant>,
+    all_in: Arc<Notify>,
+) {
     let _ = url_tx.send(hub.url().unwrap_or_default()).await;
     if tokio::time::timeout(Duration::from_secs(120), all_in.notified())
         .await
@@ -285,7 +301,6 @@ async fn tunnel_sink_server(
     {
         let _ = done.send(Instant::now());
     }
-    // Let the agent close, then stop.
     for _ in 0..1000 {
         if hub.agents().is_empty() {
             break;

@@ -1,19 +1,17 @@
 //! `tunnel bench session`: what resumable sessions cost and how fast they recover.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, mpsc};
-use tower::{BoxError, service_fn};
+use tokio::sync::mpsc;
 use tunnel_proto::{Envelope, Format, MessageType, Payload};
 use tunnel_reconnect::BackoffConfig;
-use tunnel_router::{Agent, AgentConfig, ConnectionState, Hub, HubSessions, Inbound, Router};
+use tunnel_router::{Agent, AgentConfig, ConnectionState, Hub, HubSessions, Router};
 use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig, WsConnector};
 
 use crate::bench::{
-    THROUGHPUT_PLACEMENT, median, percentile, sample_event, tunnel_throughput, two_sided,
+    THROUGHPUT_PLACEMENT, counting_router, median, percentile, sample_event, serve_until_counted,
+    tunnel_throughput, two_sided,
 };
 use crate::demo::thousands;
 
@@ -64,18 +62,7 @@ fn session_throughput(n: u64) -> Result<(f64, (usize, usize)), String> {
 }
 
 async fn sink(url_tx: mpsc::Sender<String>, done: tokio::sync::oneshot::Sender<Instant>, n: u64) {
-    let received = Arc::new(AtomicU64::new(0));
-    let all_in = Arc::new(Notify::new());
-    let (counter, notify) = (received.clone(), all_in.clone());
-    let router = Router::new().route(
-        MessageType::Event,
-        service_fn(move |_: Inbound| {
-            if counter.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                notify.notify_one();
-            }
-            std::future::ready(Ok::<_, BoxError>(()))
-        }),
-    );
+    let (router, all_in) = counting_router(n);
     let Ok(hub) = Hub::bind_resumable(
         "127.0.0.1:0",
         ServerConfig::new(AllowAll),
@@ -86,20 +73,7 @@ async fn sink(url_tx: mpsc::Sender<String>, done: tokio::sync::oneshot::Sender<I
     else {
         return;
     };
-    let _ = url_tx.send(hub.url().unwrap_or_default()).await;
-    if tokio::time::timeout(Duration::from_secs(120), all_in.notified())
-        .await
-        .is_ok()
-    {
-        let _ = done.send(Instant::now());
-    }
-    for _ in 0..1000 {
-        if hub.agents().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    hub.shutdown().await;
+    serve_until_counted(hub, url_tx, done, all_in).await;
 }
 
 async fn source(

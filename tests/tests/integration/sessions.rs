@@ -53,6 +53,26 @@ fn session_agent(url: &str, id: &AgentId, router: Router) -> Agent {
     .expect("valid config")
 }
 
+/// Cuts the agent off (and keeps it off) until `proxy.set_refuse(false)`, and waits
+/// until the agent has noticed.
+async fn go_offline(proxy: &FaultProxy, agent: &Agent) {
+    proxy.set_refuse(true);
+    proxy.cut_all();
+    let mut state = agent.state();
+    tokio::time::timeout(
+        SOON,
+        state.wait_for(|s| {
+            !matches!(
+                s,
+                ConnectionState::Connected { .. } | ConnectionState::Resumed { .. }
+            )
+        }),
+    )
+    .await
+    .expect("the agent noticed")
+    .expect("state");
+}
+
 async fn expect_numbers(rx: &mut mpsc::UnboundedReceiver<u64>, count: u64) {
     for expected in 1..=count {
         let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
@@ -128,21 +148,7 @@ async fn messages_sent_while_disconnected_are_delivered_after_reconnecting() {
     let id = AgentId::new("ws", "offline");
     let agent = session_agent(&proxy.ws_url(), &id, Router::new());
     agent.wait_connected(SOON).await.expect("connected");
-    proxy.set_refuse(true);
-    proxy.cut_all();
-    let mut state = agent.state();
-    tokio::time::timeout(
-        SOON,
-        state.wait_for(|s| {
-            !matches!(
-                s,
-                ConnectionState::Connected { .. } | ConnectionState::Resumed { .. }
-            )
-        }),
-    )
-    .await
-    .expect("noticed")
-    .expect("state");
+    go_offline(&proxy, &agent).await;
     let mut receipts = Vec::new();
     for i in 1..=10 {
         receipts.push(
@@ -426,21 +432,7 @@ async fn offline_statuses_keep_only_the_latest_per_resource_and_full_buffers_fol
     )
     .expect("valid config");
     agent.wait_connected(SOON).await.expect("connected");
-    proxy.set_refuse(true);
-    proxy.cut_all();
-    let mut state = agent.state();
-    tokio::time::timeout(
-        SOON,
-        state.wait_for(|s| {
-            !matches!(
-                s,
-                ConnectionState::Connected { .. } | ConnectionState::Resumed { .. }
-            )
-        }),
-    )
-    .await
-    .expect("noticed")
-    .expect("state");
+    go_offline(&proxy, &agent).await;
 
     // Offline, with room: every status is held.
     let a1 = agent
