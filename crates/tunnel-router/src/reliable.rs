@@ -586,7 +586,13 @@ impl Reliable {
                 }
                 Verdict::Deliver
             }
-            Accept::Duplicate => Verdict::Drop,
+            Accept::Duplicate => {
+                // The peer is replaying what arrived: tell it at once so it stops.
+                let ack = inb.take_ack();
+                drop(inb);
+                let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
+                Verdict::Drop
+            }
             Accept::Gap { expected, got } => {
                 Verdict::Violation(format!("expected sequence {expected}, got {got}"))
             }

@@ -31,18 +31,16 @@ pub(crate) async fn run(
     let mut ack_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let mut ack_armed = false;
     loop {
-        if let Some(reliable) = reliable {
-            match reliable.ack_due_at() {
-                Some(at) => {
-                    let timer =
-                        ack_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-                    if !ack_armed || at < timer.deadline() {
-                        timer.as_mut().reset(at);
-                        ack_armed = true;
-                    }
-                }
-                None => ack_armed = false,
-            }
+        // Ask for the ack deadline only while no timer is armed: an armed deadline
+        // never needs to move earlier (acks owed at once are sent by `on_inbound`), and
+        // a timer outliving its ack fires harmlessly. One lock per message is enough.
+        if !ack_armed
+            && let Some(reliable) = reliable
+            && let Some(at) = reliable.ack_due_at()
+        {
+            let timer = ack_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            timer.as_mut().reset(at);
+            ack_armed = true;
         }
         let ack_wait = async {
             match ack_timer.as_mut() {
