@@ -349,16 +349,15 @@ pub(crate) struct Placement {
     pub(crate) server_core: usize,
 }
 
+/// Pins the calling thread to `core` and builds a single-thread runtime for it (its
+/// `block_on` runs on this thread).
 fn pinned_runtime(core: usize) -> Result<tokio::runtime::Runtime, String> {
     let ids = core_affinity::get_core_ids().unwrap_or_default();
-    let id = ids.get(core % ids.len().max(1)).copied();
+    if let Some(id) = ids.get(core % ids.len().max(1)) {
+        core_affinity::set_for_current(*id);
+    }
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .on_thread_start(move || {
-            if let Some(id) = id {
-                core_affinity::set_for_current(id);
-            }
-        })
         .build()
         .map_err(|e| e.to_string())
 }
@@ -380,10 +379,6 @@ where
     let server_thread = std::thread::Builder::new()
         .name("bench-server".into())
         .spawn(move || {
-            let ids = core_affinity::get_core_ids().unwrap_or_default();
-            if let Some(id) = ids.get(server_core % ids.len().max(1)) {
-                core_affinity::set_for_current(*id);
-            }
             if let Ok(rt) = pinned_runtime(server_core) {
                 rt.block_on(server(url_tx));
             }
@@ -393,10 +388,6 @@ where
     let result = std::thread::Builder::new()
         .name("bench-client".into())
         .spawn(move || {
-            let ids = core_affinity::get_core_ids().unwrap_or_default();
-            if let Some(id) = ids.get(client_core % ids.len().max(1)) {
-                core_affinity::set_for_current(*id);
-            }
             let rt = pinned_runtime(client_core)?;
             rt.block_on(async move {
                 let url = url_rx.recv().await.ok_or("server did not start")?;

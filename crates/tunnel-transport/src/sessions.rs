@@ -22,11 +22,7 @@ pub struct SessionGrant {
 impl SessionGrant {
     /// A new session with a fresh random id.
     pub fn new_session() -> Self {
-        SessionGrant {
-            session_id: new_session_id(),
-            resumed: false,
-            last_received: None,
-        }
+        Self::fresh(new_session_id())
     }
 
     /// A new session with the given id.

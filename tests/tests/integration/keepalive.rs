@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use tunnel_proto::Format;
-use tunnel_router::{ConnectionState, Router};
+use tunnel_router::Router;
 use tunnel_transport::AgentId;
 use tunnel_transport::fault::FaultProxy;
 
@@ -49,14 +49,7 @@ async fn a_blackholed_peer_is_declared_dead_within_the_timeout() {
     proxy.set_refuse(true);
     proxy.set_stalled(true);
     let stalled_at = Instant::now();
-    let mut state = agent.state();
-    tokio::time::timeout(
-        SOON,
-        state.wait_for(|s| !matches!(s, ConnectionState::Connected { .. })),
-    )
-    .await
-    .expect("agent noticed")
-    .expect("state");
+    wait_disconnected(&agent).await;
     let agent_noticed = stalled_at.elapsed();
     eventually("the hub to notice", || hub_side.is_closed()).await;
     let hub_noticed = stalled_at.elapsed();

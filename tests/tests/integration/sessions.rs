@@ -10,8 +10,7 @@ use tower::{BoxError, service_fn};
 use tunnel_proto::{Format, MessageType};
 use tunnel_reconnect::BreakerConfig;
 use tunnel_router::{
-    Agent, AgentConfig, ConnectionState, Hub, HubSessions, Inbound, Router, SessionEvent,
-    Undelivered,
+    Agent, AgentConfig, Hub, HubSessions, Inbound, Router, SessionEvent, Undelivered,
 };
 use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{AgentId, WsConnector};
@@ -58,19 +57,7 @@ fn session_agent(url: &str, id: &AgentId, router: Router) -> Agent {
 async fn go_offline(proxy: &FaultProxy, agent: &Agent) {
     proxy.set_refuse(true);
     proxy.cut_all();
-    let mut state = agent.state();
-    tokio::time::timeout(
-        SOON,
-        state.wait_for(|s| {
-            !matches!(
-                s,
-                ConnectionState::Connected { .. } | ConnectionState::Resumed { .. }
-            )
-        }),
-    )
-    .await
-    .expect("the agent noticed")
-    .expect("state");
+    wait_disconnected(agent).await;
 }
 
 async fn expect_numbers(rx: &mut mpsc::UnboundedReceiver<u64>, count: u64) {

@@ -211,3 +211,21 @@ pub(crate) async fn registered(hub: &Hub, agent: &AgentId) -> tunnel_transport::
     .await;
     hub.sender(agent).expect("registered")
 }
+
+/// Waits until `agent` is no longer connected (it noticed a drop).
+pub(crate) async fn wait_disconnected(agent: &tunnel_router::Agent) {
+    use tunnel_router::ConnectionState;
+    let mut state = agent.state();
+    tokio::time::timeout(
+        SOON,
+        state.wait_for(|s| {
+            !matches!(
+                s,
+                ConnectionState::Connected { .. } | ConnectionState::Resumed { .. }
+            )
+        }),
+    )
+    .await
+    .expect("the agent noticed")
+    .expect("state");
+}
