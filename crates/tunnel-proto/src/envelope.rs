@@ -138,6 +138,10 @@ pub mod header {
     pub const TRACEPARENT: &str = "traceparent";
     /// W3C trace context `tracestate`.
     pub const TRACESTATE: &str = "tracestate";
+    /// `expect: reply` marks a request: the receiver answers it with exactly one `reply`.
+    pub const EXPECT: &str = "expect";
+    /// The value of [`EXPECT`] that asks for a reply.
+    pub const EXPECT_REPLY: &str = "reply";
 }
 
 /// String headers of an envelope, in insertion order.
@@ -476,6 +480,25 @@ impl Envelope {
     pub fn with_error(mut self, error: ErrorBody) -> Self {
         self.error = Some(error);
         self
+    }
+
+    /// Marks the message as a request: the peer answers it with one `reply` whose
+    /// `corr` is this message's id (header `expect: reply`).
+    pub fn expecting_reply(mut self) -> Self {
+        self.headers.insert(header::EXPECT, header::EXPECT_REPLY);
+        self
+    }
+
+    /// Whether the sender expects a `reply` (header `expect: reply`).
+    pub fn expects_reply(&self) -> bool {
+        self.headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.eq_ignore_ascii_case(header::EXPECT_REPLY))
+    }
+
+    /// A `reply` answering this message: `corr` set to this message's id.
+    pub fn reply(&self, id: u64, timestamp: u64) -> Envelope {
+        Envelope::new(id, MessageType::Reply, timestamp).with_correlation(self.id)
     }
 
     /// The `content-encoding` of the payload, if it is compressed.

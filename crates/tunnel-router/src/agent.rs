@@ -19,6 +19,7 @@ use tunnel_reconnect::{
 use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, Resume, SendError};
 
 use crate::reliable::{FullPolicy, Receipt, Reliable, ReliableSendError};
+use crate::request::{Pending, Request, RequestError, Response};
 use crate::router::Router;
 use crate::session::{self, SessionEnd};
 
@@ -103,6 +104,11 @@ pub struct AgentConfig {
     /// Where circuit breaker states and session resets are recorded. Default: nowhere.
     /// (Connection metrics go to the connector's own recorder.)
     pub recorder: Arc<dyn Recorder>,
+    /// How long a request waits for its reply unless it says otherwise. Default 30 s.
+    pub request_timeout: Duration,
+    /// Requests that may wait for replies at once; more fail at once with
+    /// [`RequestError::TooManyInFlight`]. Default 10,000.
+    pub max_pending_requests: usize,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -114,6 +120,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("breaker", &self.breaker)
             .field("session", &self.session)
             .field("when_full", &self.when_full)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_pending_requests", &self.max_pending_requests)
             .finish()
     }
 }
@@ -129,7 +137,15 @@ impl AgentConfig {
             session: Some(SessionConfig::default()),
             when_full: FullPolicy::default(),
             recorder: Arc::new(NoopRecorder),
+            request_timeout: Duration::from_secs(30),
+            max_pending_requests: 10_000,
         }
+    }
+
+    /// Sets [`AgentConfig::request_timeout`].
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
     }
 
     /// Sets [`AgentConfig::recorder`].
@@ -183,6 +199,8 @@ struct Inner {
     when_full: FullPolicy,
     next_id: AtomicU64,
     events: broadcast::Sender<SessionEvent>,
+    pending: Arc<Pending>,
+    request_timeout: Duration,
 }
 
 /// Something the application must know about its session.
@@ -277,6 +295,8 @@ impl Agent {
             when_full: config.when_full.clone(),
             next_id: AtomicU64::new(1),
             events: broadcast::channel(16).0,
+            pending: Arc::new(Pending::new(config.max_pending_requests)),
+            request_timeout: config.request_timeout,
         });
         if let Some(reliable) = inner.reliable.clone() {
             let shutdown = inner.shutdown.clone();
@@ -361,6 +381,51 @@ impl Agent {
     /// untracked.
     pub async fn send_envelope(&self, mut env: Envelope) -> Result<Receipt, AgentSendError> {
         env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.transmit(env).await
+    }
+
+    /// Sends a one-way message or a request (see [`Request`]). A request's response is
+    /// the hub's reply; it fails with [`RequestError::Remote`] when the hub's handler
+    /// failed, [`RequestError::Timeout`] past its deadline (a reply arriving later is
+    /// discarded and counted in [`Agent::late_replies`]), and [`RequestError::Lost`]
+    /// when the reply can no longer come (the connection ended without a resumable
+    /// session, or the session was reset). Dropping the future stops the wait.
+    ///
+    /// With a resumable session a request survives reconnects: it is replayed if
+    /// needed, and so is the hub's reply.
+    pub async fn call(&self, request: Request) -> Result<Response, RequestError> {
+        let timeout = request.timeout_or(self.inner.request_timeout);
+        let mut env = request.envelope;
+        env.timestamp = tunnel_transport::unix_millis();
+        env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        if !env.expects_reply() {
+            return Ok(Response::Accepted(self.transmit(env).await?));
+        }
+        // Registered before sending: the reply may arrive before `transmit` returns.
+        let ticket = self.inner.pending.register(env.id, None)?;
+        self.transmit(env).await?;
+        Ok(Response::Reply(ticket.wait(timeout).await?))
+    }
+
+    /// A tower [`Service`](tower::Service) sending through this agent (see
+    /// [`Agent::call`]), to compose with layers.
+    pub fn client(&self) -> AgentClient {
+        AgentClient {
+            agent: self.clone(),
+        }
+    }
+
+    /// Replies that arrived after their request stopped waiting.
+    pub fn late_replies(&self) -> u64 {
+        self.inner.pending.late()
+    }
+
+    /// Requests waiting for their reply.
+    pub fn requests_in_flight(&self) -> usize {
+        self.inner.pending.len()
+    }
+
+    async fn transmit(&self, env: Envelope) -> Result<Receipt, AgentSendError> {
         if let Some(reliable) = &self.inner.reliable
             && self.inner.resumable.load(Ordering::Acquire)
         {
@@ -495,6 +560,7 @@ async fn supervise(
                                 epoch += 1;
                                 config.recorder.session_reset();
                                 tracing::warn!(%reason, epoch, "session reset");
+                                inner.pending.fail_all("the session was reset");
                                 let _ = inner.events.send(SessionEvent::Reset {
                                     reason: reason.clone(),
                                     epoch,
@@ -522,13 +588,12 @@ async fn supervise(
                 inner.resumable.store(reliable.is_some(), Ordering::Release);
                 inner.state.send_replace(state);
                 inner.current.send_replace(Some(sender.clone()));
-                let session = session::run(
-                    receiver,
-                    sender.clone(),
-                    &mut router,
-                    &mut hint,
-                    reliable.map(|r| &**r),
-                );
+                let link = session::Link {
+                    reliable,
+                    pending: &inner.pending,
+                    next_id: &inner.next_id,
+                };
+                let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
                 tokio::pin!(session);
                 let (end, stopping) = tokio::select! {
                     end = &mut session => (end, false),
@@ -539,8 +604,14 @@ async fn supervise(
                 };
                 inner.current.send_replace(None);
                 inner.resumable.store(false, Ordering::Release);
-                if let Some(reliable) = reliable {
-                    reliable.detach(&sender);
+                match reliable {
+                    Some(reliable) => {
+                        reliable.detach(&sender);
+                    }
+                    // Without a session, replies cannot outlive the connection.
+                    None => inner
+                        .pending
+                        .fail_all("the connection ended before the reply"),
                 }
                 match end {
                     SessionEnd::Closed => {
@@ -584,6 +655,7 @@ async fn supervise(
     if let Some(reliable) = &inner.reliable {
         reliable.shut_down(crate::Undelivered::ShutDown);
     }
+    inner.pending.fail_all("the agent shut down");
     inner.state.send_replace(ConnectionState::Closed);
 }
 
@@ -600,3 +672,61 @@ fn report_circuit(recorder: &dyn Recorder, endpoint: &str, state: BreakerState) 
 
 /// Shortest pause between skipping an open circuit and trying the next endpoint.
 const MIN_PAUSE: Duration = Duration::from_millis(10);
+
+impl From<AgentSendError> for RequestError {
+    fn from(e: AgentSendError) -> Self {
+        match e {
+            AgentSendError::NotConnected => RequestError::NotConnected,
+            AgentSendError::Session(e) => RequestError::Session(e),
+            other => RequestError::Send(other.to_string()),
+        }
+    }
+}
+
+/// A tower [`Service`](tower::Service) that sends [`Request`]s through an [`Agent`]
+/// (from [`Agent::client`]). Always ready: back-pressure comes from the session's
+/// replay buffer policy, and a concurrency limit is tower's `ConcurrencyLimitLayer`.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+/// use tunnel_proto::{MessageType, messages::Command};
+/// use tunnel_router::{Agent, Request};
+///
+/// # async fn run(agent: Agent) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let mut client = ServiceBuilder::new()
+///     .timeout(Duration::from_secs(5))
+///     .concurrency_limit(64)
+///     .service(agent.client());
+/// let reply = client.ready().await?.call(Request::call(MessageType::Command, &Command::new("sync"))?).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    agent: Agent,
+}
+
+impl AgentClient {
+    /// The agent this client sends through.
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+}
+
+impl tower::Service<Request> for AgentClient {
+    type Response = Response;
+    type Error = RequestError;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response, RequestError>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), RequestError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let agent = self.agent.clone();
+        Box::pin(async move { agent.call(request).await })
+    }
+}

@@ -17,6 +17,7 @@ use tunnel_transport::{
 
 use crate::hub_sessions::{HubSessions, Store};
 use crate::reliable::{Receipt, ReliableSendError};
+use crate::request::{Pending, Request, RequestError, Response};
 use crate::router::Router;
 
 /// How often a hub with sessions expires old messages and ends sessions past their
@@ -50,7 +51,13 @@ struct Inner {
     shutdown_timeout: Duration,
     sessions: Option<Arc<Store>>,
     next_id: AtomicU64,
+    pending: Arc<Pending>,
 }
+
+/// How long [`Hub::request`] waits for a reply unless the request says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests a hub may have waiting for replies at once.
+const MAX_PENDING_REQUESTS: usize = 100_000;
 
 /// A hub: accepts agents, keeps them in a registry keyed by [`AgentId`], hands what
 /// they send to a [`Router`], and sends to any of them.
@@ -121,6 +128,7 @@ impl Hub {
             shutdown_timeout: Duration::from_secs(5),
             sessions,
             next_id: AtomicU64::new(1),
+            pending: Arc::new(Pending::new(MAX_PENDING_REQUESTS)),
         });
         inner
             .tasks
@@ -198,6 +206,62 @@ impl Hub {
         mut env: Envelope,
     ) -> Result<Receipt, HubSendError> {
         env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.transmit(agent, env).await
+    }
+
+    /// Sends a one-way message or a request to `agent` (see [`Request`]); a request's
+    /// response is the agent's reply. Only `agent` can answer it. It fails like
+    /// [`Agent::call`](crate::Agent::call): a remote error, a timeout (default
+    /// [`DEFAULT_REQUEST_TIMEOUT`]; a later reply is discarded and counted in
+    /// [`Hub::late_replies`]), or a lost reply (the agent's connection ended without a
+    /// resumable session, or its session was reset).
+    pub async fn request(
+        &self,
+        agent: &AgentId,
+        request: Request,
+    ) -> Result<Response, RequestError> {
+        let timeout = request.timeout_or(DEFAULT_REQUEST_TIMEOUT);
+        let mut env = request.envelope;
+        env.timestamp = tunnel_transport::unix_millis();
+        env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        if !env.expects_reply() {
+            return Ok(Response::Accepted(self.transmit(agent, env).await?));
+        }
+        let ticket = self.inner.pending.register(env.id, Some(agent.clone()))?;
+        self.transmit(agent, env).await?;
+        Ok(Response::Reply(ticket.wait(timeout).await?))
+    }
+
+    /// Sends a message of `kind` with `payload` to every connected agent, each as by
+    /// [`Hub::send`]; returns each agent's outcome.
+    pub async fn broadcast<T: serde::Serialize + ?Sized>(
+        &self,
+        kind: MessageType,
+        payload: &T,
+    ) -> Vec<(AgentId, Result<Receipt, HubSendError>)> {
+        let agents: Vec<AgentId> = self.read_agents().keys().cloned().collect();
+        let mut outcomes = Vec::with_capacity(agents.len());
+        for agent in agents {
+            let outcome = self.send(&agent, kind.clone(), payload).await;
+            outcomes.push((agent, outcome));
+        }
+        outcomes
+    }
+
+    /// A tower [`Service`](tower::Service) sending [`Request`]s to `agent`.
+    pub fn client(&self, agent: AgentId) -> HubClient {
+        HubClient {
+            hub: self.clone(),
+            agent,
+        }
+    }
+
+    /// Replies that arrived after their request stopped waiting.
+    pub fn late_replies(&self) -> u64 {
+        self.inner.pending.late()
+    }
+
+    async fn transmit(&self, agent: &AgentId, env: Envelope) -> Result<Receipt, HubSendError> {
         if let Some(store) = &self.inner.sessions
             && let Some(reliable) = store.of_agent(agent)
         {
@@ -276,6 +340,7 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 // larger, sessions or not.
                 let attach = Box::pin(reliable.attach(sender.clone(), info.resumed, info.peer_last_received));
                 if let Some(reason) = attach.await {
+                    inner2.pending.peer_gone(&info.agent, "the session was reset");
                     if let Some(store) = &inner2.sessions {
                         store.recorder().session_reset();
                     }
@@ -288,13 +353,12 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 None => None,
             };
             let mut hint = None;
-            let session = session::run(
-                receiver,
-                sender.clone(),
-                &mut router,
-                &mut hint,
-                reliable.as_deref(),
-            );
+            let link = session::Link {
+                reliable: reliable.as_ref(),
+                pending: &inner2.pending,
+                next_id: &inner2.next_id,
+            };
+            let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
             tokio::pin!(session);
             let end = tokio::select! {
                 end = &mut session => end,
@@ -324,8 +388,48 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 .is_some_and(|s| s.info().id == sender.info().id)
             {
                 agents.remove(&sender.info().agent);
+                if reliable.is_none() {
+                    // Without a session, replies cannot outlive the connection.
+                    inner2.pending.peer_gone(&sender.info().agent, "the connection ended before the reply");
+                }
             }
         });
     }
     // Dropping the acceptor stops the listener.
+}
+
+impl From<HubSendError> for RequestError {
+    fn from(e: HubSendError) -> Self {
+        match e {
+            HubSendError::NotConnected(_) => RequestError::NotConnected,
+            HubSendError::Session(e) => RequestError::Session(e),
+            other => RequestError::Send(other.to_string()),
+        }
+    }
+}
+
+/// A tower [`Service`](tower::Service) that sends [`Request`]s to one agent through a
+/// [`Hub`] (from [`Hub::client`]).
+#[derive(Debug, Clone)]
+pub struct HubClient {
+    hub: Hub,
+    agent: AgentId,
+}
+
+impl tower::Service<Request> for HubClient {
+    type Response = Response;
+    type Error = RequestError;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response, RequestError>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), RequestError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let (hub, agent) = (self.hub.clone(), self.agent.clone());
+        Box::pin(async move { hub.request(&agent, request).await })
+    }
 }

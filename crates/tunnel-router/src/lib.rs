@@ -42,17 +42,19 @@ mod agent;
 mod hub;
 mod hub_sessions;
 mod reliable;
+mod request;
 mod router;
 mod session;
 
 pub use agent::{
-    Agent, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState, InvalidAgentConfig,
-    SessionEvent,
+    Agent, AgentClient, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState,
+    InvalidAgentConfig, SessionEvent,
 };
-pub use hub::{Hub, HubSendError};
+pub use hub::{DEFAULT_REQUEST_TIMEOUT, Hub, HubClient, HubSendError};
 pub use hub_sessions::HubSessions;
 pub use reliable::{FullPolicy, Receipt, ReliableSendError, Undelivered, WhenFull};
-pub use router::{Inbound, Router};
+pub use request::{Request, RequestError, Response, error_code};
+pub use router::{Dispatched, Inbound, IntoReply, Router};
 
 /// The README's examples, compiled as doc tests.
 #[cfg(doctest)]

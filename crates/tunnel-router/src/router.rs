@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use futures_util::future::BoxFuture;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
-use tunnel_proto::{Envelope, MessageType};
+use tunnel_proto::{Envelope, MessageType, Payload};
 use tunnel_transport::{AgentId, ConnectionInfo, ConnectionSender};
 
 /// A message from the peer, as handed to a handler.
@@ -33,19 +33,74 @@ impl Inbound {
         self.sender.info()
     }
 
-    /// A handle to send on the same connection, for example to answer.
+    /// A handle to send on the same connection. (To answer a request, return the
+    /// reply from the handler instead: it then goes through the session.)
     pub fn sender(&self) -> &ConnectionSender {
         &self.sender
     }
+
+    /// Whether the peer waits for a reply to this message.
+    pub fn expects_reply(&self) -> bool {
+        self.envelope.expects_reply()
+    }
+
+    /// Encodes `value` in the connection's payload format, for example as a reply.
+    pub fn encode<T: serde::Serialize + ?Sized>(
+        &self,
+        value: &T,
+    ) -> Result<Payload, tunnel_proto::EncodeError> {
+        self.sender.payload(value)
+    }
 }
 
-type Handler = BoxCloneSyncService<Inbound, (), BoxError>;
+/// What a handler's response turns into: the payload of the reply to a request.
+///
+/// `()` answers with an empty reply; a [`Payload`] (see [`Inbound::encode`]) or
+/// `Option<Payload>` with that payload. A handler's error becomes a reply whose
+/// `error` carries its message. Messages that are not requests get no reply, whatever
+/// the handler returns.
+pub trait IntoReply {
+    /// The reply's payload, if any.
+    fn into_reply(self) -> Option<Payload>;
+}
+
+impl IntoReply for () {
+    fn into_reply(self) -> Option<Payload> {
+        None
+    }
+}
+
+impl IntoReply for Payload {
+    fn into_reply(self) -> Option<Payload> {
+        Some(self)
+    }
+}
+
+impl IntoReply for Option<Payload> {
+    fn into_reply(self) -> Option<Payload> {
+        self
+    }
+}
+
+type Handler = BoxCloneSyncService<Inbound, Option<Payload>, BoxError>;
+
+/// What [`Router::dispatch`] did with a message.
+#[derive(Debug)]
+pub enum Dispatched {
+    /// No route and no fallback took it.
+    Unrouted,
+    /// A handler took it and answered this (the reply payload, if any).
+    Handled(Option<Payload>),
+}
 
 /// Routes inbound messages to handlers by [`MessageType`].
 ///
-/// Each handler is a tower `Service<Inbound, Response = ()>`; messages of a type with
-/// no route go to the fallback, or are dropped (and logged) if there is none. A
-/// connection's messages are handled one at a time, in order.
+/// Each handler is a tower `Service<Inbound>` whose response is [`IntoReply`] (`()` for
+/// most); messages of a type with no route go to the fallback, or are dropped (and
+/// logged) if there is none. A request (`expect: reply`) always gets exactly one reply:
+/// the handler's response, its error (`handler_error`), or `no_handler`. A
+/// connection's messages are handled one at a time, in order, so a handler must not
+/// wait for a reply from the peer whose message it is handling (spawn that instead).
 ///
 /// ```
 /// use tower::{BoxError, service_fn};
@@ -84,11 +139,16 @@ impl fmt::Debug for Router {
 
 fn boxed<S>(service: S) -> Handler
 where
-    S: Service<Inbound, Response = ()> + Clone + Send + Sync + 'static,
+    S: Service<Inbound> + Clone + Send + Sync + 'static,
+    S::Response: IntoReply,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    BoxCloneSyncService::new(service.map_err(Into::into))
+    BoxCloneSyncService::new(
+        service
+            .map_response(IntoReply::into_reply)
+            .map_err(Into::into),
+    )
 }
 
 impl Router {
@@ -100,7 +160,8 @@ impl Router {
     /// Sends messages of `kind` to `service`, replacing an earlier route for it.
     pub fn route<S>(mut self, kind: MessageType, service: S) -> Self
     where
-        S: Service<Inbound, Response = ()> + Clone + Send + Sync + 'static,
+        S: Service<Inbound> + Clone + Send + Sync + 'static,
+        S::Response: IntoReply,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
@@ -112,7 +173,8 @@ impl Router {
     /// Sends messages of every type without a route to `service`.
     pub fn fallback<S>(mut self, service: S) -> Self
     where
-        S: Service<Inbound, Response = ()> + Clone + Send + Sync + 'static,
+        S: Service<Inbound> + Clone + Send + Sync + 'static,
+        S::Response: IntoReply,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
@@ -133,20 +195,19 @@ impl Router {
     }
 
     /// Handles one message in place: waits for the handler to be ready, then calls it.
-    /// Returns `Ok(false)` if no handler took the message.
-    pub async fn dispatch(&mut self, msg: Inbound) -> Result<bool, BoxError> {
+    pub async fn dispatch(&mut self, msg: Inbound) -> Result<Dispatched, BoxError> {
         let Some(handler) = self.handler_mut(&msg.envelope.kind) else {
-            return Ok(false);
+            return Ok(Dispatched::Unrouted);
         };
-        handler.ready().await?.call(msg).await?;
-        Ok(true)
+        let reply = handler.ready().await?.call(msg).await?;
+        Ok(Dispatched::Handled(reply))
     }
 }
 
 impl Service<Inbound> for Router {
-    type Response = ();
+    type Response = Option<Payload>;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<(), BoxError>>;
+    type Future = BoxFuture<'static, Result<Option<Payload>, BoxError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // Each call readies its own clone of the chosen handler.
@@ -156,7 +217,7 @@ impl Service<Inbound> for Router {
     fn call(&mut self, msg: Inbound) -> Self::Future {
         match self.handler_mut(&msg.envelope.kind).cloned() {
             Some(handler) => Box::pin(handler.oneshot(msg)),
-            None => Box::pin(async { Ok(()) }),
+            None => Box::pin(async { Ok(None) }),
         }
     }
 }

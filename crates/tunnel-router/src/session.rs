@@ -1,11 +1,46 @@
 //! The loop that reads one connection and feeds the router.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tunnel_proto::messages::{Close, ReconnectHint, TypedMessage};
-use tunnel_proto::{CloseCode, MessageType};
+use tunnel_proto::{CloseCode, Envelope, ErrorBody, MessageType};
 use tunnel_transport::{ConnectionReceiver, ConnectionSender, RecvError};
 
-use crate::reliable::{Reliable, Verdict};
-use crate::router::{Inbound, Router};
+use crate::reliable::{Reliable, Verdict, WhenFull};
+use crate::request::{Pending, error_code};
+use crate::router::{Dispatched, Inbound, Router};
+
+/// What a connection's loop shares with its agent or hub.
+pub(crate) struct Link<'a> {
+    /// The session, when the connection carries one.
+    pub(crate) reliable: Option<&'a Arc<Reliable>>,
+    /// Requests waiting for replies.
+    pub(crate) pending: &'a Pending,
+    /// Message ids of the side (replies take theirs from it).
+    pub(crate) next_id: &'a AtomicU64,
+}
+
+impl Link<'_> {
+    /// Sends a reply through the session (or on the connection without one). Never
+    /// waits for room in a full replay buffer: the loop that would wait is the one that
+    /// reads the acks that make room. A reply that finds the buffer full is dropped and
+    /// logged; the requester times out.
+    async fn send_reply(&self, sender: &ConnectionSender, mut reply: Envelope) {
+        reply.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let outcome = match self.reliable {
+            Some(reliable) => reliable
+                .send(reply, WhenFull::Reject)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            None => sender.send(&reply).await.map_err(|e| e.to_string()),
+        };
+        if let Err(error) = outcome {
+            tracing::warn!(agent = %sender.info().agent, %error, "could not send a reply");
+        }
+    }
+}
 
 /// How a session ended.
 #[derive(Debug)]
@@ -24,8 +59,9 @@ pub(crate) async fn run(
     sender: ConnectionSender,
     router: &mut Router,
     hint: &mut Option<ReconnectHint>,
-    reliable: Option<&Reliable>,
+    link: &Link<'_>,
 ) -> SessionEnd {
+    let reliable = link.reliable;
     // One timer for standalone acks, reset rather than re-created per message, and
     // allocated only on sessions that acknowledge (idle connections stay small).
     let mut ack_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
@@ -59,7 +95,7 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        let env = match received {
+        let mut env = match received {
             Ok(Some(env)) => env,
             Ok(None) => return SessionEnd::Closed,
             Err(e) => return SessionEnd::Failed(e),
@@ -91,6 +127,12 @@ pub(crate) async fn run(
                 }
                 continue;
             }
+            MessageType::Reply => {
+                if !link.pending.complete(env, &sender.info().agent) {
+                    tracing::debug!(agent = %sender.info().agent, "discarding a late or unasked-for reply");
+                }
+                continue;
+            }
             MessageType::Handshake | MessageType::HandshakeAck => {
                 tracing::debug!(
                     connection = sender.info().id,
@@ -101,14 +143,42 @@ pub(crate) async fn run(
             _ => {}
         }
         let kind = env.kind.clone();
-        match router.dispatch(Inbound::new(env, sender.clone())).await {
-            Ok(true) => {}
-            Ok(false) => {
+        let request = env.expects_reply().then(|| env.reply(0, 0));
+        if let Err(e) = env.decompress_payload(sender.limits()) {
+            tracing::warn!(agent = %sender.info().agent, %kind, error = %e, "unreadable compressed payload");
+            if let Some(reply) = request {
+                let reply =
+                    reply.with_error(ErrorBody::new(error_code::BAD_REQUEST, e.to_string()));
+                link.send_reply(&sender, stamp(reply)).await;
+            }
+            continue;
+        }
+        let outcome = router.dispatch(Inbound::new(env, sender.clone())).await;
+        let error = match outcome {
+            Ok(Dispatched::Handled(payload)) => {
+                if let Some(mut reply) = request {
+                    reply.payload = payload;
+                    link.send_reply(&sender, stamp(reply)).await;
+                }
+                continue;
+            }
+            Ok(Dispatched::Unrouted) => {
                 tracing::debug!(agent = %sender.info().agent, %kind, "no handler for message");
+                ErrorBody::new(error_code::NO_HANDLER, format!("no handler for {kind}"))
             }
             Err(e) => {
                 tracing::warn!(agent = %sender.info().agent, %kind, error = %e, "handler failed");
+                ErrorBody::new(error_code::HANDLER_ERROR, e.to_string())
             }
+        };
+        if let Some(reply) = request {
+            link.send_reply(&sender, stamp(reply.with_error(error)))
+                .await;
         }
     }
+}
+
+fn stamp(mut reply: Envelope) -> Envelope {
+    reply.timestamp = tunnel_transport::unix_millis();
+    reply
 }

@@ -222,6 +222,11 @@ impl ConnectionSender {
         &self.inner.shared.info
     }
 
+    /// The limits this connection enforces (for example on decompressed payloads).
+    pub fn limits(&self) -> &Limits {
+        &self.inner.shared.limits
+    }
+
     /// A fresh message id for this connection.
     pub fn next_id(&self) -> u64 {
         self.inner.shared.next_id.fetch_add(1, Ordering::Relaxed)

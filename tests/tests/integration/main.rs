@@ -6,5 +6,6 @@ mod keepalive;
 mod lifecycle;
 mod metrics;
 mod reconnect;
+mod requests;
 mod sessions;
 mod support;

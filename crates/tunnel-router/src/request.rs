@@ -1,0 +1,427 @@
+//! Requests and replies: a table of requests waiting for their reply, and the types a
+//! caller sees.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tunnel_proto::{Envelope, ErrorBody, MessageType, Payload};
+use tunnel_transport::AgentId;
+
+use crate::reliable::{Receipt, ReliableSendError};
+
+/// Error codes this implementation puts in a failed reply's `error.code`.
+pub mod error_code {
+    /// The handler returned an error; `message` is its text.
+    pub const HANDLER_ERROR: &str = "handler_error";
+    /// No handler is routed for the request's type.
+    pub const NO_HANDLER: &str = "no_handler";
+    /// The request could not be read (for example its compressed payload was invalid or
+    /// inflated past the limit).
+    pub const BAD_REQUEST: &str = "bad_request";
+}
+
+/// Something to send through a client [`Service`](tower::Service): a one-way message,
+/// or a request that waits for the peer's reply.
+///
+/// ```
+/// use std::time::Duration;
+/// use tunnel_proto::{MessageType, messages::Command};
+/// use tunnel_router::Request;
+///
+/// let restart = Request::call(MessageType::Command, &Command::new("restart"))?
+///     .timeout(Duration::from_secs(2));
+/// assert!(restart.expects_reply());
+/// # Ok::<(), tunnel_proto::EncodeError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The message. Its id is assigned when it is sent.
+    pub envelope: Envelope,
+    timeout: Option<Duration>,
+}
+
+impl Request {
+    /// A request of `kind` whose payload is `value` (MessagePack, transcoded if the
+    /// connection uses JSON): the response is the peer's reply.
+    pub fn call<T: serde::Serialize + ?Sized>(
+        kind: MessageType,
+        value: &T,
+    ) -> Result<Self, tunnel_proto::EncodeError> {
+        let payload = Payload::encode(tunnel_proto::Format::MsgPack, value)?;
+        Ok(Request::from_envelope(
+            Envelope::new(0, kind, 0)
+                .with_payload(payload)
+                .expecting_reply(),
+        ))
+    }
+
+    /// A one-way message of `kind`: the response is its [`Receipt`].
+    pub fn send<T: serde::Serialize + ?Sized>(
+        kind: MessageType,
+        value: &T,
+    ) -> Result<Self, tunnel_proto::EncodeError> {
+        let payload = Payload::encode(tunnel_proto::Format::MsgPack, value)?;
+        Ok(Request::from_envelope(
+            Envelope::new(0, kind, 0).with_payload(payload),
+        ))
+    }
+
+    /// Sends `envelope` as it is: a request if it carries `expect: reply`
+    /// ([`Envelope::expecting_reply`]), one-way otherwise.
+    pub fn from_envelope(envelope: Envelope) -> Self {
+        Request {
+            envelope,
+            timeout: None,
+        }
+    }
+
+    /// How long to wait for the reply (default: the client's request timeout). The
+    /// wait also ends when the future is dropped, for example by tower's `Timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Whether the response will be the peer's reply.
+    pub fn expects_reply(&self) -> bool {
+        self.envelope.expects_reply()
+    }
+
+    /// The message type.
+    pub fn kind(&self) -> &MessageType {
+        &self.envelope.kind
+    }
+
+    pub(crate) fn timeout_or(&self, default: Duration) -> Duration {
+        self.timeout.unwrap_or(default)
+    }
+}
+
+/// What a client [`Service`](tower::Service) returns.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Response {
+    /// A one-way message was accepted; the receipt resolves when the peer has it.
+    Accepted(Receipt),
+    /// The peer's successful reply to a request.
+    Reply(Envelope),
+}
+
+impl Response {
+    /// The reply, if this answers a request.
+    pub fn into_reply(self) -> Option<Envelope> {
+        match self {
+            Response::Reply(env) => Some(env),
+            Response::Accepted(_) => None,
+        }
+    }
+
+    /// Decodes the reply's payload.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, RequestError> {
+        match self {
+            Response::Reply(env) => env
+                .decode_payload()
+                .map_err(|e| RequestError::BadReply(e.to_string())),
+            Response::Accepted(_) => Err(RequestError::BadReply(
+                "a one-way message has no reply".into(),
+            )),
+        }
+    }
+}
+
+/// Why a request or message failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// Not connected, and the message could not be held for a later connection.
+    #[error("not connected")]
+    NotConnected,
+    /// The message could not be sent.
+    #[error("could not send: {0}")]
+    Send(String),
+    /// The session did not accept the message (buffer full, shut down).
+    #[error(transparent)]
+    Session(#[from] ReliableSendError),
+    /// No reply within the deadline. A reply arriving later is discarded and counted.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The peer's handler failed; its error as the reply carried it.
+    #[error("the peer answered with an error: {} ({})", .0.message, .0.code)]
+    Remote(ErrorBody),
+    /// The reply can no longer arrive: the connection ended without a resumable
+    /// session, or the session was reset.
+    #[error("the reply was lost: {0}")]
+    Lost(String),
+    /// Too many requests are waiting for replies (the bound of the pending table).
+    #[error("too many requests in flight (limit {0})")]
+    TooManyInFlight(usize),
+    /// The reply could not be decoded.
+    #[error("bad reply: {0}")]
+    BadReply(String),
+    /// The agent or hub is shutting down.
+    #[error("shut down")]
+    ShutDown,
+}
+
+impl RequestError {
+    /// A short label for metrics: `timeout`, `remote`, `lost`, ...
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RequestError::NotConnected => "not_connected",
+            RequestError::Send(_) => "send",
+            RequestError::Session(_) => "session",
+            RequestError::Timeout(_) => "timeout",
+            RequestError::Remote(_) => "remote",
+            RequestError::Lost(_) => "lost",
+            RequestError::TooManyInFlight(_) => "too_many_in_flight",
+            RequestError::BadReply(_) => "bad_reply",
+            RequestError::ShutDown => "shut_down",
+        }
+    }
+}
+
+struct Waiter {
+    /// Who must answer: a reply from anyone else is not accepted.
+    peer: Option<AgentId>,
+    tx: oneshot::Sender<Result<Envelope, RequestError>>,
+}
+
+/// Requests waiting for their reply, keyed by request id. Bounded: registering past
+/// `max` fails at once.
+pub(crate) struct Pending {
+    waiters: Mutex<HashMap<u64, Waiter>>,
+    max: usize,
+    late: AtomicU64,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("waiting", &self.len())
+            .field("max", &self.max)
+            .field("late", &self.late.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// A registered request. Dropping it (the caller stopped waiting) removes the entry.
+pub(crate) struct Ticket {
+    pending: Arc<Pending>,
+    id: u64,
+    rx: oneshot::Receiver<Result<Envelope, RequestError>>,
+}
+
+impl Pending {
+    pub(crate) fn new(max: usize) -> Self {
+        Pending {
+            waiters: Mutex::new(HashMap::new()),
+            max,
+            late: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requests waiting.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Replies that arrived after their request stopped waiting (or for no request).
+    pub(crate) fn late(&self) -> u64 {
+        self.late.load(Ordering::Relaxed)
+    }
+
+    /// Registers request `id`, to be answered by `peer` (any peer if `None`).
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        id: u64,
+        peer: Option<AgentId>,
+    ) -> Result<Ticket, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        let mut waiters = self.lock();
+        if waiters.len() >= self.max {
+            return Err(RequestError::TooManyInFlight(self.max));
+        }
+        waiters.insert(id, Waiter { peer, tx });
+        drop(waiters);
+        Ok(Ticket {
+            pending: self.clone(),
+            id,
+            rx,
+        })
+    }
+
+    /// Hands a reply from `from` to its waiting request. Returns false (and counts it
+    /// late) when nobody is waiting for it.
+    pub(crate) fn complete(&self, reply: Envelope, from: &AgentId) -> bool {
+        let Some(id) = reply.correlation else {
+            self.late.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        let waiter = {
+            let mut waiters = self.lock();
+            match waiters.get(&id) {
+                Some(w) if w.peer.as_ref().is_none_or(|p| p == from) => waiters.remove(&id),
+                _ => None,
+            }
+        };
+        let Some(waiter) = waiter else {
+            self.late.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        let outcome = match reply.error.clone() {
+            Some(error) => Err(RequestError::Remote(error)),
+            None => Ok(reply),
+        };
+        if waiter.tx.send(outcome).is_err() {
+            self.late.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Fails every waiting request (on a session reset or shutdown).
+    pub(crate) fn fail_all(&self, reason: &str) {
+        self.fail_where(|_| true, reason);
+    }
+
+    /// Fails the requests waiting for `peer` (its session ended).
+    pub(crate) fn peer_gone(&self, peer: &AgentId, reason: &str) {
+        self.fail_where(|w| w.peer.as_ref() == Some(peer), reason);
+    }
+
+    fn fail_where(&self, pred: impl Fn(&Waiter) -> bool, reason: &str) {
+        let failed: Vec<Waiter> = {
+            let mut waiters = self.lock();
+            let ids: Vec<u64> = waiters
+                .iter()
+                .filter(|(_, w)| pred(w))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| waiters.remove(id)).collect()
+        };
+        for waiter in failed {
+            let _ = waiter.tx.send(Err(RequestError::Lost(reason.to_owned())));
+        }
+    }
+}
+
+impl Ticket {
+    /// Waits for the reply at most `timeout`.
+    pub(crate) async fn wait(mut self, timeout: Duration) -> Result<Envelope, RequestError> {
+        match tokio::time::timeout(timeout, &mut self.rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(RequestError::ShutDown),
+            Err(_) => Err(RequestError::Timeout(timeout)),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // Answered entries are already gone; this removes abandoned ones.
+        self.pending.lock().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply_to(id: u64) -> Envelope {
+        Envelope::new(100, MessageType::Reply, 0).with_correlation(id)
+    }
+
+    fn agent(name: &str) -> AgentId {
+        AgentId::new("ws", name)
+    }
+
+    #[tokio::test]
+    async fn a_reply_completes_its_request() {
+        let pending = Arc::new(Pending::new(8));
+        let ticket = pending.register(7, None).unwrap();
+        assert!(pending.complete(reply_to(7), &agent("a")));
+        let reply = ticket.wait(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(reply.correlation, Some(7));
+        assert_eq!(pending.len(), 0);
+        assert_eq!(pending.late(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_error_reply_is_a_remote_error() {
+        let pending = Arc::new(Pending::new(8));
+        let ticket = pending.register(7, None).unwrap();
+        let failed = reply_to(7).with_error(ErrorBody::new("handler_error", "boom"));
+        assert!(pending.complete(failed, &agent("a")));
+        let err = ticket.wait(Duration::from_secs(1)).await.unwrap_err();
+        assert_eq!(
+            err,
+            RequestError::Remote(ErrorBody::new("handler_error", "boom"))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_reply_is_discarded_and_counted() {
+        let pending = Arc::new(Pending::new(8));
+        let ticket = pending.register(7, None).unwrap();
+        let err = ticket.wait(Duration::from_millis(50)).await.unwrap_err();
+        assert_eq!(err, RequestError::Timeout(Duration::from_millis(50)));
+        assert_eq!(pending.len(), 0, "a timed out request leaves no entry");
+        assert!(!pending.complete(reply_to(7), &agent("a")));
+        assert_eq!(pending.late(), 1);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_wait_cancels_it() {
+        let pending = Arc::new(Pending::new(8));
+        let ticket = pending.register(7, None).unwrap();
+        drop(ticket);
+        assert_eq!(pending.len(), 0);
+        assert!(!pending.complete(reply_to(7), &agent("a")));
+        assert_eq!(pending.late(), 1);
+    }
+
+    #[tokio::test]
+    async fn only_the_asked_peer_can_answer() {
+        let pending = Arc::new(Pending::new(8));
+        let ticket = pending.register(7, Some(agent("a"))).unwrap();
+        assert!(!pending.complete(reply_to(7), &agent("b")), "wrong peer");
+        assert!(pending.complete(reply_to(7), &agent("a")));
+        assert!(ticket.wait(Duration::from_secs(1)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_table_is_bounded() {
+        let pending = Arc::new(Pending::new(2));
+        let _a = pending.register(1, None).unwrap();
+        let _b = pending.register(2, None).unwrap();
+        assert!(matches!(
+            pending.register(3, None),
+            Err(RequestError::TooManyInFlight(2))
+        ));
+    }
+
+    #[tokio::test]
+    async fn requests_of_a_gone_peer_fail() {
+        let pending = Arc::new(Pending::new(8));
+        let to_a = pending.register(1, Some(agent("a"))).unwrap();
+        let to_b = pending.register(2, Some(agent("b"))).unwrap();
+        pending.peer_gone(&agent("a"), "session ended");
+        assert!(matches!(
+            to_a.wait(Duration::from_secs(1)).await,
+            Err(RequestError::Lost(_))
+        ));
+        assert_eq!(pending.len(), 1);
+        pending.fail_all("reset");
+        assert!(matches!(
+            to_b.wait(Duration::from_secs(1)).await,
+            Err(RequestError::Lost(_))
+        ));
+    }
+}

@@ -1,0 +1,242 @@
+//! Requests and replies, both ways, through the session.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tower::{BoxError, Service, ServiceExt, service_fn};
+use tunnel_proto::messages::Command;
+use tunnel_proto::{Format, MessageType};
+use tunnel_router::{
+    Hub, HubSessions, Inbound, Request, RequestError, Response, Router, error_code,
+};
+use tunnel_transport::AgentId;
+
+use crate::support::*;
+
+/// Answers `command`s named `echo` with their args, fails `boom`, sleeps on `slow`.
+fn command_router() -> Router {
+    Router::new().route(
+        MessageType::Command,
+        service_fn(|msg: Inbound| async move {
+            let command: Command = msg.envelope.decode_payload()?;
+            match command.name.as_str() {
+                "boom" => Err::<_, BoxError>("no pod named web-9".into()),
+                "slow" => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok(msg.encode(&json!({"slow": true}))?)
+                }
+                _ => Ok(msg.encode(&json!({"echo": command.name}))?),
+            }
+        }),
+    )
+}
+
+fn command(name: &str) -> Request {
+    Request::call(MessageType::Command, &Command::new(name)).expect("encode")
+}
+
+async fn resumable(router: Router) -> Hub {
+    Hub::bind_resumable(
+        "127.0.0.1:0",
+        server_config(),
+        router,
+        HubSessions::default(),
+    )
+    .await
+    .expect("bind")
+}
+
+#[tokio::test]
+async fn an_agent_request_gets_the_hub_handlers_reply_in_both_codecs() {
+    for format in [Format::MsgPack, Format::Json] {
+        let hub = resumable(command_router()).await;
+        let id = AgentId::new("root:org", "req");
+        let agent = agent(
+            &hub.url().expect("url"),
+            client_config(&id, format),
+            Router::new(),
+        );
+        agent.wait_connected(SOON).await.expect("connected");
+        let reply = agent.call(command("hello")).await.expect("reply");
+        assert_eq!(
+            reply.decode::<Value>().expect("decode"),
+            json!({"echo": "hello"}),
+            "{format:?}"
+        );
+        let Response::Reply(env) = reply else {
+            panic!("a request gets a reply")
+        };
+        assert_eq!(env.kind, MessageType::Reply);
+        assert!(env.seq.is_some(), "replies go through the session");
+        agent.shutdown().await;
+        hub.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_failing_handler_answers_with_an_error_and_keeps_the_connection() {
+    let hub = resumable(command_router()).await;
+    let id = AgentId::new("root:org", "err");
+    let agent = agent(
+        &hub.url().expect("url"),
+        client_config(&id, Format::Json),
+        Router::new(),
+    );
+    let info = agent.wait_connected(SOON).await.expect("connected");
+
+    let err = agent.call(command("boom")).await.unwrap_err();
+    let RequestError::Remote(body) = err else {
+        panic!("expected a remote error, got {err:?}")
+    };
+    assert_eq!(body.code, error_code::HANDLER_ERROR);
+    assert_eq!(body.message, "no pod named web-9");
+
+    let err = agent
+        .call(Request::call(MessageType::Event, &json!({})).expect("encode"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RequestError::Remote(b) if b.code == error_code::NO_HANDLER),
+        "{err:?}"
+    );
+
+    // Same connection, still working.
+    agent.call(command("after")).await.expect("reply");
+    assert_eq!(agent.sender().expect("connected").info().id, info.id);
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_hub_can_ask_one_agent_and_broadcast_to_all() {
+    let hub = resumable(Router::new()).await;
+    let url = hub.url().expect("url");
+    let (a, b) = (AgentId::new("ws", "a"), AgentId::new("ws", "b"));
+    let (router_b, mut seen_b) = collecting_router();
+    let agent_a = agent(&url, client_config(&a, Format::MsgPack), command_router());
+    let agent_b = agent(&url, client_config(&b, Format::Json), router_b);
+    registered(&hub, &a).await;
+    registered(&hub, &b).await;
+
+    let reply = hub.request(&a, command("from-hub")).await.expect("reply");
+    assert_eq!(
+        reply.decode::<Value>().expect("decode"),
+        json!({"echo": "from-hub"})
+    );
+    // Through the tower client too.
+    let mut client = hub.client(a.clone());
+    let reply = client
+        .ready()
+        .await
+        .expect("ready")
+        .call(command("svc"))
+        .await
+        .expect("reply");
+    assert_eq!(reply.decode::<Value>().expect("decode")["echo"], "svc");
+
+    let outcomes = hub
+        .broadcast(MessageType::Event, &json!({"to": "all"}))
+        .await;
+    assert_eq!(outcomes.len(), 2);
+    assert!(outcomes.iter().all(|(_, r)| r.is_ok()));
+    let got = recv_soon(&mut seen_b).await;
+    assert_eq!(
+        got.envelope.decode_payload::<Value>().expect("decode"),
+        json!({"to": "all"})
+    );
+
+    // Only the asked agent may answer: a missing one is an error at once.
+    let err = hub
+        .request(&AgentId::new("ws", "nobody"), command("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err, RequestError::NotConnected);
+    agent_a.shutdown().await;
+    agent_b.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_late_reply_is_discarded_and_counted_and_a_dropped_wait_leaves_nothing() {
+    let hub = resumable(command_router()).await;
+    let id = AgentId::new("root:org", "late");
+    let agent = agent(
+        &hub.url().expect("url"),
+        client_config(&id, Format::MsgPack),
+        Router::new(),
+    );
+    agent.wait_connected(SOON).await.expect("connected");
+
+    let err = agent
+        .call(command("slow").timeout(Duration::from_millis(20)))
+        .await
+        .unwrap_err();
+    assert_eq!(err, RequestError::Timeout(Duration::from_millis(20)));
+    assert_eq!(agent.requests_in_flight(), 0);
+    eventually("the late reply is counted", || agent.late_replies() == 1).await;
+
+    // tower's own timeout drops the future: the wait is cancelled.
+    let mut client = tower::ServiceBuilder::new()
+        .timeout(Duration::from_millis(20))
+        .service(agent.client());
+    let err = client
+        .ready()
+        .await
+        .expect("ready")
+        .call(command("slow"))
+        .await
+        .unwrap_err();
+    assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+    assert_eq!(agent.requests_in_flight(), 0, "dropping the future cancels");
+    eventually("the second late reply is counted", || {
+        agent.late_replies() == 2
+    })
+    .await;
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_without_a_session_fails_when_its_connection_ends() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    // The handler never answers in time; the hub goes away meanwhile.
+    let router = Router::new().route(
+        MessageType::Command,
+        service_fn(move |_: Inbound| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok::<_, BoxError>(())
+            }
+        }),
+    );
+    let hub = hub(server_config(), router).await;
+    let id = AgentId::new("root:org", "nosession");
+    let agent = agent(
+        &hub.url().expect("url"),
+        client_config(&id, Format::MsgPack),
+        Router::new(),
+    );
+    agent.wait_connected(SOON).await.expect("connected");
+    let call = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.call(command("hang")).await }
+    });
+    eventually("the hub got the request", || {
+        calls.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let registered = hub.sender(&id).expect("registered");
+    registered.abort();
+    let err = tokio::time::timeout(SOON, call)
+        .await
+        .expect("fails promptly")
+        .expect("task")
+        .unwrap_err();
+    assert!(matches!(err, RequestError::Lost(_)), "{err:?}");
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
