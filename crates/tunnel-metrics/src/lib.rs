@@ -16,6 +16,7 @@
 //! ```
 
 use std::fmt;
+use std::time::Duration;
 
 use tunnel_proto::MessageType;
 
@@ -72,6 +73,27 @@ pub trait Recorder: Send + Sync + fmt::Debug + 'static {
 
     /// A session could not be resumed and was reset.
     fn session_reset(&self) {}
+
+    /// A request (or message) of type `kind` entered a metrics layer.
+    fn request_started(&self, kind: &MessageType) {
+        let _ = kind;
+    }
+
+    /// A request of type `kind` that started took `elapsed` and ended with `outcome`:
+    /// `Ok` or the error's kind, a short label such as `timeout`, `remote` or
+    /// `cancelled`.
+    fn request_finished(
+        &self,
+        kind: &MessageType,
+        elapsed: Duration,
+        outcome: Result<(), &'static str>,
+    ) {
+        let _ = (kind, elapsed, outcome);
+    }
+
+    /// A reply arrived that nobody waited for any more (its request timed out or was
+    /// cancelled) and was discarded.
+    fn late_reply(&self) {}
 }
 
 /// A circuit breaker's state, for [`Recorder::circuit_state`].

@@ -1,7 +1,7 @@
 //! The OpenTelemetry recorder.
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Gauge, Meter, UpDownCounter};
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, UpDownCounter};
 use tunnel_proto::MessageType;
 
 use crate::{Direction, Recorder};
@@ -16,6 +16,10 @@ use crate::{Direction, Recorder};
 /// | `tunnel.handshake.failures` | counter | `{failure}` | `reason` |
 /// | `tunnel.circuit.state` | gauge (0 closed, 1 half-open, 2 open) | `{state}` | `endpoint` |
 /// | `tunnel.session.resets` | counter | `{reset}` | |
+/// | `tunnel.request.duration` | histogram | `s` | `message.type`, `outcome` (`ok` or the error kind) |
+/// | `tunnel.request.errors` | counter | `{error}` | `message.type`, `error.kind` |
+/// | `tunnel.requests.in_flight` | up-down counter | `{request}` | `message.type` |
+/// | `tunnel.replies.late` | counter | `{reply}` | |
 #[derive(Debug, Clone)]
 pub struct OtelRecorder {
     messages: Counter<u64>,
@@ -24,6 +28,10 @@ pub struct OtelRecorder {
     handshake_failures: Counter<u64>,
     circuit: Gauge<i64>,
     resets: Counter<u64>,
+    request_duration: Histogram<f64>,
+    request_errors: Counter<u64>,
+    in_flight: UpDownCounter<i64>,
+    late_replies: Counter<u64>,
 }
 
 impl OtelRecorder {
@@ -61,6 +69,30 @@ impl OtelRecorder {
                 .u64_counter("tunnel.session.resets")
                 .with_unit("{reset}")
                 .with_description("Sessions that could not be resumed")
+                .build(),
+            request_duration: meter
+                .f64_histogram("tunnel.request.duration")
+                .with_unit("s")
+                .with_description("Time from a request entering the metrics layer to its outcome")
+                .with_boundaries(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ])
+                .build(),
+            request_errors: meter
+                .u64_counter("tunnel.request.errors")
+                .with_unit("{error}")
+                .with_description("Failed requests by error kind")
+                .build(),
+            in_flight: meter
+                .i64_up_down_counter("tunnel.requests.in_flight")
+                .with_unit("{request}")
+                .with_description("Requests started and not yet finished")
+                .build(),
+            late_replies: meter
+                .u64_counter("tunnel.replies.late")
+                .with_unit("{reply}")
+                .with_description("Replies discarded because nobody waited for them")
                 .build(),
         }
     }
@@ -106,5 +138,36 @@ impl Recorder for OtelRecorder {
 
     fn session_reset(&self) {
         self.resets.add(1, &[]);
+    }
+
+    fn request_started(&self, kind: &MessageType) {
+        self.in_flight
+            .add(1, &[KeyValue::new("message.type", type_value(kind))]);
+    }
+
+    fn request_finished(
+        &self,
+        kind: &MessageType,
+        elapsed: std::time::Duration,
+        outcome: Result<(), &'static str>,
+    ) {
+        let kind = KeyValue::new("message.type", type_value(kind));
+        self.in_flight.add(-1, std::slice::from_ref(&kind));
+        let label = match outcome {
+            Ok(()) => "ok",
+            Err(error) => {
+                self.request_errors
+                    .add(1, &[kind.clone(), KeyValue::new("error.kind", error)]);
+                error
+            }
+        };
+        self.request_duration.record(
+            elapsed.as_secs_f64(),
+            &[kind, KeyValue::new("outcome", label)],
+        );
+    }
+
+    fn late_reply(&self) {
+        self.late_replies.add(1, &[]);
     }
 }

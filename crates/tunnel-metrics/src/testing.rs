@@ -132,6 +132,27 @@ impl TestMeter {
         None
     }
 
+    /// The number of values recorded by histogram `name` at the data points whose
+    /// attributes include all of `attrs`.
+    pub fn histogram_count(&self, name: &str, attrs: &[KeyValue]) -> u64 {
+        let rm = self.collect();
+        let mut total = 0;
+        for metric in rm.scope_metrics().flat_map(|s| s.metrics()) {
+            if metric.name() != name {
+                continue;
+            }
+            if let AggregatedMetrics::F64(MetricData::Histogram(h)) = metric.data() {
+                for point in h.data_points() {
+                    let point_attrs: Vec<KeyValue> = point.attributes().cloned().collect();
+                    if attrs.iter().all(|a| point_attrs.contains(a)) {
+                        total += point.count();
+                    }
+                }
+            }
+        }
+        total
+    }
+
     /// The unit of instrument `name`, once it has recorded something.
     pub fn unit(&self, name: &str) -> Option<String> {
         self.collect()

@@ -295,7 +295,10 @@ impl Agent {
             when_full: config.when_full.clone(),
             next_id: AtomicU64::new(1),
             events: broadcast::channel(16).0,
-            pending: Arc::new(Pending::new(config.max_pending_requests)),
+            pending: Arc::new(Pending::new(
+                config.max_pending_requests,
+                config.recorder.clone(),
+            )),
             request_timeout: config.request_timeout,
         });
         if let Some(reliable) = inner.reliable.clone() {
@@ -425,7 +428,10 @@ impl Agent {
         self.inner.pending.len()
     }
 
-    async fn transmit(&self, env: Envelope) -> Result<Receipt, AgentSendError> {
+    async fn transmit(&self, mut env: Envelope) -> Result<Receipt, AgentSendError> {
+        if env.content_encoding().is_some() {
+            session::fit_encoding(&mut env, self.sender().as_ref());
+        }
         if let Some(reliable) = &self.inner.reliable
             && self.inner.resumable.load(Ordering::Acquire)
         {

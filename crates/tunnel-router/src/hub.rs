@@ -91,9 +91,10 @@ impl Hub {
         config: ServerConfig,
         router: Router,
     ) -> Result<Hub, AcceptError> {
+        let recorder = config.connection.recorder.clone();
         let listener = WsListener::bind(addr, config).await?;
         let local_addr = listener.local_addr();
-        let mut hub = Hub::serve(listener, router);
+        let mut hub = Hub::start(Box::new(listener), router, None, recorder);
         hub.local_addr = Some(local_addr);
         Ok(hub)
     }
@@ -107,20 +108,31 @@ impl Hub {
         router: Router,
         sessions: HubSessions,
     ) -> Result<Hub, AcceptError> {
-        let store = Store::new(sessions, config.connection.recorder.clone());
+        let recorder = config.connection.recorder.clone();
+        let store = Store::new(sessions, recorder.clone());
         let listener = WsListener::bind(addr, config.sessions(store.clone())).await?;
         let local_addr = listener.local_addr();
-        let mut hub = Hub::start(Box::new(listener), router, Some(store));
+        let mut hub = Hub::start(Box::new(listener), router, Some(store), recorder);
         hub.local_addr = Some(local_addr);
         Ok(hub)
     }
 
     /// Serves agents from any transport's acceptor.
     pub fn serve(acceptor: impl Acceptor + 'static, router: Router) -> Hub {
-        Hub::start(Box::new(acceptor), router, None)
+        Hub::start(
+            Box::new(acceptor),
+            router,
+            None,
+            Arc::new(tunnel_metrics::NoopRecorder),
+        )
     }
 
-    fn start(acceptor: Box<dyn Acceptor>, router: Router, sessions: Option<Arc<Store>>) -> Hub {
+    fn start(
+        acceptor: Box<dyn Acceptor>,
+        router: Router,
+        sessions: Option<Arc<Store>>,
+        recorder: Arc<dyn tunnel_metrics::Recorder>,
+    ) -> Hub {
         let inner = Arc::new(Inner {
             agents: RwLock::new(HashMap::new()),
             shutdown: CancellationToken::new(),
@@ -128,7 +140,7 @@ impl Hub {
             shutdown_timeout: Duration::from_secs(5),
             sessions,
             next_id: AtomicU64::new(1),
-            pending: Arc::new(Pending::new(MAX_PENDING_REQUESTS)),
+            pending: Arc::new(Pending::new(MAX_PENDING_REQUESTS, recorder)),
         });
         inner
             .tasks
@@ -261,7 +273,10 @@ impl Hub {
         self.inner.pending.late()
     }
 
-    async fn transmit(&self, agent: &AgentId, env: Envelope) -> Result<Receipt, HubSendError> {
+    async fn transmit(&self, agent: &AgentId, mut env: Envelope) -> Result<Receipt, HubSendError> {
+        if env.content_encoding().is_some() {
+            session::fit_encoding(&mut env, self.sender(agent).as_ref());
+        }
         if let Some(store) = &self.inner.sessions
             && let Some(reliable) = store.of_agent(agent)
         {

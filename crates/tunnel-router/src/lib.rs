@@ -41,6 +41,7 @@
 mod agent;
 mod hub;
 mod hub_sessions;
+pub mod layer;
 mod reliable;
 mod request;
 mod router;
@@ -54,7 +55,7 @@ pub use hub::{DEFAULT_REQUEST_TIMEOUT, Hub, HubClient, HubSendError};
 pub use hub_sessions::HubSessions;
 pub use reliable::{FullPolicy, Receipt, ReliableSendError, Undelivered, WhenFull};
 pub use request::{Request, RequestError, Response, error_code};
-pub use router::{Dispatched, Inbound, IntoReply, Router};
+pub use router::{Dispatched, Handler, Inbound, IntoReply, Router};
 
 /// The README's examples, compiled as doc tests.
 #[cfg(doctest)]

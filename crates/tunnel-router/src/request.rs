@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tunnel_metrics::Recorder;
 use tunnel_proto::{Envelope, ErrorBody, MessageType, Payload};
 use tunnel_transport::AgentId;
 
@@ -195,6 +196,7 @@ pub(crate) struct Pending {
     waiters: Mutex<HashMap<u64, Waiter>>,
     max: usize,
     late: AtomicU64,
+    recorder: Arc<dyn Recorder>,
 }
 
 impl std::fmt::Debug for Pending {
@@ -215,12 +217,18 @@ pub(crate) struct Ticket {
 }
 
 impl Pending {
-    pub(crate) fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize, recorder: Arc<dyn Recorder>) -> Self {
         Pending {
             waiters: Mutex::new(HashMap::new()),
             max,
             late: AtomicU64::new(0),
+            recorder,
         }
+    }
+
+    fn count_late(&self) {
+        self.late.fetch_add(1, Ordering::Relaxed);
+        self.recorder.late_reply();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
@@ -261,7 +269,7 @@ impl Pending {
     /// late) when nobody is waiting for it.
     pub(crate) fn complete(&self, reply: Envelope, from: &AgentId) -> bool {
         let Some(id) = reply.correlation else {
-            self.late.fetch_add(1, Ordering::Relaxed);
+            self.count_late();
             return false;
         };
         let waiter = {
@@ -272,7 +280,7 @@ impl Pending {
             }
         };
         let Some(waiter) = waiter else {
-            self.late.fetch_add(1, Ordering::Relaxed);
+            self.count_late();
             return false;
         };
         let outcome = match reply.error.clone() {
@@ -280,7 +288,7 @@ impl Pending {
             None => Ok(reply),
         };
         if waiter.tx.send(outcome).is_err() {
-            self.late.fetch_add(1, Ordering::Relaxed);
+            self.count_late();
             return false;
         }
         true
@@ -344,7 +352,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_completes_its_request() {
-        let pending = Arc::new(Pending::new(8));
+        let pending = Arc::new(Pending::new(8, Arc::new(tunnel_metrics::NoopRecorder)));
         let ticket = pending.register(7, None).unwrap();
         assert!(pending.complete(reply_to(7), &agent("a")));
         let reply = ticket.wait(Duration::from_secs(1)).await.unwrap();
@@ -355,7 +363,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_error_reply_is_a_remote_error() {
-        let pending = Arc::new(Pending::new(8));
+        let pending = Arc::new(Pending::new(8, Arc::new(tunnel_metrics::NoopRecorder)));
         let ticket = pending.register(7, None).unwrap();
         let failed = reply_to(7).with_error(ErrorBody::new("handler_error", "boom"));
         assert!(pending.complete(failed, &agent("a")));
@@ -368,7 +376,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_late_reply_is_discarded_and_counted() {
-        let pending = Arc::new(Pending::new(8));
+        let pending = Arc::new(Pending::new(8, Arc::new(tunnel_metrics::NoopRecorder)));
         let ticket = pending.register(7, None).unwrap();
         let err = ticket.wait(Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(err, RequestError::Timeout(Duration::from_millis(50)));
@@ -379,7 +387,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_wait_cancels_it() {
-        let pending = Arc::new(Pending::new(8));
+        let pending = Arc::new(Pending::new(8, Arc::new(tunnel_metrics::NoopRecorder)));
         let ticket = pending.register(7, None).unwrap();
         drop(ticket);
         assert_eq!(pending.len(), 0);
@@ -389,7 +397,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_asked_peer_can_answer() {
-        let pending = Arc::new(Pending::new(8));
+        let pending = Arc::new(Pending::new(8, Arc::new(tunnel_metrics::NoopRecorder)));
         let ticket = pending.register(7, Some(agent("a"))).unwrap();
         assert!(!pending.complete(reply_to(7), &agent("b")), "wrong peer");
         assert!(pending.complete(reply_to(7), &agent("a")));
@@ -398,7 +406,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_table_is_bounded() {
-        let pending = Arc::new(Pending::new(2));
+        let pending = Arc::new(Pending::new(2, Arc::new(tunnel_metrics::NoopRecorder)));
         let _a = pending.register(1, None).unwrap();
         let _b = pending.register(2, None).unwrap();
         assert!(matches!(
@@ -409,7 +417,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_of_a_gone_peer_fail() {
-        let pending = Arc::new(Pending::new(8));
+        let pending = Arc::new(Pending::new(8, Arc::new(tunnel_metrics::NoopRecorder)));
         let to_a = pending.register(1, Some(agent("a"))).unwrap();
         let to_b = pending.register(2, Some(agent("b"))).unwrap();
         pending.peer_gone(&agent("a"), "session ended");

@@ -82,7 +82,8 @@ impl IntoReply for Option<Payload> {
     }
 }
 
-type Handler = BoxCloneSyncService<Inbound, Option<Payload>, BoxError>;
+/// A boxed handler, as a [`Router`] holds them.
+pub type Handler = BoxCloneSyncService<Inbound, Option<Payload>, BoxError>;
 
 /// What [`Router::dispatch`] did with a message.
 #[derive(Debug)]
@@ -180,6 +181,36 @@ impl Router {
     {
         self.fallback = Some(boxed(service));
         self
+    }
+
+    /// Wraps every handler added so far (routes and fallback) in `layer`, as axum's
+    /// `Router::layer` does: for example tracing or metrics for all handlers.
+    ///
+    /// ```
+    /// use tower::{BoxError, service_fn, limit::ConcurrencyLimitLayer};
+    /// use tunnel_proto::MessageType;
+    /// use tunnel_router::{Inbound, Router};
+    ///
+    /// let router = Router::new()
+    ///     .route(MessageType::Event, service_fn(|_: Inbound| async { Ok::<_, BoxError>(()) }))
+    ///     .layer(ConcurrencyLimitLayer::new(1));
+    /// ```
+    pub fn layer<L>(self, layer: L) -> Self
+    where
+        L: tower::Layer<Handler>,
+        L::Service: Service<Inbound> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Inbound>>::Response: IntoReply,
+        <L::Service as Service<Inbound>>::Error: Into<BoxError>,
+        <L::Service as Service<Inbound>>::Future: Send + 'static,
+    {
+        Router {
+            routes: self
+                .routes
+                .into_iter()
+                .map(|(kind, h)| (kind, boxed(layer.layer(h))))
+                .collect(),
+            fallback: self.fallback.map(|h| boxed(layer.layer(h))),
+        }
     }
 
     /// Whether `kind` has its own route.

@@ -111,6 +111,19 @@ pub(crate) async fn run(
                 }
             }
         }
+        if env.content_encoding().is_some()
+            && let Err(e) = env.decompress_payload(sender.limits())
+        {
+            // A compression bomb stops at the limit; the connection stays up.
+            tracing::warn!(agent = %sender.info().agent, kind = %env.kind, error = %e, "unreadable compressed payload");
+            if env.expects_reply() {
+                let reply = env
+                    .reply(0, 0)
+                    .with_error(ErrorBody::new(error_code::BAD_REQUEST, e.to_string()));
+                link.send_reply(&sender, stamp(reply)).await;
+            }
+            continue;
+        }
         match env.kind {
             MessageType::Ping => {
                 let pong = sender.envelope(MessageType::Pong).with_correlation(env.id);
@@ -144,15 +157,6 @@ pub(crate) async fn run(
         }
         let kind = env.kind.clone();
         let request = env.expects_reply().then(|| env.reply(0, 0));
-        if let Err(e) = env.decompress_payload(sender.limits()) {
-            tracing::warn!(agent = %sender.info().agent, %kind, error = %e, "unreadable compressed payload");
-            if let Some(reply) = request {
-                let reply =
-                    reply.with_error(ErrorBody::new(error_code::BAD_REQUEST, e.to_string()));
-                link.send_reply(&sender, stamp(reply)).await;
-            }
-            continue;
-        }
         let outcome = router.dispatch(Inbound::new(env, sender.clone())).await;
         let error = match outcome {
             Ok(Dispatched::Handled(payload)) => {
@@ -174,6 +178,46 @@ pub(crate) async fn run(
         if let Some(reply) = request {
             link.send_reply(&sender, stamp(reply.with_error(error)))
                 .await;
+        }
+    }
+}
+
+/// Fits a compressed payload to the connection it is about to go on: inflated for a
+/// peer that did not grant `deflate` (a peer never receives an encoding it did not
+/// accept), and transcoded then compressed again when the connection's codec differs
+/// from the payload's format (a compressed payload cannot be transcoded on the fly).
+pub(crate) fn fit_encoding(env: &mut Envelope, sender: Option<&ConnectionSender>) {
+    let Some(sender) = sender else {
+        return;
+    };
+    let info = sender.info();
+    let Some(format) = env.payload.as_ref().map(tunnel_proto::Payload::format) else {
+        return;
+    };
+    let deflate = info.has_capability(tunnel_proto::capability::DEFLATE);
+    if env.content_encoding().is_none() || (deflate && format == info.format) {
+        return;
+    }
+    let refit = env.decompress_payload(sender.limits()).and_then(|()| {
+        if format != info.format
+            && let Some(payload) = &env.payload
+        {
+            env.payload = Some(payload.to_format(info.format).map_err(|e| {
+                tunnel_proto::DecodeError::BadField {
+                    field: "payload",
+                    reason: e.to_string(),
+                }
+            })?);
+        }
+        Ok(())
+    });
+    match refit {
+        Ok(()) if deflate => {
+            env.compress_payload(0);
+        }
+        Ok(()) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "could not fit a compressed payload to the connection")
         }
     }
 }

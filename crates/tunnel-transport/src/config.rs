@@ -184,7 +184,11 @@ setters!(ServerConfig {
 });
 
 fn default_capabilities() -> Vec<String> {
-    vec![capability::REPLIES.to_string()]
+    vec![
+        capability::REPLIES.to_string(),
+        capability::DEFLATE.to_string(),
+        capability::TRACE_CONTEXT.to_string(),
+    ]
 }
 
 /// Settings of an agent's connector.
@@ -237,6 +241,8 @@ impl ClientConfig {
             capabilities: vec![
                 capability::REPLIES.to_string(),
                 capability::RESUME.to_string(),
+                capability::DEFLATE.to_string(),
+                capability::TRACE_CONTEXT.to_string(),
             ],
             metadata: BTreeMap::new(),
         }

@@ -3,6 +3,7 @@
 mod auth;
 mod bad_input;
 mod keepalive;
+mod layers;
 mod lifecycle;
 mod metrics;
 mod reconnect;

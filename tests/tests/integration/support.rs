@@ -169,6 +169,26 @@ fn decode(format: Format, frame: bytes::Bytes) -> Envelope {
         .expect("server sent a decodable frame")
 }
 
+/// Reads frames until a message of type `kind` arrives (skipping others, such as
+/// pings), at most [`SOON`].
+pub(crate) async fn recv_raw_until(ws: &mut RawWs, format: Format, kind: MessageType) -> Envelope {
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {kind} in time"));
+        let env = match msg {
+            Some(Ok(Message::Text(t))) => decode(format, bytes::Bytes::from(t)),
+            Some(Ok(Message::Binary(b))) => decode(format, b),
+            Some(Ok(_)) => continue,
+            other => panic!("connection ended before a {kind}: {other:?}"),
+        };
+        if env.kind == kind {
+            return env;
+        }
+    }
+}
+
 /// A handshake envelope for `agent`.
 pub(crate) fn handshake(agent: &AgentId, format: Format) -> Envelope {
     use tunnel_proto::messages::{Handshake, TypedMessage};

@@ -1,0 +1,193 @@
+//! Request metrics: latency per message type, errors by kind, requests in flight.
+//!
+//! [`MetricsLayer`] reports to a [`Recorder`]: [`Recorder::request_started`] when a
+//! message enters, [`Recorder::request_finished`] with the elapsed time and the outcome
+//! (`Ok`, the error's [`ErrorKind`], or `cancelled` when the future was dropped) when it
+//! leaves. With `tunnel_metrics::OtelRecorder` (feature `otel`) these are the
+//! `tunnel.request.duration` histogram, the `tunnel.request.errors` counter and the
+//! `tunnel.requests.in_flight` up-down counter. It works on both sides: around a client
+//! (`Service<Request>`) and around a handler (`Service<Inbound>`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::time::Instant;
+use tower::{Layer, Service};
+use tunnel_metrics::Recorder;
+use tunnel_proto::MessageType;
+
+use super::{ErrorKind, TunnelMessage};
+
+/// Records request metrics into a [`Recorder`].
+#[derive(Debug, Clone)]
+pub struct MetricsLayer {
+    recorder: Arc<dyn Recorder>,
+}
+
+impl MetricsLayer {
+    /// Records into `recorder`.
+    pub fn new(recorder: Arc<dyn Recorder>) -> Self {
+        MetricsLayer { recorder }
+    }
+}
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = Metrics<S>;
+
+    fn layer(&self, inner: S) -> Metrics<S> {
+        Metrics {
+            inner,
+            recorder: self.recorder.clone(),
+        }
+    }
+}
+
+/// The service of [`MetricsLayer`].
+#[derive(Debug, Clone)]
+pub struct Metrics<S> {
+    inner: S,
+    recorder: Arc<dyn Recorder>,
+}
+
+impl<S, M> Service<M> for Metrics<S>
+where
+    S: Service<M>,
+    S::Error: ErrorKind,
+    M: TunnelMessage,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, message: M) -> Self::Future {
+        let kind = message.envelope().kind.clone();
+        self.recorder.request_started(&kind);
+        ResponseFuture {
+            inner: self.inner.call(message),
+            open: Some(Open {
+                kind,
+                start: Instant::now(),
+                recorder: self.recorder.clone(),
+            }),
+        }
+    }
+}
+
+struct Open {
+    kind: MessageType,
+    start: Instant,
+    recorder: Arc<dyn Recorder>,
+}
+
+impl Open {
+    fn finish(self, outcome: Result<(), &'static str>) {
+        self.recorder
+            .request_finished(&self.kind, self.start.elapsed(), outcome);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Metrics`]: the inner future, timed. Dropped before it finishes,
+    /// it records the outcome `cancelled`.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        open: Option<Open>,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(open) = this.project().open.take() {
+                open.finish(Err("cancelled"));
+            }
+        }
+    }
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: ErrorKind,
+{
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        if let Some(open) = this.open.take() {
+            open.finish(output.as_ref().map(drop).map_err(ErrorKind::error_kind));
+        }
+        Poll::Ready(output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Request, RequestError};
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use tower::{ServiceExt, service_fn};
+
+    #[derive(Debug, Default)]
+    struct Log(Mutex<Vec<String>>);
+
+    impl Recorder for Log {
+        fn request_started(&self, kind: &MessageType) {
+            self.0.lock().unwrap().push(format!("start {kind}"));
+        }
+        fn request_finished(
+            &self,
+            kind: &MessageType,
+            _: Duration,
+            outcome: Result<(), &'static str>,
+        ) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("end {kind} {outcome:?}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn records_outcomes_and_cancellation() {
+        let log = Arc::new(Log::default());
+        let inner = service_fn(|r: Request| async move {
+            match r.envelope.kind {
+                MessageType::Event => Ok(()),
+                MessageType::Command => Err(RequestError::Timeout(Duration::from_secs(1))),
+                _ => std::future::pending().await,
+            }
+        });
+        let mut svc = MetricsLayer::new(log.clone()).layer(inner);
+        let event = Request::send(MessageType::Event, &1).unwrap();
+        let command = Request::call(MessageType::Command, &1).unwrap();
+        let stuck = Request::send(MessageType::Status, &1).unwrap();
+        svc.ready().await.unwrap().call(event).await.unwrap();
+        svc.ready().await.unwrap().call(command).await.unwrap_err();
+        drop(svc.ready().await.unwrap().call(stuck));
+        assert_eq!(
+            *log.0.lock().unwrap(),
+            [
+                "start event",
+                "end event Ok(())",
+                "start command",
+                "end command Err(\"timeout\")",
+                "start status",
+                "end status Err(\"cancelled\")",
+            ]
+        );
+    }
+}
