@@ -392,6 +392,10 @@ pub enum Accept {
 pub struct Inbound {
     config: SessionConfig,
     received: u64,
+    /// Whether the base is known. A new direction takes the first data message's
+    /// sequence number as its base (a peer moving from a drained hub continues its
+    /// numbering); a resumed one knows it.
+    started: bool,
     unacked: u32,
     /// When the first message not yet acknowledged arrived.
     first_at: Option<Instant>,
@@ -399,9 +403,13 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    /// A new direction: the first message expected is 1.
+    /// A new direction. Its first data message fixes the base: normally 1, but a
+    /// peer that moved here from a drained hub continues its own numbering.
     pub fn new(config: SessionConfig) -> Self {
-        Self::resumed(config, 0)
+        Inbound {
+            started: false,
+            ..Self::resumed(config, 0)
+        }
     }
 
     /// A direction that has already received everything up to `received`.
@@ -409,6 +417,7 @@ impl Inbound {
         Inbound {
             config,
             received,
+            started: true,
             unacked: 0,
             first_at: None,
             ack_at: None,
@@ -419,6 +428,10 @@ impl Inbound {
     /// only when the time matters (the first unacknowledged message of a batch, or a
     /// duplicate), so a busy receiver does not read the clock per message.
     pub fn on_data(&mut self, seq: u64, now: impl FnOnce() -> Instant) -> Accept {
+        if !self.started && seq > 0 {
+            self.started = true;
+            self.received = seq - 1;
+        }
         if seq <= self.received {
             let t = now();
             self.first_at.get_or_insert(t);
@@ -624,6 +637,30 @@ mod tests {
         );
         assert_eq!(rx.on_data(2, || t), Accept::Deliver);
         assert_eq!(rx.last_received(), 2);
+    }
+
+    #[test]
+    fn a_new_direction_takes_its_base_from_the_first_message() {
+        let t = Instant::now();
+        let mut rx = Inbound::new(config());
+        assert_eq!(rx.on_data(101, || t), Accept::Deliver);
+        assert_eq!(rx.last_received(), 101);
+        assert_eq!(
+            rx.on_data(103, || t),
+            Accept::Gap {
+                expected: 102,
+                got: 103
+            }
+        );
+        // A resumed direction knows its base.
+        let mut resumed = Inbound::resumed(config(), 0);
+        assert_eq!(
+            resumed.on_data(5, || t),
+            Accept::Gap {
+                expected: 1,
+                got: 5
+            }
+        );
     }
 
     #[test]

@@ -85,8 +85,20 @@ pub enum AgentSendError {
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct AgentConfig {
-    /// The hub's URL.
-    pub endpoint: String,
+    /// The hubs' URLs, in order of preference. The agent holds one connection and
+    /// moves to the next endpoint when a connect fails or a hub drains (failover);
+    /// an endpoint whose circuit breaker is open is skipped.
+    pub endpoints: Vec<String>,
+    /// Replacements of `endpoints` from discovery: each value sent replaces the list
+    /// (the current connection stays until it ends). Default: none.
+    pub endpoint_updates: Option<watch::Receiver<Vec<String>>>,
+    /// Whether a closing hub's `reconnect.endpoints` replace `endpoints`. Default
+    /// true; a [`Pool`](crate::Pool) in spread mode pins each connection to its hub.
+    pub follow_redirects: bool,
+    /// How long, after a hub announces a drain, the agent lets what the connection
+    /// carries finish (acknowledgements of sent messages, replies to sent requests)
+    /// before moving. Default 10 s.
+    pub drain_wait: Duration,
     /// Backoff between attempts (full jitter on every attempt, including the first
     /// after a drop).
     pub backoff: BackoffConfig,
@@ -114,7 +126,9 @@ pub struct AgentConfig {
 impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentConfig")
-            .field("endpoint", &self.endpoint)
+            .field("endpoints", &self.endpoints)
+            .field("follow_redirects", &self.follow_redirects)
+            .field("drain_wait", &self.drain_wait)
             .field("backoff", &self.backoff)
             .field("stable_after", &self.stable_after)
             .field("breaker", &self.breaker)
@@ -129,8 +143,16 @@ impl std::fmt::Debug for AgentConfig {
 impl AgentConfig {
     /// Settings for connecting to `endpoint`, with defaults otherwise.
     pub fn new(endpoint: impl Into<String>) -> Self {
+        AgentConfig::with_endpoints([endpoint.into()])
+    }
+
+    /// Settings for connecting to any of `endpoints` (failover, in order).
+    pub fn with_endpoints(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
         AgentConfig {
-            endpoint: endpoint.into(),
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            endpoint_updates: None,
+            follow_redirects: true,
+            drain_wait: Duration::from_secs(10),
             backoff: BackoffConfig::default(),
             stable_after: Duration::from_secs(30),
             breaker: BreakerConfig::default(),
@@ -140,6 +162,24 @@ impl AgentConfig {
             request_timeout: Duration::from_secs(30),
             max_pending_requests: 10_000,
         }
+    }
+
+    /// Sets [`AgentConfig::endpoint_updates`].
+    pub fn endpoint_updates(mut self, updates: watch::Receiver<Vec<String>>) -> Self {
+        self.endpoint_updates = Some(updates);
+        self
+    }
+
+    /// Sets [`AgentConfig::follow_redirects`].
+    pub fn follow_redirects(mut self, follow: bool) -> Self {
+        self.follow_redirects = follow;
+        self
+    }
+
+    /// Sets [`AgentConfig::drain_wait`].
+    pub fn drain_wait(mut self, wait: Duration) -> Self {
+        self.drain_wait = wait;
+        self
     }
 
     /// Sets [`AgentConfig::request_timeout`].
@@ -257,6 +297,9 @@ pub enum InvalidAgentConfig {
     /// The circuit breaker settings.
     #[error(transparent)]
     Breaker(#[from] InvalidBreaker),
+    /// No endpoint to connect to.
+    #[error("no endpoints given")]
+    NoEndpoints,
 }
 
 /// The agent did not connect in time.
@@ -284,6 +327,9 @@ impl Agent {
         backoff: Box<dyn Backoff>,
     ) -> Result<Agent, InvalidAgentConfig> {
         let breaker = CircuitBreaker::new(config.breaker)?;
+        if config.endpoints.is_empty() {
+            return Err(InvalidAgentConfig::NoEndpoints);
+        }
         let inner = Arc::new(Inner {
             state: watch::Sender::new(ConnectionState::Connecting),
             current: watch::Sender::new(None),
@@ -332,6 +378,21 @@ impl Agent {
     /// The current connection's sender, if connected.
     pub fn sender(&self) -> Option<ConnectionSender> {
         self.inner.current.borrow().clone()
+    }
+
+    /// Whether the agent has a connection it hands messages to (not while it is
+    /// between connections or moving off a draining hub).
+    pub fn is_connected(&self) -> bool {
+        self.inner
+            .current
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| !s.is_closed())
+    }
+
+    /// Watches the current connection (changes when it comes and goes).
+    pub(crate) fn connection_watch(&self) -> watch::Receiver<Option<ConnectionSender>> {
+        self.inner.current.subscribe()
     }
 
     /// How many times the agent has connected again after losing a connection.
@@ -488,13 +549,27 @@ async fn supervise(
     new_breaker: CircuitBreaker,
     inner: Arc<Inner>,
 ) {
-    let mut endpoints = vec![config.endpoint.clone()];
+    let mut config = config;
+    let mut endpoints = config.endpoints.clone();
     let mut breakers: HashMap<String, CircuitBreaker> = HashMap::new();
     let mut next = 0usize;
     let mut connected_before = false;
     let mut session_id: Option<String> = None;
     let mut epoch = 0u64;
+    let mut drained;
     loop {
+        if let Some(updates) = config.endpoint_updates.as_mut()
+            && updates.has_changed().unwrap_or(false)
+        {
+            let fresh = updates.borrow_and_update().clone();
+            if fresh.is_empty() {
+                tracing::warn!("ignoring an empty endpoint list from discovery");
+            } else {
+                tracing::info!(endpoints = ?fresh, "endpoints changed");
+                endpoints = fresh;
+                next = 0;
+            }
+        }
         let endpoint = endpoints[next % endpoints.len()].clone();
         let breaker = breakers
             .entry(endpoint.clone())
@@ -536,6 +611,7 @@ async fn supervise(
             r = connector.connect_with(&endpoint, resume) => r,
         };
         let mut hint = None;
+        drained = false;
         match attempt {
             Ok(conn) => {
                 breaker.on_success();
@@ -594,11 +670,7 @@ async fn supervise(
                 inner.resumable.store(reliable.is_some(), Ordering::Release);
                 inner.state.send_replace(state);
                 inner.current.send_replace(Some(sender.clone()));
-                let link = session::Link {
-                    reliable,
-                    pending: &inner.pending,
-                    next_id: &inner.next_id,
-                };
+                let link = session::Link::new(reliable, &inner.pending, &inner.next_id);
                 let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
                 tokio::pin!(session);
                 let (end, stopping) = tokio::select! {
@@ -606,6 +678,11 @@ async fn supervise(
                     () = inner.shutdown.cancelled() => {
                         let close = sender.close(CloseCode::NORMAL, "agent shutting down");
                         (tokio::join!(session, close).0, true)
+                    }
+                    () = link.drain_notice.notified() => {
+                        drained = true;
+                        let end = move_off(&inner, &sender, reliable, session.as_mut(), config.drain_wait).await;
+                        (end, false)
                     }
                 };
                 inner.current.send_replace(None);
@@ -645,10 +722,13 @@ async fn supervise(
             if let Some(ms) = hint.after_ms {
                 until = until.max(Instant::now() + Duration::from_millis(ms));
             }
-            if !hint.endpoints.is_empty() {
+            if !hint.endpoints.is_empty() && config.follow_redirects {
                 tracing::info!(endpoints = ?hint.endpoints, "hub pointed to other endpoints");
                 endpoints = hint.endpoints;
                 next = 0;
+            } else if drained {
+                // The drained hub is going away: try the next endpoint first.
+                next += 1;
             }
         }
         inner.state.send_replace(ConnectionState::Backoff { until });
@@ -663,6 +743,48 @@ async fn supervise(
     }
     inner.pending.fail_all("the agent shut down");
     inner.state.send_replace(ConnectionState::Closed);
+}
+
+/// Moves off a connection whose hub announced a drain: hands no new message to it
+/// (they are held for the next connection), lets it finish what it carries (the hub
+/// acknowledges what was sent, answers requests already sent) for at most `wait`,
+/// then closes it. When nothing it carried is left unacknowledged, the next
+/// connection continues the session's numbering instead of resetting it.
+async fn move_off(
+    inner: &Inner,
+    sender: &ConnectionSender,
+    reliable: Option<&Arc<Reliable>>,
+    mut session: std::pin::Pin<&mut impl std::future::Future<Output = SessionEnd>>,
+    wait: Duration,
+) -> SessionEnd {
+    tracing::info!(connection = sender.info().id, "hub is draining: moving");
+    inner.current.send_replace(None);
+    if let Some(reliable) = reliable {
+        reliable.detach(sender);
+    }
+    let asked = inner.pending.ids();
+    let finished = async {
+        // A short poll: drains are rare, and this keeps the common paths free of
+        // extra notifications.
+        while !(reliable.is_none_or(|r| r.quiet()) && !inner.pending.any_of(&asked)) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        end = session.as_mut() => return end,
+        done = tokio::time::timeout(wait, finished) => {
+            if done.is_err() {
+                tracing::warn!("the draining hub did not finish within the drain wait");
+            }
+        }
+    }
+    if let Some(reliable) = reliable
+        && reliable.end_for_handover()
+    {
+        tracing::debug!("everything acknowledged: the session continues on the next hub");
+    }
+    let close = sender.close(CloseCode::NORMAL, "moving off a draining hub");
+    tokio::join!(session, close).0
 }
 
 fn report_circuit(recorder: &dyn Recorder, endpoint: &str, state: BreakerState) {

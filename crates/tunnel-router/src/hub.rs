@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::net::ToSocketAddrs;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tunnel_proto::messages::{Close, ReconnectHint, TypedMessage};
 use tunnel_proto::{CloseCode, Envelope, MessageType, capability};
 use tunnel_transport::{
     AcceptError, Acceptor, AgentId, ConnectionInfo, ConnectionSender, SendError, ServerConfig,
@@ -47,11 +48,56 @@ pub enum HubSendError {
 struct Inner {
     agents: RwLock<HashMap<AgentId, ConnectionSender>>,
     shutdown: CancellationToken,
+    /// Cancelled to stop accepting (a drain); a child of `shutdown`.
+    accepting: CancellationToken,
     tasks: TaskTracker,
     shutdown_timeout: Duration,
     sessions: Option<Arc<Store>>,
     next_id: AtomicU64,
     pending: Arc<Pending>,
+}
+
+/// How a hub drains (see [`Hub::drain`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Drain {
+    /// Agents wait at least this long before dialing again. Default 0.
+    pub after: Duration,
+    /// Where agents should go instead (alternate hubs). Default: their own lists.
+    pub endpoints: Vec<String>,
+    /// How long agents get to finish and leave before the hub closes anyway.
+    /// Default 15 s.
+    pub timeout: Duration,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            after: Duration::ZERO,
+            endpoints: Vec::new(),
+            timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+impl Drain {
+    /// Sets [`Drain::after`].
+    pub fn after(mut self, after: Duration) -> Self {
+        self.after = after;
+        self
+    }
+
+    /// Sets [`Drain::endpoints`].
+    pub fn endpoints(mut self, endpoints: Vec<String>) -> Self {
+        self.endpoints = endpoints;
+        self
+    }
+
+    /// Sets [`Drain::timeout`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
 }
 
 /// How long [`Hub::request`] waits for a reply unless the request says otherwise.
@@ -133,9 +179,11 @@ impl Hub {
         sessions: Option<Arc<Store>>,
         recorder: Arc<dyn tunnel_metrics::Recorder>,
     ) -> Hub {
+        let shutdown = CancellationToken::new();
         let inner = Arc::new(Inner {
             agents: RwLock::new(HashMap::new()),
-            shutdown: CancellationToken::new(),
+            accepting: shutdown.child_token(),
+            shutdown,
             tasks: TaskTracker::new(),
             shutdown_timeout: Duration::from_secs(5),
             sessions,
@@ -296,6 +344,50 @@ impl Hub {
         self.inner.sessions.as_ref().map_or(0, |s| s.len())
     }
 
+    /// Drains the hub before it goes away: stops accepting, tells every agent to move
+    /// (a `close` message with code `1001` and a reconnect hint: wait at least
+    /// `drain.after`, and go to `drain.endpoints` if given), keeps serving them while
+    /// they finish what is in flight and close their connections, and then, at the
+    /// latest after `drain.timeout`, shuts down as [`Hub::shutdown`] does.
+    ///
+    /// An agent that moves with everything it sent acknowledged continues its session
+    /// on the next hub without a reset.
+    pub async fn drain(&self, drain: Drain) {
+        self.inner.accepting.cancel();
+        let senders: Vec<ConnectionSender> = self.read_agents().values().cloned().collect();
+        tracing::info!(agents = senders.len(), "draining");
+        let close = Close {
+            code: CloseCode::GOING_AWAY.0,
+            reason: "hub draining".into(),
+            reconnect: Some(ReconnectHint {
+                after_ms: Some(u64::try_from(drain.after.as_millis()).unwrap_or(u64::MAX)),
+                endpoints: drain.endpoints.clone(),
+            }),
+        };
+        for sender in senders {
+            match close.to_envelope(sender.next_id(), tunnel_transport::unix_millis(), sender.info().format) {
+                Ok(env) => {
+                    if let Err(e) = sender.send(&env).await {
+                        tracing::debug!(agent = %sender.info().agent, error = %e, "could not announce the drain");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not encode the drain notice"),
+            }
+        }
+        let gone = async {
+            while !self.read_agents().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(drain.timeout, gone).await.is_err() {
+            tracing::warn!(
+                remaining = self.read_agents().len(),
+                "agents still connected at the end of the drain"
+            );
+        }
+        self.shutdown().await;
+    }
+
     /// Stops accepting, closes every agent's connection with `1001 going_away` (after
     /// flushing what was queued), and waits for the hub's tasks, at most the shutdown
     /// timeout (5 s).
@@ -314,7 +406,7 @@ impl Hub {
 async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc<Inner>) {
     loop {
         let conn = tokio::select! {
-            () = inner.shutdown.cancelled() => break,
+            () = inner.accepting.cancelled() => break,
             conn = acceptor.accept() => conn,
         };
         let Ok(conn) = conn else {
@@ -368,11 +460,7 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 None => None,
             };
             let mut hint = None;
-            let link = session::Link {
-                reliable: reliable.as_ref(),
-                pending: &inner2.pending,
-                next_id: &inner2.next_id,
-            };
+            let link = session::Link::new(reliable.as_ref(), &inner2.pending, &inner2.next_id);
             let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
             tokio::pin!(session);
             let end = tokio::select! {

@@ -42,6 +42,7 @@ mod agent;
 mod hub;
 mod hub_sessions;
 pub mod layer;
+mod pool;
 mod reliable;
 mod request;
 mod router;
@@ -51,8 +52,9 @@ pub use agent::{
     Agent, AgentClient, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState,
     InvalidAgentConfig, SessionEvent,
 };
-pub use hub::{DEFAULT_REQUEST_TIMEOUT, Hub, HubClient, HubSendError};
+pub use hub::{DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubSendError};
 pub use hub_sessions::HubSessions;
+pub use pool::{Pool, PoolClient, PoolMode, Readiness};
 pub use reliable::{FullPolicy, Receipt, ReliableSendError, Undelivered, WhenFull};
 pub use request::{Request, RequestError, Response, error_code};
 pub use router::{Dispatched, Handler, Inbound, IntoReply, Router};

@@ -180,6 +180,9 @@ struct Out {
     epoch: u64,
     attached_before: bool,
     shut: bool,
+    /// The last connection ended after a drain with everything it carried
+    /// acknowledged: a new session on another hub continues without a reset.
+    clean_handover: bool,
 }
 
 /// One session's reliable state.
@@ -247,6 +250,7 @@ impl Reliable {
                 epoch: 0,
                 attached_before: false,
                 shut: false,
+                clean_handover: false,
             }),
             inb: Mutex::new(Inbound::new(config.clone())),
             drain: tokio::sync::Mutex::new(()),
@@ -490,9 +494,14 @@ impl Reliable {
                 } else {
                     self.publish_acked(&st);
                 }
+            } else if st.clean_handover {
+                // Everything sent before was acknowledged by the drained hub: the new
+                // session takes over the numbering, and starts its inbound afresh.
+                *self.inbound() = Inbound::new(self.config.clone());
             } else if st.attached_before {
                 reset = Some("the peer started a new session".into());
             }
+            st.clean_handover = false;
             if let Some(reason) = &reset {
                 self.reset_locked(&mut st, reason);
             }
@@ -536,6 +545,20 @@ impl Reliable {
             changed
         });
         self.room.notify_waiters();
+    }
+
+    /// Whether every message handed to a connection has been acknowledged.
+    pub(crate) fn quiet(&self) -> bool {
+        let st = self.state();
+        st.out.acked() >= st.transmitted_through
+    }
+
+    /// Called when a drained connection closed: if nothing it carried is
+    /// unacknowledged, the next connection may start a new session without a reset.
+    pub(crate) fn end_for_handover(&self) -> bool {
+        let mut st = self.state();
+        st.clean_handover = st.out.acked() >= st.transmitted_through && st.conn.is_none();
+        st.clean_handover
     }
 
     /// Forgets `conn` if it is the current connection; returns whether it was.

@@ -240,6 +240,17 @@ impl Pending {
         self.lock().len()
     }
 
+    /// The ids of the requests waiting now.
+    pub(crate) fn ids(&self) -> Vec<u64> {
+        self.lock().keys().copied().collect()
+    }
+
+    /// Whether any of `ids` is still waiting.
+    pub(crate) fn any_of(&self, ids: &[u64]) -> bool {
+        let waiters = self.lock();
+        ids.iter().any(|id| waiters.contains_key(id))
+    }
+
     /// Replies that arrived after their request stopped waiting (or for no request).
     pub(crate) fn late(&self) -> u64 {
         self.late.load(Ordering::Relaxed)

@@ -1,7 +1,9 @@
 //! The loop that reads one connection and feeds the router.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::Notify;
 
 use tunnel_proto::messages::{Close, ReconnectHint, TypedMessage};
 use tunnel_proto::{CloseCode, Envelope, ErrorBody, MessageType};
@@ -19,6 +21,28 @@ pub(crate) struct Link<'a> {
     pub(crate) pending: &'a Pending,
     /// Message ids of the side (replies take theirs from it).
     pub(crate) next_id: &'a AtomicU64,
+    /// Set when the peer announced a drain (`close` with code 1001 and a reconnect
+    /// hint): replies then go straight on the connection, outside the session, whose
+    /// numbering continues on the next connection.
+    pub(crate) draining: AtomicBool,
+    /// Woken when a drain is announced.
+    pub(crate) drain_notice: Notify,
+}
+
+impl<'a> Link<'a> {
+    pub(crate) fn new(
+        reliable: Option<&'a Arc<Reliable>>,
+        pending: &'a Pending,
+        next_id: &'a AtomicU64,
+    ) -> Self {
+        Link {
+            reliable,
+            pending,
+            next_id,
+            draining: AtomicBool::new(false),
+            drain_notice: Notify::new(),
+        }
+    }
 }
 
 impl Link<'_> {
@@ -29,12 +53,12 @@ impl Link<'_> {
     async fn send_reply(&self, sender: &ConnectionSender, mut reply: Envelope) {
         reply.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let outcome = match self.reliable {
-            Some(reliable) => reliable
+            Some(reliable) if !self.draining.load(Ordering::Acquire) => reliable
                 .send(reply, WhenFull::Reject)
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
-            None => sender.send(&reply).await.map_err(|e| e.to_string()),
+            _ => sender.send(&reply).await.map_err(|e| e.to_string()),
         };
         if let Err(error) = outcome {
             tracing::warn!(agent = %sender.info().agent, %error, "could not send a reply");
@@ -134,6 +158,10 @@ pub(crate) async fn run(
                 match Close::from_envelope(&env) {
                     Ok(close) => {
                         tracing::debug!(code = close.code, reason = %close.reason, "peer is closing");
+                        if close.code == CloseCode::GOING_AWAY.0 && close.reconnect.is_some() {
+                            link.draining.store(true, Ordering::Release);
+                            link.drain_notice.notify_one();
+                        }
                         *hint = close.reconnect;
                     }
                     Err(e) => tracing::debug!(error = %e, "ignoring a malformed close message"),
