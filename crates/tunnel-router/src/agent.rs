@@ -468,7 +468,7 @@ impl Agent {
         // Registered before sending: the reply may arrive before `transmit` returns.
         let ticket = self.inner.pending.register(env.id, None)?;
         self.transmit(env).await?;
-        Ok(Response::Reply(ticket.wait(timeout).await?))
+        Ok(Response::Reply(Box::new(ticket.wait(timeout).await?)))
     }
 
     /// A tower [`Service`](tower::Service) sending through this agent (see
@@ -638,11 +638,11 @@ async fn supervise(
                         .await;
                         session_id = Some(info.session_id.clone());
                         match reset {
-                            Some(reason) => {
+                            Some(crate::reliable::Reset { reason, carried }) => {
                                 epoch += 1;
                                 config.recorder.session_reset();
                                 tracing::warn!(%reason, epoch, "session reset");
-                                inner.pending.fail_all("the session was reset");
+                                inner.pending.reset(None, &carried, "the session was reset");
                                 let _ = inner.events.send(SessionEvent::Reset {
                                     reason: reason.clone(),
                                     epoch,
@@ -766,7 +766,8 @@ async fn move_off(
     let finished = async {
         // A short poll: drains are rare, and this keeps the common paths free of
         // extra notifications.
-        while !(reliable.is_none_or(|r| r.quiet()) && !inner.pending.any_of(&asked)) {
+        let done = || reliable.is_none_or(|r| r.quiet()) && !inner.pending.any_of(&asked);
+        while !done() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };

@@ -289,7 +289,7 @@ impl Hub {
         }
         let ticket = self.inner.pending.register(env.id, Some(agent.clone()))?;
         self.transmit(agent, env).await?;
-        Ok(Response::Reply(ticket.wait(timeout).await?))
+        Ok(Response::Reply(Box::new(ticket.wait(timeout).await?)))
     }
 
     /// Sends a message of `kind` with `payload` to every connected agent, each as by
@@ -365,7 +365,11 @@ impl Hub {
             }),
         };
         for sender in senders {
-            match close.to_envelope(sender.next_id(), tunnel_transport::unix_millis(), sender.info().format) {
+            match close.to_envelope(
+                sender.next_id(),
+                tunnel_transport::unix_millis(),
+                sender.info().format,
+            ) {
                 Ok(env) => {
                     if let Err(e) = sender.send(&env).await {
                         tracing::debug!(agent = %sender.info().agent, error = %e, "could not announce the drain");
@@ -446,8 +450,8 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 // Boxed: a replay's futures would otherwise make every connection's task
                 // larger, sessions or not.
                 let attach = Box::pin(reliable.attach(sender.clone(), info.resumed, info.peer_last_received));
-                if let Some(reason) = attach.await {
-                    inner2.pending.peer_gone(&info.agent, "the session was reset");
+                if let Some(crate::reliable::Reset { reason, carried }) = attach.await {
+                    inner2.pending.reset(Some(&info.agent), &carried, "the session was reset");
                     if let Some(store) = &inner2.sessions {
                         store.recorder().session_reset();
                     }

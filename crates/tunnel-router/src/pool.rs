@@ -320,8 +320,9 @@ impl Service<Request> for Member {
                     if self.agent.is_connected() {
                         continue;
                     }
-                    self.changed
-                        .insert(ReusableBoxFuture::new(async move { rx.changed().await.is_ok() }))
+                    self.changed.insert(ReusableBoxFuture::new(async move {
+                        rx.changed().await.is_ok()
+                    }))
                 }
             };
             let alive = std::task::ready!(fut.poll(cx));

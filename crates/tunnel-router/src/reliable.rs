@@ -1,6 +1,7 @@
 //! Exactly-once, in-order delivery across reconnects: the driver of
 //! [`tunnel_proto::session`] for one session, shared by the connections that carry it.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -95,21 +96,63 @@ pub enum ReliableSendError {
     ShutDown,
 }
 
-/// Where receipts look for their outcome.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How many resets' failed ranges receipts can still look up.
+const RESET_HISTORY: usize = 64;
+
+/// Where receipts look for their outcome. Sequence numbers never restart within a
+/// session's life (a reset fails a range of them and numbering goes on), so a
+/// sequence number alone identifies a message.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct Progress {
-    epoch: u64,
     acked: u64,
     expired_through: u64,
-    /// Set when `epoch` ended (reset or shutdown): every message of it not yet acked failed.
+    /// Ranges `(after, through]` failed by resets, oldest first, with the reason.
+    failed: std::collections::VecDeque<(u64, u64, Arc<str>)>,
+    /// Outcomes at or below this were dropped from `failed` (too many resets).
+    forgotten_through: u64,
+    /// Set when the session ended: every message not yet acked failed.
     ended: Option<Undelivered>,
+}
+
+impl Progress {
+    fn failed_reason(&self, seq: u64) -> Option<&str> {
+        self.failed
+            .iter()
+            .find(|(after, through, _)| seq > *after && seq <= *through)
+            .map(|(_, _, reason)| &**reason)
+    }
+
+    fn resolved(&self, seq: u64) -> bool {
+        self.acked >= seq
+            || self.expired_through >= seq
+            || self.ended.is_some()
+            || seq <= self.forgotten_through
+            || self.failed_reason(seq).is_some()
+    }
+
+    fn outcome(&self, seq: u64) -> Result<(), Undelivered> {
+        if let Some(reason) = self.failed_reason(seq) {
+            return Err(Undelivered::Reset(reason.to_owned()));
+        }
+        if seq <= self.forgotten_through && seq > self.acked {
+            return Err(Undelivered::Reset(
+                "outcome forgotten after many session resets".into(),
+            ));
+        }
+        if self.acked >= seq {
+            return Ok(());
+        }
+        if self.expired_through >= seq {
+            return Err(Undelivered::Expired);
+        }
+        Err(self.ended.clone().unwrap_or(Undelivered::ShutDown))
+    }
 }
 
 /// Resolves once the peer acknowledged the message, or with the reason it never will.
 #[derive(Debug)]
 pub struct Receipt {
     seq: u64,
-    epoch: u64,
     /// The session, subscribed to only when the receipt is awaited (most are not).
     session: Option<Arc<Reliable>>,
 }
@@ -119,7 +162,6 @@ impl Receipt {
     pub(crate) fn untracked() -> Self {
         Receipt {
             seq: 0,
-            epoch: 0,
             session: None,
         }
     }
@@ -131,26 +173,25 @@ impl Receipt {
 
     /// Waits for the outcome.
     pub async fn delivered(self) -> Result<(), Undelivered> {
-        let (seq, epoch) = (self.seq, self.epoch);
+        let seq = self.seq;
         let Some(session) = self.session else {
             return Err(Undelivered::Untracked);
         };
         let mut progress = session.progress.subscribe();
-        let outcome = progress
-            .wait_for(|p| {
-                p.epoch != epoch || p.acked >= seq || p.expired_through >= seq || p.ended.is_some()
-            })
-            .await
-            .map(|p| p.clone());
-        match outcome {
-            Ok(p) if p.epoch == epoch && p.acked >= seq => Ok(()),
-            Ok(p) if p.epoch == epoch && p.expired_through >= seq => Err(Undelivered::Expired),
-            Ok(p) if p.epoch == epoch => Err(p.ended.unwrap_or(Undelivered::ShutDown)),
-            // A later epoch: this one ended in a reset.
-            Ok(_) => Err(Undelivered::Reset("session was reset".into())),
+        match progress.wait_for(|p| p.resolved(seq)).await {
+            Ok(p) => p.outcome(seq),
             Err(_) => Err(Undelivered::ShutDown),
         }
     }
+}
+
+/// A session reset, as `attach` reports it.
+#[derive(Debug)]
+pub(crate) struct Reset {
+    /// Why.
+    pub(crate) reason: String,
+    /// The ids of the messages that were never sent and go to the new session.
+    pub(crate) carried: HashSet<u64>,
 }
 
 /// What the session loop should do with an arriving envelope.
@@ -177,7 +218,6 @@ struct Out {
     /// a replay is in progress). While set, new messages are only held, and the
     /// drainer sends them in order.
     backlog_from: Option<u64>,
-    epoch: u64,
     attached_before: bool,
     shut: bool,
     /// The last connection ended after a drain with everything it carried
@@ -247,7 +287,6 @@ impl Reliable {
                 transmitted_through: 0,
                 latest: std::collections::HashMap::new(),
                 backlog_from: None,
-                epoch: 0,
                 attached_before: false,
                 shut: false,
                 clean_handover: false,
@@ -256,12 +295,7 @@ impl Reliable {
             drain: tokio::sync::Mutex::new(()),
             reader: tokio::sync::Mutex::new(()),
             config,
-            progress: watch::Sender::new(Progress {
-                epoch: 0,
-                acked: 0,
-                expired_through: 0,
-                ended: None,
-            }),
+            progress: watch::Sender::new(Progress::default()),
             room: Notify::new(),
             epoch_start: Instant::now(),
             coarse_ms: std::sync::atomic::AtomicU64::new(0),
@@ -332,7 +366,6 @@ impl Reliable {
                         Ok(_superseded) => {
                             return Ok(Receipt {
                                 seq,
-                                epoch: st.epoch,
                                 session: Some(self.clone()),
                             });
                         }
@@ -350,7 +383,7 @@ impl Reliable {
                             st.latest.insert(key.clone(), seq);
                         }
                         let backlog = self.try_transmit(&mut st, seq);
-                        Ok((seq, st.epoch, backlog))
+                        Ok((seq, backlog))
                     }
                     Err(full) => {
                         // Register for room before letting go of the lock, so an ack
@@ -361,7 +394,7 @@ impl Reliable {
                 }
             };
             match pushed {
-                Ok((seq, epoch, backlog)) => {
+                Ok((seq, backlog)) => {
                     if backlog {
                         // Boxed: the drainer's futures are large and rarely needed, and
                         // inline they would weigh on every send.
@@ -373,7 +406,6 @@ impl Reliable {
                     }
                     return Ok(Receipt {
                         seq,
-                        epoch,
                         session: Some(self.clone()),
                     });
                 }
@@ -476,20 +508,23 @@ impl Reliable {
     }
 
     /// Makes `conn` the session's connection. `resumed` and `peer_received` come from
-    /// the handshake; a session that cannot continue is reset (its unacknowledged
-    /// messages fail) and the reason returned. Everything held is then sent, in order,
-    /// before any new message.
+    /// the handshake; a session that cannot continue is reset (the messages the peer
+    /// may have had fail) and the reset returned. Everything held is then sent, in
+    /// order, before any new message.
     pub(crate) async fn attach(
         &self,
         conn: ConnectionSender,
         resumed: bool,
         peer_received: Option<u64>,
-    ) -> Option<String> {
+    ) -> Option<Reset> {
         let reset = {
             let mut st = self.state();
             let mut reset = None;
             if resumed {
-                if let Err(e) = st.out.resume(peer_received.unwrap_or(0)) {
+                // A peer whose direction has not started yet reports 0: it has
+                // everything acknowledged before (by it or a drained hub).
+                let peer_received = peer_received.unwrap_or(0).max(st.out.acked());
+                if let Err(e) = st.out.resume(peer_received) {
                     reset = Some(e.to_string());
                 } else {
                     self.publish_acked(&st);
@@ -502,9 +537,10 @@ impl Reliable {
                 reset = Some("the peer started a new session".into());
             }
             st.clean_handover = false;
-            if let Some(reason) = &reset {
-                self.reset_locked(&mut st, reason);
-            }
+            let reset = reset.map(|reason| {
+                let carried = self.reset_locked(&mut st, &reason, true);
+                Reset { reason, carried }
+            });
             st.conn = Some(conn);
             st.attached_before = true;
             let first = st.out.iter().next().map(|m| m.seq);
@@ -515,26 +551,40 @@ impl Reliable {
         reset
     }
 
-    fn reset_locked(&self, st: &mut Out, reason: &str) {
-        st.out.reset();
+    /// Resets the session: the messages the peer may or may not have (handed to a
+    /// connection and not acknowledged) fail with `reason`; with `carry`, messages
+    /// never handed to any connection stay held and go to the new session under the
+    /// same sequence numbers (the peer's new session takes its base from the first),
+    /// otherwise they fail too. The inbound direction starts afresh.
+    fn reset_locked(&self, st: &mut Out, reason: &str, carry: bool) -> HashSet<u64> {
+        let after = st.out.acked();
+        let through = if carry {
+            st.transmitted_through.max(after)
+        } else {
+            st.out.highest_sent()
+        };
+        if through > after {
+            // Cannot fail: `through` was handed out, so it is below the next number.
+            let _ = st.out.on_ack(through);
+        }
         st.backlog_from = None;
-        st.transmitted_through = 0;
-        st.latest.clear();
+        st.transmitted_through = through;
+        st.latest.retain(|_, seq| *seq > through);
         *self.inbound() = Inbound::new(self.config.clone());
-        st.epoch += 1;
+        let acked = st.out.acked();
         self.progress.send_modify(|p| {
-            p.ended = Some(Undelivered::Reset(reason.to_owned()));
-        });
-        // Receipts of the old epoch resolved; the new epoch starts clean.
-        self.progress.send_modify(|p| {
-            *p = Progress {
-                epoch: st.epoch,
-                acked: 0,
-                expired_through: 0,
-                ended: None,
-            };
+            if through > after {
+                p.failed.push_back((after, through, Arc::from(reason)));
+                if p.failed.len() > RESET_HISTORY
+                    && let Some((_, forgotten, _)) = p.failed.pop_front()
+                {
+                    p.forgotten_through = forgotten;
+                }
+            }
+            p.acked = acked;
         });
         self.room.notify_waiters();
+        st.out.iter().map(|m| m.item.id).collect()
     }
 
     fn publish_acked(&self, st: &Out) {
@@ -658,7 +708,7 @@ impl Reliable {
     pub(crate) fn fail_held(&self, reason: &str) {
         let mut st = self.state();
         if !st.out.is_empty() {
-            self.reset_locked(&mut st, reason);
+            self.reset_locked(&mut st, reason, false);
         }
     }
 

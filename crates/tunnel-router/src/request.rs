@@ -108,14 +108,14 @@ pub enum Response {
     /// A one-way message was accepted; the receipt resolves when the peer has it.
     Accepted(Receipt),
     /// The peer's successful reply to a request.
-    Reply(Envelope),
+    Reply(Box<Envelope>),
 }
 
 impl Response {
     /// The reply, if this answers a request.
     pub fn into_reply(self) -> Option<Envelope> {
         match self {
-            Response::Reply(env) => Some(env),
+            Response::Reply(env) => Some(*env),
             Response::Accepted(_) => None,
         }
     }
@@ -307,20 +307,34 @@ impl Pending {
 
     /// Fails every waiting request (on a session reset or shutdown).
     pub(crate) fn fail_all(&self, reason: &str) {
-        self.fail_where(|_| true, reason);
+        self.fail_where(|_, _| true, reason);
     }
 
     /// Fails the requests waiting for `peer` (its session ended).
     pub(crate) fn peer_gone(&self, peer: &AgentId, reason: &str) {
-        self.fail_where(|w| w.peer.as_ref() == Some(peer), reason);
+        self.fail_where(|_, w| w.peer.as_ref() == Some(peer), reason);
     }
 
-    fn fail_where(&self, pred: impl Fn(&Waiter) -> bool, reason: &str) {
+    /// After a session reset: fails the requests (to `peer`, or to anyone) except
+    /// those in `carried`, which were never sent and go to the new session.
+    pub(crate) fn reset(
+        &self,
+        peer: Option<&AgentId>,
+        carried: &std::collections::HashSet<u64>,
+        reason: &str,
+    ) {
+        self.fail_where(
+            |id, w| !carried.contains(&id) && (peer.is_none() || w.peer.as_ref() == peer),
+            reason,
+        );
+    }
+
+    fn fail_where(&self, pred: impl Fn(u64, &Waiter) -> bool, reason: &str) {
         let failed: Vec<Waiter> = {
             let mut waiters = self.lock();
             let ids: Vec<u64> = waiters
                 .iter()
-                .filter(|(_, w)| pred(w))
+                .filter(|(id, w)| pred(**id, w))
                 .map(|(id, _)| *id)
                 .collect();
             ids.iter().filter_map(|id| waiters.remove(id)).collect()
