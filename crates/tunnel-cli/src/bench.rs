@@ -43,6 +43,9 @@ pub(crate) struct BenchArgs {
     /// Connection cuts measured by the session scenario.
     #[arg(long, default_value_t = 40)]
     cuts: usize,
+    /// Hub kills measured by the stack scenario's failover.
+    #[arg(long, default_value_t = 40)]
+    kills: usize,
     /// Only run tunnel's side of the throughput scenario with this codec (for profiling).
     #[arg(long, value_enum, hide = true)]
     profile: Option<crate::Codec>,
@@ -59,6 +62,8 @@ enum Scenario {
     /// Resumable sessions: throughput beside transport-only, cut-to-resume time,
     /// replay memory.
     Session,
+    /// The router's tower stack: throughput and latency with layers, failover time.
+    Stack,
     /// All of the above.
     All,
 }
@@ -75,6 +80,11 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
     if all || args.scenario == Scenario::Session {
         tokio::task::block_in_place(|| crate::session_bench::throughput(args.messages, args.runs))?;
         crate::session_bench::resume_time(args.cuts).await?;
+    }
+    if all || args.scenario == Scenario::Stack {
+        tokio::task::block_in_place(|| crate::stack_bench::throughput(args.messages, args.runs))?;
+        tokio::task::block_in_place(|| crate::stack_bench::latency(args.round_trips))?;
+        crate::stack_bench::failover(args.kills).await?;
     }
     if all || args.scenario == Scenario::Idle {
         idle(&args).await?;
@@ -166,7 +176,7 @@ fn throughput(args: &BenchArgs) -> Result<(), String> {
 /// The baseline: each message is the original design's envelope built and serialized
 /// by hand with serde_json; the server decodes every one, its payload either into a
 /// `serde_json::Value` (the original design) or, with `typed`, into its struct.
-fn raw_throughput(n: u64, typed: bool) -> Result<f64, String> {
+pub(crate) fn raw_throughput(n: u64, typed: bool) -> Result<f64, String> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     two_sided(
         &THROUGHPUT_PLACEMENT,
@@ -458,7 +468,7 @@ fn latency(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn us(d: Duration) -> f64 {
+pub(crate) fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
@@ -487,7 +497,7 @@ async fn connect_raw(url: String) -> Result<WebSocketStream<TcpStream>, String> 
     Ok(ws)
 }
 
-async fn raw_echo_server(url_tx: mpsc::Sender<String>) {
+pub(crate) async fn raw_echo_server(url_tx: mpsc::Sender<String>) {
     let Some(mut ws) = accept_raw(url_tx).await else {
         return;
     };
@@ -498,7 +508,7 @@ async fn raw_echo_server(url_tx: mpsc::Sender<String>) {
     }
 }
 
-async fn raw_echo_client(url: String, n: usize) -> Result<Vec<Duration>, String> {
+pub(crate) async fn raw_echo_client(url: String, n: usize) -> Result<Vec<Duration>, String> {
     let mut ws = connect_raw(url).await?;
     let payload = bytes::Bytes::from(vec![7u8; 64]);
     let mut samples = Vec::with_capacity(n);

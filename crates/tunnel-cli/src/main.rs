@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod run;
 mod session_bench;
+mod stack_bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

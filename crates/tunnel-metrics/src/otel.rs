@@ -1,7 +1,13 @@
 //! The OpenTelemetry recorder.
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, UpDownCounter};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use opentelemetry::metrics::{
+    BoundHistogram, Counter, Gauge, Histogram, Meter, ObservableUpDownCounter, UpDownCounter,
+};
 use tunnel_proto::MessageType;
 
 use crate::{Direction, Recorder};
@@ -16,11 +22,11 @@ use crate::{Direction, Recorder};
 /// | `tunnel.handshake.failures` | counter | `{failure}` | `reason` |
 /// | `tunnel.circuit.state` | gauge (0 closed, 1 half-open, 2 open) | `{state}` | `endpoint` |
 /// | `tunnel.session.resets` | counter | `{reset}` | |
-/// | `tunnel.request.duration` | histogram | `s` | `message.type`, `outcome` (`ok` or the error kind) |
+/// | `tunnel.request.duration` | histogram (successes and failures) | `s` | `message.type` |
 /// | `tunnel.request.errors` | counter | `{error}` | `message.type`, `error.kind` |
 /// | `tunnel.requests.in_flight` | up-down counter | `{request}` | `message.type` |
 /// | `tunnel.replies.late` | counter | `{reply}` | |
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct OtelRecorder {
     messages: Counter<u64>,
     bytes: Counter<u64>,
@@ -29,15 +35,91 @@ pub struct OtelRecorder {
     circuit: Gauge<i64>,
     resets: Counter<u64>,
     request_duration: Histogram<f64>,
+    /// `request_duration` bound to each known message type: no attribute lookup per
+    /// record on the hot path.
+    durations: Arc<[BoundHistogram<f64>]>,
     request_errors: Counter<u64>,
-    in_flight: UpDownCounter<i64>,
+    /// Requests in flight per known message type: plain atomics on the hot path,
+    /// observed at collection time.
+    in_flight: Arc<[AtomicI64; KNOWN_TYPES.len()]>,
+    /// Requests in flight of types this version does not know (rare).
+    in_flight_other: Arc<Mutex<HashMap<String, i64>>>,
+    _in_flight_observer: ObservableUpDownCounter<i64>,
     late_replies: Counter<u64>,
+}
+
+impl std::fmt::Debug for OtelRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtelRecorder").finish_non_exhaustive()
+    }
+}
+
+/// The message types whose in-flight counts are kept in atomics.
+const KNOWN_TYPES: [&str; 12] = [
+    "handshake",
+    "handshake_ack",
+    "ping",
+    "pong",
+    "close",
+    "resource",
+    "status",
+    "event",
+    "command",
+    "reply",
+    "ack",
+    "window",
+];
+
+fn slot(kind: &MessageType) -> Option<usize> {
+    let name = kind.static_name()?;
+    KNOWN_TYPES
+        .iter()
+        .position(|known| std::ptr::eq(*known, name) || *known == name)
 }
 
 impl OtelRecorder {
     /// Creates the instruments on `meter`.
     pub fn new(meter: &Meter) -> Self {
+        let in_flight: Arc<[AtomicI64; KNOWN_TYPES.len()]> =
+            Arc::new(std::array::from_fn(|_| AtomicI64::new(0)));
+        let in_flight_other = Arc::new(Mutex::new(HashMap::new()));
+        let observed = in_flight.clone();
+        let observed_other = in_flight_other.clone();
+        let request_duration = meter
+            .f64_histogram("tunnel.request.duration")
+            .with_unit("s")
+            .with_description("Time from a request entering the metrics layer to its outcome")
+            .with_boundaries(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0, 30.0,
+            ])
+            .build();
+        let durations = KNOWN_TYPES
+            .iter()
+            .map(|name| request_duration.bind(&[KeyValue::new("message.type", *name)]))
+            .collect();
         OtelRecorder {
+            request_duration,
+            durations,
+            in_flight,
+            in_flight_other,
+            _in_flight_observer: meter
+                .i64_observable_up_down_counter("tunnel.requests.in_flight")
+                .with_unit("{request}")
+                .with_description("Requests started and not yet finished")
+                .with_callback(move |observer| {
+                    for (name, count) in KNOWN_TYPES.iter().zip(observed.iter()) {
+                        let count = count.load(Ordering::Relaxed);
+                        if count != 0 {
+                            observer.observe(count, &[KeyValue::new("message.type", *name)]);
+                        }
+                    }
+                    let other = observed_other.lock().unwrap_or_else(|e| e.into_inner());
+                    for (name, count) in other.iter() {
+                        observer.observe(*count, &[KeyValue::new("message.type", name.clone())]);
+                    }
+                })
+                .build(),
             messages: meter
                 .u64_counter("tunnel.messages")
                 .with_unit("{message}")
@@ -70,30 +152,30 @@ impl OtelRecorder {
                 .with_unit("{reset}")
                 .with_description("Sessions that could not be resumed")
                 .build(),
-            request_duration: meter
-                .f64_histogram("tunnel.request.duration")
-                .with_unit("s")
-                .with_description("Time from a request entering the metrics layer to its outcome")
-                .with_boundaries(vec![
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                ])
-                .build(),
             request_errors: meter
                 .u64_counter("tunnel.request.errors")
                 .with_unit("{error}")
                 .with_description("Failed requests by error kind")
-                .build(),
-            in_flight: meter
-                .i64_up_down_counter("tunnel.requests.in_flight")
-                .with_unit("{request}")
-                .with_description("Requests started and not yet finished")
                 .build(),
             late_replies: meter
                 .u64_counter("tunnel.replies.late")
                 .with_unit("{reply}")
                 .with_description("Replies discarded because nobody waited for them")
                 .build(),
+        }
+    }
+}
+
+impl OtelRecorder {
+    fn add_other(&self, kind: &MessageType, delta: i64) {
+        let mut other = self
+            .in_flight_other
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let count = other.entry(kind.as_str().to_owned()).or_insert(0);
+        *count += delta;
+        if *count == 0 {
+            other.remove(kind.as_str());
         }
     }
 }
@@ -141,8 +223,12 @@ impl Recorder for OtelRecorder {
     }
 
     fn request_started(&self, kind: &MessageType) {
-        self.in_flight
-            .add(1, &[KeyValue::new("message.type", type_value(kind))]);
+        match slot(kind) {
+            Some(i) => {
+                self.in_flight[i].fetch_add(1, Ordering::Relaxed);
+            }
+            None => self.add_other(kind, 1),
+        }
     }
 
     fn request_finished(
@@ -151,20 +237,29 @@ impl Recorder for OtelRecorder {
         elapsed: std::time::Duration,
         outcome: Result<(), &'static str>,
     ) {
-        let kind = KeyValue::new("message.type", type_value(kind));
-        self.in_flight.add(-1, std::slice::from_ref(&kind));
-        let label = match outcome {
-            Ok(()) => "ok",
-            Err(error) => {
-                self.request_errors
-                    .add(1, &[kind.clone(), KeyValue::new("error.kind", error)]);
-                error
+        let slot = slot(kind);
+        match slot {
+            Some(i) => {
+                self.in_flight[i].fetch_sub(1, Ordering::Relaxed);
+                self.durations[i].record(elapsed.as_secs_f64());
             }
-        };
-        self.request_duration.record(
-            elapsed.as_secs_f64(),
-            &[kind, KeyValue::new("outcome", label)],
-        );
+            None => {
+                self.add_other(kind, -1);
+                self.request_duration.record(
+                    elapsed.as_secs_f64(),
+                    &[KeyValue::new("message.type", type_value(kind))],
+                );
+            }
+        }
+        if let Err(error) = outcome {
+            self.request_errors.add(
+                1,
+                &[
+                    KeyValue::new("message.type", type_value(kind)),
+                    KeyValue::new("error.kind", error),
+                ],
+            );
+        }
     }
 
     fn late_reply(&self) {
