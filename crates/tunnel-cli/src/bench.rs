@@ -441,10 +441,11 @@ fn latency(args: &BenchArgs) -> Result<(), String> {
             move |url_tx| Box::pin(raw_echo_server(url_tx)),
             move |url| Box::pin(raw_echo_client(url, n)),
         )?;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let ours = two_sided(
             placement,
-            move |url_tx| Box::pin(tunnel_echo_server(url_tx)),
-            move |url| Box::pin(tunnel_echo_client(url, n)),
+            move |url_tx| Box::pin(tunnel_echo_server(url_tx, done_rx)),
+            move |url| Box::pin(tunnel_echo_client(url, n, done_tx)),
         )?;
         let (rp50, rp99) = (percentile(&raw, 0.5), percentile(&raw, 0.99));
         let (tp50, tp99) = (percentile(&ours, 0.5), percentile(&ours, 0.99));
@@ -533,7 +534,10 @@ pub(crate) async fn raw_echo_client(url: String, n: usize) -> Result<Vec<Duratio
     Ok(samples)
 }
 
-async fn tunnel_echo_server(url_tx: mpsc::Sender<String>) {
+async fn tunnel_echo_server(
+    url_tx: mpsc::Sender<String>,
+    done: tokio::sync::oneshot::Receiver<()>,
+) {
     let router = Router::new().route(
         MessageType::Command,
         service_fn(|msg: Inbound| async move {
@@ -552,23 +556,16 @@ async fn tunnel_echo_server(url_tx: mpsc::Sender<String>) {
         .send(format!("ws://{}/", listener.local_addr()))
         .await;
     let hub = Hub::serve(listener, router);
-    // Serve until the client's connection has come and gone.
-    loop {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if hub.agents().is_empty() && SERVED.load(Ordering::Relaxed) {
-            break;
-        }
-        if !hub.agents().is_empty() {
-            SERVED.store(true, Ordering::Relaxed);
-        }
-    }
-    SERVED.store(false, Ordering::Relaxed);
+    // Serve until the client is done (or gone).
+    let _ = done.await;
     hub.shutdown().await;
 }
 
-static SERVED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-async fn tunnel_echo_client(url: String, n: usize) -> Result<Vec<Duration>, String> {
+async fn tunnel_echo_client(
+    url: String,
+    n: usize,
+    done: tokio::sync::oneshot::Sender<()>,
+) -> Result<Vec<Duration>, String> {
     let config = ClientConfig::new(AgentId::new("bench", "latency"));
     let conn = WsConnector::new(config)
         .connect(&url)
@@ -599,6 +596,7 @@ async fn tunnel_echo_client(url: String, n: usize) -> Result<Vec<Duration>, Stri
     let close = sender.close(tunnel_proto::CloseCode::NORMAL, "done");
     let drain = async { while let Ok(Some(_)) = receiver.recv().await {} };
     tokio::join!(close, drain);
+    let _ = done.send(());
     samples.sort();
     Ok(samples)
 }

@@ -9,7 +9,7 @@ use tower::{BoxError, service_fn};
 use tunnel_proto::messages::{Command, Event, Gvr, Resource, ResourceOp, Status};
 use tunnel_proto::{Format, MessageType, Payload};
 use tunnel_reconnect::BackoffConfig;
-use tunnel_router::{Agent, AgentConfig, Hub, HubSessions, Inbound, Router};
+use tunnel_router::{Agent, AgentConfig, Hub, HubSessions, Inbound, Request, Router};
 use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{
     AgentId, ClientConfig, ConnectionConfig, ServerConfig, SharedToken, WsConnector,
@@ -135,19 +135,14 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
         .pong_timeout(Duration::from_secs(2));
 
     let at_hub = stats.clone();
-    let hub_router = Router::new()
-        .route(
-            MessageType::Reply,
-            counting(stats.clone(), |s| &s.replies_received),
-        )
-        .fallback(service_fn(move |msg: Inbound| {
-            at_hub.arrived(
-                format!("{}->hub", msg.agent()),
-                &msg.envelope,
-                &at_hub.received_by_hub,
-            );
-            std::future::ready(Ok::<_, BoxError>(()))
-        }));
+    let hub_router = Router::new().fallback(service_fn(move |msg: Inbound| {
+        at_hub.arrived(
+            format!("{}->hub", msg.agent()),
+            &msg.envelope,
+            &at_hub.received_by_hub,
+        );
+        std::future::ready(Ok::<_, BoxError>(()))
+    }));
     let hub = Hub::bind_resumable(
         "127.0.0.1:0",
         ServerConfig::new(SharedToken::new(token.clone())).connection(keepalive.clone()),
@@ -171,15 +166,11 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
                     &msg.envelope,
                     &on_command.received_by_agents,
                 );
-                async move {
-                    let sender = msg.sender();
-                    let reply = sender
-                        .envelope(MessageType::Reply)
-                        .with_correlation(msg.envelope.id)
-                        .with_payload(sender.payload(&serde_json::json!({"ok": true}))?);
-                    sender.send(&reply).await?;
-                    Ok::<_, BoxError>(())
-                }
+                // The command is a request: this is its reply.
+                std::future::ready(
+                    msg.encode(&serde_json::json!({"ok": true}))
+                        .map_err(BoxError::from),
+                )
             }),
         )
         .fallback(counting(stats.clone(), |s| &s.received_by_agents));
@@ -453,11 +444,19 @@ async fn hub_traffic(hub: Hub, agents: Vec<AgentId>, stats: Arc<Stats>, stop: Ar
                 tunnel_transport::unix_millis(),
             )
             .with_header(DEMO_SEQ, n.to_string())
-            .with_payload(payload);
-            match hub.send_envelope(id, env).await {
-                Ok(_) => stats.sent_to_agents.fetch_add(1, Ordering::Relaxed),
-                Err(_) => stats.send_errors.fetch_add(1, Ordering::Relaxed),
-            };
+            .with_payload(payload)
+            .expecting_reply();
+            // A request: the agent's reply comes back through its session, even across
+            // the forced disconnect.
+            let request = Request::from_envelope(env).timeout(Duration::from_secs(10));
+            stats.sent_to_agents.fetch_add(1, Ordering::Relaxed);
+            let (hub, id, stats) = (hub.clone(), id.clone(), stats.clone());
+            tokio::spawn(async move {
+                match hub.request(&id, request).await {
+                    Ok(_) => stats.replies_received.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => stats.send_errors.fetch_add(1, Ordering::Relaxed),
+                };
+            });
         }
     }
 }

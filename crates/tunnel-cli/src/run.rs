@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use clap::Args;
 use tower::{BoxError, service_fn};
+use tower::{Service, ServiceExt};
 use tunnel_proto::MessageType;
 use tunnel_proto::messages::{Command, Gvr, Status};
-use tunnel_router::{Agent, AgentConfig, Hub, HubSessions, Inbound, Router};
+use tunnel_router::{
+    AgentConfig, Drain, Hub, HubSessions, Inbound, Pool, PoolMode, Request, Router,
+};
 use tunnel_transport::{AgentId, ClientConfig, ServerConfig, SharedToken, WsConnector};
 
 use crate::{Codec, read_token};
@@ -35,13 +38,23 @@ pub(crate) struct HubArgs {
     /// Do not keep sessions: no resume, no replay (every connection starts afresh).
     #[arg(long)]
     no_sessions: bool,
+    /// On SIGTERM or Ctrl-C, seconds agents get to finish and move to another hub
+    /// before the hub closes their connections (0: close at once).
+    #[arg(long, default_value_t = 15)]
+    drain_timeout: u64,
+    /// On drain, point agents at this hub instead of their own list (repeatable).
+    #[arg(long = "drain-to", value_name = "URL")]
+    drain_to: Vec<String>,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
-    /// The hub's URL.
-    #[arg(long, default_value = "ws://127.0.0.1:7070/")]
-    url: String,
+    /// A hub's URL (repeatable: several hubs make a pool).
+    #[arg(long = "url", default_value = "ws://127.0.0.1:7070/")]
+    urls: Vec<String>,
+    /// How several hubs are used: one connection moving on failure, or one per hub.
+    #[arg(long, value_enum, default_value_t = Mode::Failover)]
+    mode: Mode,
     /// This agent's sync target.
     #[arg(long)]
     sync_target: String,
@@ -57,6 +70,14 @@ pub(crate) struct AgentArgs {
     /// Seconds between status heartbeats sent to the hub.
     #[arg(long, default_value_t = 5)]
     status_interval: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Mode {
+    /// One connection, to the first hub that works; moves on failure or drain.
+    Failover,
+    /// One connection per hub, messages balanced over those that are up.
+    Spread,
 }
 
 /// Resolves on Ctrl-C or, on Unix, SIGTERM (what an orchestrator sends).
@@ -83,21 +104,13 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     }
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
-    let router = Router::new()
-        .route(
-            MessageType::Reply,
-            service_fn(|msg: Inbound| async move {
-                tracing::info!(agent = %msg.agent(), corr = ?msg.envelope.correlation, "reply");
-                Ok::<_, BoxError>(())
-            }),
-        )
-        .fallback(service_fn(move |msg: Inbound| {
-            counter.fetch_add(1, Ordering::Relaxed);
-            async move {
-                tracing::debug!(agent = %msg.agent(), kind = %msg.envelope.kind, "message");
-                Ok::<_, BoxError>(())
-            }
-        }));
+    let router = Router::new().fallback(service_fn(move |msg: Inbound| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        async move {
+            tracing::debug!(agent = %msg.agent(), kind = %msg.envelope.kind, "message");
+            Ok::<_, BoxError>(())
+        }
+    }));
     let config = ServerConfig::new(auth);
     let hub = if args.no_sessions {
         Hub::bind(args.listen, config, router).await
@@ -122,8 +135,19 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
             }
         }
     }
-    tracing::info!("shutting down");
-    hub.shutdown().await;
+    if args.drain_timeout > 0 {
+        tracing::info!(
+            timeout_s = args.drain_timeout,
+            "draining: agents move, then the hub stops"
+        );
+        let drain = Drain::default()
+            .timeout(Duration::from_secs(args.drain_timeout))
+            .endpoints(args.drain_to.clone());
+        hub.drain(drain).await;
+    } else {
+        tracing::info!("shutting down");
+        hub.shutdown().await;
+    }
     Ok(())
 }
 
@@ -139,25 +163,26 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
             service_fn(|msg: Inbound| async move {
                 let command = msg.envelope.decode_payload::<Command>()?;
                 tracing::info!(command = %command.name, args = ?command.args, "command from hub");
-                let sender = msg.sender();
-                let reply = sender
-                    .envelope(MessageType::Reply)
-                    .with_correlation(msg.envelope.id)
-                    .with_payload(sender.payload(&serde_json::json!({"done": command.name}))?);
-                sender.send(&reply).await?;
-                Ok::<_, BoxError>(())
+                // The answer to a request (`expect: reply`); ignored otherwise.
+                Ok::<_, BoxError>(msg.encode(&serde_json::json!({"done": command.name}))?)
             }),
         )
         .fallback(service_fn(|msg: Inbound| async move {
             tracing::info!(kind = %msg.envelope.kind, "message from hub");
             Ok::<_, BoxError>(())
         }));
-    let agent = Agent::start(
+    let mode = match args.mode {
+        Mode::Failover => PoolMode::Failover,
+        Mode::Spread => PoolMode::Spread,
+    };
+    let pool = Pool::start(
+        mode,
         WsConnector::new(config),
-        AgentConfig::new(&args.url),
+        AgentConfig::with_endpoints(args.urls.clone()),
         router,
     )
     .map_err(|e| e.to_string())?;
+    let mut client = pool.client();
     let mut ticker = tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
     let signal = shutdown_signal();
     tokio::pin!(signal);
@@ -174,13 +199,22 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
                     status: serde_json::json!({"heartbeat": beat}),
                     observed_generation: None,
                 };
-                // Held and replayed by the session while the hub is unreachable.
-                if let Err(e) = agent.send(MessageType::Status, &status).await {
-                    tracing::warn!(error = %e, "status not accepted");
+                // Held and replayed by the session while the hub is unreachable (in
+                // spread mode, sent through a connection that is up).
+                let sent = match Request::send(MessageType::Status, &status) {
+                    Ok(request) => match tokio::time::timeout(Duration::from_secs(5), client.ready()).await {
+                        Ok(Ok(ready)) => ready.call(request).await.map(drop).map_err(|e| e.to_string()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("no hub connection is up".into()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = sent {
+                    tracing::warn!(error = %e, readiness = %pool.readiness(), "status not accepted");
                 }
             }
         }
     }
-    agent.shutdown().await;
+    pool.shutdown().await;
     Ok(())
 }
