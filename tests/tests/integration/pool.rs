@@ -360,3 +360,105 @@ async fn a_drained_hubs_agents_move_without_errors() {
         hub.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_updates_change_the_pools_endpoints() {
+    let (seen_tx, _seen) = mpsc::unbounded_channel();
+    let (hubs, proxies) = three_hubs(&seen_tx).await;
+    let id = AgentId::new("root:org", "discovered");
+    let urls: Vec<String> = proxies.iter().map(FaultProxy::ws_url).collect();
+    let (updates, discovered) = tokio::sync::watch::channel(urls[..1].to_vec());
+    let pool = Pool::start(
+        PoolMode::Spread,
+        WsConnector::new(client_config(&id, Format::MsgPack)),
+        pool_config(urls[..1].to_vec()).endpoint_updates(discovered),
+        Router::new(),
+    )
+    .expect("pool");
+    readiness_becomes(
+        &pool,
+        Readiness {
+            connected: 1,
+            desired: 1,
+        },
+    )
+    .await;
+    let mut client = pool.client();
+    assert_eq!(ask(&mut client).await, 0);
+
+    // Discovery finds the other two hubs: connections to them open and take traffic.
+    updates.send(urls.clone()).expect("update");
+    readiness_becomes(
+        &pool,
+        Readiness {
+            connected: 3,
+            desired: 3,
+        },
+    )
+    .await;
+    let mut answered_by = HashSet::new();
+    for _ in 0..60 {
+        answered_by.insert(ask(&mut client).await);
+    }
+    assert_eq!(answered_by.len(), 3, "{answered_by:?}");
+
+    // Hub 0 leaves discovery: its connection is closed, traffic stays on the others.
+    updates.send(urls[1..].to_vec()).expect("update");
+    readiness_becomes(
+        &pool,
+        Readiness {
+            connected: 2,
+            desired: 2,
+        },
+    )
+    .await;
+    eventually("hub 0 lost its agent", || hubs[0].agents().is_empty()).await;
+    for _ in 0..20 {
+        assert_ne!(ask(&mut client).await, 0);
+    }
+    pool.shutdown().await;
+    for hub in hubs {
+        hub.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_agent_follows_discovery_on_its_next_connection() {
+    let (seen_tx, _seen) = mpsc::unbounded_channel();
+    let (hubs, proxies) = three_hubs(&seen_tx).await;
+    let id = AgentId::new("root:org", "rediscovered");
+    let urls: Vec<String> = proxies.iter().map(FaultProxy::ws_url).collect();
+    let (updates, discovered) = tokio::sync::watch::channel(urls[..1].to_vec());
+    let pool = Pool::start(
+        PoolMode::Failover,
+        WsConnector::new(client_config(&id, Format::MsgPack)),
+        pool_config(urls[..1].to_vec()).endpoint_updates(discovered),
+        Router::new(),
+    )
+    .expect("pool");
+    readiness_becomes(
+        &pool,
+        Readiness {
+            connected: 1,
+            desired: 1,
+        },
+    )
+    .await;
+    let mut client = pool.client();
+    assert_eq!(ask(&mut client).await, 0);
+    updates.send(vec![urls[2].clone()]).expect("update");
+    // The current connection stays until it ends; the next one follows the update.
+    assert_eq!(ask(&mut client).await, 0);
+    proxies[0].set_refuse(true);
+    proxies[0].cut_all();
+    let agent = pool.members()[0].1.clone();
+    eventually("reconnected", || {
+        agent.reconnects() >= 1 && agent.is_connected()
+    })
+    .await;
+    assert_eq!(ask(&mut client).await, 2);
+    pool.shutdown().await;
+    for hub in hubs {
+        hub.shutdown().await;
+    }
+}
