@@ -94,6 +94,7 @@ async fn every_message_type_both_ways_in_both_codecs() {
         assert_eq!(info.format, format);
 
         // Agent to hub.
+        let late_before = hub.late_replies();
         let sender = agent.sender().expect("sender");
         let sent = every_message(&sender, format);
         for env in &sent {
@@ -101,7 +102,6 @@ async fn every_message_type_both_ways_in_both_codecs() {
         }
         // A reply goes to the request waiting for it, never to a handler; nobody
         // waits for this one, so it is discarded and counted.
-        let late_before = hub.late_replies();
         for env in sent.iter().filter(|e| e.kind != MessageType::Reply) {
             let got = recv_soon(&mut at_hub).await;
             assert_eq!(got.agent(), &id);
@@ -246,9 +246,10 @@ async fn full_lifecycle_and_reconnect_after_hub_restart() {
     wait_disconnected(&agent).await;
 
     // A new hub on the same port: the agent comes back with a new session.
-    let second = tunnel_router::Hub::bind(addr, server_config(), router)
-        .await
-        .expect("rebind");
+    let second = rebind("rebind", || {
+        tunnel_router::Hub::bind(addr, server_config(), router.clone())
+    })
+    .await;
     let again = agent.wait_connected(SOON).await.expect("reconnected");
     assert_ne!(again.session_id, info.session_id);
     assert!(agent.reconnects() >= 1);

@@ -198,7 +198,15 @@ async fn spread_pool_survives_a_hub_killed_under_load() {
 
     // The hub comes back on the same address; the pool recovers.
     let addr = hubs[1].local_addr().expect("addr");
-    hubs[1] = start_hub(addr, 1, seen_tx.clone()).await;
+    hubs[1] = rebind("restart hub 1", || {
+        Hub::bind_resumable(
+            addr,
+            server_config(),
+            hub_router(1, seen_tx.clone()),
+            HubSessions::default(),
+        )
+    })
+    .await;
     proxies[1].set_refuse(false);
     readiness_becomes(
         &pool,

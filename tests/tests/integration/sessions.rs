@@ -357,9 +357,10 @@ async fn a_restarted_hub_cannot_resume_and_the_agent_is_told() {
     let mut events = agent.session_events();
     let before = agent.wait_connected(SOON).await.expect("connected");
     first.shutdown().await;
-    let second = Hub::bind_resumable(addr, server_config(), Router::new(), HubSessions::default())
-        .await
-        .expect("rebind");
+    let second = rebind("rebind", || {
+        Hub::bind_resumable(addr, server_config(), Router::new(), HubSessions::default())
+    })
+    .await;
     let event = tokio::time::timeout(SOON, events.recv())
         .await
         .expect("event")

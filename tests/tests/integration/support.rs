@@ -222,6 +222,24 @@ pub(crate) async fn raw_handshake(ws: &mut RawWs, agent: &AgentId, format: Forma
     }
 }
 
+/// Binds a hub again on `addr` (a restart on the same port), retrying for a moment:
+/// the old listener may still be closing, and in a test process full of sockets the
+/// freed port can be briefly taken.
+pub(crate) async fn rebind<F, Fut>(what: &str, mut bind: F) -> Hub
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Hub, tunnel_transport::AcceptError>>,
+{
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        match bind().await {
+            Ok(hub) => return hub,
+            Err(e) if tokio::time::Instant::now() >= deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 /// Waits until the hub has registered `agent` (an agent sees its handshake reply a
 /// moment before the hub's accept loop registers the connection) and returns its sender.
 pub(crate) async fn registered(hub: &Hub, agent: &AgentId) -> tunnel_transport::ConnectionSender {
