@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use tower::{BoxError, service_fn};
+use tunnel_metrics::prometheus::PrometheusMetrics;
 use tunnel_proto::messages::{Command, Event, Gvr, Resource, ResourceOp, Status};
 use tunnel_proto::{Format, MessageType, Payload};
 use tunnel_reconnect::BackoffConfig;
@@ -134,6 +135,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
         .ping_interval(Duration::from_secs(1))
         .pong_timeout(Duration::from_secs(2));
 
+    let hub_metrics = PrometheusMetrics::new().map_err(|e| e.to_string())?;
     let at_hub = stats.clone();
     let hub_router = Router::new().fallback(service_fn(move |msg: Inbound| {
         at_hub.arrived(
@@ -145,7 +147,8 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
     }));
     let hub = Hub::bind_resumable(
         "127.0.0.1:0",
-        ServerConfig::new(SharedToken::new(token.clone())).connection(keepalive.clone()),
+        ServerConfig::new(SharedToken::new(token.clone()))
+            .connection(keepalive.clone().recorder(hub_metrics.recorder())),
         hub_router,
         HubSessions::default(),
     )
@@ -310,8 +313,14 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
         "  send errors   : {}",
         thousands(Stats::get(&stats.send_errors))
     );
-    println!();
-    print!("{}", status_table(&hub));
+    println!("\n  connected agents (as `tunnel status` shows them):");
+    for line in crate::status::render(&hub.agent_statuses(), None).lines() {
+        println!("  {line}");
+    }
+    println!("\n  hub metrics (Prometheus, as /metrics serves them; non-zero series, no buckets):");
+    for line in metrics_summary(&hub_metrics.render()) {
+        println!("    {line}");
+    }
 
     for (_, agent) in &agents {
         agent.shutdown().await;
@@ -329,30 +338,18 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Connected agents, one line each.
-fn status_table(hub: &Hub) -> String {
-    let mut agents = hub.agents();
-    agents.sort_by(|a, b| a.agent.cmp(&b.agent));
-    let mut out = format!(
-        "  {:<24} {:<10} {:<34} {:>9}\n",
-        "agent", "codec", "session", "rtt"
-    );
-    for info in agents {
-        let rtt = hub
-            .sender(&info.agent)
-            .and_then(|s| s.rtt())
-            .map_or("-".to_string(), |d| {
-                format!("{:.0} us", d.as_secs_f64() * 1e6)
-            });
-        out.push_str(&format!(
-            "  {:<24} {:<10} {:<32} {:>9}\n",
-            info.agent.to_string(),
-            info.format.to_string(),
-            info.session_id,
-            rtt
-        ));
-    }
-    out
+/// The interesting lines of a Prometheus exposition: tunnel series with a non-zero
+/// value, without histogram buckets and scope labels.
+fn metrics_summary(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.starts_with("tunnel_") && !l.contains("_bucket{"))
+        .filter(|l| l.rsplit(' ').next().is_some_and(|v| v != "0"))
+        .map(|l| {
+            l.replace(",otel_scope_name=\"tunnel\"", "")
+                .replace("{otel_scope_name=\"tunnel\"}", "")
+                .replace("otel_scope_name=\"tunnel\",", "")
+        })
+        .collect()
 }
 
 async fn agent_traffic(

@@ -5,6 +5,7 @@ mod demo;
 mod run;
 mod session_bench;
 mod stack_bench;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +27,9 @@ struct Cli {
     /// Defaults to RUST_LOG, else `info` (`warn` for demo, `error` for bench).
     #[arg(long, global = true, value_name = "FILTER")]
     log: Option<String>,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 
     #[command(subcommand)]
     command: Command,
@@ -42,6 +46,17 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure throughput, latency and memory on loopback, printing figures.
     Bench(bench::BenchArgs),
+    /// Show a hub's connected agents (from its admin server's `/agents`).
+    Status(status::StatusArgs),
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The codec an agent asks for.
@@ -73,15 +88,18 @@ pub(crate) fn read_token(path: &PathBuf) -> Result<String, String> {
     Ok(token.to_owned())
 }
 
-fn init_logging(filter: Option<&str>, default: &str) {
+fn init_logging(filter: Option<&str>, default: &str, format: LogFormat) {
     let filter = filter
         .map(str::to_owned)
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| default.to_owned());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }
 
 fn main() -> ExitCode {
@@ -92,7 +110,7 @@ fn main() -> ExitCode {
         Command::Demo(_) => "warn",
         _ => "info",
     };
-    init_logging(cli.log.as_deref(), default_filter);
+    init_logging(cli.log.as_deref(), default_filter, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -109,6 +127,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => run::agent(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Status(args) => status::run(args).await,
         }
     });
     match result {

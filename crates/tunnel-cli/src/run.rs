@@ -16,6 +16,9 @@ use tunnel_router::{
 };
 use tunnel_transport::{AgentId, ClientConfig, ServerConfig, SharedToken, WsConnector};
 
+use tunnel_metrics::prometheus::PrometheusMetrics;
+use tunnel_router::admin::Admin;
+
 use crate::{Codec, read_token};
 
 #[derive(Debug, Args)]
@@ -45,6 +48,9 @@ pub(crate) struct HubArgs {
     /// On drain, point agents at this hub instead of their own list (repeatable).
     #[arg(long = "drain-to", value_name = "URL")]
     drain_to: Vec<String>,
+    /// Serve /metrics, /healthz, /readyz and /agents over HTTP on this address.
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +76,10 @@ pub(crate) struct AgentArgs {
     /// Seconds between status heartbeats sent to the hub.
     #[arg(long, default_value_t = 5)]
     status_interval: u64,
+    /// Serve /metrics, /healthz and /readyz (ready while a hub connection is up) over
+    /// HTTP on this address.
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -111,7 +121,9 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
             Ok::<_, BoxError>(())
         }
     }));
-    let config = ServerConfig::new(auth);
+    let metrics = PrometheusMetrics::new().map_err(|e| e.to_string())?;
+    let config = ServerConfig::new(auth)
+        .connection(tunnel_transport::ConnectionConfig::default().recorder(metrics.recorder()));
     let hub = if args.no_sessions {
         Hub::bind(args.listen, config, router).await
     } else {
@@ -120,6 +132,20 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     }
     .map_err(|e| e.to_string())?;
     tracing::info!(url = %hub.url().unwrap_or_default(), "hub listening");
+    let _admin = match args.admin_listen {
+        Some(addr) => {
+            let render = metrics.clone();
+            let admin = Admin::new()
+                .hub(hub.clone())
+                .metrics(move || render.render())
+                .bind(addr)
+                .await
+                .map_err(|e| format!("cannot serve the admin endpoints on {addr}: {e}"))?;
+            tracing::info!(url = %format!("http://{}/", admin.local_addr()), "admin endpoints");
+            Some(admin)
+        }
+        None => None,
+    };
     let mut ticker = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
     ticker.tick().await;
     let signal = shutdown_signal();
@@ -154,9 +180,11 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
 pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
     let token = read_token(&args.token_file)?;
     let id = AgentId::new(args.workspace.clone(), args.sync_target.clone());
+    let metrics = PrometheusMetrics::new().map_err(|e| e.to_string())?;
     let config = ClientConfig::new(id.clone())
         .token(Some(token))
-        .format(args.codec.into());
+        .format(args.codec.into())
+        .connection(tunnel_transport::ConnectionConfig::default().recorder(metrics.recorder()));
     let router = Router::new()
         .route(
             MessageType::Command,
@@ -178,10 +206,24 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
     let pool = Pool::start(
         mode,
         WsConnector::new(config),
-        AgentConfig::with_endpoints(args.urls.clone()),
+        AgentConfig::with_endpoints(args.urls.clone()).recorder(metrics.recorder()),
         router,
     )
     .map_err(|e| e.to_string())?;
+    let _admin = match args.admin_listen {
+        Some(addr) => {
+            let render = metrics.clone();
+            let admin = Admin::new()
+                .pool(pool.clone())
+                .metrics(move || render.render())
+                .bind(addr)
+                .await
+                .map_err(|e| format!("cannot serve the admin endpoints on {addr}: {e}"))?;
+            tracing::info!(url = %format!("http://{}/", admin.local_addr()), "admin endpoints");
+            Some(admin)
+        }
+        None => None,
+    };
     let mut client = pool.client();
     let mut ticker = tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
     let signal = shutdown_signal();

@@ -24,6 +24,8 @@ use tunnel_proto::MessageType;
 mod otel;
 #[cfg(feature = "otel")]
 pub use otel::OtelRecorder;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -57,8 +59,37 @@ pub trait Recorder: Send + Sync + fmt::Debug + 'static {
     /// A connection was established (after the handshake).
     fn connection_opened(&self) {}
 
-    /// An established connection ended.
-    fn connection_closed(&self) {}
+    /// An established connection ended after `lifetime`.
+    fn connection_closed(&self, lifetime: Duration) {
+        let _ = lifetime;
+    }
+
+    /// A keepalive round trip took `rtt`.
+    fn rtt(&self, rtt: Duration) {
+        let _ = rtt;
+    }
+
+    /// Something went wrong; `kind` is a short label such as `decode`, `dead_peer` or
+    /// `session_violation`.
+    fn error(&self, kind: &'static str) {
+        let _ = kind;
+    }
+
+    /// An agent is about to dial again; `reason` says why: `dropped` (the connection
+    /// failed), `closed` (the hub closed it), `drained`, `connect_failed`.
+    fn reconnect_attempt(&self, reason: &'static str) {
+        let _ = reason;
+    }
+
+    /// The messages and bytes held in replay buffers changed by these amounts.
+    fn replay_changed(&self, messages: i64, bytes: i64) {
+        let _ = (messages, bytes);
+    }
+
+    /// A pool has `connected` of its `desired` connections up.
+    fn pool_readiness(&self, connected: usize, desired: usize) {
+        let _ = (connected, desired);
+    }
 
     /// An agent's upgrade or handshake failed; `reason` is a short label such as
     /// `handshake_timeout` or `version_mismatch`.

@@ -1,12 +1,13 @@
 //! The OpenTelemetry recorder.
 
-use opentelemetry::KeyValue;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use opentelemetry::KeyValue;
 use opentelemetry::metrics::{
-    BoundHistogram, Counter, Gauge, Histogram, Meter, ObservableUpDownCounter, UpDownCounter,
+    BoundCounter, BoundHistogram, Counter, Gauge, Histogram, Meter, ObservableUpDownCounter,
 };
 use tunnel_proto::MessageType;
 
@@ -18,34 +19,68 @@ use crate::{Direction, Recorder};
 /// |---|---|---|---|
 /// | `tunnel.messages` | counter | `{message}` | `direction`, `message.type` |
 /// | `tunnel.message.size` | counter | `By` | `direction`, `message.type` |
+/// | `tunnel.errors` | counter | `{error}` | `error.kind` |
 /// | `tunnel.connections.active` | up-down counter | `{connection}` | |
+/// | `tunnel.connection.duration` | histogram | `s` | |
+/// | `tunnel.reconnect.attempts` | counter | `{attempt}` | `reason` |
 /// | `tunnel.handshake.failures` | counter | `{failure}` | `reason` |
-/// | `tunnel.circuit.state` | gauge (0 closed, 1 half-open, 2 open) | `{state}` | `endpoint` |
-/// | `tunnel.session.resets` | counter | `{reset}` | |
+/// | `tunnel.rtt` | histogram | `s` | |
 /// | `tunnel.request.duration` | histogram (successes and failures) | `s` | `message.type` |
 /// | `tunnel.request.errors` | counter | `{error}` | `message.type`, `error.kind` |
 /// | `tunnel.requests.in_flight` | up-down counter | `{request}` | `message.type` |
 /// | `tunnel.replies.late` | counter | `{reply}` | |
+/// | `tunnel.session.replay.messages` | up-down counter | `{message}` | |
+/// | `tunnel.session.replay.size` | up-down counter | `By` | |
+/// | `tunnel.session.resets` | counter | `{reset}` | |
+/// | `tunnel.circuit.state` | gauge (0 closed, 1 half-open, 2 open) | `{state}` | `endpoint` |
+/// | `tunnel.pool.connections` | gauge | `{connection}` | `state` (`connected`, `desired`) |
+///
+/// The hot paths (a message sent or received, a request finished) use instruments
+/// bound to each known message type and plain atomics observed at collection time, so
+/// recording costs a few atomic operations.
 #[derive(Clone)]
 pub struct OtelRecorder {
+    /// `tunnel.messages` and `tunnel.message.size` bound per direction and known type:
+    /// index `direction * KNOWN_TYPES.len() + type`.
+    bound_messages: Arc<[BoundCounter<u64>]>,
+    bound_bytes: Arc<[BoundCounter<u64>]>,
     messages: Counter<u64>,
     bytes: Counter<u64>,
-    connections: UpDownCounter<i64>,
+    errors: Counter<u64>,
+    connection_duration: Histogram<f64>,
+    reconnects: Counter<u64>,
     handshake_failures: Counter<u64>,
+    rtt: Histogram<f64>,
     circuit: Gauge<i64>,
+    pool: Gauge<i64>,
     resets: Counter<u64>,
     request_duration: Histogram<f64>,
-    /// `request_duration` bound to each known message type: no attribute lookup per
-    /// record on the hot path.
+    /// `request_duration` bound to each known message type.
     durations: Arc<[BoundHistogram<f64>]>,
     request_errors: Counter<u64>,
-    /// Requests in flight per known message type: plain atomics on the hot path,
-    /// observed at collection time.
-    in_flight: Arc<[AtomicI64; KNOWN_TYPES.len()]>,
-    /// Requests in flight of types this version does not know (rare).
-    in_flight_other: Arc<Mutex<HashMap<String, i64>>>,
-    _in_flight_observer: ObservableUpDownCounter<i64>,
     late_replies: Counter<u64>,
+    /// Values read at collection time.
+    live: Arc<Live>,
+    _observers: Arc<Observers>,
+}
+
+/// Values kept in atomics on the hot path and observed at collection.
+#[derive(Default)]
+struct Live {
+    connections: AtomicI64,
+    in_flight: [AtomicI64; KNOWN_TYPES.len()],
+    /// Requests in flight of types this version does not know (rare).
+    in_flight_other: Mutex<HashMap<String, i64>>,
+    replay_messages: AtomicI64,
+    replay_bytes: AtomicI64,
+}
+
+/// Keeps the observable instruments registered.
+struct Observers {
+    _connections: ObservableUpDownCounter<i64>,
+    _in_flight: ObservableUpDownCounter<i64>,
+    _replay_messages: ObservableUpDownCounter<i64>,
+    _replay_bytes: ObservableUpDownCounter<i64>,
 }
 
 impl std::fmt::Debug for OtelRecorder {
@@ -54,7 +89,7 @@ impl std::fmt::Debug for OtelRecorder {
     }
 }
 
-/// The message types whose in-flight counts are kept in atomics.
+/// The message types with bound instruments and atomic counts.
 const KNOWN_TYPES: [&str; 12] = [
     "handshake",
     "handshake_ack",
@@ -72,73 +107,144 @@ const KNOWN_TYPES: [&str; 12] = [
 
 fn slot(kind: &MessageType) -> Option<usize> {
     let name = kind.static_name()?;
-    KNOWN_TYPES
-        .iter()
-        .position(|known| std::ptr::eq(*known, name) || *known == name)
+    KNOWN_TYPES.iter().position(|known| *known == name)
+}
+
+fn direction_index(direction: Direction) -> usize {
+    match direction {
+        Direction::Inbound => 0,
+        Direction::Outbound => 1,
+    }
 }
 
 impl OtelRecorder {
     /// Creates the instruments on `meter`.
     pub fn new(meter: &Meter) -> Self {
-        let in_flight: Arc<[AtomicI64; KNOWN_TYPES.len()]> =
-            Arc::new(std::array::from_fn(|_| AtomicI64::new(0)));
-        let in_flight_other = Arc::new(Mutex::new(HashMap::new()));
-        let observed = in_flight.clone();
-        let observed_other = in_flight_other.clone();
+        let messages = meter
+            .u64_counter("tunnel.messages")
+            .with_unit("{message}")
+            .with_description("Messages sent and received")
+            .build();
+        let bytes = meter
+            .u64_counter("tunnel.message.size")
+            .with_unit("By")
+            .with_description("Encoded bytes of messages sent and received")
+            .build();
+        let bind_all = |counter: &Counter<u64>| -> Arc<[BoundCounter<u64>]> {
+            [Direction::Inbound, Direction::Outbound]
+                .iter()
+                .flat_map(|direction| {
+                    KNOWN_TYPES.iter().map(move |name| {
+                        counter.bind(&[
+                            KeyValue::new("direction", direction.as_str()),
+                            KeyValue::new("message.type", *name),
+                        ])
+                    })
+                })
+                .collect()
+        };
         let request_duration = meter
             .f64_histogram("tunnel.request.duration")
             .with_unit("s")
             .with_description("Time from a request entering the metrics layer to its outcome")
-            .with_boundaries(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                1.0, 2.5, 5.0, 10.0, 30.0,
-            ])
+            .with_boundaries(latency_buckets())
             .build();
         let durations = KNOWN_TYPES
             .iter()
             .map(|name| request_duration.bind(&[KeyValue::new("message.type", *name)]))
             .collect();
-        OtelRecorder {
-            request_duration,
-            durations,
-            in_flight,
-            in_flight_other,
-            _in_flight_observer: meter
-                .i64_observable_up_down_counter("tunnel.requests.in_flight")
-                .with_unit("{request}")
-                .with_description("Requests started and not yet finished")
-                .with_callback(move |observer| {
-                    for (name, count) in KNOWN_TYPES.iter().zip(observed.iter()) {
-                        let count = count.load(Ordering::Relaxed);
-                        if count != 0 {
-                            observer.observe(count, &[KeyValue::new("message.type", *name)]);
+        let live = Arc::new(Live::default());
+        let observers = Observers {
+            _connections: {
+                let live = live.clone();
+                meter
+                    .i64_observable_up_down_counter("tunnel.connections.active")
+                    .with_unit("{connection}")
+                    .with_description("Established connections")
+                    .with_callback(move |o| {
+                        o.observe(live.connections.load(Ordering::Relaxed), &[])
+                    })
+                    .build()
+            },
+            _in_flight: {
+                let live = live.clone();
+                meter
+                    .i64_observable_up_down_counter("tunnel.requests.in_flight")
+                    .with_unit("{request}")
+                    .with_description("Requests started and not yet finished")
+                    .with_callback(move |o| {
+                        for (name, count) in KNOWN_TYPES.iter().zip(live.in_flight.iter()) {
+                            let count = count.load(Ordering::Relaxed);
+                            if count != 0 {
+                                o.observe(count, &[KeyValue::new("message.type", *name)]);
+                            }
                         }
-                    }
-                    let other = observed_other.lock().unwrap_or_else(|e| e.into_inner());
-                    for (name, count) in other.iter() {
-                        observer.observe(*count, &[KeyValue::new("message.type", name.clone())]);
-                    }
-                })
+                        let other = live
+                            .in_flight_other
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        for (name, count) in other.iter() {
+                            o.observe(*count, &[KeyValue::new("message.type", name.clone())]);
+                        }
+                    })
+                    .build()
+            },
+            _replay_messages: {
+                let live = live.clone();
+                meter
+                    .i64_observable_up_down_counter("tunnel.session.replay.messages")
+                    .with_unit("{message}")
+                    .with_description("Messages held in replay buffers until acknowledged")
+                    .with_callback(move |o| {
+                        o.observe(live.replay_messages.load(Ordering::Relaxed), &[])
+                    })
+                    .build()
+            },
+            _replay_bytes: {
+                let live = live.clone();
+                meter
+                    .i64_observable_up_down_counter("tunnel.session.replay.size")
+                    .with_unit("By")
+                    .with_description("Bytes held in replay buffers until acknowledged")
+                    .with_callback(move |o| {
+                        o.observe(live.replay_bytes.load(Ordering::Relaxed), &[])
+                    })
+                    .build()
+            },
+        };
+        OtelRecorder {
+            bound_messages: bind_all(&messages),
+            bound_bytes: bind_all(&bytes),
+            messages,
+            bytes,
+            errors: meter
+                .u64_counter("tunnel.errors")
+                .with_unit("{error}")
+                .with_description("Errors by kind")
                 .build(),
-            messages: meter
-                .u64_counter("tunnel.messages")
-                .with_unit("{message}")
-                .with_description("Messages sent and received")
+            connection_duration: meter
+                .f64_histogram("tunnel.connection.duration")
+                .with_unit("s")
+                .with_description("How long established connections lasted")
+                .with_boundaries(vec![
+                    0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0,
+                ])
                 .build(),
-            bytes: meter
-                .u64_counter("tunnel.message.size")
-                .with_unit("By")
-                .with_description("Encoded bytes of messages sent and received")
-                .build(),
-            connections: meter
-                .i64_up_down_counter("tunnel.connections.active")
-                .with_unit("{connection}")
-                .with_description("Established connections")
+            reconnects: meter
+                .u64_counter("tunnel.reconnect.attempts")
+                .with_unit("{attempt}")
+                .with_description("Agent redials by reason")
                 .build(),
             handshake_failures: meter
                 .u64_counter("tunnel.handshake.failures")
                 .with_unit("{failure}")
                 .with_description("Failed upgrades and handshakes by reason")
+                .build(),
+            rtt: meter
+                .f64_histogram("tunnel.rtt")
+                .with_unit("s")
+                .with_description("Keepalive round trip times")
+                .with_boundaries(latency_buckets())
                 .build(),
             circuit: meter
                 .i64_gauge("tunnel.circuit.state")
@@ -147,11 +253,18 @@ impl OtelRecorder {
                     "Circuit breaker state per endpoint: 0 closed, 1 half-open, 2 open",
                 )
                 .build(),
+            pool: meter
+                .i64_gauge("tunnel.pool.connections")
+                .with_unit("{connection}")
+                .with_description("A pool's connections: connected and desired")
+                .build(),
             resets: meter
                 .u64_counter("tunnel.session.resets")
                 .with_unit("{reset}")
                 .with_description("Sessions that could not be resumed")
                 .build(),
+            request_duration,
+            durations,
             request_errors: meter
                 .u64_counter("tunnel.request.errors")
                 .with_unit("{error}")
@@ -162,13 +275,14 @@ impl OtelRecorder {
                 .with_unit("{reply}")
                 .with_description("Replies discarded because nobody waited for them")
                 .build(),
+            live,
+            _observers: Arc::new(observers),
         }
     }
-}
 
-impl OtelRecorder {
     fn add_other(&self, kind: &MessageType, delta: i64) {
         let mut other = self
+            .live
             .in_flight_other
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -180,6 +294,13 @@ impl OtelRecorder {
     }
 }
 
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ]
+}
+
 fn type_value(kind: &MessageType) -> opentelemetry::Value {
     match kind.static_name() {
         Some(name) => opentelemetry::Value::from(name),
@@ -187,23 +308,48 @@ fn type_value(kind: &MessageType) -> opentelemetry::Value {
     }
 }
 
+fn saturating_u64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
 impl Recorder for OtelRecorder {
     fn message(&self, direction: Direction, kind: &MessageType, bytes: usize) {
-        let attrs = [
-            KeyValue::new("direction", direction.as_str()),
-            KeyValue::new("message.type", type_value(kind)),
-        ];
-        self.messages.add(1, &attrs);
-        self.bytes
-            .add(u64::try_from(bytes).unwrap_or(u64::MAX), &attrs);
+        match slot(kind) {
+            Some(i) => {
+                let i = direction_index(direction) * KNOWN_TYPES.len() + i;
+                self.bound_messages[i].add(1);
+                self.bound_bytes[i].add(saturating_u64(bytes));
+            }
+            None => {
+                let attrs = [
+                    KeyValue::new("direction", direction.as_str()),
+                    KeyValue::new("message.type", type_value(kind)),
+                ];
+                self.messages.add(1, &attrs);
+                self.bytes.add(saturating_u64(bytes), &attrs);
+            }
+        }
     }
 
     fn connection_opened(&self) {
-        self.connections.add(1, &[]);
+        self.live.connections.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn connection_closed(&self) {
-        self.connections.add(-1, &[]);
+    fn connection_closed(&self, lifetime: Duration) {
+        self.live.connections.fetch_sub(1, Ordering::Relaxed);
+        self.connection_duration.record(lifetime.as_secs_f64(), &[]);
+    }
+
+    fn rtt(&self, rtt: Duration) {
+        self.rtt.record(rtt.as_secs_f64(), &[]);
+    }
+
+    fn error(&self, kind: &'static str) {
+        self.errors.add(1, &[KeyValue::new("error.kind", kind)]);
+    }
+
+    fn reconnect_attempt(&self, reason: &'static str) {
+        self.reconnects.add(1, &[KeyValue::new("reason", reason)]);
     }
 
     fn handshake_failed(&self, reason: &'static str) {
@@ -222,10 +368,25 @@ impl Recorder for OtelRecorder {
         self.resets.add(1, &[]);
     }
 
+    fn replay_changed(&self, messages: i64, bytes: i64) {
+        self.live
+            .replay_messages
+            .fetch_add(messages, Ordering::Relaxed);
+        self.live.replay_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn pool_readiness(&self, connected: usize, desired: usize) {
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.pool
+            .record(count(connected), &[KeyValue::new("state", "connected")]);
+        self.pool
+            .record(count(desired), &[KeyValue::new("state", "desired")]);
+    }
+
     fn request_started(&self, kind: &MessageType) {
         match slot(kind) {
             Some(i) => {
-                self.in_flight[i].fetch_add(1, Ordering::Relaxed);
+                self.live.in_flight[i].fetch_add(1, Ordering::Relaxed);
             }
             None => self.add_other(kind, 1),
         }
@@ -234,13 +395,12 @@ impl Recorder for OtelRecorder {
     fn request_finished(
         &self,
         kind: &MessageType,
-        elapsed: std::time::Duration,
+        elapsed: Duration,
         outcome: Result<(), &'static str>,
     ) {
-        let slot = slot(kind);
-        match slot {
+        match slot(kind) {
             Some(i) => {
-                self.in_flight[i].fetch_sub(1, Ordering::Relaxed);
+                self.live.in_flight[i].fetch_sub(1, Ordering::Relaxed);
                 self.durations[i].record(elapsed.as_secs_f64());
             }
             None => {

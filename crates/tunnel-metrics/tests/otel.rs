@@ -22,7 +22,7 @@ fn records_exact_counts_with_units_and_attributes() {
     );
     recorder.connection_opened();
     recorder.connection_opened();
-    recorder.connection_closed();
+    recorder.connection_closed(std::time::Duration::from_secs(3));
     recorder.handshake_failed("version_mismatch");
     recorder.handshake_failed("version_mismatch");
     recorder.handshake_failed("handshake_timeout");
@@ -72,4 +72,75 @@ fn records_exact_counts_with_units_and_attributes() {
         Some(0)
     );
     assert_eq!(meter.sum("tunnel.session.resets", &[]), 1);
+}
+
+#[test]
+fn records_errors_reconnects_rtt_replay_and_pool_readiness() {
+    use std::time::Duration;
+    let meter = TestMeter::new();
+    let recorder = meter.recorder();
+    let kv = |k: &'static str, v: &'static str| KeyValue::new(k, v);
+
+    recorder.error("decode");
+    recorder.error("decode");
+    recorder.error("dead_peer");
+    assert_eq!(meter.sum("tunnel.errors", &[kv("error.kind", "decode")]), 2);
+    assert_eq!(meter.sum("tunnel.errors", &[]), 3);
+
+    recorder.reconnect_attempt("dropped");
+    recorder.reconnect_attempt("connect_failed");
+    recorder.reconnect_attempt("connect_failed");
+    assert_eq!(
+        meter.sum(
+            "tunnel.reconnect.attempts",
+            &[kv("reason", "connect_failed")]
+        ),
+        2
+    );
+
+    recorder.rtt(Duration::from_micros(300));
+    recorder.rtt(Duration::from_millis(2));
+    assert_eq!(meter.histogram_count("tunnel.rtt", &[]), 2);
+    assert_eq!(meter.unit("tunnel.rtt").as_deref(), Some("s"));
+
+    recorder.connection_opened();
+    recorder.connection_closed(Duration::from_secs(90));
+    assert_eq!(meter.histogram_count("tunnel.connection.duration", &[]), 1);
+    assert_eq!(meter.sum("tunnel.connections.active", &[]), 0);
+
+    recorder.replay_changed(5, 500);
+    recorder.replay_changed(-2, -200);
+    assert_eq!(meter.sum("tunnel.session.replay.messages", &[]), 3);
+    assert_eq!(meter.sum("tunnel.session.replay.size", &[]), 300);
+
+    recorder.pool_readiness(2, 3);
+    assert_eq!(
+        meter.gauge("tunnel.pool.connections", &[kv("state", "connected")]),
+        Some(2)
+    );
+    assert_eq!(
+        meter.gauge("tunnel.pool.connections", &[kv("state", "desired")]),
+        Some(3)
+    );
+
+    recorder.request_started(&MessageType::Command);
+    recorder.request_started(&MessageType::from_wire("custom"));
+    assert_eq!(meter.sum("tunnel.requests.in_flight", &[]), 2);
+    recorder.request_finished(&MessageType::Command, Duration::from_millis(3), Ok(()));
+    recorder.request_finished(
+        &MessageType::from_wire("custom"),
+        Duration::from_millis(3),
+        Err("timeout"),
+    );
+    assert_eq!(meter.sum("tunnel.requests.in_flight", &[]), 0);
+    assert_eq!(
+        meter.histogram_count("tunnel.request.duration", &[kv("message.type", "command")]),
+        1
+    );
+    assert_eq!(
+        meter.sum("tunnel.request.errors", &[kv("error.kind", "timeout")]),
+        1
+    );
+    recorder.late_reply();
+    assert_eq!(meter.sum("tunnel.replies.late", &[]), 1);
 }

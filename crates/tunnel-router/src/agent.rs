@@ -336,7 +336,10 @@ impl Agent {
             reconnects: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            reliable: config.session.clone().map(Reliable::new),
+            reliable: config
+                .session
+                .clone()
+                .map(|session| Reliable::new(session, config.recorder.clone())),
             resumable: AtomicBool::new(false),
             when_full: config.when_full.clone(),
             next_id: AtomicU64::new(1),
@@ -612,6 +615,7 @@ async fn supervise(
         };
         let mut hint = None;
         drained = false;
+        let redial_reason: &'static str;
         match attempt {
             Ok(conn) => {
                 breaker.on_success();
@@ -670,7 +674,8 @@ async fn supervise(
                 inner.resumable.store(reliable.is_some(), Ordering::Release);
                 inner.state.send_replace(state);
                 inner.current.send_replace(Some(sender.clone()));
-                let link = session::Link::new(reliable, &inner.pending, &inner.next_id);
+                let link =
+                    session::Link::new(reliable, &inner.pending, &inner.next_id, &*config.recorder);
                 let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
                 tokio::pin!(session);
                 let (end, stopping) = tokio::select! {
@@ -699,8 +704,12 @@ async fn supervise(
                 match end {
                     SessionEnd::Closed => {
                         tracing::info!(reason = %sender.close_reason().map(|r| r.to_string()).unwrap_or_default(), "connection closed");
+                        redial_reason = if drained { "drained" } else { "closed" };
                     }
-                    SessionEnd::Failed(e) => tracing::warn!(error = %e, "connection failed"),
+                    SessionEnd::Failed(e) => {
+                        tracing::warn!(error = %e, "connection failed");
+                        redial_reason = if drained { "drained" } else { "dropped" };
+                    }
                 }
                 if stopping {
                     break;
@@ -713,6 +722,7 @@ async fn supervise(
                 breaker.on_failure(Instant::now().into_std());
                 report_circuit(&*config.recorder, &endpoint, breaker.state());
                 tracing::warn!(%endpoint, error = %e, "connect failed");
+                redial_reason = "connect_failed";
                 next += 1;
             }
         }
@@ -731,6 +741,7 @@ async fn supervise(
                 next += 1;
             }
         }
+        config.recorder.reconnect_attempt(redial_reason);
         inner.state.send_replace(ConnectionState::Backoff { until });
         tokio::select! {
             () = inner.shutdown.cancelled() => break,

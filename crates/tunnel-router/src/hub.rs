@@ -55,6 +55,45 @@ struct Inner {
     sessions: Option<Arc<Store>>,
     next_id: AtomicU64,
     pending: Arc<Pending>,
+    recorder: Arc<dyn tunnel_metrics::Recorder>,
+}
+
+/// One connected agent as a hub sees it ([`Hub::agent_statuses`], `/agents`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct AgentStatus {
+    /// The agent's workspace.
+    pub workspace: String,
+    /// The agent's sync target.
+    pub sync_target: String,
+    /// Its session id.
+    pub session_id: String,
+    /// The connection's number within the hub process.
+    pub connection_id: u64,
+    /// The codec: `json` or `msgpack`.
+    pub codec: String,
+    /// The agent's socket address.
+    pub peer_addr: Option<String>,
+    /// Whether this connection resumed an earlier session.
+    pub resumed: bool,
+    /// When the connection was established, in milliseconds since the Unix epoch.
+    pub connected_at_ms: u64,
+    /// How long it has been up, in seconds.
+    pub connected_for_s: f64,
+    /// Messages received from the agent on this connection (control messages too).
+    pub messages_in: u64,
+    /// Messages sent to the agent on this connection.
+    pub messages_out: u64,
+    /// Encoded bytes received.
+    pub bytes_in: u64,
+    /// Encoded bytes sent.
+    pub bytes_out: u64,
+    /// The last keepalive round trip, in microseconds.
+    pub rtt_us: Option<u64>,
+    /// Messages to the agent held for replay (sent or queued, not yet acknowledged).
+    pub replay_messages: usize,
+    /// Bytes held for replay.
+    pub replay_bytes: usize,
 }
 
 /// How a hub drains (see [`Hub::drain`]).
@@ -188,7 +227,8 @@ impl Hub {
             shutdown_timeout: Duration::from_secs(5),
             sessions,
             next_id: AtomicU64::new(1),
-            pending: Arc::new(Pending::new(MAX_PENDING_REQUESTS, recorder)),
+            pending: Arc::new(Pending::new(MAX_PENDING_REQUESTS, recorder.clone())),
+            recorder,
         });
         inner
             .tasks
@@ -228,6 +268,61 @@ impl Hub {
             .values()
             .map(|s| s.info().clone())
             .collect()
+    }
+
+    /// What each connected agent's connection has carried, for status pages (the
+    /// admin server's `/agents`), sorted by identity.
+    pub fn agent_statuses(&self) -> Vec<AgentStatus> {
+        let senders: Vec<ConnectionSender> = self.read_agents().values().cloned().collect();
+        let now = std::time::SystemTime::now();
+        let mut statuses: Vec<AgentStatus> = senders
+            .iter()
+            .map(|sender| {
+                let info = sender.info();
+                let stats = sender.stats();
+                let (replay_messages, replay_bytes) = self
+                    .inner
+                    .sessions
+                    .as_ref()
+                    .and_then(|store| store.of_agent(&info.agent))
+                    .map_or((0, 0), |reliable| reliable.held());
+                let since = info
+                    .connected_at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                AgentStatus {
+                    workspace: info.agent.workspace.clone(),
+                    sync_target: info.agent.sync_target.clone(),
+                    session_id: info.session_id.clone(),
+                    connection_id: info.id,
+                    codec: info.format.name().to_owned(),
+                    peer_addr: info.peer_addr.map(|a| a.to_string()),
+                    resumed: info.resumed,
+                    connected_at_ms: u64::try_from(since.as_millis()).unwrap_or(u64::MAX),
+                    connected_for_s: now
+                        .duration_since(info.connected_at)
+                        .unwrap_or_default()
+                        .as_secs_f64(),
+                    messages_in: stats.messages_in,
+                    messages_out: stats.messages_out,
+                    bytes_in: stats.bytes_in,
+                    bytes_out: stats.bytes_out,
+                    rtt_us: stats
+                        .rtt
+                        .map(|rtt| u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX)),
+                    replay_messages,
+                    replay_bytes,
+                }
+            })
+            .collect();
+        statuses
+            .sort_by(|a, b| (&a.workspace, &a.sync_target).cmp(&(&b.workspace, &b.sync_target)));
+        statuses
+    }
+
+    /// Whether the hub accepts new agents (false once it drains or shuts down).
+    pub fn is_accepting(&self) -> bool {
+        !self.inner.accepting.is_cancelled()
     }
 
     /// The sending handle of a connected agent.
@@ -464,7 +559,12 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 None => None,
             };
             let mut hint = None;
-            let link = session::Link::new(reliable.as_ref(), &inner2.pending, &inner2.next_id);
+            let link = session::Link::new(
+                reliable.as_ref(),
+                &inner2.pending,
+                &inner2.next_id,
+                &*inner2.recorder,
+            );
             let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
             tokio::pin!(session);
             let end = tokio::select! {

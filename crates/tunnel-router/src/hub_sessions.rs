@@ -201,7 +201,7 @@ impl SessionStore for Store {
             id.clone(),
             Entry {
                 agent: agent.clone(),
-                reliable: Reliable::new(self.config.session.clone()),
+                reliable: Reliable::new(self.config.session.clone(), self.recorder.clone()),
                 detached_at: None,
             },
         );

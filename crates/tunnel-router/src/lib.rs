@@ -38,6 +38,8 @@
 //! # }).unwrap();
 //! ```
 
+#[cfg(feature = "admin")]
+pub mod admin;
 mod agent;
 mod hub;
 mod hub_sessions;
@@ -52,7 +54,7 @@ pub use agent::{
     Agent, AgentClient, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState,
     InvalidAgentConfig, SessionEvent,
 };
-pub use hub::{DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubSendError};
+pub use hub::{AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubSendError};
 pub use hub_sessions::HubSessions;
 pub use pool::{Pool, PoolClient, PoolMode, Readiness};
 pub use reliable::{FullPolicy, Receipt, ReliableSendError, Undelivered, WhenFull};

@@ -158,6 +158,7 @@ impl Pool {
                 }
             }
         }
+        tokio::spawn(report_readiness(pool.clone()));
         Ok(pool)
     }
 
@@ -268,6 +269,26 @@ impl Pool {
         let members: Vec<Agent> = self.inner.members.borrow().values().cloned().collect();
         for agent in members {
             agent.shutdown().await;
+        }
+    }
+}
+
+/// Reports readiness to the recorder when it changes (checked twice a second).
+async fn report_readiness(pool: Pool) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    let mut last = None;
+    loop {
+        tokio::select! {
+            () = pool.inner.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = pool.readiness();
+        if last != Some(now) {
+            pool.inner
+                .template
+                .recorder
+                .pool_readiness(now.connected, now.desired);
+            last = Some(now);
         }
     }
 }

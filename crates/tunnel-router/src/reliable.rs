@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
+use tunnel_metrics::Recorder;
 use tunnel_proto::session::{Accept, Bound, Inbound, Outbound, SessionConfig};
 use tunnel_proto::{Envelope, MessageType, Payload};
 use tunnel_transport::ConnectionSender;
@@ -244,6 +245,13 @@ pub(crate) struct Reliable {
     coarse_ms: std::sync::atomic::AtomicU64,
     /// Set when data arrived that no outgoing message has acknowledged yet.
     owed: std::sync::atomic::AtomicBool,
+    /// Where changes of the replay buffer's depth are reported.
+    recorder: Arc<dyn Recorder>,
+}
+
+fn held_of(st: &Out) -> (i64, i64) {
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    (count(st.out.len()), count(st.out.bytes()))
 }
 
 impl std::fmt::Debug for Reliable {
@@ -279,8 +287,9 @@ fn is_data(kind: &MessageType) -> bool {
 }
 
 impl Reliable {
-    pub(crate) fn new(config: SessionConfig) -> Arc<Self> {
+    pub(crate) fn new(config: SessionConfig, recorder: Arc<dyn Recorder>) -> Arc<Self> {
         Arc::new(Reliable {
+            recorder,
             out: Mutex::new(Out {
                 out: Outbound::new(config.clone()),
                 conn: None,
@@ -301,6 +310,15 @@ impl Reliable {
             coarse_ms: std::sync::atomic::AtomicU64::new(0),
             owed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Reports how the replay buffer's depth changed since `before`.
+    fn report(&self, before: (i64, i64), st: &Out) {
+        let after = held_of(st);
+        if after != before {
+            self.recorder
+                .replay_changed(after.0 - before.0, after.1 - before.1);
+        }
     }
 
     /// Now, to the precision of the sweep interval.
@@ -362,8 +380,10 @@ impl Reliable {
                     && seq > st.transmitted_through
                 {
                     env.seq = Some(seq);
+                    let before = held_of(&st);
                     match st.out.replace(seq, env, size) {
                         Ok(_superseded) => {
+                            self.report(before, &st);
                             return Ok(Receipt {
                                 seq,
                                 session: Some(self.clone()),
@@ -375,6 +395,8 @@ impl Reliable {
                 env.seq = Some(st.out.next_seq());
                 match st.out.push(env, size, self.coarse_now()) {
                     Ok(seq) => {
+                        self.recorder
+                            .replay_changed(1, i64::try_from(size).unwrap_or(i64::MAX));
                         if let Some(key) = &key {
                             if st.latest.len() > 2 * self.config.max_replay_messages {
                                 let through = st.transmitted_through;
@@ -524,7 +546,10 @@ impl Reliable {
                 // A peer whose direction has not started yet reports 0: it has
                 // everything acknowledged before (by it or a drained hub).
                 let peer_received = peer_received.unwrap_or(0).max(st.out.acked());
-                if let Err(e) = st.out.resume(peer_received) {
+                let before = held_of(&st);
+                let resumed = st.out.resume(peer_received).map(|_| ());
+                self.report(before, &st);
+                if let Err(e) = resumed {
                     reset = Some(e.to_string());
                 } else {
                     self.publish_acked(&st);
@@ -564,8 +589,10 @@ impl Reliable {
             st.out.highest_sent()
         };
         if through > after {
+            let before = held_of(st);
             // Cannot fail: `through` was handed out, so it is below the next number.
             let _ = st.out.on_ack(through);
+            self.report(before, st);
         }
         st.backlog_from = None;
         st.transmitted_through = through;
@@ -631,7 +658,14 @@ impl Reliable {
         if let Some(ack) = env.ack {
             let mut st = self.state();
             match st.out.on_ack(ack) {
-                Ok(done) if !done.is_empty() => self.publish_acked(&st),
+                Ok(done) if !done.is_empty() => {
+                    let bytes: usize = done.iter().map(|m| m.size).sum();
+                    self.recorder.replay_changed(
+                        -i64::try_from(done.len()).unwrap_or(i64::MAX),
+                        -i64::try_from(bytes).unwrap_or(i64::MAX),
+                    );
+                    self.publish_acked(&st);
+                }
                 Ok(_) => {}
                 Err(e) => return Verdict::Violation(e.to_string()),
             }
@@ -696,7 +730,10 @@ impl Reliable {
         self.coarse_ms
             .store(ms, std::sync::atomic::Ordering::Relaxed);
         let mut st = self.state();
-        if let Some(last) = st.out.expire(Instant::now().into_std()).last() {
+        let before = held_of(&st);
+        let expired = st.out.expire(Instant::now().into_std());
+        self.report(before, &st);
+        if let Some(last) = expired.last() {
             let through = last.seq;
             self.progress.send_modify(|p| p.expired_through = through);
             self.room.notify_waiters();
@@ -716,7 +753,9 @@ impl Reliable {
     pub(crate) fn shut_down(&self, reason: Undelivered) {
         let mut st = self.state();
         st.shut = true;
+        let before = held_of(&st);
         st.out.reset();
+        self.report(before, &st);
         st.conn = None;
         st.backlog_from = None;
         st.latest.clear();

@@ -27,6 +27,8 @@ pub(crate) struct Link<'a> {
     pub(crate) draining: AtomicBool,
     /// Woken when a drain is announced.
     pub(crate) drain_notice: Notify,
+    /// Where errors are counted.
+    pub(crate) recorder: &'a dyn tunnel_metrics::Recorder,
 }
 
 impl<'a> Link<'a> {
@@ -34,11 +36,13 @@ impl<'a> Link<'a> {
         reliable: Option<&'a Arc<Reliable>>,
         pending: &'a Pending,
         next_id: &'a AtomicU64,
+        recorder: &'a dyn tunnel_metrics::Recorder,
     ) -> Self {
         Link {
             reliable,
             pending,
             next_id,
+            recorder,
             draining: AtomicBool::new(false),
             drain_notice: Notify::new(),
         }
@@ -129,6 +133,7 @@ pub(crate) async fn run(
                 Verdict::Deliver => {}
                 Verdict::Drop => continue,
                 Verdict::Violation(reason) => {
+                    link.recorder.error("session_violation");
                     tracing::warn!(connection = sender.info().id, %reason, "session rule broken");
                     sender.abort_with(CloseCode::PROTOCOL_ERROR, &reason);
                     return SessionEnd::Failed(RecvError::Io(reason));
@@ -140,6 +145,7 @@ pub(crate) async fn run(
         {
             // A compression bomb stops at the limit; the connection stays up.
             tracing::warn!(agent = %sender.info().agent, kind = %env.kind, error = %e, "unreadable compressed payload");
+            link.recorder.error("bad_payload");
             if env.expects_reply() {
                 let reply = env
                     .reply(0, 0)
@@ -199,6 +205,7 @@ pub(crate) async fn run(
                 ErrorBody::new(error_code::NO_HANDLER, format!("no handler for {kind}"))
             }
             Err(e) => {
+                link.recorder.error("handler");
                 tracing::warn!(agent = %sender.info().agent, %kind, error = %e, "handler failed");
                 ErrorBody::new(error_code::HANDLER_ERROR, e.to_string())
             }

@@ -60,6 +60,23 @@ impl ConnectionInfo {
     }
 }
 
+/// What a connection has carried so far (see [`ConnectionSender::stats`]). Message
+/// counts include control messages (pings, acks); bytes are encoded sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ConnectionStats {
+    /// Messages received.
+    pub messages_in: u64,
+    /// Encoded bytes received.
+    pub bytes_in: u64,
+    /// Messages sent (queued for the writer).
+    pub messages_out: u64,
+    /// Encoded bytes sent.
+    pub bytes_out: u64,
+    /// The last keepalive round trip, once measured.
+    pub rtt: Option<Duration>,
+}
+
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
 pub(crate) fn next_connection_id() -> u64 {
@@ -116,6 +133,11 @@ pub(crate) struct Shared {
     keepalive: KeepaliveCheck,
     next_id: AtomicU64,
     rtt_micros: AtomicU64,
+    /// Messages and encoded bytes each way, for [`ConnectionStats`].
+    messages_in: AtomicU64,
+    bytes_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_out: AtomicU64,
     pub(crate) epoch: Instant,
     /// Cancelled when the connection is over, whoever ended it.
     pub(crate) shutdown: CancellationToken,
@@ -139,6 +161,10 @@ impl Shared {
             keepalive: KeepaliveCheck::new(config),
             next_id: AtomicU64::new(1),
             rtt_micros: AtomicU64::new(0),
+            messages_in: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
             epoch: Instant::now(),
             shutdown: CancellationToken::new(),
             ended: AtomicBool::new(false),
@@ -199,6 +225,7 @@ impl Shared {
         if let Some(rtt) = now.checked_sub(u64::from_be_bytes(sent)) {
             self.rtt_micros
                 .store((rtt / 1000).max(1), Ordering::Relaxed);
+            self.recorder.rtt(Duration::from_nanos(rtt));
         }
     }
 }
@@ -220,6 +247,18 @@ impl ConnectionSender {
     /// What is known about the connection.
     pub fn info(&self) -> &ConnectionInfo {
         &self.inner.shared.info
+    }
+
+    /// Messages and bytes each way so far, and the last round trip time.
+    pub fn stats(&self) -> ConnectionStats {
+        let shared = &self.inner.shared;
+        ConnectionStats {
+            messages_in: shared.messages_in.load(Ordering::Relaxed),
+            bytes_in: shared.bytes_in.load(Ordering::Relaxed),
+            messages_out: shared.messages_out.load(Ordering::Relaxed),
+            bytes_out: shared.bytes_out.load(Ordering::Relaxed),
+            rtt: self.rtt(),
+        }
     }
 
     /// The limits this connection enforces (for example on decompressed payloads).
@@ -257,8 +296,12 @@ impl ConnectionSender {
             }
             .into());
         }
-        self.inner
-            .shared
+        let shared = &self.inner.shared;
+        shared.messages_out.fetch_add(1, Ordering::Relaxed);
+        shared
+            .bytes_out
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        shared
             .recorder
             .message(Direction::Outbound, &env.kind, buf.len());
         Ok(Outgoing::Data(buf.into()))
@@ -443,6 +486,7 @@ impl ConnectionReceiver {
                 }
                 Event::Incoming(Incoming::Failed(e)) => {
                     self.finish(CloseReason::Io(e.clone()));
+                    self.shared.recorder.error("io");
                     return Err(RecvError::Io(e));
                 }
                 Event::Shutdown => {
@@ -455,6 +499,7 @@ impl ConnectionReceiver {
                 }
                 Event::Dead => {
                     self.finish(CloseReason::DeadPeer);
+                    self.shared.recorder.error("dead_peer");
                     return Err(RecvError::DeadPeer);
                 }
             }
@@ -522,6 +567,10 @@ impl ConnectionReceiver {
         };
         match decoded {
             Ok(env) => {
+                self.shared.messages_in.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .bytes_in
+                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
                 self.shared
                     .recorder
                     .message(Direction::Inbound, &env.kind, frame.len());
@@ -538,6 +587,12 @@ impl ConnectionReceiver {
 
     fn fail(&mut self, code: CloseCode, err: RecvError) -> Result<Option<Envelope>, RecvError> {
         tracing::debug!(connection = self.shared.info.id, %code, error = %err, "closing connection");
+        self.shared.recorder.error(match &err {
+            RecvError::Decode(_) => "decode",
+            RecvError::WrongFrameKind { .. } => "wrong_frame_kind",
+            RecvError::DeadPeer => "dead_peer",
+            _ => "protocol",
+        });
         self.finish(CloseReason::Protocol(code, err.to_string()));
         Err(err)
     }
@@ -624,6 +679,8 @@ impl Drop for ConnectionReceiver {
                 "receiver dropped".into(),
             ));
         }
-        self.shared.recorder.connection_closed();
+        self.shared
+            .recorder
+            .connection_closed(self.shared.epoch.elapsed());
     }
 }

@@ -57,7 +57,7 @@ mod ws;
 pub use auth::{AgentId, AllowAll, AuthError, AuthRequest, Authenticator, SharedToken};
 pub use config::{ClientConfig, ConnectionConfig, ServerConfig};
 pub use connection::{
-    Connection, ConnectionInfo, ConnectionReceiver, ConnectionSender, unix_millis,
+    Connection, ConnectionInfo, ConnectionReceiver, ConnectionSender, ConnectionStats, unix_millis,
 };
 pub use error::{AcceptError, CloseReason, ConnectError, RecvError, SendError};
 pub use sessions::{SessionGrant, SessionStore, new_session_id};

@@ -1,0 +1,179 @@
+//! `tunnel status`: a hub's connected agents as a table, from its admin server.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Args;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tunnel_router::AgentStatus;
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// The hub's admin server (its `--admin-listen` address), for example
+    /// `http://127.0.0.1:9090`.
+    #[arg(long, value_name = "URL")]
+    hub: String,
+    /// Refresh every this many seconds until interrupted (rates are then measured
+    /// between refreshes; without it, since each agent connected).
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+    watch: Option<u64>,
+}
+
+/// GETs `url` (plain HTTP) and returns the body, failing on a non-2xx status.
+pub(crate) async fn http_get(url: &str) -> Result<Bytes, String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+    if uri.scheme_str().is_some_and(|s| s != "http") {
+        return Err(format!("only http:// admin URLs are supported, got {url}"));
+    }
+    let host = uri.host().ok_or_else(|| format!("no host in {url}"))?;
+    let port = uri.port_u16().unwrap_or(80);
+    let authority = uri
+        .authority()
+        .map_or_else(|| host.to_owned(), ToString::to_string);
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| format!("{url}: connect timed out"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, authority)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(10), async {
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok::<_, hyper::Error>((status, body))
+    })
+    .await
+    .map_err(|_| format!("{url}: no answer in time"))?
+    .map_err(|e| format!("{url}: {e}"))?;
+    let (status, body) = response;
+    if !status.is_success() {
+        return Err(format!(
+            "{url}: {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    Ok(body)
+}
+
+async fn fetch(base: &str) -> Result<Vec<AgentStatus>, String> {
+    let url = format!("{}/agents", base.trim_end_matches('/'));
+    let body = http_get(&url).await?;
+    serde_json::from_slice(&body).map_err(|e| format!("{url}: not an agent list: {e}"))
+}
+
+pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
+    let Some(every) = args.watch else {
+        print!("{}", render(&fetch(&args.hub).await?, None));
+        return Ok(());
+    };
+    let every = Duration::from_secs(every.max(1));
+    let mut previous: Option<(Instant, Vec<AgentStatus>)> = None;
+    loop {
+        let statuses = fetch(&args.hub).await?;
+        let now = Instant::now();
+        let rates = previous
+            .as_ref()
+            .map(|(at, before)| Rates::between(before, &statuses, now - *at));
+        // Clear the screen and go home, then draw.
+        print!("\x1b[2J\x1b[H{}", render(&statuses, rates.as_ref()));
+        previous = Some((now, statuses));
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Messages per second each way per connection, between two samples.
+pub(crate) struct Rates(HashMap<u64, (f64, f64)>);
+
+impl Rates {
+    pub(crate) fn between(
+        before: &[AgentStatus],
+        after: &[AgentStatus],
+        elapsed: Duration,
+    ) -> Rates {
+        let secs = elapsed.as_secs_f64().max(1e-3);
+        let old: HashMap<u64, &AgentStatus> = before.iter().map(|s| (s.connection_id, s)).collect();
+        Rates(
+            after
+                .iter()
+                .filter_map(|s| {
+                    let b = old.get(&s.connection_id)?;
+                    Some((
+                        s.connection_id,
+                        (
+                            s.messages_in.saturating_sub(b.messages_in) as f64 / secs,
+                            s.messages_out.saturating_sub(b.messages_out) as f64 / secs,
+                        ),
+                    ))
+                })
+                .collect(),
+        )
+    }
+}
+
+fn human_duration(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..60 => format!("{secs:.1}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn human_bytes(n: usize) -> String {
+    match n {
+        0..1024 => format!("{n} B"),
+        1024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
+        _ => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+    }
+}
+
+/// The agents table: one line per agent, sorted by identity, with rates either
+/// between samples or, without them, averaged since each connected.
+pub(crate) fn render(statuses: &[AgentStatus], rates: Option<&Rates>) -> String {
+    let mut out = format!(
+        "{:<36} {:<7} {:>9} {:>10} {:>10} {:>9} {:>16}\n",
+        "AGENT", "CODEC", "UP", "IN/s", "OUT/s", "RTT", "REPLAY"
+    );
+    for s in statuses {
+        let (rate_in, rate_out) = match rates {
+            Some(r) => r.0.get(&s.connection_id).copied().unwrap_or((0.0, 0.0)),
+            None => {
+                let secs = s.connected_for_s.max(1e-3);
+                (s.messages_in as f64 / secs, s.messages_out as f64 / secs)
+            }
+        };
+        let rtt = s.rtt_us.map_or_else(
+            || "-".to_owned(),
+            |us| format!("{:.1} ms", us as f64 / 1000.0),
+        );
+        let replay = format!("{} / {}", s.replay_messages, human_bytes(s.replay_bytes));
+        out.push_str(&format!(
+            "{:<36} {:<7} {:>9} {:>10.1} {:>10.1} {:>9} {:>16}\n",
+            format!("{}/{}", s.workspace, s.sync_target),
+            s.codec,
+            human_duration(s.connected_for_s),
+            rate_in,
+            rate_out,
+            rtt,
+            replay
+        ));
+    }
+    out.push_str(&format!("{} agents connected\n", statuses.len()));
+    out
+}
