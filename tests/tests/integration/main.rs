@@ -6,6 +6,7 @@ mod keepalive;
 mod layers;
 mod lifecycle;
 mod metrics;
+mod observability;
 mod pool;
 mod reconnect;
 mod requests;
