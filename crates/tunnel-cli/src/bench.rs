@@ -170,6 +170,25 @@ fn throughput(args: &BenchArgs) -> Result<(), String> {
             rate / untyped,
         );
     }
+    // The cost of recording metrics on the hot path, measured side by side.
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs {
+        off.push(tunnel_throughput_with(n, Format::MsgPack, false)?);
+        on.push(tunnel_throughput_with(n, Format::MsgPack, true)?);
+    }
+    let (off, on) = (median(off), median(on));
+    let ratio = on / off;
+    println!(
+        "  {:<58} {:>10} msg/s  metrics off",
+        "tunnel agent -> hub, msgpack",
+        thousands(off as u64)
+    );
+    println!(
+        "  {:<58} {:>10} msg/s  {ratio:.2}x metrics off ({} the 0.95x bar)",
+        "  the same with OpenTelemetry metrics on both sides",
+        thousands(on as u64),
+        if ratio >= 0.95 { "meets" } else { "BELOW" }
+    );
     Ok(())
 }
 
@@ -260,21 +279,48 @@ pub(crate) const THROUGHPUT_PLACEMENT: Placement = Placement {
 };
 
 pub(crate) fn tunnel_throughput(n: u64, format: Format) -> Result<f64, String> {
+    tunnel_throughput_with(n, format, false)
+}
+
+/// With `metrics`, each side records into its own OpenTelemetry SDK meter provider
+/// (what `/metrics` reads), as two processes would.
+pub(crate) fn tunnel_throughput_with(n: u64, format: Format, metrics: bool) -> Result<f64, String> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     two_sided(
         &THROUGHPUT_PLACEMENT,
-        move |url_tx| Box::pin(tunnel_sink_server(url_tx, done_tx, n)),
-        move |url| Box::pin(tunnel_source_client(url, done_rx, n, format)),
+        move |url_tx| Box::pin(tunnel_sink_server(url_tx, done_tx, n, metrics)),
+        move |url| Box::pin(tunnel_source_client(url, done_rx, n, format, metrics)),
     )
+}
+
+/// A connection config recording into a fresh Prometheus-backed meter provider, or the
+/// no-op default.
+fn connection_metrics(
+    metrics: bool,
+) -> (
+    tunnel_transport::ConnectionConfig,
+    Option<tunnel_metrics::prometheus::PrometheusMetrics>,
+) {
+    let config = tunnel_transport::ConnectionConfig::default();
+    if !metrics {
+        return (config, None);
+    }
+    match tunnel_metrics::prometheus::PrometheusMetrics::new() {
+        Ok(m) => (config.recorder(m.recorder()), Some(m)),
+        Err(_) => (config, None),
+    }
 }
 
 async fn tunnel_sink_server(
     url_tx: mpsc::Sender<String>,
     done: tokio::sync::oneshot::Sender<Instant>,
     n: u64,
+    metrics: bool,
 ) {
     let (router, all_in) = counting_router(n);
-    let Ok(hub) = Hub::bind("127.0.0.1:0", ServerConfig::new(AllowAll), router).await else {
+    let (connection, _metrics) = connection_metrics(metrics);
+    let config = ServerConfig::new(AllowAll).connection(connection);
+    let Ok(hub) = Hub::bind("127.0.0.1:0", config, router).await else {
         return;
     };
     serve_until_counted(hub, url_tx, done, all_in).await;
@@ -325,8 +371,12 @@ async fn tunnel_source_client(
     done: tokio::sync::oneshot::Receiver<Instant>,
     n: u64,
     format: Format,
+    metrics: bool,
 ) -> Result<f64, String> {
-    let config = ClientConfig::new(AgentId::new("bench", "agent")).format(format);
+    let (connection, _metrics) = connection_metrics(metrics);
+    let config = ClientConfig::new(AgentId::new("bench", "agent"))
+        .format(format)
+        .connection(connection);
     let conn = WsConnector::new(config)
         .connect(&url)
         .await

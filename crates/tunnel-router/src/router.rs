@@ -145,11 +145,56 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    BoxCloneSyncService::new(
-        service
-            .map_response(IntoReply::into_reply)
-            .map_err(Into::into),
-    )
+    BoxCloneSyncService::new(Replying(service))
+}
+
+/// Turns a handler's response into a reply payload and its error into a `BoxError`,
+/// in one wrapper (one future layer on the per-message path instead of two).
+#[derive(Clone)]
+struct Replying<S>(S);
+
+impl<S> Service<Inbound> for Replying<S>
+where
+    S: Service<Inbound>,
+    S::Response: IntoReply,
+    S::Error: Into<BoxError>,
+{
+    type Response = Option<Payload>;
+    type Error = BoxError;
+    type Future = ReplyingFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, msg: Inbound) -> Self::Future {
+        ReplyingFuture {
+            inner: self.0.call(msg),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct ReplyingFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, T, E> std::future::Future for ReplyingFuture<F>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    T: IntoReply,
+    E: Into<BoxError>,
+{
+    type Output = Result<Option<Payload>, BoxError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project()
+            .inner
+            .poll(cx)
+            .map(|r| r.map(IntoReply::into_reply).map_err(Into::into))
+    }
 }
 
 impl Router {

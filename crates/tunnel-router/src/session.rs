@@ -150,7 +150,7 @@ pub(crate) async fn run(
                 let reply = env
                     .reply(0, 0)
                     .with_error(ErrorBody::new(error_code::BAD_REQUEST, e.to_string()));
-                link.send_reply(&sender, stamp(reply)).await;
+                Box::pin(link.send_reply(&sender, stamp(reply))).await;
             }
             continue;
         }
@@ -196,7 +196,7 @@ pub(crate) async fn run(
             Ok(Dispatched::Handled(payload)) => {
                 if let Some(mut reply) = request {
                     reply.payload = payload;
-                    link.send_reply(&sender, stamp(reply)).await;
+                    Box::pin(link.send_reply(&sender, stamp(reply))).await;
                 }
                 continue;
             }
@@ -211,8 +211,7 @@ pub(crate) async fn run(
             }
         };
         if let Some(reply) = request {
-            link.send_reply(&sender, stamp(reply.with_error(error)))
-                .await;
+            Box::pin(link.send_reply(&sender, stamp(reply.with_error(error)))).await;
         }
     }
 }

@@ -60,6 +60,14 @@ impl ConnectionInfo {
     }
 }
 
+/// Adds to a counter that has a single writer: readers may see it late, never torn.
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
+}
+
 /// What a connection has carried so far (see [`ConnectionSender::stats`]). Message
 /// counts include control messages (pings, acks); bytes are encoded sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -138,6 +146,9 @@ pub(crate) struct Shared {
     bytes_in: AtomicU64,
     messages_out: AtomicU64,
     bytes_out: AtomicU64,
+    /// Whether a single writer task counts what goes out (`count_written`); otherwise
+    /// `send` counts it.
+    counted_by_writer: bool,
     pub(crate) epoch: Instant,
     /// Cancelled when the connection is over, whoever ended it.
     pub(crate) shutdown: CancellationToken,
@@ -151,7 +162,21 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(info: ConnectionInfo, config: &ConnectionConfig) -> Arc<Shared> {
+        Self::build(info, config, false)
+    }
+
+    /// For transports whose one writer task calls [`Shared::count_written`].
+    pub(crate) fn with_writer(info: ConnectionInfo, config: &ConnectionConfig) -> Arc<Shared> {
+        Self::build(info, config, true)
+    }
+
+    fn build(
+        info: ConnectionInfo,
+        config: &ConnectionConfig,
+        counted_by_writer: bool,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
+            counted_by_writer,
             codec: info.format.codec(),
             info,
             limits: config.limits.clone(),
@@ -171,6 +196,14 @@ impl Shared {
             writer_done: CancellationToken::new(),
             reason: Mutex::new(None),
         })
+    }
+
+    /// Counts a data frame of `bytes` written. Only the connection's single writer task
+    /// calls it, so a plain load and store suffice (no read-modify-write on the hot
+    /// path).
+    pub(crate) fn count_written(&self, bytes: usize) {
+        bump(&self.messages_out, 1);
+        bump(&self.bytes_out, bytes as u64);
     }
 
     /// Records why the connection ends; the first reason wins.
@@ -297,10 +330,12 @@ impl ConnectionSender {
             .into());
         }
         let shared = &self.inner.shared;
-        shared.messages_out.fetch_add(1, Ordering::Relaxed);
-        shared
-            .bytes_out
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        if !shared.counted_by_writer {
+            shared.messages_out.fetch_add(1, Ordering::Relaxed);
+            shared
+                .bytes_out
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
         shared
             .recorder
             .message(Direction::Outbound, &env.kind, buf.len());
@@ -567,10 +602,9 @@ impl ConnectionReceiver {
         };
         match decoded {
             Ok(env) => {
-                self.shared.messages_in.fetch_add(1, Ordering::Relaxed);
-                self.shared
-                    .bytes_in
-                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                // Only this receiver writes these.
+                bump(&self.shared.messages_in, 1);
+                bump(&self.shared.bytes_in, frame.len() as u64);
                 self.shared
                     .recorder
                     .message(Direction::Inbound, &env.kind, frame.len());

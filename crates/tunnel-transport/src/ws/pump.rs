@@ -36,7 +36,7 @@ pub(crate) fn spawn_connection<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let shared = Shared::new(info, config);
+    let shared = Shared::with_writer(info, config);
     let (sink, stream) = ws.split();
     let (tx, rx) = mpsc::channel(config.outbound_queue.max(1));
     tokio::spawn(write_loop(sink, rx, shared.clone(), config.ping_interval));
@@ -160,6 +160,7 @@ where
         while let Some(msg) = next.take() {
             match msg {
                 Outgoing::Data(bytes) => {
+                    shared.count_written(bytes.len());
                     sink.feed(data_message(kind, bytes)?)
                         .await
                         .map_err(|e| e.to_string())?;
