@@ -177,3 +177,67 @@ pub(crate) fn render(statuses: &[AgentStatus], rates: Option<&Rates>) -> String 
     out.push_str(&format!("{} agents connected\n", statuses.len()));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tunnel_router::admin::Admin;
+    use tunnel_router::{Agent, AgentConfig, Hub, Router};
+    use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig, WsConnector};
+
+    #[tokio::test]
+    async fn status_reads_a_hubs_agents_over_http_and_renders_a_table() {
+        let hub = Hub::bind("127.0.0.1:0", ServerConfig::new(AllowAll), Router::new())
+            .await
+            .expect("hub");
+        let admin = Admin::new()
+            .hub(hub.clone())
+            .bind("127.0.0.1:0")
+            .await
+            .expect("admin");
+        let url = hub.url().expect("url");
+        let mut agents = Vec::new();
+        for name in ["zeta", "alpha"] {
+            let connector = WsConnector::new(ClientConfig::new(AgentId::new("root:org", name)));
+            let agent =
+                Agent::start(connector, AgentConfig::new(&url), Router::new()).expect("agent");
+            agent
+                .wait_connected(Duration::from_secs(5))
+                .await
+                .expect("connected");
+            agents.push(agent);
+        }
+        let base = format!("http://{}", admin.local_addr());
+        let mut statuses = Vec::new();
+        for _ in 0..100 {
+            statuses = fetch(&base).await.expect("fetch");
+            if statuses.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let table = render(&statuses, None);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("AGENT"), "{table}");
+        assert!(
+            lines[1].starts_with("root:org/alpha"),
+            "sorted by identity: {table}"
+        );
+        assert!(lines[2].starts_with("root:org/zeta"), "{table}");
+        assert_eq!(lines[3], "2 agents connected");
+        // Rates between two samples of the same connection.
+        let mut later = statuses.clone();
+        later[0].messages_in += 50;
+        let rates = Rates::between(&statuses, &later, Duration::from_secs(1));
+        assert_eq!(rates.0[&later[0].connection_id], (50.0, 0.0));
+        // A wrong path is a clear error, not a panic.
+        let err = http_get(&format!("{base}/nope")).await.unwrap_err();
+        assert!(err.contains("404"), "{err}");
+        for agent in agents {
+            agent.shutdown().await;
+        }
+        admin.shutdown().await;
+        hub.shutdown().await;
+    }
+}
