@@ -6,6 +6,7 @@ mod run;
 mod session_bench;
 mod stack_bench;
 mod status;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,10 @@ struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Export traces and metrics over OTLP/gRPC to this collector (for example
+    /// `http://127.0.0.1:4317`); needs a build with the `otlp` feature.
+    #[arg(long, global = true, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -88,20 +93,6 @@ pub(crate) fn read_token(path: &PathBuf) -> Result<String, String> {
     Ok(token.to_owned())
 }
 
-fn init_logging(filter: Option<&str>, default: &str, format: LogFormat) {
-    let filter = filter
-        .map(str::to_owned)
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| default.to_owned());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
@@ -110,7 +101,11 @@ fn main() -> ExitCode {
         Command::Demo(_) => "warn",
         _ => "info",
     };
-    init_logging(cli.log.as_deref(), default_filter, cli.log_format);
+    let filter = cli
+        .log
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| default_filter.to_owned());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,13 +117,20 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        let telemetry = match telemetry::init(&filter, cli.log_format, cli.otlp_endpoint.as_deref())
+        {
+            Ok(telemetry) => telemetry,
+            Err(e) => return Err(e),
+        };
+        let result = match cli.command {
             Command::Hub(args) => run::hub(args).await,
             Command::Agent(args) => run::agent(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Status(args) => status::run(args).await,
-        }
+        };
+        telemetry.shutdown();
+        result
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

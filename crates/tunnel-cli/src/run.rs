@@ -16,8 +16,9 @@ use tunnel_router::{
 };
 use tunnel_transport::{AgentId, ClientConfig, ServerConfig, SharedToken, WsConnector};
 
-use tunnel_metrics::prometheus::PrometheusMetrics;
 use tunnel_router::admin::Admin;
+use tunnel_router::layer::metrics::MetricsLayer;
+use tunnel_router::layer::trace::TraceLayer;
 
 use crate::{Codec, read_token};
 
@@ -114,14 +115,18 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     }
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
-    let router = Router::new().fallback(service_fn(move |msg: Inbound| {
-        counter.fetch_add(1, Ordering::Relaxed);
-        async move {
-            tracing::debug!(agent = %msg.agent(), kind = %msg.envelope.kind, "message");
-            Ok::<_, BoxError>(())
-        }
-    }));
-    let metrics = PrometheusMetrics::new().map_err(|e| e.to_string())?;
+    let metrics = crate::telemetry::metrics()?;
+    // A span per handled message (continuing the agent's trace) and its latency.
+    let router = Router::new()
+        .fallback(service_fn(move |msg: Inbound| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            async move {
+                tracing::debug!(agent = %msg.agent(), kind = %msg.envelope.kind, "message");
+                Ok::<_, BoxError>(())
+            }
+        }))
+        .layer(TraceLayer::new())
+        .layer(MetricsLayer::new(metrics.recorder()));
     let config = ServerConfig::new(auth)
         .connection(tunnel_transport::ConnectionConfig::default().recorder(metrics.recorder()));
     let hub = if args.no_sessions {
@@ -180,7 +185,7 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
 pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
     let token = read_token(&args.token_file)?;
     let id = AgentId::new(args.workspace.clone(), args.sync_target.clone());
-    let metrics = PrometheusMetrics::new().map_err(|e| e.to_string())?;
+    let metrics = crate::telemetry::metrics()?;
     let config = ClientConfig::new(id.clone())
         .token(Some(token))
         .format(args.codec.into())
@@ -198,7 +203,8 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
         .fallback(service_fn(|msg: Inbound| async move {
             tracing::info!(kind = %msg.envelope.kind, "message from hub");
             Ok::<_, BoxError>(())
-        }));
+        }))
+        .layer(TraceLayer::new());
     let mode = match args.mode {
         Mode::Failover => PoolMode::Failover,
         Mode::Spread => PoolMode::Spread,
@@ -224,7 +230,11 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
         }
         None => None,
     };
-    let mut client = pool.client();
+    // Each heartbeat gets a span whose context travels to the hub.
+    let mut client = tower::ServiceBuilder::new()
+        .layer(MetricsLayer::new(metrics.recorder()))
+        .layer(TraceLayer::new())
+        .service(pool.client());
     let mut ticker = tokio::time::interval(Duration::from_secs(args.status_interval.max(1)));
     let signal = shutdown_signal();
     tokio::pin!(signal);
