@@ -16,7 +16,7 @@ use tunnel_router::{
 };
 use tunnel_transport::{AgentId, ClientConfig, ServerConfig, SharedToken, WsConnector};
 
-use tunnel_router::admin::Admin;
+use tunnel_router::admin::{Admin, AdminServer};
 use tunnel_router::layer::metrics::MetricsLayer;
 use tunnel_router::layer::trace::TraceLayer;
 
@@ -107,6 +107,25 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Serves `admin` (plus `/metrics` from `metrics`) on `addr`, if one was given.
+async fn serve_admin(
+    admin: Admin,
+    addr: Option<SocketAddr>,
+    metrics: &tunnel_metrics::prometheus::PrometheusMetrics,
+) -> Result<Option<AdminServer>, String> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let render = metrics.clone();
+    let server = admin
+        .metrics(move || render.render())
+        .bind(addr)
+        .await
+        .map_err(|e| format!("cannot serve the admin endpoints on {addr}: {e}"))?;
+    tracing::info!(url = %format!("http://{}/", server.local_addr()), "admin endpoints");
+    Ok(Some(server))
+}
+
 pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     let token = read_token(&args.token_file)?;
     let mut auth = SharedToken::new(token);
@@ -137,20 +156,7 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     }
     .map_err(|e| e.to_string())?;
     tracing::info!(url = %hub.url().unwrap_or_default(), "hub listening");
-    let _admin = match args.admin_listen {
-        Some(addr) => {
-            let render = metrics.clone();
-            let admin = Admin::new()
-                .hub(hub.clone())
-                .metrics(move || render.render())
-                .bind(addr)
-                .await
-                .map_err(|e| format!("cannot serve the admin endpoints on {addr}: {e}"))?;
-            tracing::info!(url = %format!("http://{}/", admin.local_addr()), "admin endpoints");
-            Some(admin)
-        }
-        None => None,
-    };
+    let _admin = serve_admin(Admin::new().hub(hub.clone()), args.admin_listen, &metrics).await?;
     let mut ticker = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
     ticker.tick().await;
     let signal = shutdown_signal();
@@ -216,20 +222,7 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
         router,
     )
     .map_err(|e| e.to_string())?;
-    let _admin = match args.admin_listen {
-        Some(addr) => {
-            let render = metrics.clone();
-            let admin = Admin::new()
-                .pool(pool.clone())
-                .metrics(move || render.render())
-                .bind(addr)
-                .await
-                .map_err(|e| format!("cannot serve the admin endpoints on {addr}: {e}"))?;
-            tracing::info!(url = %format!("http://{}/", admin.local_addr()), "admin endpoints");
-            Some(admin)
-        }
-        None => None,
-    };
+    let _admin = serve_admin(Admin::new().pool(pool.clone()), args.admin_listen, &metrics).await?;
     // Each heartbeat gets a span whose context travels to the hub.
     let mut client = tower::ServiceBuilder::new()
         .layer(MetricsLayer::new(metrics.recorder()))

@@ -369,15 +369,25 @@ async fn a_drained_hubs_agents_move_without_errors() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn discovery_updates_change_the_pools_endpoints() {
+/// Three hubs, and a pool that discovery has told about the first one only; returns
+/// the hubs, their proxies, their URLs, the discovery sender and the pool (connected).
+async fn discovered_pool(
+    mode: PoolMode,
+    name: &str,
+) -> (
+    Vec<Hub>,
+    Vec<FaultProxy>,
+    Vec<String>,
+    tokio::sync::watch::Sender<Vec<String>>,
+    Pool,
+) {
     let (seen_tx, _seen) = mpsc::unbounded_channel();
     let (hubs, proxies) = three_hubs(&seen_tx).await;
-    let id = AgentId::new("root:org", "discovered");
+    let id = AgentId::new("root:org", name);
     let urls: Vec<String> = proxies.iter().map(FaultProxy::ws_url).collect();
     let (updates, discovered) = tokio::sync::watch::channel(urls[..1].to_vec());
     let pool = Pool::start(
-        PoolMode::Spread,
+        mode,
         WsConnector::new(client_config(&id, Format::MsgPack)),
         pool_config(urls[..1].to_vec()).endpoint_updates(discovered),
         Router::new(),
@@ -391,6 +401,13 @@ async fn discovery_updates_change_the_pools_endpoints() {
         },
     )
     .await;
+    (hubs, proxies, urls, updates, pool)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_updates_change_the_pools_endpoints() {
+    let (hubs, _proxies, urls, updates, pool) =
+        discovered_pool(PoolMode::Spread, "discovered").await;
     let mut client = pool.client();
     assert_eq!(ask(&mut client).await, 0);
 
@@ -432,26 +449,8 @@ async fn discovery_updates_change_the_pools_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_agent_follows_discovery_on_its_next_connection() {
-    let (seen_tx, _seen) = mpsc::unbounded_channel();
-    let (hubs, proxies) = three_hubs(&seen_tx).await;
-    let id = AgentId::new("root:org", "rediscovered");
-    let urls: Vec<String> = proxies.iter().map(FaultProxy::ws_url).collect();
-    let (updates, discovered) = tokio::sync::watch::channel(urls[..1].to_vec());
-    let pool = Pool::start(
-        PoolMode::Failover,
-        WsConnector::new(client_config(&id, Format::MsgPack)),
-        pool_config(urls[..1].to_vec()).endpoint_updates(discovered),
-        Router::new(),
-    )
-    .expect("pool");
-    readiness_becomes(
-        &pool,
-        Readiness {
-            connected: 1,
-            desired: 1,
-        },
-    )
-    .await;
+    let (hubs, proxies, urls, updates, pool) =
+        discovered_pool(PoolMode::Failover, "rediscovered").await;
     let mut client = pool.client();
     assert_eq!(ask(&mut client).await, 0);
     updates.send(vec![urls[2].clone()]).expect("update");
