@@ -128,6 +128,15 @@ pub struct ServerConfig {
     /// Decides which session each connection belongs to. Default: none, every
     /// connection is a new session and `resume` is not offered.
     pub sessions: Option<Arc<dyn crate::SessionStore>>,
+    /// Most connections held at once, handshakes included. One over it is answered
+    /// `503 Service Unavailable` with `Retry-After` before anything is allocated for
+    /// it. Default: no limit.
+    pub max_connections: Option<usize>,
+    /// Most connections per workspace (checked once the upgrade names it): `503` with
+    /// `Retry-After` over it. Default: no limit.
+    pub max_connections_per_workspace: Option<usize>,
+    /// The `Retry-After` of a `503`. Default 5 s.
+    pub retry_after: Duration,
 }
 
 impl fmt::Debug for ServerConfig {
@@ -139,6 +148,12 @@ impl fmt::Debug for ServerConfig {
             .field("versions", &self.versions)
             .field("capabilities", &self.capabilities)
             .field("formats", &self.formats)
+            .field("max_connections", &self.max_connections)
+            .field(
+                "max_connections_per_workspace",
+                &self.max_connections_per_workspace,
+            )
+            .field("retry_after", &self.retry_after)
             .finish()
     }
 }
@@ -155,6 +170,9 @@ impl ServerConfig {
             formats: Format::ALL.to_vec(),
             accept_queue: 1024,
             sessions: None,
+            max_connections: None,
+            max_connections_per_workspace: None,
+            retry_after: Duration::from_secs(5),
         }
     }
 
@@ -181,6 +199,12 @@ setters!(ServerConfig {
     formats: Vec<Format>,
     /// Sets [`ServerConfig::accept_queue`].
     accept_queue: usize,
+    /// Sets [`ServerConfig::max_connections`].
+    max_connections: Option<usize>,
+    /// Sets [`ServerConfig::max_connections_per_workspace`].
+    max_connections_per_workspace: Option<usize>,
+    /// Sets [`ServerConfig::retry_after`].
+    retry_after: Duration,
 });
 
 fn default_capabilities() -> Vec<String> {

@@ -149,6 +149,9 @@ pub(crate) struct Shared {
     /// Whether a single writer task counts what goes out (`count_written`); otherwise
     /// `send` counts it.
     counted_by_writer: bool,
+    /// The connection's place within the hub's connection limits, given back when the
+    /// connection is gone.
+    pub(crate) admitted: Mutex<Option<crate::admission::Admitted>>,
     pub(crate) epoch: Instant,
     /// Cancelled when the connection is over, whoever ended it.
     pub(crate) shutdown: CancellationToken,
@@ -177,6 +180,7 @@ impl Shared {
     ) -> Arc<Shared> {
         Arc::new(Shared {
             counted_by_writer,
+            admitted: Mutex::new(None),
             codec: info.format.codec(),
             info,
             limits: config.limits.clone(),

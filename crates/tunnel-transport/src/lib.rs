@@ -44,6 +44,7 @@
 //! # }).unwrap();
 //! ```
 
+mod admission;
 mod auth;
 mod config;
 mod connection;

@@ -144,3 +144,89 @@ async fn handshake_for_another_identity_is_closed_with_4003() {
     assert!(hub.agents().is_empty());
     hub.shutdown().await;
 }
+
+/// The status and `Retry-After` of a refused upgrade.
+fn refusal_of(result: Result<RawWs, WsError>) -> (u16, Option<String>) {
+    match result {
+        Err(WsError::Http(resp)) => (
+            resp.status().as_u16(),
+            resp.headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        ),
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected an HTTP refusal, got an upgrade"),
+    }
+}
+
+async fn upgrade_as(url: &str, workspace: &str, sync_target: &str) -> Result<RawWs, WsError> {
+    raw_upgrade(
+        url,
+        &[
+            ("authorization", &format!("Bearer {TOKEN}")),
+            ("x-workspace", workspace),
+            ("x-synctarget", sync_target),
+            ("sec-websocket-protocol", Format::MsgPack.subprotocol()),
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_global_limit_get_503_with_retry_after() {
+    let config = server_config()
+        .max_connections(Some(2))
+        .retry_after(Duration::from_secs(7));
+    let hub = hub(config, Router::new()).await;
+    let url = hub.url().expect("url");
+    let first = upgrade_as(&url, "ws", "a").await.expect("first fits");
+    let second = upgrade_as(&url, "ws", "b").await.expect("second fits");
+    assert_eq!(
+        refusal_of(upgrade_as(&url, "ws", "c").await),
+        (503, Some("7".into()))
+    );
+    // A place given back is a place again.
+    drop(first);
+    let mut third = None;
+    for _ in 0..100 {
+        if let Ok(ws) = upgrade_as(&url, "ws", "c").await {
+            third = Some(ws);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(third.is_some(), "admitted once the first connection left");
+    drop((second, third));
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_workspace_limit_get_503_and_other_workspaces_still_fit() {
+    let config = server_config().max_connections_per_workspace(Some(1));
+    let hub = hub(config, Router::new()).await;
+    let url = hub.url().expect("url");
+    let id = AgentId::new("root:busy", "a");
+    let agent = agent(&url, client_config(&id, Format::MsgPack), Router::new());
+    agent.wait_connected(SOON).await.expect("connected");
+    let (status, retry_after) = refusal_of(upgrade_as(&url, "root:busy", "b").await);
+    assert_eq!(status, 503);
+    assert_eq!(retry_after.as_deref(), Some("5"), "the default Retry-After");
+    let other = upgrade_as(&url, "root:quiet", "b")
+        .await
+        .expect("another workspace fits");
+    drop(other);
+    agent.shutdown().await;
+    // Its place is free again.
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(ws) = upgrade_as(&url, "root:busy", "b").await {
+            again = Some(ws);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some());
+    drop(again);
+    hub.shutdown().await;
+}

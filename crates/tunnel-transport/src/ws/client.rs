@@ -231,6 +231,6 @@ impl crate::Connector for WsConnector {
             peer_addr,
             connected_at: std::time::SystemTime::now(),
         };
-        Ok(spawn_connection(ws, info, &config.connection))
+        Ok(spawn_connection(ws, info, &config.connection, None))
     }
 }

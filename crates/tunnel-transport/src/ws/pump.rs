@@ -32,11 +32,13 @@ pub(crate) fn spawn_connection<S>(
     ws: WebSocketStream<S>,
     info: ConnectionInfo,
     config: &ConnectionConfig,
+    admitted: Option<crate::admission::Admitted>,
 ) -> Connection
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let shared = Shared::with_writer(info, config);
+    *shared.admitted.lock().unwrap_or_else(|e| e.into_inner()) = admitted;
     let (sink, stream) = ws.split();
     let (tx, rx) = mpsc::channel(config.outbound_queue.max(1));
     tokio::spawn(write_loop(sink, rx, shared.clone(), config.ping_interval));

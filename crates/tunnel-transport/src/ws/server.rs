@@ -21,6 +21,7 @@ use tunnel_proto::{
 use super::burst::BurstReader;
 use super::pump::{close_message, data_message, spawn_connection};
 use super::{HEADER_SYNC_TARGET, HEADER_WORKSPACE};
+use crate::admission::{Admission, Admitted};
 use crate::auth::{AgentId, AuthRequest};
 use crate::config::ServerConfig;
 use crate::connection::{Connection, ConnectionInfo, next_connection_id, unix_millis};
@@ -108,6 +109,7 @@ async fn accept_loop(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
+    let admission = Admission::new(config.max_connections, config.max_connections_per_workspace);
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -115,14 +117,22 @@ async fn accept_loop(
         };
         match accepted {
             Ok((tcp, peer)) => {
+                let Some(admitted) = admission.admit() else {
+                    // Full: answer from a small fixed buffer, nothing per connection.
+                    config.connection.recorder.handshake_failed("over_capacity");
+                    tracing::debug!(%peer, "refused: connection limit reached");
+                    tasks.spawn(over_capacity(tcp, config.retry_after));
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let config = config.clone();
                 let ready = ready.clone();
                 let shutdown = shutdown.clone();
+                let admission = admission.clone();
                 tasks.spawn(async move {
                     tokio::select! {
                         () = shutdown.cancelled() => {}
-                        () = serve(tcp, peer, config, ready) => {}
+                        () = serve(tcp, peer, config, ready, admission, admitted) => {}
                     }
                 });
             }
@@ -133,6 +143,22 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// Answers a connection over the limit with `503` and `Retry-After`, and closes it.
+async fn over_capacity(mut tcp: TcpStream, retry_after: std::time::Duration) {
+    use tokio::io::AsyncWriteExt;
+    let body = "the hub is at its connection limit\n";
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        retry_after.as_secs().max(1),
+        body.len()
+    );
+    let write = async {
+        tcp.write_all(response.as_bytes()).await?;
+        tcp.shutdown().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
 }
 
 /// An HTTP refusal of the upgrade.
@@ -212,6 +238,8 @@ async fn serve(
     peer: SocketAddr,
     config: Arc<ServerConfig>,
     ready: mpsc::Sender<Connection>,
+    admission: Arc<Admission>,
+    mut admitted: Admitted,
 ) {
     let recorder = config.connection.recorder.clone();
     let deadline = Instant::now() + config.handshake_timeout;
@@ -221,6 +249,20 @@ async fn serve(
             tracing::debug!(%peer, status = %refusal.0, reason = %refusal.1, "refused upgrade");
             error_response(refusal)
         })?;
+        if !admission.admit_workspace(&mut admitted, &agent.workspace) {
+            tracing::debug!(%peer, workspace = %agent.workspace, "refused: workspace connection limit reached");
+            recorder.handshake_failed("over_capacity");
+            let mut refusal = error_response(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the workspace is at its connection limit",
+            ));
+            if let Ok(value) =
+                HeaderValue::from_str(&config.retry_after.as_secs().max(1).to_string())
+            {
+                refusal.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            return Err(refusal);
+        }
         resp.headers_mut().insert(
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static(format.subprotocol()),
@@ -253,7 +295,7 @@ async fn serve(
     let Some((agent, format)) = upgrade else {
         return;
     };
-    match handshake(ws, peer, agent, format, &config, deadline).await {
+    match handshake(ws, peer, agent, format, &config, deadline, admitted).await {
         Ok(conn) => {
             let _ = ready.send(conn).await;
         }
@@ -272,6 +314,7 @@ async fn handshake(
     format: Format,
     config: &ServerConfig,
     deadline: Instant,
+    admitted: Admitted,
 ) -> Result<Connection, &'static str> {
     let codec = format.codec();
     let limits = &config.connection.limits;
@@ -395,7 +438,12 @@ async fn handshake(
         connected_at: std::time::SystemTime::now(),
     };
     tracing::debug!(%peer, agent = %info.agent, session = %info.session_id, "agent connected");
-    Ok(spawn_connection(ws, info, &config.connection))
+    Ok(spawn_connection(
+        ws,
+        info,
+        &config.connection,
+        Some(admitted),
+    ))
 }
 
 pub(crate) async fn send_envelope<S>(
