@@ -14,7 +14,7 @@ use tunnel_proto::messages::{Command, Gvr, Status};
 use tunnel_router::{
     AgentConfig, Drain, Hub, HubSessions, Inbound, Pool, PoolMode, Request, Router,
 };
-use tunnel_transport::{AgentId, ClientConfig, ServerConfig, SharedToken, WsConnector};
+use tunnel_transport::{AgentId, ClientConfig, ServerConfig, SharedToken, TokenFile, WsConnector};
 
 use tunnel_router::admin::{Admin, AdminServer};
 use tunnel_router::layer::metrics::MetricsLayer;
@@ -27,9 +27,13 @@ pub(crate) struct HubArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// File holding the bearer token agents must present.
-    #[arg(long, value_name = "FILE")]
-    token_file: PathBuf,
+    /// File holding the one bearer token every agent presents.
+    #[arg(long, value_name = "FILE", required_unless_present = "tokens")]
+    token_file: Option<PathBuf>,
+    /// A token file granting each token the identities it may claim (lines of
+    /// `token workspace [sync-targets...]`, `*` for any); reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE", conflicts_with = "token_file")]
+    tokens: Option<PathBuf>,
     /// Only admit agents of these workspaces (repeatable); default: any.
     #[arg(long = "allow-workspace", value_name = "WORKSPACE")]
     allow_workspaces: Vec<String>,
@@ -107,6 +111,27 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Reloads the token file on SIGHUP (keeping the old grants if the file is bad).
+async fn reload_on_sighup(tokens: Arc<TokenFile>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match tokens.reload() {
+                Ok(grants) => tracing::info!(grants, "token file reloaded"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "token file not reloaded; keeping the previous grants")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokens;
+}
+
 /// Serves `admin` (plus `/metrics` from `metrics`) on `addr`, if one was given.
 async fn serve_admin(
     admin: Admin,
@@ -127,11 +152,21 @@ async fn serve_admin(
 }
 
 pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
-    let token = read_token(&args.token_file)?;
-    let mut auth = SharedToken::new(token);
-    if !args.allow_workspaces.is_empty() {
-        auth = auth.allow_workspaces(args.allow_workspaces.clone());
-    }
+    let auth: Arc<dyn tunnel_transport::Authenticator> = match (&args.tokens, &args.token_file) {
+        (Some(path), _) => {
+            let tokens = Arc::new(TokenFile::load(path).map_err(|e| e.to_string())?);
+            tokio::spawn(reload_on_sighup(tokens.clone()));
+            tokens
+        }
+        (None, Some(path)) => {
+            let mut shared = SharedToken::new(read_token(path)?);
+            if !args.allow_workspaces.is_empty() {
+                shared = shared.allow_workspaces(args.allow_workspaces.clone());
+            }
+            Arc::new(shared)
+        }
+        (None, None) => return Err("give --token-file or --tokens".into()),
+    };
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
     let metrics = crate::telemetry::metrics()?;
@@ -189,11 +224,15 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
 }
 
 pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
+    // Read now to fail early, and again on every connect: a rotated token in the file
+    // is used from the next reconnect on.
     let token = read_token(&args.token_file)?;
+    let token_file = args.token_file.clone();
     let id = AgentId::new(args.workspace.clone(), args.sync_target.clone());
     let metrics = crate::telemetry::metrics()?;
     let config = ClientConfig::new(id.clone())
         .token(Some(token))
+        .token_source(move || read_token(&token_file).ok())
         .format(args.codec.into())
         .connection(tunnel_transport::ConnectionConfig::default().recorder(metrics.recorder()));
     let router = Router::new()

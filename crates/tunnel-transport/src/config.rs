@@ -215,6 +215,9 @@ fn default_capabilities() -> Vec<String> {
     ]
 }
 
+/// A callback that supplies the bearer token when a connection is made.
+pub type TokenSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// Settings of an agent's connector.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -225,6 +228,9 @@ pub struct ClientConfig {
     pub agent: crate::AgentId,
     /// The bearer token, if any. Never logged.
     pub token: Option<String>,
+    /// Asked for the bearer token on every connect (so a rotated token is picked up on
+    /// the next reconnect); takes precedence over `token`. Default: none.
+    pub token_source: Option<TokenSource>,
     /// The codec to ask for. Default MessagePack.
     pub format: Format,
     /// Deadline for TCP connect, upgrade and handshake together. Default 10 s.
@@ -237,12 +243,48 @@ pub struct ClientConfig {
     pub metadata: BTreeMap<String, String>,
 }
 
+impl ClientConfig {
+    /// Sets [`ClientConfig::token_source`]: `source` is asked for the token on every
+    /// connect.
+    ///
+    /// ```
+    /// use std::sync::{Arc, RwLock};
+    /// use tunnel_transport::{AgentId, ClientConfig};
+    ///
+    /// let current = Arc::new(RwLock::new("first-token".to_string()));
+    /// let token = current.clone();
+    /// let config = ClientConfig::new(AgentId::new("root:org", "cluster-1"))
+    ///     .token_source(move || Some(token.read().unwrap().clone()));
+    /// *current.write().unwrap() = "rotated-token".into(); // used from the next connect on
+    /// assert_eq!(config.current_token().as_deref(), Some("rotated-token"));
+    /// ```
+    pub fn token_source(
+        mut self,
+        source: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.token_source = Some(Arc::new(source));
+        self
+    }
+
+    /// The token to present now: the source's answer, else `token`.
+    pub fn current_token(&self) -> Option<String> {
+        match &self.token_source {
+            Some(source) => source(),
+            None => self.token.clone(),
+        }
+    }
+}
+
 impl fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientConfig")
             .field("connection", &self.connection)
             .field("agent", &self.agent)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "token_source",
+                &self.token_source.as_ref().map(|_| "<callback>"),
+            )
             .field("format", &self.format)
             .field("connect_timeout", &self.connect_timeout)
             .field("versions", &self.versions)
@@ -258,6 +300,7 @@ impl ClientConfig {
             connection: ConnectionConfig::default(),
             agent,
             token: None,
+            token_source: None,
             format: Format::MsgPack,
             connect_timeout: Duration::from_secs(10),
             versions: VersionRange::SUPPORTED,

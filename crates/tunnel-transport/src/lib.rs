@@ -55,8 +55,11 @@ pub mod memory;
 mod sessions;
 mod ws;
 
-pub use auth::{AgentId, AllowAll, AuthError, AuthRequest, Authenticator, SharedToken};
-pub use config::{ClientConfig, ConnectionConfig, ServerConfig};
+pub use auth::{
+    AgentId, AllowAll, AuthError, AuthRequest, Authenticator, SharedToken, TokenFile,
+    TokenFileError,
+};
+pub use config::{ClientConfig, ConnectionConfig, ServerConfig, TokenSource};
 pub use connection::{
     Connection, ConnectionInfo, ConnectionReceiver, ConnectionSender, ConnectionStats, unix_millis,
 };

@@ -230,3 +230,64 @@ async fn connections_over_the_workspace_limit_get_503_and_other_workspaces_still
     drop(again);
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_grants_identities_and_rotated_tokens_work_after_a_reload() {
+    let dir = std::env::temp_dir().join(format!("tunnel-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("tokens");
+    std::fs::write(&path, "first-token root:team cluster-1\n").expect("write");
+    let tokens = std::sync::Arc::new(tunnel_transport::TokenFile::load(&path).expect("load"));
+    let hub = hub(
+        tunnel_transport::ServerConfig::new(tokens.clone()),
+        Router::new(),
+    )
+    .await;
+    let url = hub.url().expect("url");
+
+    // The token may not claim another sync target: 403.
+    let other = WsConnector::new(
+        client_config(&AgentId::new("root:team", "cluster-2"), Format::MsgPack)
+            .token(Some("first-token".into())),
+    );
+    assert!(matches!(
+        other.connect(&url).await,
+        Err(ConnectError::Refused { status: 403, .. })
+    ));
+
+    // The agent asks its token source on every connect.
+    let current = std::sync::Arc::new(std::sync::RwLock::new("first-token".to_string()));
+    let source = current.clone();
+    let id = AgentId::new("root:team", "cluster-1");
+    let agent = agent(
+        &url,
+        client_config(&id, Format::MsgPack)
+            .token(None)
+            .token_source(move || Some(source.read().expect("lock").clone())),
+        Router::new(),
+    );
+    agent
+        .wait_connected(SOON)
+        .await
+        .expect("connected with the first token");
+
+    // Rotation: the hub reloads a file with only the new token, the agent's source
+    // hands out the new one, and the next connection uses it.
+    std::fs::write(&path, "second-token root:team cluster-1\n").expect("write");
+    assert_eq!(tokens.reload().expect("reload"), 1);
+    *current.write().expect("lock") = "second-token".into();
+    registered(&hub, &id).await.abort();
+    eventually("reconnected with the rotated token", || {
+        agent.reconnects() >= 1 && agent.is_connected()
+    })
+    .await;
+    let stale =
+        WsConnector::new(client_config(&id, Format::MsgPack).token(Some("first-token".into())));
+    assert!(matches!(
+        stale.connect(&url).await,
+        Err(ConnectError::Refused { status: 401, .. })
+    ));
+    agent.shutdown().await;
+    hub.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -90,7 +90,7 @@ impl crate::Connector for WsConnector {
             .to_owned();
         let port = request.uri().port_u16().unwrap_or(80);
         let headers = request.headers_mut();
-        if let Some(token) = &config.token {
+        if let Some(token) = &config.current_token() {
             headers.insert(
                 header::AUTHORIZATION,
                 header_value(url, "token", &format!("Bearer {token}"))?,
