@@ -137,6 +137,9 @@ pub struct ServerConfig {
     pub max_connections_per_workspace: Option<usize>,
     /// The `Retry-After` of a `503`. Default 5 s.
     pub retry_after: Duration,
+    /// TLS (`wss://`): agents must speak TLS to this listener. Default: none (`ws://`).
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl fmt::Debug for ServerConfig {
@@ -173,7 +176,16 @@ impl ServerConfig {
             max_connections: None,
             max_connections_per_workspace: None,
             retry_after: Duration::from_secs(5),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
+    }
+
+    /// Sets [`ServerConfig::tls`] (see [`crate::tls::server_config`]).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Resumes sessions through `store`, and offers the `resume` capability.
@@ -241,6 +253,10 @@ pub struct ClientConfig {
     pub capabilities: Vec<String>,
     /// Metadata sent in the handshake.
     pub metadata: BTreeMap<String, String>,
+    /// TLS for `wss://` URLs (see [`crate::tls::client_config`]). Default: none, and
+    /// `wss://` fails with an error saying so.
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ClientConfig {
@@ -263,6 +279,13 @@ impl ClientConfig {
         source: impl Fn() -> Option<String> + Send + Sync + 'static,
     ) -> Self {
         self.token_source = Some(Arc::new(source));
+        self
+    }
+
+    /// Sets [`ClientConfig::tls`].
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -312,6 +335,8 @@ impl ClientConfig {
                 capability::TRACE_CONTEXT.to_string(),
             ],
             metadata: BTreeMap::new(),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }

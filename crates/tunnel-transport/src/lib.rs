@@ -53,6 +53,8 @@ mod error;
 pub mod fault;
 pub mod memory;
 mod sessions;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod ws;
 
 pub use auth::{

@@ -12,3 +12,4 @@ mod reconnect;
 mod requests;
 mod sessions;
 mod support;
+mod tls;

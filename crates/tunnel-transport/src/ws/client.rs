@@ -58,6 +58,14 @@ fn header_value(url: &str, name: &str, value: &str) -> Result<HeaderValue, Conne
         .map_err(|_| invalid(url, format!("{name} is not a valid header value")))
 }
 
+/// Whether `host` is a loopback name or address.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[async_trait::async_trait]
 impl crate::Connector for WsConnector {
     async fn connect_with(
@@ -73,10 +81,13 @@ impl crate::Connector for WsConnector {
             .map_err(|e| invalid(url, e.to_string()))?;
         match request.uri().scheme_str() {
             Some("ws") => {}
+            #[cfg(feature = "tls")]
+            Some("wss") => {}
+            #[cfg(not(feature = "tls"))]
             Some("wss") => {
                 return Err(invalid(
                     url,
-                    "wss:// needs TLS, which this build does not include",
+                    "wss:// needs TLS, which this build does not include (feature `tls`)",
                 ));
             }
             other => return Err(invalid(url, format!("unsupported scheme {other:?}"))),
@@ -88,7 +99,14 @@ impl crate::Connector for WsConnector {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        let port = request.uri().port_u16().unwrap_or(80);
+        let secure = request.uri().scheme_str() == Some("wss");
+        let port = request
+            .uri()
+            .port_u16()
+            .unwrap_or(if secure { 443 } else { 80 });
+        if !secure && !is_loopback(&host) {
+            tracing::warn!(%url, "plain ws:// to a non-loopback address: traffic and tokens are not encrypted");
+        }
         let headers = request.headers_mut();
         if let Some(token) = &config.current_token() {
             headers.insert(
@@ -119,118 +137,158 @@ impl crate::Connector for WsConnector {
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let peer_addr = tcp.peer_addr().ok();
-        let (mut ws, response) = tokio::time::timeout_at(
-            deadline,
-            tokio_tungstenite::client_async_with_config(
-                request,
-                BurstReader::new(tcp),
-                Some(config.connection.ws_config()),
-            ),
-        )
-        .await
-        .map_err(|_| timed_out())?
-        .map_err(|e| match e {
-            WsError::Http(resp) => ConnectError::Refused {
-                status: resp.status().as_u16(),
-                body: resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .unwrap_or_default(),
-            },
-            other => unreachable(other.to_string()),
-        })?;
-        let selected = response
-            .headers()
-            .get(header::SEC_WEBSOCKET_PROTOCOL)
-            .and_then(|v| v.to_str().ok());
-        if selected.and_then(tunnel_proto::Format::from_subprotocol) != Some(config.format) {
-            return Err(ConnectError::NoCodec(selected.map(str::to_owned)));
+        match request.uri().scheme_str() {
+            #[cfg(feature = "tls")]
+            Some("wss") => {
+                let tls = config
+                    .tls
+                    .clone()
+                    .ok_or_else(|| invalid(url, "wss:// needs ClientConfig::tls (trust roots)"))?;
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| invalid(url, format!("bad TLS server name: {e}")))?;
+                let stream = tokio::time::timeout_at(
+                    deadline,
+                    tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+                )
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| unreachable(format!("TLS: {e}")))?;
+                upgrade(stream, request, url, config, resume, deadline, peer_addr).await
+            }
+            _ => upgrade(tcp, request, url, config, resume, deadline, peer_addr).await,
         }
+    }
+}
 
-        let format = config.format;
-        let mut hello = Handshake::new(
-            config.agent.workspace.clone(),
-            config.agent.sync_target.clone(),
-        );
-        hello.versions = config.versions;
-        hello.capabilities = config.capabilities.clone();
-        hello.metadata = config.metadata.clone();
-        hello.resume = resume;
-        let hello = hello
-            .to_envelope(0, unix_millis(), format)
-            .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-        send_envelope(&mut ws, format, &hello)
-            .await
-            .map_err(unreachable)?;
+/// Upgrades `stream` to a WebSocket and runs the protocol handshake.
+async fn upgrade<S>(
+    stream: S,
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    url: &str,
+    config: &ClientConfig,
+    resume: Option<crate::Resume>,
+    deadline: Instant,
+    peer_addr: Option<std::net::SocketAddr>,
+) -> Result<Connection, ConnectError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let timed_out = || ConnectError::Timeout(config.connect_timeout);
+    let unreachable = |reason: String| ConnectError::Unreachable {
+        url: url.to_owned(),
+        reason,
+    };
+    let (mut ws, response) = tokio::time::timeout_at(
+        deadline,
+        tokio_tungstenite::client_async_with_config(
+            request,
+            BurstReader::new(stream),
+            Some(config.connection.ws_config()),
+        ),
+    )
+    .await
+    .map_err(|_| timed_out())?
+    .map_err(|e| match e {
+        WsError::Http(resp) => ConnectError::Refused {
+            status: resp.status().as_u16(),
+            body: resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default(),
+        },
+        other => unreachable(other.to_string()),
+    })?;
+    let selected = response
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok());
+    if selected.and_then(tunnel_proto::Format::from_subprotocol) != Some(config.format) {
+        return Err(ConnectError::NoCodec(selected.map(str::to_owned)));
+    }
 
-        let codec = format.codec();
-        let ack = loop {
-            let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
-                Err(_) => return Err(timed_out()),
-                Ok(None) => {
-                    return Err(ConnectError::Handshake("hub closed the connection".into()));
-                }
-                Ok(Some(Err(e))) => return Err(unreachable(e.to_string())),
-                Ok(Some(Ok(msg))) => msg,
-            };
-            let frame = match msg {
-                Message::Text(t) if codec.frame_kind() == FrameKind::Text => bytes::Bytes::from(t),
-                Message::Binary(b) if codec.frame_kind() == FrameKind::Binary => b,
-                Message::Close(frame) => {
-                    let (code, reason) = frame
-                        .map(|f| (CloseCode(u16::from(f.code)), f.reason.as_str().to_owned()))
-                        .unwrap_or((CloseCode(1005), String::new()));
-                    return Err(ConnectError::Closed { code, reason });
-                }
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-                _ => {
-                    return Err(ConnectError::Handshake(
-                        "hub sent a frame of the wrong kind".into(),
-                    ));
-                }
-            };
-            let env = codec
-                .decode(&frame, &config.connection.limits)
-                .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-            match env.kind {
-                MessageType::HandshakeAck => {
-                    break HandshakeAck::from_envelope(&env)
-                        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-                }
-                MessageType::Close => {
-                    let close = Close::from_envelope(&env)
-                        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-                    return Err(ConnectError::Closed {
-                        code: CloseCode(close.code),
-                        reason: close.reason,
-                    });
-                }
-                other => {
-                    return Err(ConnectError::Handshake(format!(
-                        "expected handshake_ack, got {other}"
-                    )));
-                }
+    let format = config.format;
+    let mut hello = Handshake::new(
+        config.agent.workspace.clone(),
+        config.agent.sync_target.clone(),
+    );
+    hello.versions = config.versions;
+    hello.capabilities = config.capabilities.clone();
+    hello.metadata = config.metadata.clone();
+    hello.resume = resume;
+    let hello = hello
+        .to_envelope(0, unix_millis(), format)
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    send_envelope(&mut ws, format, &hello)
+        .await
+        .map_err(unreachable)?;
+
+    let codec = format.codec();
+    let ack = loop {
+        let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return Err(timed_out()),
+            Ok(None) => {
+                return Err(ConnectError::Handshake("hub closed the connection".into()));
+            }
+            Ok(Some(Err(e))) => return Err(unreachable(e.to_string())),
+            Ok(Some(Ok(msg))) => msg,
+        };
+        let frame = match msg {
+            Message::Text(t) if codec.frame_kind() == FrameKind::Text => bytes::Bytes::from(t),
+            Message::Binary(b) if codec.frame_kind() == FrameKind::Binary => b,
+            Message::Close(frame) => {
+                let (code, reason) = frame
+                    .map(|f| (CloseCode(u16::from(f.code)), f.reason.as_str().to_owned()))
+                    .unwrap_or((CloseCode(1005), String::new()));
+                return Err(ConnectError::Closed { code, reason });
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            _ => {
+                return Err(ConnectError::Handshake(
+                    "hub sent a frame of the wrong kind".into(),
+                ));
             }
         };
-        if !config.versions.contains(ack.version) {
-            return Err(ConnectError::Handshake(format!(
-                "hub chose protocol version {} outside our range {}",
-                ack.version, config.versions
-            )));
+        let env = codec
+            .decode(&frame, &config.connection.limits)
+            .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+        match env.kind {
+            MessageType::HandshakeAck => {
+                break HandshakeAck::from_envelope(&env)
+                    .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+            }
+            MessageType::Close => {
+                let close = Close::from_envelope(&env)
+                    .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+                return Err(ConnectError::Closed {
+                    code: CloseCode(close.code),
+                    reason: close.reason,
+                });
+            }
+            other => {
+                return Err(ConnectError::Handshake(format!(
+                    "expected handshake_ack, got {other}"
+                )));
+            }
         }
-        let info = ConnectionInfo {
-            id: next_connection_id(),
-            agent: config.agent.clone(),
-            session_id: ack.session_id,
-            resumed: ack.resumed,
-            peer_last_received: ack.last_received.filter(|_| ack.resumed),
-            version: ack.version,
-            capabilities: ack.capabilities,
-            format,
-            peer_addr,
-            connected_at: std::time::SystemTime::now(),
-        };
-        Ok(spawn_connection(ws, info, &config.connection, None))
+    };
+    if !config.versions.contains(ack.version) {
+        return Err(ConnectError::Handshake(format!(
+            "hub chose protocol version {} outside our range {}",
+            ack.version, config.versions
+        )));
     }
+    let info = ConnectionInfo {
+        id: next_connection_id(),
+        agent: config.agent.clone(),
+        session_id: ack.session_id,
+        resumed: ack.resumed,
+        peer_last_received: ack.last_received.filter(|_| ack.resumed),
+        version: ack.version,
+        capabilities: ack.capabilities,
+        format,
+        peer_addr,
+        connected_at: std::time::SystemTime::now(),
+    };
+    Ok(spawn_connection(ws, info, &config.connection, None))
 }

@@ -239,16 +239,88 @@ async fn serve(
     config: Arc<ServerConfig>,
     ready: mpsc::Sender<Connection>,
     admission: Arc<Admission>,
-    mut admitted: Admitted,
+    admitted: Admitted,
 ) {
-    let recorder = config.connection.recorder.clone();
     let deadline = Instant::now() + config.handshake_timeout;
+    #[cfg(feature = "tls")]
+    if let Some(tls) = config.tls.clone() {
+        let accepted =
+            tokio::time::timeout_at(deadline, tokio_rustls::TlsAcceptor::from(tls).accept(tcp))
+                .await;
+        let stream = match accepted {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                config.connection.recorder.handshake_failed("tls");
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                config
+                    .connection
+                    .recorder
+                    .handshake_failed("upgrade_timeout");
+                return;
+            }
+        };
+        let client_cert = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .map(|cert| cert.clone().into_owned());
+        let names = move |sync_target: &str| {
+            client_cert
+                .as_ref()
+                .is_none_or(|cert| crate::tls::certificate_names(cert, sync_target))
+        };
+        serve_stream(
+            stream, peer, config, ready, admission, admitted, deadline, names,
+        )
+        .await;
+        return;
+    }
+    serve_stream(
+        tcp,
+        peer,
+        config,
+        ready,
+        admission,
+        admitted,
+        deadline,
+        |_: &str| true,
+    )
+    .await;
+}
+
+/// Upgrades `stream` and runs the handshake. `identity_ok` says whether the transport's
+/// own proof of identity (a TLS client certificate) allows the claimed sync target.
+#[allow(clippy::too_many_arguments, clippy::result_large_err)]
+async fn serve_stream<S>(
+    stream: S,
+    peer: SocketAddr,
+    config: Arc<ServerConfig>,
+    ready: mpsc::Sender<Connection>,
+    admission: Arc<Admission>,
+    mut admitted: Admitted,
+    deadline: Instant,
+    identity_ok: impl Fn(&str) -> bool,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let recorder = config.connection.recorder.clone();
     let mut upgrade: Option<(AgentId, Format)> = None;
     let callback = |req: &Request, mut resp: Response| {
         let (agent, format) = check_upgrade(req, &config).map_err(|refusal| {
             tracing::debug!(%peer, status = %refusal.0, reason = %refusal.1, "refused upgrade");
             error_response(refusal)
         })?;
+        if !identity_ok(&agent.sync_target) {
+            tracing::debug!(%peer, %agent, "refused: the client certificate does not name the sync target");
+            return Err(error_response(refuse(
+                StatusCode::FORBIDDEN,
+                "the client certificate does not name this sync target",
+            )));
+        }
         if !admission.admit_workspace(&mut admitted, &agent.workspace) {
             tracing::debug!(%peer, workspace = %agent.workspace, "refused: workspace connection limit reached");
             recorder.handshake_failed("over_capacity");
@@ -273,7 +345,7 @@ async fn serve(
     let ws = match tokio::time::timeout_at(
         deadline,
         tokio_tungstenite::accept_hdr_async_with_config(
-            BurstReader::new(tcp),
+            BurstReader::new(stream),
             callback,
             Some(config.connection.ws_config()),
         ),
@@ -307,15 +379,18 @@ async fn serve(
 
 /// Reads the agent's handshake and answers it. On failure the connection is closed with
 /// the documented code and the failure reason (a metric label) is returned.
-async fn handshake(
-    mut ws: WebSocketStream<BurstReader<TcpStream>>,
+async fn handshake<S>(
+    mut ws: WebSocketStream<BurstReader<S>>,
     peer: SocketAddr,
     agent: AgentId,
     format: Format,
     config: &ServerConfig,
     deadline: Instant,
     admitted: Admitted,
-) -> Result<Connection, &'static str> {
+) -> Result<Connection, &'static str>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let codec = format.codec();
     let limits = &config.connection.limits;
     let first = loop {
@@ -464,8 +539,8 @@ where
 }
 
 /// Sends a `close` message and a close frame, then waits briefly for the peer's close.
-async fn reject(
-    ws: &mut WebSocketStream<BurstReader<TcpStream>>,
+async fn reject<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<BurstReader<S>>,
     format: Format,
     code: CloseCode,
     reason: &str,
