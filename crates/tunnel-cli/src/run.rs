@@ -56,6 +56,16 @@ pub(crate) struct HubArgs {
     /// Serve /metrics, /healthz, /readyz and /agents over HTTP on this address.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
+    /// Serve wss:// with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require agents to present a certificate from this CA (PEM) naming their sync
+    /// target (mutual TLS).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +95,15 @@ pub(crate) struct AgentArgs {
     /// HTTP on this address.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
+    /// For wss:// hubs: trust this CA (PEM) instead of the system roots.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// Present this certificate chain (PEM) for mutual TLS; needs --client-key.
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -109,6 +128,20 @@ async fn shutdown_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The agent's TLS settings, when any hub is `wss://`.
+fn agent_tls(args: &AgentArgs) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    if !args.urls.iter().any(|u| u.starts_with("wss://")) {
+        return Ok(None);
+    }
+    let client = match (&args.client_cert, &args.client_key) {
+        (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+        _ => None,
+    };
+    tunnel_transport::tls::client_config(args.ca_file.as_deref(), client)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// Reloads the token file on SIGHUP (keeping the old grants if the file is bad).
@@ -181,8 +214,16 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
         }))
         .layer(TraceLayer::new())
         .layer(MetricsLayer::new(metrics.recorder()));
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            tunnel_transport::tls::server_config(cert, key, args.client_ca.as_deref())
+                .map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
     let config = ServerConfig::new(auth)
-        .connection(tunnel_transport::ConnectionConfig::default().recorder(metrics.recorder()));
+        .connection(tunnel_transport::ConnectionConfig::default().recorder(metrics.recorder()))
+        .tls(tls);
     let hub = if args.no_sessions {
         Hub::bind(args.listen, config, router).await
     } else {
@@ -233,6 +274,7 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
     let config = ClientConfig::new(id.clone())
         .token(Some(token))
         .token_source(move || read_token(&token_file).ok())
+        .tls(agent_tls(&args)?)
         .format(args.codec.into())
         .connection(tunnel_transport::ConnectionConfig::default().recorder(metrics.recorder()));
     let router = Router::new()
