@@ -37,6 +37,20 @@ pub struct ConnectionConfig {
     pub write_buffer_size: usize,
     /// Where connection metrics go. Default: nowhere.
     pub recorder: Arc<dyn Recorder>,
+    /// The most a peer may send, per second, in messages and in encoded bytes (each
+    /// with a burst of one second's worth). Over it the receiver stops reading from the
+    /// connection until the budget refills: the peer is slowed through TCP
+    /// back-pressure, and nothing it sent is dropped. Default: no limit.
+    pub inbound_rate: Option<InboundRate>,
+}
+
+/// A per-connection inbound rate limit (see [`ConnectionConfig::inbound_rate`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InboundRate {
+    /// Messages per second.
+    pub messages_per_second: f64,
+    /// Encoded bytes per second.
+    pub bytes_per_second: f64,
 }
 
 impl Default for ConnectionConfig {
@@ -51,6 +65,7 @@ impl Default for ConnectionConfig {
             read_buffer_size: 4 * 1024,
             write_buffer_size: 64 * 1024,
             recorder: Arc::new(NoopRecorder),
+            inbound_rate: None,
         }
     }
 }
@@ -88,6 +103,8 @@ setters!(ConnectionConfig {
     write_buffer_size: usize,
     /// Sets [`ConnectionConfig::recorder`].
     recorder: Arc<dyn Recorder>,
+    /// Sets [`ConnectionConfig::inbound_rate`].
+    inbound_rate: Option<InboundRate>,
 });
 
 impl ConnectionConfig {

@@ -138,6 +138,7 @@ pub(crate) struct Shared {
     pub(crate) recorder: Arc<dyn Recorder>,
     pub(crate) send_timeout: Duration,
     pub(crate) close_timeout: Duration,
+    pub(crate) inbound_rate: Option<crate::config::InboundRate>,
     keepalive: KeepaliveCheck,
     next_id: AtomicU64,
     rtt_micros: AtomicU64,
@@ -187,6 +188,9 @@ impl Shared {
             recorder: config.recorder.clone(),
             send_timeout: config.send_timeout,
             close_timeout: config.close_timeout,
+            inbound_rate: config
+                .inbound_rate
+                .filter(|r| r.messages_per_second > 0.0 && r.bytes_per_second > 0.0),
             keepalive: KeepaliveCheck::new(config),
             next_id: AtomicU64::new(1),
             rtt_micros: AtomicU64::new(0),
@@ -449,6 +453,46 @@ pub struct ConnectionReceiver {
     /// Consecutive keepalive periods without a frame.
     quiet_periods: u32,
     done: bool,
+    /// The inbound rate limit's budget, when there is one.
+    budget: Option<Budget>,
+    /// Over budget: wait this long before reading again.
+    throttle: Option<Duration>,
+}
+
+/// A token bucket per unit (messages, bytes), each holding up to one second's worth.
+#[derive(Debug)]
+struct Budget {
+    rate: crate::config::InboundRate,
+    messages: f64,
+    bytes: f64,
+    refilled: Instant,
+}
+
+impl Budget {
+    fn new(rate: crate::config::InboundRate) -> Self {
+        Budget {
+            rate,
+            messages: rate.messages_per_second,
+            bytes: rate.bytes_per_second,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Spends one message of `bytes`; returns how long to wait before reading more.
+    fn spend(&mut self, bytes: usize) -> Option<Duration> {
+        let now = Instant::now();
+        let elapsed = (now - self.refilled).as_secs_f64();
+        self.refilled = now;
+        let rate = self.rate;
+        self.messages = (self.messages + elapsed * rate.messages_per_second)
+            .min(rate.messages_per_second)
+            - 1.0;
+        self.bytes = (self.bytes + elapsed * rate.bytes_per_second).min(rate.bytes_per_second)
+            - bytes as f64;
+        let wait =
+            (-self.messages / rate.messages_per_second).max(-self.bytes / rate.bytes_per_second);
+        (wait > 0.0).then(|| Duration::from_secs_f64(wait.min(60.0)))
+    }
 }
 
 /// How the receiver checks the dead-peer deadline: every `period`, declaring the peer
@@ -503,6 +547,13 @@ impl ConnectionReceiver {
     pub async fn recv(&mut self) -> Result<Option<Envelope>, RecvError> {
         if self.done {
             return Ok(None);
+        }
+        if let Some(wait) = self.throttle.take() {
+            // Over the inbound rate: read nothing for a while (TCP slows the peer). The
+            // pause counts as traffic seen, so the keepalive check does not mistake it
+            // for a dead peer.
+            tokio::time::sleep(wait).await;
+            self.seen = true;
         }
         loop {
             let event = std::future::poll_fn(|cx| self.poll_event(cx)).await;
@@ -612,6 +663,11 @@ impl ConnectionReceiver {
                 self.shared
                     .recorder
                     .message(Direction::Inbound, &env.kind, frame.len());
+                if let Some(budget) = &mut self.budget
+                    && let Some(wait) = budget.spend(frame.len())
+                {
+                    self.throttle = Some(wait);
+                }
                 Ok(Some(env))
             }
             Err(e) => self.fail(e.close_code(), RecvError::Decode(e)),
@@ -664,6 +720,8 @@ impl Connection {
             keepalive: Box::pin(tokio::time::sleep_until(now + shared.keepalive.period)),
             seen: false,
             quiet_periods: 0,
+            budget: shared.inbound_rate.map(Budget::new),
+            throttle: None,
             shared: shared.clone(),
             done: false,
         };

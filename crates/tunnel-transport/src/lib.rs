@@ -61,7 +61,7 @@ pub use auth::{
     AgentId, AllowAll, AuthError, AuthRequest, Authenticator, SharedToken, TokenFile,
     TokenFileError,
 };
-pub use config::{ClientConfig, ConnectionConfig, ServerConfig, TokenSource};
+pub use config::{ClientConfig, ConnectionConfig, InboundRate, ServerConfig, TokenSource};
 pub use connection::{
     Connection, ConnectionInfo, ConnectionReceiver, ConnectionSender, ConnectionStats, unix_millis,
 };

@@ -207,3 +207,37 @@ impl Stream for MemFrames {
         Poll::Ready(Some(item))
     }
 }
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+    use crate::{Acceptor, AgentId, AllowAll, ConnectionConfig, Connector, InboundRate};
+    use tunnel_proto::MessageType;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_inbound_rate_slows_the_reader_and_drops_nothing() {
+        let limited = ConnectionConfig::default().inbound_rate(Some(InboundRate {
+            messages_per_second: 100.0,
+            bytes_per_second: 1e9,
+        }));
+        let (connector, mut acceptor) = listener(
+            ClientConfig::new(AgentId::new("ws", "fast")),
+            ServerConfig::new(AllowAll).connection(limited),
+        );
+        let agent = connector.connect("memory").await.expect("connect");
+        let mut hub = acceptor.accept().await.expect("accept");
+        let sender = agent.sender().clone();
+        for n in 0..300u64 {
+            let env = sender.envelope(MessageType::Event).with_seq(n + 1);
+            sender.send(&env).await.expect("queued");
+        }
+        let started = tokio::time::Instant::now();
+        for n in 0..300u64 {
+            let env = hub.recv().await.expect("recv").expect("message");
+            assert_eq!(env.seq, Some(n + 1), "in order, none dropped");
+        }
+        let took = started.elapsed().as_secs_f64();
+        // A burst of 100, then 200 more at 100 per second.
+        assert!((1.9..2.5).contains(&took), "took {took:.2} s");
+    }
+}
