@@ -4,6 +4,8 @@
 //! - `cargo xtask deps`: the dependency rules of ARCHITECTURE.md, checked against
 //!   `cargo metadata`.
 //! - `cargo xtask bench`: the benchmarks, printing figures.
+//! - `cargo xtask fuzz <target> --seconds N`: a cargo-fuzz target for N seconds
+//!   (needs a nightly toolchain and cargo-fuzz; not part of CI).
 
 mod deps;
 
@@ -17,6 +19,8 @@ commands:
   ci      fmt check, clippy, tests, docs and dependency rules (what CI runs)
   deps    check the crate layering written in ARCHITECTURE.md
   bench   run the benchmarks and print their figures (extra arguments go to `tunnel bench`)
+  fuzz    fuzz <target> [--seconds N]: run a cargo-fuzz target (decode_json, decode_msgpack,
+          handshake, inflate) for N seconds (default 60); needs nightly and cargo-fuzz
 ";
 
 fn main() -> ExitCode {
@@ -26,6 +30,7 @@ fn main() -> ExitCode {
         Some("ci") => ci(&root),
         Some("deps") => deps::check(&root),
         Some("bench") => bench(&root, &args[1..]),
+        Some("fuzz") => fuzz(&root, &args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())
@@ -125,4 +130,29 @@ fn bench(root: &Path, extra: &[String]) -> Result<(), String> {
     let mut args = vec!["run", "--release", "-p", "tunnel-cli", "--", "bench"];
     args.extend(extra.iter().map(String::as_str));
     run(root, "cargo", &args, &[])
+}
+
+/// Runs one cargo-fuzz target for a bounded time. Crash inputs land in
+/// `fuzz/artifacts/<target>/`; copy them into the proptest suites as regression cases.
+fn fuzz(root: &Path, args: &[String]) -> Result<(), String> {
+    const TARGETS: [&str; 4] = ["decode_json", "decode_msgpack", "handshake", "inflate"];
+    let target = args
+        .first()
+        .filter(|t| TARGETS.contains(&t.as_str()))
+        .ok_or_else(|| format!("name a target: {}", TARGETS.join(", ")))?;
+    let seconds = match args.get(1).map(String::as_str) {
+        Some("--seconds") => args
+            .get(2)
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or("--seconds needs a number")?,
+        Some(other) => return Err(format!("unexpected argument {other}")),
+        None => 60,
+    };
+    let max_time = format!("-max_total_time={seconds}");
+    run(
+        &root.join("fuzz"),
+        "cargo",
+        &["+nightly", "fuzz", "run", target, "--", &max_time],
+        &[],
+    )
 }

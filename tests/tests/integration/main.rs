@@ -2,6 +2,7 @@
 
 mod auth;
 mod bad_input;
+mod hostile;
 mod keepalive;
 mod layers;
 mod lifecycle;

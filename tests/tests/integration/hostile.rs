@@ -1,0 +1,339 @@
+//! Hostile and broken clients, each against a hub that keeps serving a healthy agent
+//! (more cases, and the fixture, live in `bad_input`, `auth` and `layers`).
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::Message;
+use tunnel_proto::messages::{Handshake, HandshakeAck, Resume, TypedMessage};
+use tunnel_proto::{CloseCode, Envelope, Format, MessageType, Payload, capability};
+use tunnel_router::{Hub, HubSessions, Router};
+use tunnel_transport::{AgentId, SendError};
+
+use crate::support::*;
+
+/// A resumable hub with a healthy agent on it.
+struct Scene {
+    hub: Hub,
+    url: String,
+    healthy: tunnel_router::Agent,
+    healthy_id: AgentId,
+    at_hub: tokio::sync::mpsc::UnboundedReceiver<tunnel_router::Inbound>,
+}
+
+async fn scene() -> Scene {
+    let (router, at_hub) = collecting_router();
+    let hub = Hub::bind_resumable(
+        "127.0.0.1:0",
+        server_config(),
+        router,
+        HubSessions::default(),
+    )
+    .await
+    .expect("bind");
+    let url = hub.url().expect("url");
+    let healthy_id = AgentId::new("ws", "healthy");
+    let healthy = agent(
+        &url,
+        client_config(&healthy_id, Format::MsgPack),
+        Router::new(),
+    );
+    registered(&hub, &healthy_id).await;
+    Scene {
+        hub,
+        url,
+        healthy,
+        healthy_id,
+        at_hub,
+    }
+}
+
+impl Scene {
+    /// The healthy agent is still on its first connection and gets through; messages
+    /// from others that are still queued are skipped.
+    async fn assert_healthy(&mut self) {
+        assert_eq!(
+            self.healthy.reconnects(),
+            0,
+            "the healthy agent was disconnected"
+        );
+        let receipt = self
+            .healthy
+            .send(MessageType::Status, &json!({"ok": true}))
+            .await
+            .expect("send");
+        tokio::time::timeout(SOON, receipt.delivered())
+            .await
+            .expect("in time")
+            .expect("delivered");
+        loop {
+            let got = recv_soon(&mut self.at_hub).await;
+            if got.agent() == &self.healthy_id {
+                break;
+            }
+        }
+    }
+
+    async fn finish(mut self) {
+        self.assert_healthy().await;
+        self.healthy.shutdown().await;
+        self.hub.shutdown().await;
+    }
+
+    /// A raw client that completed the handshake, offering `resume` (and optionally
+    /// asking to resume `session`); returns the socket and the hub's answer.
+    async fn raw(&self, name: &str, session: Option<&str>) -> (RawWs, HandshakeAck) {
+        let id = AgentId::new("ws", name);
+        let format = Format::MsgPack;
+        let mut ws = raw_client(&self.url, &id, format).await;
+        let mut hello = Handshake::new(id.workspace.clone(), id.sync_target.clone());
+        hello.capabilities = vec![capability::RESUME.into()];
+        hello.resume = session.map(|s| Resume {
+            session_id: s.to_owned(),
+            last_received: 0,
+        });
+        send_raw(
+            &mut ws,
+            format,
+            &hello.to_envelope(0, 1, format).expect("hello"),
+        )
+        .await;
+        let ack = recv_raw_until(&mut ws, format, MessageType::HandshakeAck).await;
+        (ws, HandshakeAck::from_envelope(&ack).expect("ack"))
+    }
+}
+
+fn event(id: u64, seq: Option<u64>, n: u64) -> Envelope {
+    let mut env = Envelope::new(id, MessageType::Event, 0)
+        .with_payload(Payload::msgpack(&json!({"n": n})).expect("payload"));
+    env.seq = seq;
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_claiming_an_enormous_length_closes_only_that_connection() {
+    let mut scene = scene().await;
+    let (mut ws, _) = scene.raw("enormous", None).await;
+    // A masked binary frame header claiming 2^63 - 1 bytes, then a few bytes.
+    let header = [
+        0x82, 0xFF, 0x7F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 1, 2, 3, 4, 9, 9, 9,
+    ];
+    ws.get_mut().write_all(&header).await.expect("write");
+    let (code, _) = read_until_close(&mut ws, Format::MsgPack).await;
+    assert!(
+        code.is_none()
+            || code == Some(CloseCode::MESSAGE_TOO_BIG)
+            || code == Some(CloseCode::PROTOCOL_ERROR),
+        "{code:?}"
+    );
+    scene.assert_healthy().await;
+    drop(ws);
+    scene.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_tiny_messages_in_a_burst_are_all_delivered() {
+    let mut scene = scene().await;
+    let (mut ws, _) = scene.raw("bursty", None).await;
+    let mut buf = Vec::new();
+    for n in 0..10_000u64 {
+        buf.clear();
+        Format::MsgPack
+            .codec()
+            .encode(&event(n + 1, None, n), &mut buf)
+            .expect("encode");
+        ws.feed(Message::Binary(buf.clone().into()))
+            .await
+            .expect("feed");
+    }
+    ws.flush().await.expect("flush");
+    let mut from_bursty = 0;
+    while from_bursty < 10_000 {
+        let got = recv_soon(&mut scene.at_hub).await;
+        if got.agent().sync_target == "bursty" {
+            from_bursty += 1;
+        }
+    }
+    drop(ws);
+    scene.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_is_answered_and_harmless() {
+    let mut scene = scene().await;
+    let (mut ws, _) = scene.raw("pinger", None).await;
+    for i in 0..5_000u32 {
+        ws.feed(Message::Ping(i.to_be_bytes().to_vec().into()))
+            .await
+            .expect("ping");
+    }
+    ws.flush().await.expect("flush");
+    // The flooder's connection still carries data afterwards.
+    send_raw(&mut ws, Format::MsgPack, &event(1, None, 1)).await;
+    loop {
+        let got = recv_soon(&mut scene.at_hub).await;
+        if got.agent().sync_target == "pinger" {
+            break;
+        }
+    }
+    scene.assert_healthy().await;
+    drop(ws);
+    scene.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_fills_a_bounded_queue_not_the_hubs_memory() {
+    let scene = scene().await;
+    let id = AgentId::new("ws", "deaf");
+    let (ws, _) = scene.raw("deaf", None).await;
+    let sender = registered(&scene.hub, &id).await;
+    let payload = Payload::msgpack(&"x".repeat(16 * 1024)).expect("payload");
+    let mut accepted = 0u64;
+    let mut full = false;
+    for _ in 0..100_000 {
+        let env = sender
+            .envelope(MessageType::Event)
+            .with_payload(payload.clone());
+        match sender.try_send(&env) {
+            Ok(()) => accepted += 1,
+            Err(SendError::Full) => {
+                full = true;
+                break;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+        if accepted.is_multiple_of(512) {
+            // Let the writer move what the socket takes.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    assert!(
+        full,
+        "the outbound queue is bounded: {accepted} accepted without a stop"
+    );
+    // What the hub holds for it: the queue (1024 messages) plus what the socket buffers
+    // took, far below the 100,000 x 16 KiB offered.
+    assert!(
+        accepted < 20_000,
+        "{accepted} messages accepted for a client that never reads"
+    );
+    drop(ws);
+    scene.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_client_is_dropped() {
+    let scene = scene().await;
+    let id = AgentId::new("ws", "halfway");
+    let (mut ws, _) = scene.raw("halfway", None).await;
+    registered(&scene.hub, &id).await;
+    ws.get_mut().shutdown().await.expect("half close");
+    eventually("the hub dropped the half-closed client", || {
+        scene.hub.sender(&id).is_none()
+    })
+    .await;
+    drop(ws);
+    scene.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_sequence_numbers_are_delivered_once() {
+    let mut scene = scene().await;
+    let (mut ws, ack) = scene.raw("replayer", None).await;
+    assert!(ack.capabilities.iter().any(|c| c == capability::RESUME));
+    for (id, seq) in [(1, 1), (2, 2), (3, 2), (4, 1), (5, 3)] {
+        send_raw(&mut ws, Format::MsgPack, &event(id, Some(seq), seq)).await;
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 3 {
+        let got = recv_soon(&mut scene.at_hub).await;
+        if got.agent().sync_target == "replayer" {
+            seqs.push(got.envelope.seq.expect("seq"));
+        }
+    }
+    assert_eq!(seqs, [1, 2, 3]);
+    // Nothing more from it: the duplicates were dropped.
+    scene.assert_healthy().await;
+    drop(ws);
+    scene.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_for_a_message_never_sent_is_a_protocol_error() {
+    let scene = scene().await;
+    let (mut ws, _) = scene.raw("liar", None).await;
+    let lie = Envelope::new(1, MessageType::Ack, 0).with_ack(999);
+    send_raw(&mut ws, Format::MsgPack, &lie).await;
+    let (code, _) = read_until_close(&mut ws, Format::MsgPack).await;
+    assert_eq!(code, Some(CloseCode::PROTOCOL_ERROR));
+    drop(ws);
+    scene.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_another_agents_session_is_not_granted() {
+    let scene = scene().await;
+    let victim = scene
+        .hub
+        .sender(&scene.healthy_id)
+        .expect("registered")
+        .info()
+        .session_id
+        .clone();
+    let (ws, ack) = scene.raw("thief", Some(&victim)).await;
+    assert!(!ack.resumed, "another agent's session was handed out");
+    assert_ne!(ack.session_id, victim);
+    drop(ws);
+    scene.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_request_that_is_not_an_upgrade_is_refused() {
+    let scene = scene().await;
+    let addr = scene.hub.local_addr().expect("addr");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: hub\r\n\r\n")
+        .await
+        .expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(
+        SOON,
+        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut response),
+    )
+    .await
+    .expect("closed in time")
+    .expect("read");
+    let text = String::from_utf8_lossy(&response);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 4"),
+        "not an upgrade: {text}"
+    );
+    scene.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_header_is_refused() {
+    let scene = scene().await;
+    let addr = scene.hub.local_addr().expect("addr");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let huge = "a".repeat(1 << 20);
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: hub\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Junk: {huge}\r\n\r\n"
+    );
+    // The hub may close before taking it all.
+    let _ = tcp.write_all(request.as_bytes()).await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(
+        SOON,
+        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut response),
+    )
+    .await
+    .expect("closed in time");
+    assert!(
+        scene.hub.agents().len() == 1,
+        "only the healthy agent is registered"
+    );
+    scene.finish().await;
+}
