@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tunnel_proto::{Codec, MsgPackCodec, Limits};
+use tunnel_proto::{Codec, Limits, MsgPackCodec};
 
 fuzz_target!(|data: &[u8]| {
     let limits = Limits::default();
