@@ -167,6 +167,7 @@ const MAX_PENDING_REQUESTS: usize = 100_000;
 pub struct Hub {
     inner: Arc<Inner>,
     local_addr: Option<SocketAddr>,
+    scheme: &'static str,
 }
 
 impl Hub {
@@ -177,10 +178,12 @@ impl Hub {
         router: Router,
     ) -> Result<Hub, AcceptError> {
         let recorder = config.connection.recorder.clone();
+        let scheme = config.scheme();
         let listener = WsListener::bind(addr, config).await?;
         let local_addr = listener.local_addr();
         let mut hub = Hub::start(Box::new(listener), router, None, recorder);
         hub.local_addr = Some(local_addr);
+        hub.scheme = scheme;
         Ok(hub)
     }
 
@@ -194,11 +197,13 @@ impl Hub {
         sessions: HubSessions,
     ) -> Result<Hub, AcceptError> {
         let recorder = config.connection.recorder.clone();
+        let scheme = config.scheme();
         let store = Store::new(sessions, recorder.clone());
         let listener = WsListener::bind(addr, config.sessions(store.clone())).await?;
         let local_addr = listener.local_addr();
         let mut hub = Hub::start(Box::new(listener), router, Some(store), recorder);
         hub.local_addr = Some(local_addr);
+        hub.scheme = scheme;
         Ok(hub)
     }
 
@@ -249,6 +254,7 @@ impl Hub {
         Hub {
             inner,
             local_addr: None,
+            scheme: "ws",
         }
     }
 
@@ -257,9 +263,9 @@ impl Hub {
         self.local_addr
     }
 
-    /// `ws://<local_addr>/`, for a hub made with [`Hub::bind`].
+    /// `ws://<local_addr>/` (`wss://` with TLS), for a hub made with [`Hub::bind`].
     pub fn url(&self) -> Option<String> {
-        self.local_addr.map(|a| format!("ws://{a}/"))
+        self.local_addr.map(|a| format!("{}://{a}/", self.scheme))
     }
 
     /// The connected agents.

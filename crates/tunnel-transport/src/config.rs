@@ -205,6 +205,15 @@ impl ServerConfig {
         self
     }
 
+    /// The URL scheme agents use for this listener: `wss` with TLS configured, else `ws`.
+    pub fn scheme(&self) -> &'static str {
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() {
+            return "wss";
+        }
+        "ws"
+    }
+
     /// Resumes sessions through `store`, and offers the `resume` capability.
     pub fn sessions(mut self, store: Arc<dyn crate::SessionStore>) -> Self {
         self.sessions = Some(store);
