@@ -614,6 +614,7 @@ async fn supervise(
             r = connector.connect_with(&endpoint, resume) => r,
         };
         let mut hint = None;
+        let mut not_before: Option<Instant> = None;
         drained = false;
         let redial_reason: &'static str;
         match attempt {
@@ -723,11 +724,24 @@ async fn supervise(
                 report_circuit(&*config.recorder, &endpoint, breaker.state());
                 tracing::warn!(%endpoint, error = %e, "connect failed");
                 redial_reason = "connect_failed";
+                // A hub at its limit says when to come back: never sooner (with other
+                // endpoints, the next one is tried as usual instead).
+                if let tunnel_transport::ConnectError::Refused {
+                    retry_after: Some(wait),
+                    ..
+                } = &e
+                    && endpoints.len() == 1
+                {
+                    not_before = Some(Instant::now() + *wait);
+                }
                 next += 1;
             }
         }
         // Full jitter on every attempt, but never sooner than the hub asked.
         let mut until = Instant::now() + backoff.next_delay();
+        if let Some(not_before) = not_before {
+            until = until.max(not_before);
+        }
         if let Some(hint) = hint {
             if let Some(ms) = hint.after_ms {
                 until = until.max(Instant::now() + Duration::from_millis(ms));

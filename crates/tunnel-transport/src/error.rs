@@ -103,6 +103,8 @@ pub enum ConnectError {
         status: u16,
         /// The response body, if any.
         body: String,
+        /// How long the hub asked the agent to wait (`Retry-After`, with `503`).
+        retry_after: Option<std::time::Duration>,
     },
     /// The hub selected no codec or one we did not offer.
     #[error("hub selected no usable codec (subprotocol {0:?})")]

@@ -73,7 +73,11 @@ impl crate::Connector for MemoryConnector {
         resume: Option<crate::Resume>,
     ) -> Result<Connection, ConnectError> {
         let (client, server) = (&self.client, &*self.server);
-        let refused = |status: u16, body: String| ConnectError::Refused { status, body };
+        let refused = |status: u16, body: String| ConnectError::Refused {
+            status,
+            body,
+            retry_after: None,
+        };
         if !server.formats.contains(&client.format) {
             return Err(refused(400, "codec not accepted".into()));
         }

@@ -51,7 +51,7 @@ async fn forbidden_identity_is_403() {
         Format::MsgPack,
     ));
     match denied.connect(&url).await {
-        Err(ConnectError::Refused { status, body }) => {
+        Err(ConnectError::Refused { status, body, .. }) => {
             assert_eq!(status, 403);
             assert!(body.contains("root:other"), "{body}");
         }
@@ -290,4 +290,42 @@ async fn a_token_file_grants_identities_and_rotated_tokens_work_after_a_reload()
     agent.shutdown().await;
     hub.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refused_for_capacity_waits_the_retry_after() {
+    let config = server_config()
+        .max_connections(Some(1))
+        .retry_after(Duration::from_secs(3));
+    let hub = hub(config, Router::new()).await;
+    let url = hub.url().expect("url");
+    let first = agent(
+        &url,
+        client_config(&AgentId::new("ws", "first"), Format::MsgPack),
+        Router::new(),
+    );
+    first.wait_connected(SOON).await.expect("connected");
+    let second = agent(
+        &url,
+        client_config(&AgentId::new("ws", "second"), Format::MsgPack),
+        Router::new(),
+    );
+    let mut state = second.state();
+    let backoff = tokio::time::timeout(
+        SOON,
+        state.wait_for(|s| matches!(s, tunnel_router::ConnectionState::Backoff { .. })),
+    )
+    .await
+    .expect("refused in time")
+    .expect("state")
+    .clone();
+    let tunnel_router::ConnectionState::Backoff { until } = backoff else {
+        unreachable!()
+    };
+    let wait = until - tokio::time::Instant::now();
+    // The fast test backoff is at most 200 ms: the 3 s is the hub's Retry-After.
+    assert!(wait > Duration::from_millis(2500), "waits {wait:?}");
+    second.shutdown().await;
+    first.shutdown().await;
+    hub.shutdown().await;
 }

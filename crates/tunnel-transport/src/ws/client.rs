@@ -196,6 +196,13 @@ where
                 .as_ref()
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default(),
+            // Seconds only (the HTTP-date form is not used by hubs), capped at an hour.
+            retry_after: resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|secs| std::time::Duration::from_secs(secs.min(3600))),
         },
         other => unreachable(other.to_string()),
     })?;
