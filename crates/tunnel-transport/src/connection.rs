@@ -152,7 +152,7 @@ pub(crate) struct Shared {
     counted_by_writer: bool,
     /// The connection's place within the hub's connection limits, given back when the
     /// connection is gone.
-    pub(crate) admitted: Mutex<Option<crate::admission::Admitted>>,
+    _admitted: Option<crate::admission::Admitted>,
     pub(crate) epoch: Instant,
     /// Cancelled when the connection is over, whoever ended it.
     pub(crate) shutdown: CancellationToken,
@@ -166,22 +166,29 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(info: ConnectionInfo, config: &ConnectionConfig) -> Arc<Shared> {
-        Self::build(info, config, false)
+        Self::build(info, config, false, None)
     }
 
-    /// For transports whose one writer task calls [`Shared::count_written`].
-    pub(crate) fn with_writer(info: ConnectionInfo, config: &ConnectionConfig) -> Arc<Shared> {
-        Self::build(info, config, true)
+    /// For transports whose one writer task calls [`Shared::count_written`];
+    /// `admitted` is the connection's place within the hub's limits, held as long as
+    /// the connection.
+    pub(crate) fn with_writer(
+        info: ConnectionInfo,
+        config: &ConnectionConfig,
+        admitted: Option<crate::admission::Admitted>,
+    ) -> Arc<Shared> {
+        Self::build(info, config, true, admitted)
     }
 
     fn build(
         info: ConnectionInfo,
         config: &ConnectionConfig,
         counted_by_writer: bool,
+        admitted: Option<crate::admission::Admitted>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             counted_by_writer,
-            admitted: Mutex::new(None),
+            _admitted: admitted,
             codec: info.format.codec(),
             info,
             limits: config.limits.clone(),

@@ -37,8 +37,7 @@ pub(crate) fn spawn_connection<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let shared = Shared::with_writer(info, config);
-    *shared.admitted.lock().unwrap_or_else(|e| e.into_inner()) = admitted;
+    let shared = Shared::with_writer(info, config, admitted);
     let (sink, stream) = ws.split();
     let (tx, rx) = mpsc::channel(config.outbound_queue.max(1));
     tokio::spawn(write_loop(sink, rx, shared.clone(), config.ping_interval));
