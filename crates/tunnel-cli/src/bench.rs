@@ -461,6 +461,21 @@ where
     result
 }
 
+/// Both sides on one core, and (with a second core) on two: a latency figure is
+/// reported for each, since a cross-core wake-up dominates a loopback round trip.
+pub(crate) fn latency_placements() -> Vec<Placement> {
+    let cores = core_affinity::get_core_ids().map_or(1, |c| c.len());
+    let mut placements = vec![Placement {
+        name: "same core",
+        client_core: 0,
+        server_core: 0,
+    }];
+    if cores > 1 {
+        placements.push(THROUGHPUT_PLACEMENT);
+    }
+    placements
+}
+
 pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -472,20 +487,7 @@ fn latency(args: &BenchArgs) -> Result<(), String> {
         "\nlatency: {} request/reply round trips, one in flight, client and server each on a pinned single-thread runtime",
         thousands(n as u64)
     );
-    let cores = core_affinity::get_core_ids().map_or(1, |c| c.len());
-    let mut placements = vec![Placement {
-        name: "same core",
-        client_core: 0,
-        server_core: 0,
-    }];
-    if cores > 1 {
-        placements.push(Placement {
-            name: "cross core",
-            client_core: 0,
-            server_core: 1,
-        });
-    }
-    for placement in &placements {
+    for placement in &latency_placements() {
         let raw = two_sided(
             placement,
             move |url_tx| Box::pin(raw_echo_server(url_tx)),

@@ -22,7 +22,7 @@ use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig, WsConnector};
 
 use crate::bench::{
-    Placement, THROUGHPUT_PLACEMENT, counting_router, median, percentile, raw_echo_client,
+    THROUGHPUT_PLACEMENT, counting_router, latency_placements, median, percentile, raw_echo_client,
     raw_echo_server, raw_throughput, sample_event, serve_until_counted, two_sided, us,
 };
 use crate::demo::thousands;
@@ -207,16 +207,7 @@ pub(crate) fn latency(n: usize) -> Result<(), String> {
         "\nstack latency: {} request/reply round trips through agent client + metrics + timeout + tracing, hub handler + tracing + metrics",
         thousands(n as u64)
     );
-    let cores = core_affinity::get_core_ids().map_or(1, |c| c.len());
-    let mut placements = vec![Placement {
-        name: "same core",
-        client_core: 0,
-        server_core: 0,
-    }];
-    if cores > 1 {
-        placements.push(THROUGHPUT_PLACEMENT);
-    }
-    for placement in &placements {
+    for placement in &latency_placements() {
         let raw = two_sided(
             placement,
             move |url_tx| Box::pin(raw_echo_server(url_tx)),
