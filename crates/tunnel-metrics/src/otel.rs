@@ -1,13 +1,13 @@
 //! The OpenTelemetry recorder.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{
-    BoundCounter, BoundHistogram, Counter, Gauge, Histogram, Meter, ObservableUpDownCounter,
+    BoundHistogram, Counter, Gauge, Histogram, Meter, ObservableCounter, ObservableUpDownCounter,
 };
 use tunnel_proto::MessageType;
 
@@ -35,17 +35,11 @@ use crate::{Direction, Recorder};
 /// | `tunnel.circuit.state` | gauge (0 closed, 1 half-open, 2 open) | `{state}` | `endpoint` |
 /// | `tunnel.pool.connections` | gauge | `{connection}` | `state` (`connected`, `desired`) |
 ///
-/// The hot paths (a message sent or received, a request finished) use instruments
-/// bound to each known message type and plain atomics observed at collection time, so
-/// recording costs a few atomic operations.
+/// The hot paths (a message sent or received, a request finished) use plain atomics per
+/// known message type, observed at collection time, and a histogram bound to each type,
+/// so recording costs a few atomic operations.
 #[derive(Clone)]
 pub struct OtelRecorder {
-    /// `tunnel.messages` and `tunnel.message.size` bound per direction and known type:
-    /// index `direction * KNOWN_TYPES.len() + type`.
-    bound_messages: Arc<[BoundCounter<u64>]>,
-    bound_bytes: Arc<[BoundCounter<u64>]>,
-    messages: Counter<u64>,
-    bytes: Counter<u64>,
     errors: Counter<u64>,
     connection_duration: Histogram<f64>,
     reconnects: Counter<u64>,
@@ -67,6 +61,12 @@ pub struct OtelRecorder {
 /// Values kept in atomics on the hot path and observed at collection.
 #[derive(Default)]
 struct Live {
+    /// `tunnel.messages` and `tunnel.message.size` per direction and known type (index
+    /// `direction * KNOWN_TYPES.len() + type`): one relaxed add each per message.
+    messages: [AtomicU64; 2 * KNOWN_TYPES.len()],
+    bytes: [AtomicU64; 2 * KNOWN_TYPES.len()],
+    /// The same for types this version does not know (rare): (messages, bytes).
+    other_messages: Mutex<HashMap<(Direction, String), (u64, u64)>>,
     connections: AtomicI64,
     in_flight: [AtomicI64; KNOWN_TYPES.len()],
     /// Requests in flight of types this version does not know (rare).
@@ -77,6 +77,8 @@ struct Live {
 
 /// Keeps the observable instruments registered.
 struct Observers {
+    _messages: ObservableCounter<u64>,
+    _bytes: ObservableCounter<u64>,
     _connections: ObservableUpDownCounter<i64>,
     _in_flight: ObservableUpDownCounter<i64>,
     _replay_messages: ObservableUpDownCounter<i64>,
@@ -135,29 +137,6 @@ fn direction_index(direction: Direction) -> usize {
 impl OtelRecorder {
     /// Creates the instruments on `meter`.
     pub fn new(meter: &Meter) -> Self {
-        let messages = meter
-            .u64_counter("tunnel.messages")
-            .with_unit("{message}")
-            .with_description("Messages sent and received")
-            .build();
-        let bytes = meter
-            .u64_counter("tunnel.message.size")
-            .with_unit("By")
-            .with_description("Encoded bytes of messages sent and received")
-            .build();
-        let bind_all = |counter: &Counter<u64>| -> Arc<[BoundCounter<u64>]> {
-            [Direction::Inbound, Direction::Outbound]
-                .iter()
-                .flat_map(|direction| {
-                    KNOWN_TYPES.iter().map(move |name| {
-                        counter.bind(&[
-                            KeyValue::new("direction", direction.as_str()),
-                            KeyValue::new("message.type", *name),
-                        ])
-                    })
-                })
-                .collect()
-        };
         let request_duration = meter
             .f64_histogram("tunnel.request.duration")
             .with_unit("s")
@@ -170,6 +149,24 @@ impl OtelRecorder {
             .collect();
         let live = Arc::new(Live::default());
         let observers = Observers {
+            _messages: {
+                let live = live.clone();
+                meter
+                    .u64_observable_counter("tunnel.messages")
+                    .with_unit("{message}")
+                    .with_description("Messages sent and received")
+                    .with_callback(move |o| live.observe_messages(o, |(m, _)| m, &live.messages))
+                    .build()
+            },
+            _bytes: {
+                let live = live.clone();
+                meter
+                    .u64_observable_counter("tunnel.message.size")
+                    .with_unit("By")
+                    .with_description("Encoded bytes of messages sent and received")
+                    .with_callback(move |o| live.observe_messages(o, |(_, b)| b, &live.bytes))
+                    .build()
+            },
             _connections: {
                 let live = live.clone();
                 meter
@@ -228,10 +225,6 @@ impl OtelRecorder {
             },
         };
         OtelRecorder {
-            bound_messages: bind_all(&messages),
-            bound_bytes: bind_all(&bytes),
-            messages,
-            bytes,
             errors: meter
                 .u64_counter("tunnel.errors")
                 .with_unit("{error}")
@@ -309,6 +302,49 @@ impl OtelRecorder {
     }
 }
 
+impl Live {
+    /// Observes one of the per-message counters: the known types from `counts`, the
+    /// others through `pick` from the map. Series that never moved are left out.
+    fn observe_messages(
+        &self,
+        observer: &dyn opentelemetry::metrics::AsyncInstrument<u64>,
+        pick: fn((u64, u64)) -> u64,
+        counts: &[AtomicU64],
+    ) {
+        for (i, count) in counts.iter().enumerate() {
+            let value = count.load(Ordering::Relaxed);
+            if value == 0 {
+                continue;
+            }
+            let direction = if i < KNOWN_TYPES.len() {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            };
+            observer.observe(
+                value,
+                &[
+                    KeyValue::new("direction", direction.as_str()),
+                    KeyValue::new("message.type", KNOWN_TYPES[i % KNOWN_TYPES.len()]),
+                ],
+            );
+        }
+        let other = self
+            .other_messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for ((direction, name), counts) in other.iter() {
+            observer.observe(
+                pick(*counts),
+                &[
+                    KeyValue::new("direction", direction.as_str()),
+                    KeyValue::new("message.type", name.clone()),
+                ],
+            );
+        }
+    }
+}
+
 fn latency_buckets() -> Vec<f64> {
     vec![
         0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
@@ -332,16 +368,20 @@ impl Recorder for OtelRecorder {
         match slot(kind) {
             Some(i) => {
                 let i = direction_index(direction) * KNOWN_TYPES.len() + i;
-                self.bound_messages[i].add(1);
-                self.bound_bytes[i].add(saturating_u64(bytes));
+                self.live.messages[i].fetch_add(1, Ordering::Relaxed);
+                self.live.bytes[i].fetch_add(saturating_u64(bytes), Ordering::Relaxed);
             }
             None => {
-                let attrs = [
-                    KeyValue::new("direction", direction.as_str()),
-                    KeyValue::new("message.type", type_value(kind)),
-                ];
-                self.messages.add(1, &attrs);
-                self.bytes.add(saturating_u64(bytes), &attrs);
+                let mut other = self
+                    .live
+                    .other_messages
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let entry = other
+                    .entry((direction, kind.as_str().to_owned()))
+                    .or_insert((0, 0));
+                entry.0 += 1;
+                entry.1 += saturating_u64(bytes);
             }
         }
     }
