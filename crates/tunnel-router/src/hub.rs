@@ -56,6 +56,8 @@ struct Inner {
     next_id: AtomicU64,
     pending: Arc<Pending>,
     recorder: Arc<dyn tunnel_metrics::Recorder>,
+    /// Woken whenever an agent is registered.
+    joined: tokio::sync::Notify,
 }
 
 /// One connected agent as a hub sees it ([`Hub::agent_statuses`], `/agents`).
@@ -234,6 +236,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             pending: Arc::new(Pending::new(MAX_PENDING_REQUESTS, recorder.clone())),
             recorder,
+            joined: tokio::sync::Notify::new(),
         });
         inner
             .tasks
@@ -329,6 +332,28 @@ impl Hub {
     /// Whether the hub accepts new agents (false once it drains or shuts down).
     pub fn is_accepting(&self) -> bool {
         !self.inner.accepting.is_cancelled()
+    }
+
+    /// Waits until `agent` is registered (connected), at most `timeout`. An agent sees
+    /// the hub's handshake answer a moment before the hub has registered it, so code
+    /// that starts an agent and then sends to it from the hub waits here first.
+    pub async fn wait_for_agent(
+        &self,
+        agent: &AgentId,
+        timeout: Duration,
+    ) -> Result<ConnectionInfo, crate::ConnectTimeout> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let joined = self.inner.joined.notified();
+            tokio::pin!(joined);
+            joined.as_mut().enable();
+            if let Some(sender) = self.sender(agent) {
+                return Ok(sender.info().clone());
+            }
+            if tokio::time::timeout_at(deadline, joined).await.is_err() {
+                return Err(crate::ConnectTimeout(timeout));
+            }
+        }
     }
 
     /// The sending handle of a connected agent.
@@ -524,6 +549,7 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(agent.clone(), sender.clone());
+        inner.joined.notify_waiters();
         if let Some(old) = replaced {
             tracing::info!(%agent, "newer connection replaces the registered one");
             if inner.sessions.is_some() {

@@ -28,7 +28,7 @@
 //! let connector = WsConnector::new(ClientConfig::new(id.clone()).token(Some("t0k3n".into())));
 //! let agent = Agent::start(connector, AgentConfig::new(hub.url().unwrap()),
 //!     Router::new().route(MessageType::Command, on_command))?;
-//! agent.wait_connected(Duration::from_secs(5)).await?;
+//! hub.wait_for_agent(&id, Duration::from_secs(5)).await?;
 //!
 //! hub.send(&id, MessageType::Command, &Command::new("restart")).await?;
 //! assert_eq!(commands.recv().await.unwrap().name, "restart");

@@ -243,10 +243,9 @@ where
 /// Waits until the hub has registered `agent` (an agent sees its handshake reply a
 /// moment before the hub's accept loop registers the connection) and returns its sender.
 pub(crate) async fn registered(hub: &Hub, agent: &AgentId) -> tunnel_transport::ConnectionSender {
-    eventually("the hub to register the agent", || {
-        hub.sender(agent).is_some()
-    })
-    .await;
+    hub.wait_for_agent(agent, SOON)
+        .await
+        .expect("the hub to register the agent");
     hub.sender(agent).expect("registered")
 }
 
