@@ -16,9 +16,13 @@
 //! ```
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tunnel_proto::MessageType;
+
+mod tally;
+pub use tally::{KNOWN_TYPES, MessageTally, TypeSlot};
 
 #[cfg(feature = "otel")]
 mod otel;
@@ -51,9 +55,23 @@ impl Direction {
 /// Receives measurements. Every method has an empty default, so an implementation
 /// records only what it cares about. Calls happen on hot paths: keep them cheap.
 pub trait Recorder: Send + Sync + fmt::Debug + 'static {
-    /// One message of `bytes` encoded bytes went `direction`.
+    /// One message of `bytes` encoded bytes went `direction`. Not called for the
+    /// known types of a connection whose tally this recorder tracks (see
+    /// [`Recorder::track`]).
     fn message(&self, direction: Direction, kind: &MessageType, bytes: usize) {
         let _ = (direction, kind, bytes);
+    }
+
+    /// A connection starts counting its messages in `tally`. A recorder that returns
+    /// `true` keeps the tally and reads it when it reports (the counts only grow; a
+    /// tally nobody else holds any more belongs to a connection that ended); the
+    /// transport then calls [`Recorder::message`] only for types outside
+    /// [`KNOWN_TYPES`]. With `false` (the default) `message` is called for every
+    /// message. Tracking keeps the per-message cost to plain stores on counters the
+    /// connection owns.
+    fn track(&self, tally: &Arc<MessageTally>) -> bool {
+        let _ = tally;
+        false
     }
 
     /// A connection was established (after the handshake).

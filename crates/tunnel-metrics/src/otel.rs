@@ -1,7 +1,7 @@
 //! The OpenTelemetry recorder.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use opentelemetry::metrics::{
 };
 use tunnel_proto::MessageType;
 
-use crate::{Direction, Recorder};
+use crate::{Direction, KNOWN_TYPES, MessageTally, Recorder, TypeSlot};
 
 /// Records into OpenTelemetry instruments created from a [`Meter`]:
 ///
@@ -35,9 +35,10 @@ use crate::{Direction, Recorder};
 /// | `tunnel.circuit.state` | gauge (0 closed, 1 half-open, 2 open) | `{state}` | `endpoint` |
 /// | `tunnel.pool.connections` | gauge | `{connection}` | `state` (`connected`, `desired`) |
 ///
-/// The hot paths (a message sent or received, a request finished) use plain atomics per
-/// known message type, observed at collection time, and a histogram bound to each type,
-/// so recording costs a few atomic operations.
+/// The hot paths stay cheap: messages are counted in each connection's own
+/// [`MessageTally`] (tracked through [`Recorder::track`] and summed at collection time,
+/// so a message costs plain stores on counters its connection owns), requests use
+/// atomics per known type and a histogram bound to each type.
 #[derive(Clone)]
 pub struct OtelRecorder {
     errors: Counter<u64>,
@@ -61,10 +62,9 @@ pub struct OtelRecorder {
 /// Values kept in atomics on the hot path and observed at collection.
 #[derive(Default)]
 struct Live {
-    /// `tunnel.messages` and `tunnel.message.size` per direction and known type (index
-    /// `direction * KNOWN_TYPES.len() + type`): one relaxed add each per message.
-    messages: [AtomicU64; 2 * KNOWN_TYPES.len()],
-    bytes: [AtomicU64; 2 * KNOWN_TYPES.len()],
+    /// `tunnel.messages` and `tunnel.message.size` for known types: the tallies of
+    /// connections (see [`Recorder::track`]) and what finished ones counted.
+    tallies: Mutex<Tallies>,
     /// The same for types this version does not know (rare): (messages, bytes).
     other_messages: Mutex<HashMap<(Direction, String), (u64, u64)>>,
     connections: AtomicI64,
@@ -73,6 +73,60 @@ struct Live {
     in_flight_other: Mutex<HashMap<String, i64>>,
     replay_messages: AtomicI64,
     replay_bytes: AtomicI64,
+}
+
+/// (messages, bytes) per direction and known type.
+type Counts = [[(u64, u64); KNOWN_TYPES.len()]; 2];
+
+/// Connection tallies being tracked.
+#[derive(Default)]
+struct Tallies {
+    tracked: Vec<Arc<MessageTally>>,
+    /// What tallies of ended connections counted, plus direct [`Recorder::message`]
+    /// calls for known types.
+    finished: Counts,
+    /// Fold ended tallies when `tracked` reaches this length, so memory stays bounded
+    /// even if nothing ever collects.
+    fold_at: usize,
+}
+
+impl Tallies {
+    /// Moves the counts of tallies nobody else holds (their connections ended) into
+    /// `finished`.
+    fn fold_finished(&mut self) {
+        let mut i = 0;
+        while i < self.tracked.len() {
+            // `get_mut` succeeds only when this is the last reference, and synchronises
+            // with the writers' drops, so their last counts are visible.
+            if let Some(tally) = Arc::get_mut(&mut self.tracked[i]) {
+                add_counts(&mut self.finished, tally);
+                self.tracked.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        self.fold_at = (self.tracked.len() * 2).max(64);
+    }
+
+    /// Everything counted so far.
+    fn snapshot(&mut self) -> Counts {
+        self.fold_finished();
+        let mut counts = self.finished;
+        for tally in &self.tracked {
+            add_counts(&mut counts, tally);
+        }
+        counts
+    }
+}
+
+fn add_counts(counts: &mut Counts, tally: &MessageTally) {
+    for (direction, slot, messages, bytes) in tally.nonzero() {
+        if let Some(i) = slot.index() {
+            let entry = &mut counts[direction_index(direction)][i];
+            entry.0 = entry.0.wrapping_add(messages);
+            entry.1 = entry.1.wrapping_add(bytes);
+        }
+    }
 }
 
 /// Keeps the observable instruments registered.
@@ -91,40 +145,9 @@ impl std::fmt::Debug for OtelRecorder {
     }
 }
 
-/// The message types with bound instruments and atomic counts.
-const KNOWN_TYPES: [&str; 12] = [
-    "handshake",
-    "handshake_ack",
-    "ping",
-    "pong",
-    "close",
-    "resource",
-    "status",
-    "event",
-    "command",
-    "reply",
-    "ack",
-    "window",
-];
-
-/// The index of `kind` in [`KNOWN_TYPES`]: a match, not string comparisons (it runs
-/// for every message).
+/// The index of `kind` in [`KNOWN_TYPES`].
 fn slot(kind: &MessageType) -> Option<usize> {
-    Some(match kind {
-        MessageType::Handshake => 0,
-        MessageType::HandshakeAck => 1,
-        MessageType::Ping => 2,
-        MessageType::Pong => 3,
-        MessageType::Close => 4,
-        MessageType::Resource => 5,
-        MessageType::Status => 6,
-        MessageType::Event => 7,
-        MessageType::Command => 8,
-        MessageType::Reply => 9,
-        MessageType::Ack => 10,
-        MessageType::Window => 11,
-        _ => return None,
-    })
+    TypeSlot::of(kind).index()
 }
 
 fn direction_index(direction: Direction) -> usize {
@@ -155,7 +178,7 @@ impl OtelRecorder {
                     .u64_observable_counter("tunnel.messages")
                     .with_unit("{message}")
                     .with_description("Messages sent and received")
-                    .with_callback(move |o| live.observe_messages(o, |(m, _)| m, &live.messages))
+                    .with_callback(move |o| live.observe_messages(o, |(m, _)| m))
                     .build()
             },
             _bytes: {
@@ -164,7 +187,7 @@ impl OtelRecorder {
                     .u64_observable_counter("tunnel.message.size")
                     .with_unit("By")
                     .with_description("Encoded bytes of messages sent and received")
-                    .with_callback(move |o| live.observe_messages(o, |(_, b)| b, &live.bytes))
+                    .with_callback(move |o| live.observe_messages(o, |(_, b)| b))
                     .build()
             },
             _connections: {
@@ -309,25 +332,29 @@ impl Live {
         &self,
         observer: &dyn opentelemetry::metrics::AsyncInstrument<u64>,
         pick: fn((u64, u64)) -> u64,
-        counts: &[AtomicU64],
     ) {
-        for (i, count) in counts.iter().enumerate() {
-            let value = count.load(Ordering::Relaxed);
-            if value == 0 {
-                continue;
+        let counts = self
+            .tallies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot();
+        for (direction, per_type) in [Direction::Inbound, Direction::Outbound]
+            .into_iter()
+            .zip(counts.iter())
+        {
+            for (name, pair) in KNOWN_TYPES.iter().zip(per_type.iter()) {
+                let value = pick(*pair);
+                if pair.0 == 0 {
+                    continue;
+                }
+                observer.observe(
+                    value,
+                    &[
+                        KeyValue::new("direction", direction.as_str()),
+                        KeyValue::new("message.type", *name),
+                    ],
+                );
             }
-            let direction = if i < KNOWN_TYPES.len() {
-                Direction::Inbound
-            } else {
-                Direction::Outbound
-            };
-            observer.observe(
-                value,
-                &[
-                    KeyValue::new("direction", direction.as_str()),
-                    KeyValue::new("message.type", KNOWN_TYPES[i % KNOWN_TYPES.len()]),
-                ],
-            );
         }
         let other = self
             .other_messages
@@ -367,9 +394,10 @@ impl Recorder for OtelRecorder {
     fn message(&self, direction: Direction, kind: &MessageType, bytes: usize) {
         match slot(kind) {
             Some(i) => {
-                let i = direction_index(direction) * KNOWN_TYPES.len() + i;
-                self.live.messages[i].fetch_add(1, Ordering::Relaxed);
-                self.live.bytes[i].fetch_add(saturating_u64(bytes), Ordering::Relaxed);
+                let mut tallies = self.live.tallies.lock().unwrap_or_else(|e| e.into_inner());
+                let entry = &mut tallies.finished[direction_index(direction)][i];
+                entry.0 += 1;
+                entry.1 += saturating_u64(bytes);
             }
             None => {
                 let mut other = self
@@ -384,6 +412,15 @@ impl Recorder for OtelRecorder {
                 entry.1 += saturating_u64(bytes);
             }
         }
+    }
+
+    fn track(&self, tally: &Arc<MessageTally>) -> bool {
+        let mut tallies = self.live.tallies.lock().unwrap_or_else(|e| e.into_inner());
+        tallies.tracked.push(tally.clone());
+        if tallies.tracked.len() >= tallies.fold_at {
+            tallies.fold_finished();
+        }
+        true
     }
 
     fn connection_opened(&self) {
@@ -487,12 +524,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slots_match_the_known_type_names() {
-        for (i, name) in KNOWN_TYPES.iter().enumerate() {
-            let kind = MessageType::from_wire(name);
-            assert_eq!(slot(&kind), Some(i), "{name}");
-            assert_eq!(kind.static_name(), Some(*name));
+    fn ended_tallies_are_folded_so_tracking_stays_bounded_without_collections() {
+        let meter = opentelemetry::global::meter("tally-bound");
+        let recorder = OtelRecorder::new(&meter);
+        for _ in 0..10_000 {
+            let tally = Arc::new(MessageTally::new());
+            recorder.track(&tally);
+            tally.record(Direction::Inbound, TypeSlot::of(&MessageType::Ack), 3);
         }
-        assert_eq!(slot(&MessageType::from_wire("custom")), None);
+        let mut tallies = recorder.live.tallies.lock().unwrap();
+        assert!(tallies.tracked.len() <= 64, "{}", tallies.tracked.len());
+        let counts = tallies.snapshot();
+        assert_eq!(counts[0][10], (10_000, 30_000));
     }
 }

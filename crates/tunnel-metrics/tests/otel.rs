@@ -144,3 +144,45 @@ fn records_errors_reconnects_rtt_replay_and_pool_readiness() {
     recorder.late_reply();
     assert_eq!(meter.sum("tunnel.replies.late", &[]), 1);
 }
+
+#[test]
+fn tracked_tallies_are_summed_live_and_kept_after_their_connection_ends() {
+    use std::sync::Arc;
+    use tunnel_metrics::{MessageTally, TypeSlot};
+
+    let meter = TestMeter::new();
+    let recorder = meter.recorder();
+    let event = TypeSlot::of(&MessageType::Event);
+    let first = Arc::new(MessageTally::new());
+    let second = Arc::new(MessageTally::new());
+    assert!(recorder.track(&first));
+    assert!(recorder.track(&second));
+    first.record(Direction::Inbound, event, 100);
+    first.record(Direction::Inbound, event, 100);
+    second.record(Direction::Outbound, event, 30);
+    // A direct call for a known type adds to the same series.
+    recorder.message(Direction::Inbound, &MessageType::Event, 5);
+
+    let kv = |k: &'static str, v: &'static str| KeyValue::new(k, v);
+    let event_in = [kv("direction", "in"), kv("message.type", "event")];
+    assert_eq!(meter.sum("tunnel.messages", &event_in), 3);
+    assert_eq!(meter.sum("tunnel.message.size", &event_in), 205);
+
+    // The first connection ends: what it counted stays, later counts still add up.
+    drop(first);
+    second.record(Direction::Outbound, event, 20);
+    assert_eq!(meter.sum("tunnel.messages", &event_in), 3);
+    assert_eq!(meter.sum("tunnel.message.size", &event_in), 205);
+    let event_out = [kv("direction", "out"), kv("message.type", "event")];
+    assert_eq!(meter.sum("tunnel.messages", &event_out), 2);
+    assert_eq!(meter.sum("tunnel.message.size", &event_out), 50);
+
+    // Many short connections that are never collected in between: counts stay exact.
+    for _ in 0..1000 {
+        let tally = Arc::new(MessageTally::new());
+        recorder.track(&tally);
+        tally.record(Direction::Inbound, TypeSlot::of(&MessageType::Status), 1);
+    }
+    let status_in = [kv("direction", "in"), kv("message.type", "status")];
+    assert_eq!(meter.sum("tunnel.messages", &status_in), 1000);
+}

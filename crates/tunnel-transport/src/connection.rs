@@ -19,7 +19,7 @@ use futures_util::Stream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tunnel_metrics::{Direction, Recorder};
+use tunnel_metrics::{Direction, MessageTally, Recorder, TypeSlot};
 use tunnel_proto::{CloseCode, Codec, Envelope, Format, FrameKind, Limits, MessageType, Payload};
 
 use crate::AgentId;
@@ -60,14 +60,6 @@ impl ConnectionInfo {
     }
 }
 
-/// Adds to a counter that has a single writer: readers may see it late, never torn.
-fn bump(counter: &AtomicU64, n: u64) {
-    counter.store(
-        counter.load(Ordering::Relaxed).wrapping_add(n),
-        Ordering::Relaxed,
-    );
-}
-
 /// What a connection has carried so far (see [`ConnectionSender::stats`]). Message
 /// counts include control messages (pings, acks); bytes are encoded sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -102,8 +94,8 @@ pub fn unix_millis() -> u64 {
 /// Queued for a transport's writer.
 #[derive(Debug)]
 pub(crate) enum Outgoing {
-    /// An encoded envelope.
-    Data(Bytes),
+    /// An encoded envelope and where its type is counted.
+    Data(Bytes, TypeSlot),
     /// Close with this code and reason after everything queued before it.
     Close(CloseCode, String),
 }
@@ -142,11 +134,11 @@ pub(crate) struct Shared {
     keepalive: KeepaliveCheck,
     next_id: AtomicU64,
     rtt_micros: AtomicU64,
-    /// Messages and encoded bytes each way, for [`ConnectionStats`].
-    messages_in: AtomicU64,
-    bytes_in: AtomicU64,
-    messages_out: AtomicU64,
-    bytes_out: AtomicU64,
+    /// Messages and encoded bytes each way by type, for [`ConnectionStats`] and the
+    /// recorder.
+    tally: Arc<MessageTally>,
+    /// Whether the recorder reads `tally` (else it is told of every message).
+    tracked: bool,
     /// Whether a single writer task counts what goes out (`count_written`); otherwise
     /// `send` counts it.
     counted_by_writer: bool,
@@ -186,7 +178,11 @@ impl Shared {
         counted_by_writer: bool,
         admitted: Option<crate::admission::Admitted>,
     ) -> Arc<Shared> {
+        let tally = Arc::new(MessageTally::new());
+        let tracked = config.recorder.track(&tally);
         Arc::new(Shared {
+            tally,
+            tracked,
             counted_by_writer,
             _admitted: admitted,
             codec: info.format.codec(),
@@ -201,10 +197,6 @@ impl Shared {
             keepalive: KeepaliveCheck::new(config),
             next_id: AtomicU64::new(1),
             rtt_micros: AtomicU64::new(0),
-            messages_in: AtomicU64::new(0),
-            bytes_in: AtomicU64::new(0),
-            messages_out: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
             epoch: Instant::now(),
             shutdown: CancellationToken::new(),
             ended: AtomicBool::new(false),
@@ -216,9 +208,8 @@ impl Shared {
     /// Counts a data frame of `bytes` written. Only the connection's single writer task
     /// calls it, so a plain load and store suffice (no read-modify-write on the hot
     /// path).
-    pub(crate) fn count_written(&self, bytes: usize) {
-        bump(&self.messages_out, 1);
-        bump(&self.bytes_out, bytes as u64);
+    pub(crate) fn count_written(&self, slot: TypeSlot, bytes: usize) {
+        self.tally.record(Direction::Outbound, slot, bytes);
     }
 
     /// Records why the connection ends; the first reason wins.
@@ -299,12 +290,14 @@ impl ConnectionSender {
 
     /// Messages and bytes each way so far, and the last round trip time.
     pub fn stats(&self) -> ConnectionStats {
-        let shared = &self.inner.shared;
+        let tally = &self.inner.shared.tally;
+        let (messages_in, bytes_in) = tally.totals(Direction::Inbound);
+        let (messages_out, bytes_out) = tally.totals(Direction::Outbound);
         ConnectionStats {
-            messages_in: shared.messages_in.load(Ordering::Relaxed),
-            bytes_in: shared.bytes_in.load(Ordering::Relaxed),
-            messages_out: shared.messages_out.load(Ordering::Relaxed),
-            bytes_out: shared.bytes_out.load(Ordering::Relaxed),
+            messages_in,
+            bytes_in,
+            messages_out,
+            bytes_out,
             rtt: self.rtt(),
         }
     }
@@ -345,16 +338,16 @@ impl ConnectionSender {
             .into());
         }
         let shared = &self.inner.shared;
+        let slot = TypeSlot::of(&env.kind);
         if !shared.counted_by_writer {
-            shared.messages_out.fetch_add(1, Ordering::Relaxed);
-            shared
-                .bytes_out
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            shared.tally.add(Direction::Outbound, slot, buf.len());
         }
-        shared
-            .recorder
-            .message(Direction::Outbound, &env.kind, buf.len());
-        Ok(Outgoing::Data(buf.into()))
+        if !shared.tracked || slot == TypeSlot::OTHER {
+            shared
+                .recorder
+                .message(Direction::Outbound, &env.kind, buf.len());
+        }
+        Ok(Outgoing::Data(buf.into(), slot))
     }
 
     /// Queues `env`, waiting up to the configured send timeout for room in a full
@@ -664,12 +657,16 @@ impl ConnectionReceiver {
         };
         match decoded {
             Ok(env) => {
-                // Only this receiver writes these.
-                bump(&self.shared.messages_in, 1);
-                bump(&self.shared.bytes_in, frame.len() as u64);
+                // Only this receiver counts what comes in.
+                let slot = TypeSlot::of(&env.kind);
                 self.shared
-                    .recorder
-                    .message(Direction::Inbound, &env.kind, frame.len());
+                    .tally
+                    .record(Direction::Inbound, slot, frame.len());
+                if !self.shared.tracked || slot == TypeSlot::OTHER {
+                    self.shared
+                        .recorder
+                        .message(Direction::Inbound, &env.kind, frame.len());
+                }
                 if let Some(budget) = &mut self.budget
                     && let Some(wait) = budget.spend(frame.len())
                 {

@@ -193,7 +193,7 @@ impl Stream for MemFrames {
             return Poll::Ready(None);
         }
         let item = match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(Outgoing::Data(bytes))) => {
+            Poll::Ready(Some(Outgoing::Data(bytes, _))) => {
                 return Poll::Ready(Some(Incoming::Data(bytes, self.kind)));
             }
             Poll::Ready(Some(Outgoing::Close(code, reason))) => {

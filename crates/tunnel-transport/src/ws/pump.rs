@@ -160,8 +160,8 @@ where
     loop {
         while let Some(msg) = next.take() {
             match msg {
-                Outgoing::Data(bytes) => {
-                    shared.count_written(bytes.len());
+                Outgoing::Data(bytes, slot) => {
+                    shared.count_written(slot, bytes.len());
                     sink.feed(data_message(kind, bytes)?)
                         .await
                         .map_err(|e| e.to_string())?;
