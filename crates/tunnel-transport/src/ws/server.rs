@@ -44,12 +44,10 @@ pub struct WsListener {
 impl WsListener {
     /// Binds `addr` and starts accepting.
     pub async fn bind(addr: impl ToSocketAddrs, config: ServerConfig) -> Result<Self, AcceptError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| AcceptError::Bind {
-                addr: "listen address".into(),
-                source,
-            })?;
+        let listener = listen(addr).await.map_err(|source| AcceptError::Bind {
+            addr: "listen address".into(),
+            source,
+        })?;
         let local_addr = listener.local_addr().map_err(|source| AcceptError::Bind {
             addr: "listen address".into(),
             source,
@@ -102,6 +100,37 @@ impl crate::Acceptor for WsListener {
     }
 }
 
+/// The listen backlog asked for: connections the kernel completes while the hub is
+/// not accepting (see [`ServerConfig::max_handshakes`]). Linux caps it at
+/// `net.core.somaxconn` (4096 by default).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the first address of `addr` that works, with [`LISTEN_BACKLOG`] (tokio's
+/// `TcpListener::bind` asks for 1024, which a reconnect storm overflows: the excess
+/// SYNs are dropped and those agents retry only after a one-second SYN timeout).
+async fn listen(addr: impl ToSocketAddrs) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        let bound = socket.and_then(|socket| {
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(LISTEN_BACKLOG)
+        });
+        match bound {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")
+    }))
+}
+
 async fn accept_loop(
     listener: TcpListener,
     config: Arc<ServerConfig>,
@@ -110,7 +139,12 @@ async fn accept_loop(
     tasks: TaskTracker,
 ) {
     let admission = Admission::new(config.max_connections, config.max_connections_per_workspace);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1)));
     loop {
+        // No accept while `max_handshakes` are in progress: the rest wait in the backlog.
+        let Ok(handshake) = handshakes.clone().acquire_owned().await else {
+            return;
+        };
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
             r = listener.accept() => r,
@@ -130,6 +164,9 @@ async fn accept_loop(
                 let shutdown = shutdown.clone();
                 let admission = admission.clone();
                 tasks.spawn(async move {
+                    // `serve` returns once the handshake is over (the connection runs
+                    // in its own tasks): that frees the place.
+                    let _handshake = handshake;
                     tokio::select! {
                         () = shutdown.cancelled() => {}
                         () = serve(tcp, peer, config, ready, admission, admitted) => {}
@@ -244,38 +281,11 @@ async fn serve(
     let deadline = Instant::now() + config.handshake_timeout;
     #[cfg(feature = "tls")]
     if let Some(tls) = config.tls.clone() {
-        let accepted =
-            tokio::time::timeout_at(deadline, tokio_rustls::TlsAcceptor::from(tls).accept(tcp))
-                .await;
-        let stream = match accepted {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                config.connection.recorder.handshake_failed("tls");
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                config
-                    .connection
-                    .recorder
-                    .handshake_failed("upgrade_timeout");
-                return;
-            }
-        };
-        let client_cert = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .map(|cert| cert.clone().into_owned());
-        let names = move |sync_target: &str| {
-            client_cert
-                .as_ref()
-                .is_none_or(|cert| crate::tls::certificate_names(cert, sync_target))
-        };
-        serve_stream(
-            stream, peer, config, ready, admission, admitted, deadline, names,
-        )
+        // Boxed: the TLS handshake's state is large, and inline it would make every
+        // connection's (plain or not) handshake task that large too.
+        Box::pin(serve_tls(
+            tcp, tls, peer, config, ready, admission, admitted, deadline,
+        ))
         .await;
         return;
     }
@@ -288,6 +298,53 @@ async fn serve(
         admitted,
         deadline,
         |_: &str| true,
+    )
+    .await;
+}
+
+/// [`serve`] for a TLS listener: the TLS handshake, then the upgrade over it.
+#[cfg(feature = "tls")]
+#[allow(clippy::too_many_arguments)]
+async fn serve_tls(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    peer: SocketAddr,
+    config: Arc<ServerConfig>,
+    ready: mpsc::Sender<Connection>,
+    admission: Arc<Admission>,
+    admitted: Admitted,
+    deadline: Instant,
+) {
+    let accepted =
+        tokio::time::timeout_at(deadline, tokio_rustls::TlsAcceptor::from(tls).accept(tcp)).await;
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            config.connection.recorder.handshake_failed("tls");
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            config
+                .connection
+                .recorder
+                .handshake_failed("upgrade_timeout");
+            return;
+        }
+    };
+    let client_cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .map(|cert| cert.clone().into_owned());
+    let names = move |sync_target: &str| {
+        client_cert
+            .as_ref()
+            .is_none_or(|cert| crate::tls::certificate_names(cert, sync_target))
+    };
+    serve_stream(
+        stream, peer, config, ready, admission, admitted, deadline, names,
     )
     .await;
 }
