@@ -34,9 +34,30 @@ pub(crate) struct BenchArgs {
     /// Round trips per latency run.
     #[arg(long, default_value_t = 20_000)]
     round_trips: usize,
-    /// Idle agents for the memory scenario.
+    /// Agents for the idle, load and storm scenarios.
     #[arg(long, default_value_t = 10_000)]
     agents: usize,
+    /// Agents the fanout scenario sends to.
+    #[arg(long, default_value_t = 1_000)]
+    fanout_agents: usize,
+    /// Events the fanout scenario sends to each agent.
+    #[arg(long, default_value_t = 1_000)]
+    per_agent: u64,
+    /// How long the load scenario runs, in seconds.
+    #[arg(long, default_value_t = 300)]
+    seconds: u64,
+    /// How long the chaos scenario sends, in seconds.
+    #[arg(long, default_value_t = 20)]
+    chaos_seconds: u64,
+    /// Seed of the chaos scenario's cut intervals.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Events per run of the sustained scenario.
+    #[arg(long, default_value_t = 5_000_000)]
+    sustained_messages: u64,
+    /// Also write every figure as JSON to this file (for comparing runs).
+    #[arg(long, value_name = "FILE")]
+    json: Option<std::path::PathBuf>,
     /// Runs per throughput figure; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -64,18 +85,40 @@ enum Scenario {
     Session,
     /// The router's tower stack: throughput and latency with layers, failover time.
     Stack,
-    /// All of the above.
+    /// The hub sending to many agents (`--fanout-agents`), aggregate messages/s.
+    Fanout,
+    /// Many agents (`--agents`) each sending a status per second for `--seconds`: hub
+    /// backlog and memory.
+    Load,
+    /// Many agents connected, the hub process killed and restarted: time until all are
+    /// back, connect attempts per second.
+    Storm,
+    /// A fault proxy cutting the connection under load both ways: lost and duplicated.
+    Chaos,
+    /// One connection through the full stack for longer runs, MessagePack and JSON.
+    Sustained,
+    /// Every scenario except the long `load` (run that one by name).
     All,
 }
 
 pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
+    let result = run_scenarios(&args).await;
+    if let Some(path) = &args.json {
+        write_figures(path, &args)?;
+        println!("\nfigures written to {}", path.display());
+    }
+    result
+}
+
+async fn run_scenarios(args: &BenchArgs) -> Result<(), String> {
     let all = args.scenario == Scenario::All;
-    // These two run their own pinned runtimes on their own threads.
+    let args = &args;
+    // These run their own pinned runtimes on their own threads.
     if all || args.scenario == Scenario::Throughput {
-        tokio::task::block_in_place(|| throughput(&args))?;
+        tokio::task::block_in_place(|| throughput(args))?;
     }
     if all || args.scenario == Scenario::Latency {
-        tokio::task::block_in_place(|| latency(&args))?;
+        tokio::task::block_in_place(|| latency(args))?;
     }
     if all || args.scenario == Scenario::Session {
         tokio::task::block_in_place(|| crate::session_bench::throughput(args.messages, args.runs))?;
@@ -86,10 +129,70 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
         tokio::task::block_in_place(|| crate::stack_bench::latency(args.round_trips))?;
         crate::stack_bench::failover(args.kills).await?;
     }
+    if all || args.scenario == Scenario::Sustained {
+        tokio::task::block_in_place(|| {
+            crate::load_bench::sustained(args.sustained_messages, args.runs)
+        })?;
+    }
     if all || args.scenario == Scenario::Idle {
-        idle(&args).await?;
+        idle(args).await?;
+    }
+    if all || args.scenario == Scenario::Fanout {
+        crate::load_bench::fanout(args.fanout_agents, args.per_agent).await?;
+    }
+    if all || args.scenario == Scenario::Chaos {
+        crate::load_bench::chaos(args.chaos_seconds, args.seed).await?;
+    }
+    if all || args.scenario == Scenario::Storm {
+        crate::load_bench::storm(args.agents).await?;
+    }
+    if args.scenario == Scenario::Load {
+        crate::load_bench::load(args.agents, args.seconds).await?;
     }
     Ok(())
+}
+
+/// One measured figure, for `--json`.
+#[derive(Debug, Clone, Serialize)]
+struct Figure {
+    scenario: String,
+    name: String,
+    value: f64,
+    unit: String,
+}
+
+static FIGURES: std::sync::Mutex<Vec<Figure>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps a figure for `--json` (scenarios print their own tables as well).
+pub(crate) fn figure(scenario: &str, name: &str, value: f64, unit: &str) {
+    FIGURES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Figure {
+            scenario: scenario.into(),
+            name: name.into(),
+            value,
+            unit: unit.into(),
+        });
+}
+
+fn write_figures(path: &std::path::Path, args: &BenchArgs) -> Result<(), String> {
+    let figures = FIGURES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let doc = serde_json::json!({
+        "tool": format!("tunnel {}", env!("CARGO_PKG_VERSION")),
+        "scenario": format!("{:?}", args.scenario).to_lowercase(),
+        "unix_time": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        "machine": {
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "os": std::env::consts::OS,
+            "arch": std::env::consts::ARCH,
+        },
+        "figures": figures,
+    });
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 // ---------------------------------------------------------------------------------
@@ -661,7 +764,7 @@ async fn tunnel_echo_client(
 // ---------------------------------------------------------------------------------
 // Idle memory
 
-fn rss_kib(pid: u32) -> Result<u64, String> {
+pub(crate) fn rss_kib(pid: u32) -> Result<u64, String> {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
     status
@@ -678,6 +781,13 @@ async fn idle(args: &BenchArgs) -> Result<(), String> {
     let with_sessions = idle_one(args.agents, true).await?;
     let verdict = if bare <= 16.0 { "meets" } else { "ABOVE" };
     println!("  connection only: {bare:.1} KiB per idle agent ({verdict} the 16 KiB bar)");
+    figure("idle", "hub_rss_per_agent", bare, "KiB");
+    figure(
+        "idle",
+        "hub_rss_per_agent_with_sessions",
+        with_sessions,
+        "KiB",
+    );
     println!(
         "  with sessions:   {with_sessions:.1} KiB per idle agent (session state adds {:.1} KiB; replay buffers are empty when idle and bounded by 16 MiB each)",
         with_sessions - bare
@@ -686,50 +796,14 @@ async fn idle(args: &BenchArgs) -> Result<(), String> {
 }
 
 async fn idle_one(n: usize, sessions: bool) -> Result<f64, String> {
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let dir = std::env::temp_dir().join(format!("tunnel-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, "bench-token").map_err(|e| e.to_string())?;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        l.local_addr().map_err(|e| e.to_string())?.port()
-    };
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = tokio::process::Command::new(exe)
-        .args([
-            "hub",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--token-file",
-        ])
-        .arg(&token_file)
-        .args(["--log", "error"])
-        .args(if sessions {
-            &[][..]
-        } else {
-            &["--no-sessions"][..]
-        })
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start the hub process: {e}"))?;
-    let pid = child.id().ok_or("hub process has no pid")?;
-    let url = format!("ws://127.0.0.1:{port}/");
-    // Wait for the hub to listen.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        if Instant::now() > deadline {
-            return Err("hub process did not start listening".into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let hub = crate::load_bench::HubProcess::start(sessions).await?;
+    let pid = hub.pid()?;
+    let url = hub.url();
     // Warm the hub with one connection so one-off allocations are in the baseline.
     let warm = connect_idle(&url, usize::MAX).await?;
     drop(warm);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss_kib(pid)?;
+    let before = hub.rss_kib()?;
     println!(
         "\nidle: {} idle agents on one hub process (pid {pid}, sessions {}), hub RSS before {} KiB",
         thousands(n as u64),
@@ -770,7 +844,7 @@ async fn idle_one(n: usize, sessions: bool) -> Result<f64, String> {
     let _ = dialer.await;
     let connect_time = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_kib(pid)?;
+    let after = hub.rss_kib()?;
     let per_agent = (after.saturating_sub(before)) as f64 / conns.len().max(1) as f64;
     println!(
         "  connected {} agents in {:.1}s ({} failed); hub RSS after {} KiB",
@@ -780,8 +854,7 @@ async fn idle_one(n: usize, sessions: bool) -> Result<f64, String> {
         thousands(after)
     );
     drop(conns);
-    let _ = child.kill().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    hub.stop().await;
     // Let the closed sockets' ports settle before a second run.
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(per_agent)
@@ -791,7 +864,7 @@ async fn idle_one(n: usize, sessions: bool) -> Result<f64, String> {
 /// stays open) but not polled.
 async fn connect_idle(url: &str, i: usize) -> Result<tunnel_transport::Connection, String> {
     let config = ClientConfig::new(AgentId::new("bench", format!("idle-{i}")))
-        .token(Some("bench-token".into()));
+        .token(Some(crate::load_bench::TOKEN.into()));
     WsConnector::new(config)
         .connect(url)
         .await

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod load_bench;
 mod run;
 mod session_bench;
 mod stack_bench;

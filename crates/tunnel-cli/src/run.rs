@@ -46,6 +46,13 @@ pub(crate) struct HubArgs {
     /// Do not keep sessions: no resume, no replay (every connection starts afresh).
     #[arg(long)]
     no_sessions: bool,
+    /// Upgrades and handshakes in progress at once; further agents wait in the listen
+    /// backlog until one finishes (a reconnect storm is absorbed, not refused).
+    #[arg(long, default_value_t = 512)]
+    max_handshakes: usize,
+    /// Most agent connections at once; more are answered `503` with `Retry-After`.
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// On SIGTERM or Ctrl-C, seconds agents get to finish and move to another hub
     /// before the hub closes their connections (0: close at once).
     #[arg(long, default_value_t = 15)]
@@ -223,6 +230,8 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     };
     let config = ServerConfig::new(auth)
         .connection(tunnel_transport::ConnectionConfig::default().recorder(metrics.recorder()))
+        .max_handshakes(args.max_handshakes.max(1))
+        .max_connections(args.max_connections)
         .tls(tls);
     let hub = if args.no_sessions {
         Hub::bind(args.listen, config, router).await

@@ -29,7 +29,7 @@ use crate::demo::thousands;
 
 /// An OpenTelemetry recorder on a real SDK meter provider (aggregating in memory, as
 /// it would before an exporter collects).
-fn otel_recorder() -> (Arc<OtelRecorder>, SdkMeterProvider) {
+pub(crate) fn otel_recorder() -> (Arc<OtelRecorder>, SdkMeterProvider) {
     let provider = SdkMeterProvider::builder()
         .with_reader(ManualReader::builder().build())
         .build();
@@ -53,7 +53,7 @@ async fn start_agent(url: &str, name: &str) -> Result<Agent, String> {
 }
 
 /// Sends `n` one-way events through `svc`, one call at a time.
-async fn drive<S>(mut svc: S, n: u64) -> Result<Instant, String>
+pub(crate) async fn drive<S>(mut svc: S, n: u64) -> Result<Instant, String>
 where
     S: Service<Request, Response = Response>,
     S::Error: std::fmt::Display,
