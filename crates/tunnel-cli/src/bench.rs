@@ -248,6 +248,8 @@ fn throughput(args: &BenchArgs) -> Result<(), String> {
     }
     let baseline = median(typed);
     let untyped = median(untyped);
+    figure("throughput", "baseline_rate", baseline, "msg/s");
+    figure("throughput", "baseline_value_rate", untyped, "msg/s");
     println!(
         "  {:<58} {:>10} msg/s  (the bars are against this one)",
         "baseline: tokio-tungstenite + serde_json, payload to its struct",
@@ -265,6 +267,8 @@ fn throughput(args: &BenchArgs) -> Result<(), String> {
         }
         let rate = median(runs);
         let ratio = rate / baseline;
+        figure("throughput", &format!("{format}_rate"), rate, "msg/s");
+        figure("throughput", &format!("{format}_vs_baseline"), ratio, "x");
         let verdict = if ratio >= bar { "meets" } else { "BELOW" };
         println!(
             "  {:<58} {:>10} msg/s  {ratio:.2}x baseline ({verdict} the {bar}x bar), {:.2}x the Value baseline",
@@ -285,6 +289,9 @@ fn throughput(args: &BenchArgs) -> Result<(), String> {
     }
     let (off, on) = (median(off), median(on));
     let ratio = on / off;
+    figure("throughput", "msgpack_metrics_off_rate", off, "msg/s");
+    figure("throughput", "msgpack_metrics_on_rate", on, "msg/s");
+    figure("throughput", "metrics_on_vs_off", ratio, "x");
     println!(
         "  {:<58} {:>10} msg/s  metrics off (median of {} alternating pairs)",
         "tunnel agent -> hub, msgpack",
@@ -610,6 +617,11 @@ fn latency(args: &BenchArgs) -> Result<(), String> {
         let (rp50, rp99) = (percentile(&raw, 0.5), percentile(&raw, 0.99));
         let (tp50, tp99) = (percentile(&ours, 0.5), percentile(&ours, 0.99));
         let ratio = tp50.as_secs_f64() / rp50.as_secs_f64();
+        let name = placement.name.replace(' ', "_");
+        figure("latency", &format!("{name}_raw_p50"), us(rp50), "us");
+        figure("latency", &format!("{name}_raw_p99"), us(rp99), "us");
+        figure("latency", &format!("{name}_p50"), us(tp50), "us");
+        figure("latency", &format!("{name}_p99"), us(tp99), "us");
         let verdict = if ratio <= 1.3 { "meets" } else { "ABOVE" };
         println!(
             "  {} (client core {}, server core {}):",

@@ -1150,3 +1150,49 @@ fn full_stack_run(n: u64, format: Format, sessions: bool) -> Result<(f64, u64), 
     )?;
     Ok((rate, wire_bytes.load(Ordering::Relaxed)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_sums_the_matching_series_of_a_prometheus_counter() {
+        let text = "\
+# HELP tunnel_messages_total Messages sent and received
+# TYPE tunnel_messages_total counter
+tunnel_messages_total{direction=\"in\",message_type=\"status\",otel_scope_name=\"tunnel\"} 1200
+tunnel_messages_total{direction=\"out\",message_type=\"status\",otel_scope_name=\"tunnel\"} 7
+tunnel_messages_total{direction=\"in\",message_type=\"event\",otel_scope_name=\"tunnel\"} 30
+tunnel_messages_total_created{direction=\"in\",message_type=\"status\"} 99
+";
+        let status_in = [("direction", "in"), ("message_type", "status")];
+        assert_eq!(counter(text, "tunnel_messages_total", &status_in), 1200);
+        assert_eq!(
+            counter(text, "tunnel_messages_total", &[("direction", "in")]),
+            1230
+        );
+        assert_eq!(counter(text, "tunnel_messages_total", &[]), 1237);
+        assert_eq!(counter(text, "tunnel_errors_total", &[]), 0);
+    }
+
+    #[test]
+    fn seen_tells_lost_duplicated_and_out_of_order_apart() {
+        let mut clean = Seen::default();
+        (0..5).for_each(|n| clean.see(Some(n)));
+        assert_eq!(
+            (clean.lost(5), clean.duplicates, clean.out_of_order),
+            (0, 0, 0)
+        );
+
+        let mut broken = Seen::default();
+        for n in [0, 1, 1, 3, 4] {
+            broken.see(Some(n));
+        }
+        assert_eq!(broken.duplicates, 1);
+        assert_eq!(broken.out_of_order, 1, "2 was skipped");
+        assert_eq!(broken.lost(5), 1);
+        broken.see(None);
+        assert_eq!(broken.undecodable, 1);
+        assert_eq!(broken.lost(5), 1);
+    }
+}

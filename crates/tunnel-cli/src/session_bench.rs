@@ -11,7 +11,7 @@ use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig, WsConnecto
 
 use crate::bench::{
     THROUGHPUT_PLACEMENT, counting_router, median, percentile, sample_event, serve_until_counted,
-    tunnel_throughput, two_sided,
+    tunnel_throughput, two_sided, us,
 };
 use crate::demo::thousands;
 
@@ -33,6 +33,9 @@ pub(crate) fn throughput(n: u64, runs: usize) -> Result<(), String> {
     }
     let (plain, sessions) = (median(plain), median(with_sessions));
     let ratio = sessions / plain;
+    crate::bench::figure("session", "transport_only_rate", plain, "msg/s");
+    crate::bench::figure("session", "sessions_rate", sessions, "msg/s");
+    crate::bench::figure("session", "sessions_vs_transport_only", ratio, "x");
     let verdict = if ratio >= 0.8 { "meets" } else { "BELOW" };
     println!(
         "  {:<44} {:>10} msg/s",
@@ -163,6 +166,18 @@ pub(crate) async fn resume_time(cuts: usize) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     samples.sort();
+    crate::bench::figure(
+        "session",
+        "resume_p50",
+        us(percentile(&samples, 0.5)) / 1e3,
+        "ms",
+    );
+    crate::bench::figure(
+        "session",
+        "resume_p99",
+        us(percentile(&samples, 0.99)) / 1e3,
+        "ms",
+    );
     println!(
         "  cut to resumed session, {} cuts (backoff 10 ms base, 100 ms cap, full jitter): p50 {:.1} ms, p99 {:.1} ms",
         samples.len(),

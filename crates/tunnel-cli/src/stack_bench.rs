@@ -127,6 +127,9 @@ pub(crate) fn throughput(n: u64, runs: usize) -> Result<(), String> {
     }
     let (baseline, bare, stack) = (median(baseline), median(bare), median(stack));
     let ratio = stack / bare;
+    crate::bench::figure("stack", "agent_client_rate", bare, "msg/s");
+    crate::bench::figure("stack", "layers_rate", stack, "msg/s");
+    crate::bench::figure("stack", "layers_vs_bare", ratio, "x");
     println!(
         "  hand-written tokio-tungstenite baseline (typed) {:>12} msg/s",
         thousands(baseline as u64)
@@ -223,6 +226,17 @@ pub(crate) fn latency(n: usize) -> Result<(), String> {
             "  {} (client core {}, server core {}):",
             placement.name, placement.client_core, placement.server_core
         );
+        let name = placement.name.replace(' ', "_");
+        for (what, samples) in [("raw", &raw), ("stack", &ours)] {
+            for (p, label) in [(0.5, "p50"), (0.99, "p99")] {
+                crate::bench::figure(
+                    "stack_latency",
+                    &format!("{name}_{what}_{label}"),
+                    us(percentile(samples, p)),
+                    "us",
+                );
+            }
+        }
         println!(
             "    raw tokio-tungstenite echo  p50 {:>8.1} us  p99 {:>8.1} us",
             us(percentile(&raw, 0.5)),
@@ -312,6 +326,13 @@ pub(crate) async fn failover(trials: usize) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     samples.sort();
+    crate::bench::figure("failover", "p50", us(percentile(&samples, 0.5)) / 1e3, "ms");
+    crate::bench::figure(
+        "failover",
+        "p99",
+        us(percentile(&samples, 0.99)) / 1e3,
+        "ms",
+    );
     println!(
         "  kill -> next answered request  p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms",
         us(percentile(&samples, 0.5)) / 1000.0,
