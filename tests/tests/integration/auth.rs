@@ -9,14 +9,6 @@ use tunnel_transport::{AgentId, ConnectError, Connector, SharedToken, WsConnecto
 
 use crate::support::*;
 
-fn status_of(result: Result<RawWs, WsError>) -> u16 {
-    match result {
-        Err(WsError::Http(resp)) => resp.status().as_u16(),
-        Err(other) => panic!("expected an HTTP refusal, got {other}"),
-        Ok(_) => panic!("expected an HTTP refusal, got an upgrade"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_or_missing_token_is_401_and_no_session() {
     let hub = hub(server_config(), Router::new()).await;

@@ -374,3 +374,52 @@ async fn stalled_handshakes_make_others_wait_in_the_backlog_not_fail() {
     patient.shutdown().await;
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upgrades_and_credential_stuffing_leave_the_healthy_agent_alone() {
+    let scene = scene().await;
+    let sessions_before = scene.hub.sessions();
+    let attempt = |auth: Option<String>, codec: &'static str, identity: bool| {
+        let url = scene.url.clone();
+        async move {
+            let mut headers: Vec<(&str, String)> = vec![("sec-websocket-protocol", codec.into())];
+            if let Some(auth) = auth {
+                headers.push(("authorization", auth));
+            }
+            if identity {
+                headers.push(("x-workspace", "ws".into()));
+                headers.push(("x-synctarget", "intruder".into()));
+            }
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            status_of(raw_upgrade(&url, &headers).await)
+        }
+    };
+    let good = Some(format!("Bearer {TOKEN}"));
+    let msgpack = Format::MsgPack.subprotocol();
+    assert_eq!(attempt(None, msgpack, true).await, 401, "no token");
+    assert_eq!(
+        attempt(good.clone(), "tunnel.v9.cbor", true).await,
+        400,
+        "unknown codec"
+    );
+    assert_eq!(attempt(good, msgpack, false).await, 400, "no identity");
+    // Many wrong tokens in a row, a few at a time: every one refused, none admitted.
+    for round in 0..20 {
+        let tries: Vec<_> = (0..10)
+            .map(|i| attempt(Some(format!("Bearer guess-{round}-{i}")), msgpack, true))
+            .collect();
+        for status in futures_util::future::join_all(tries).await {
+            assert_eq!(status, 401);
+        }
+    }
+    let agents = scene.hub.agents();
+    assert_eq!(agents.len(), 1, "only the healthy agent is registered");
+    assert_eq!(agents[0].agent, scene.healthy_id);
+    assert_eq!(
+        scene.hub.sessions(),
+        sessions_before,
+        "no session was created"
+    );
+    scene.finish().await;
+}

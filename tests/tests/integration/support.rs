@@ -266,3 +266,12 @@ pub(crate) async fn wait_disconnected(agent: &tunnel_router::Agent) {
     .expect("the agent noticed")
     .expect("state");
 }
+
+/// The HTTP status of a refused upgrade (panics if it was not refused over HTTP).
+pub(crate) fn status_of(result: Result<RawWs, WsError>) -> u16 {
+    match result {
+        Err(WsError::Http(resp)) => resp.status().as_u16(),
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected an HTTP refusal, got an upgrade"),
+    }
+}
