@@ -112,6 +112,22 @@ pub struct Sent<T> {
     pub at: Instant,
 }
 
+/// What an acknowledgement released from the replay buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Released {
+    /// Messages dropped.
+    pub messages: usize,
+    /// Their sizes, as the caller counted them.
+    pub bytes: usize,
+}
+
+impl Released {
+    /// Whether nothing was released.
+    pub fn is_empty(&self) -> bool {
+        self.messages == 0
+    }
+}
+
 /// Which bound a full replay buffer hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bound {
@@ -224,27 +240,30 @@ impl<T> Outbound<T> {
         Ok(seq)
     }
 
-    /// Applies a cumulative acknowledgement and returns the messages it covers, oldest
-    /// first. An older acknowledgement than one already applied changes nothing.
-    pub fn on_ack(&mut self, ack: u64) -> Result<Vec<Sent<T>>, AckError> {
+    /// Applies a cumulative acknowledgement: drops the messages it covers and says how
+    /// many and how large they were. An older acknowledgement than one already applied
+    /// changes nothing.
+    pub fn on_ack(&mut self, ack: u64) -> Result<Released, AckError> {
         if ack >= self.next_seq {
             return Err(AckError::Unsent {
                 ack,
                 highest_sent: self.highest_sent(),
             });
         }
-        let mut done = Vec::new();
+        let mut released = Released::default();
         if ack <= self.acked {
-            return Ok(done);
+            return Ok(released);
         }
         self.acked = ack;
+        // Dropped in place: an ack covers dozens of messages, and callers only count them.
         while self.pending.front().is_some_and(|m| m.seq <= ack) {
             if let Some(m) = self.pending.pop_front() {
                 self.bytes -= m.size;
-                done.push(m);
+                released.messages += 1;
+                released.bytes += m.size;
             }
         }
-        Ok(done)
+        Ok(released)
     }
 
     /// Drops messages older than `max_replay_age` and returns them, oldest first. The
@@ -515,14 +534,15 @@ mod tests {
         assert_eq!(tx.push('b', 10, t), Ok(2));
         assert_eq!(tx.push('c', 10, t), Ok(3));
         assert_eq!((tx.len(), tx.bytes()), (3, 30));
-        let done: Vec<_> = tx
-            .on_ack(2)
-            .expect("ack")
-            .into_iter()
-            .map(|m| m.item)
-            .collect();
-        assert_eq!(done, ['a', 'b']);
+        assert_eq!(
+            tx.on_ack(2),
+            Ok(Released {
+                messages: 2,
+                bytes: 20
+            })
+        );
         assert_eq!((tx.len(), tx.bytes(), tx.acked()), (1, 10, 2));
+        assert_eq!(tx.iter().map(|m| m.item).collect::<Vec<_>>(), ['c']);
         // A stale ack changes nothing; an ack of something never sent is an error.
         assert!(tx.on_ack(1).expect("stale").is_empty());
         assert_eq!(

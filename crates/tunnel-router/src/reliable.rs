@@ -658,11 +658,10 @@ impl Reliable {
         if let Some(ack) = env.ack {
             let mut st = self.state();
             match st.out.on_ack(ack) {
-                Ok(done) if !done.is_empty() => {
-                    let bytes: usize = done.iter().map(|m| m.size).sum();
+                Ok(released) if !released.is_empty() => {
                     self.recorder.replay_changed(
-                        -i64::try_from(done.len()).unwrap_or(i64::MAX),
-                        -i64::try_from(bytes).unwrap_or(i64::MAX),
+                        -i64::try_from(released.messages).unwrap_or(i64::MAX),
+                        -i64::try_from(released.bytes).unwrap_or(i64::MAX),
                     );
                     self.publish_acked(&st);
                 }
