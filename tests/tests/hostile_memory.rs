@@ -43,7 +43,7 @@ struct Scene {
 }
 
 impl Scene {
-    /// Waits until the hub has received `n` more messages than `before`.
+    /// Waits until the hub has received at least `n` messages in all.
     async fn received_at_least(&self, n: u64) {
         let received = self.received.clone();
         eventually("messages reached the hub", move || {

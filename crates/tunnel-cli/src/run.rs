@@ -46,10 +46,6 @@ pub(crate) struct HubArgs {
     /// Do not keep sessions: no resume, no replay (every connection starts afresh).
     #[arg(long)]
     no_sessions: bool,
-    /// Upgrades and handshakes in progress at once; further agents wait in the listen
-    /// backlog until one finishes (a reconnect storm is absorbed, not refused).
-    #[arg(long, default_value_t = 512)]
-    max_handshakes: usize,
     /// Most agent connections at once; more are answered `503` with `Retry-After`.
     #[arg(long)]
     max_connections: Option<usize>,
@@ -230,7 +226,6 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     };
     let config = ServerConfig::new(auth)
         .connection(tunnel_transport::ConnectionConfig::default().recorder(metrics.recorder()))
-        .max_handshakes(args.max_handshakes.max(1))
         .max_connections(args.max_connections)
         .tls(tls);
     let hub = if args.no_sessions {

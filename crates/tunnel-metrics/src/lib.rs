@@ -68,7 +68,9 @@ pub trait Recorder: Send + Sync + fmt::Debug + 'static {
     /// transport then calls [`Recorder::message`] only for types outside
     /// [`KNOWN_TYPES`]. With `false` (the default) `message` is called for every
     /// message. Tracking keeps the per-message cost to plain stores on counters the
-    /// connection owns.
+    /// connection owns. A recorder that wraps another must forward `track` as well as
+    /// `message`, or the inner one is told of every message one by one (slower, and for
+    /// `OtelRecorder` a lock per message).
     fn track(&self, tally: &Arc<MessageTally>) -> bool {
         let _ = tally;
         false

@@ -142,12 +142,6 @@ pub struct ServerConfig {
     /// Completed connections waiting for `accept`; the handshakes of further agents wait
     /// while it is full. Default 1024.
     pub accept_queue: usize,
-    /// Upgrades and handshakes in progress at once. While this many are in progress
-    /// the hub accepts no further TCP connection: new agents wait in the listen backlog
-    /// (asked for 4096, capped by the kernel's `somaxconn`; not refused) until a
-    /// handshake finishes, so a reconnect storm is absorbed at the rate the hub can
-    /// complete handshakes. Default 512.
-    pub max_handshakes: usize,
     /// Decides which session each connection belongs to. Default: none, every
     /// connection is a new session and `resume` is not offered.
     pub sessions: Option<Arc<dyn crate::SessionStore>>,
@@ -174,7 +168,6 @@ impl fmt::Debug for ServerConfig {
             .field("versions", &self.versions)
             .field("capabilities", &self.capabilities)
             .field("formats", &self.formats)
-            .field("max_handshakes", &self.max_handshakes)
             .field("max_connections", &self.max_connections)
             .field(
                 "max_connections_per_workspace",
@@ -196,7 +189,6 @@ impl ServerConfig {
             capabilities: default_capabilities(),
             formats: Format::ALL.to_vec(),
             accept_queue: 1024,
-            max_handshakes: 512,
             sessions: None,
             max_connections: None,
             max_connections_per_workspace: None,
@@ -245,8 +237,6 @@ setters!(ServerConfig {
     formats: Vec<Format>,
     /// Sets [`ServerConfig::accept_queue`].
     accept_queue: usize,
-    /// Sets [`ServerConfig::max_handshakes`].
-    max_handshakes: usize,
     /// Sets [`ServerConfig::max_connections`].
     max_connections: Option<usize>,
     /// Sets [`ServerConfig::max_connections_per_workspace`].

@@ -69,7 +69,8 @@ pub struct ConnectionStats {
     pub messages_in: u64,
     /// Encoded bytes received.
     pub bytes_in: u64,
-    /// Messages sent (queued for the writer).
+    /// Messages sent: written to the socket by the connection's writer (queued, for a
+    /// transport without one, such as the in-memory pair).
     pub messages_out: u64,
     /// Encoded bytes sent.
     pub bytes_out: u64,

@@ -101,8 +101,7 @@ impl crate::Acceptor for WsListener {
 }
 
 /// The listen backlog asked for: connections the kernel completes while the hub is
-/// not accepting (see [`ServerConfig::max_handshakes`]). Linux caps it at
-/// `net.core.somaxconn` (4096 by default).
+/// accepting yet. Linux caps it at `net.core.somaxconn` (4096 by default).
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds the first address of `addr` that works, with [`LISTEN_BACKLOG`] (tokio's
@@ -117,6 +116,9 @@ async fn listen(addr: impl ToSocketAddrs) -> std::io::Result<TcpListener> {
             tokio::net::TcpSocket::new_v6()
         };
         let bound = socket.and_then(|socket| {
+            // As tokio's `TcpListener::bind` does: on Windows it would let a second
+            // listener take the same port.
+            #[cfg(not(windows))]
             socket.set_reuseaddr(true)?;
             socket.bind(addr)?;
             socket.listen(LISTEN_BACKLOG)
@@ -139,12 +141,7 @@ async fn accept_loop(
     tasks: TaskTracker,
 ) {
     let admission = Admission::new(config.max_connections, config.max_connections_per_workspace);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1)));
     loop {
-        // No accept while `max_handshakes` are in progress: the rest wait in the backlog.
-        let Ok(handshake) = handshakes.clone().acquire_owned().await else {
-            return;
-        };
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
             r = listener.accept() => r,
@@ -164,9 +161,6 @@ async fn accept_loop(
                 let shutdown = shutdown.clone();
                 let admission = admission.clone();
                 tasks.spawn(async move {
-                    // `serve` returns once the handshake is over (the connection runs
-                    // in its own tasks): that frees the place.
-                    let _handshake = handshake;
                     tokio::select! {
                         () = shutdown.cancelled() => {}
                         () = serve(tcp, peer, config, ready, admission, admitted) => {}
