@@ -49,6 +49,10 @@ pub(crate) struct BenchArgs {
     /// How long the chaos scenario sends, in seconds.
     #[arg(long, default_value_t = 20)]
     chaos_seconds: u64,
+    /// The hub's accept rate (connections per second) in the storm scenario; default
+    /// none.
+    #[arg(long)]
+    accept_rate: Option<f64>,
     /// Seed of the chaos scenario's cut intervals.
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -144,7 +148,7 @@ async fn run_scenarios(args: &BenchArgs) -> Result<(), String> {
         crate::load_bench::chaos(args.chaos_seconds, args.seed).await?;
     }
     if all || args.scenario == Scenario::Storm {
-        crate::load_bench::storm(args.agents).await?;
+        crate::load_bench::storm(args.agents, args.accept_rate).await?;
     }
     if args.scenario == Scenario::Load {
         crate::load_bench::load(args.agents, args.seconds).await?;

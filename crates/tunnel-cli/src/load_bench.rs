@@ -92,6 +92,8 @@ pub(crate) struct HubProcess {
     admin_port: u16,
     dir: PathBuf,
     sessions: bool,
+    /// More `tunnel hub` arguments.
+    extra: Vec<String>,
 }
 
 /// A free loopback port below Linux's ephemeral range (32768 and up), so no agent's
@@ -111,6 +113,14 @@ fn free_port() -> Result<u16, String> {
 impl HubProcess {
     /// Starts a hub (with resumable sessions when `sessions`) and waits until it listens.
     pub(crate) async fn start(sessions: bool) -> Result<HubProcess, String> {
+        Self::start_with(sessions, Vec::new()).await
+    }
+
+    /// [`HubProcess::start`] with more `tunnel hub` arguments.
+    pub(crate) async fn start_with(
+        sessions: bool,
+        extra: Vec<String>,
+    ) -> Result<HubProcess, String> {
         let _ = rlimit::increase_nofile_limit(u64::MAX);
         let dir = std::env::temp_dir().join(format!(
             "tunnel-bench-{}-{}",
@@ -120,13 +130,14 @@ impl HubProcess {
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         std::fs::write(dir.join("token"), TOKEN).map_err(|e| e.to_string())?;
         let (port, admin_port) = (free_port()?, free_port()?);
-        let child = Self::spawn(&dir, port, admin_port, sessions)?;
+        let child = Self::spawn(&dir, port, admin_port, sessions, &extra)?;
         let mut hub = HubProcess {
             child,
             port,
             admin_port,
             dir,
             sessions,
+            extra,
         };
         hub.wait_listening().await?;
         Ok(hub)
@@ -137,6 +148,7 @@ impl HubProcess {
         port: u16,
         admin_port: u16,
         sessions: bool,
+        extra: &[String],
     ) -> Result<tokio::process::Child, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut command = tokio::process::Command::new(exe);
@@ -149,6 +161,7 @@ impl HubProcess {
         if !sessions {
             command.arg("--no-sessions");
         }
+        command.args(extra);
         command
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -197,7 +210,13 @@ impl HubProcess {
         // The port may be busy for a moment; the new process retries binding.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            self.child = Self::spawn(&self.dir, self.port, self.admin_port, self.sessions)?;
+            self.child = Self::spawn(
+                &self.dir,
+                self.port,
+                self.admin_port,
+                self.sessions,
+                &self.extra,
+            )?;
             match self.wait_listening().await {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() > deadline => return Err(e),
@@ -565,15 +584,20 @@ pub(crate) async fn load(agents: usize, seconds: u64) -> Result<(), String> {
 // ---------------------------------------------------------------------------------
 // storm: N agents connected, the hub restarted
 
-pub(crate) async fn storm(agents: usize) -> Result<(), String> {
-    let mut hub = HubProcess::start(true).await?;
+pub(crate) async fn storm(agents: usize, accept_rate: Option<f64>) -> Result<(), String> {
+    let extra = match accept_rate {
+        Some(rate) => vec!["--accept-rate".to_string(), rate.to_string()],
+        None => Vec::new(),
+    };
+    let mut hub = HubProcess::start_with(true, extra).await?;
     // The agents' default backoff: 200 ms base, 30 s cap, full jitter.
     let backoff = BackoffConfig::default();
     println!(
-        "\nstorm: {} agents connected to a hub process, which is killed (SIGKILL) and started again on the same port; agents use the default backoff ({} ms base, {} s cap, full jitter)",
+        "\nstorm: {} agents connected to a hub process, which is killed (SIGKILL) and started again on the same port; agents use the default backoff ({} ms base, {} s cap, full jitter); hub accept rate: {}",
         thousands(agents as u64),
         backoff.base.as_millis(),
-        backoff.cap.as_secs()
+        backoff.cap.as_secs(),
+        accept_rate.map_or("no limit".to_string(), |r| format!("{r} per second"))
     );
     let mut progress = Progress::new("storm");
     let attempts = Arc::new(Attempts::default());
@@ -711,8 +735,12 @@ pub(crate) async fn storm(agents: usize) -> Result<(), String> {
     }
     let peak_back = completed.iter().copied().max().unwrap_or(0) * 2;
     println!(
-        "  agents back: peak {} per second (the hub takes them from its listen backlog as fast as it completes handshakes)",
+        "  agents back: peak {} per second (the hub takes them from its listen backlog {})",
         thousands(peak_back),
+        accept_rate.map_or(
+            "as fast as it completes handshakes".to_string(),
+            |r| format!("at its accept rate, {r} per second after a one-second burst")
+        ),
     );
     println!("  per 500 ms after the kill: attempts started (a) and agents back (b)");
     let widest = buckets

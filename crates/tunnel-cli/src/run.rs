@@ -49,6 +49,10 @@ pub(crate) struct HubArgs {
     /// Most agent connections at once; more are answered `503` with `Retry-After`.
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Most new connections accepted per second (one second of burst); the rest wait in
+    /// the listen backlog, so a reconnect storm comes back at this rate.
+    #[arg(long)]
+    accept_rate: Option<f64>,
     /// On SIGTERM or Ctrl-C, seconds agents get to finish and move to another hub
     /// before the hub closes their connections (0: close at once).
     #[arg(long, default_value_t = 15)]
@@ -227,6 +231,7 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     let config = ServerConfig::new(auth)
         .connection(tunnel_transport::ConnectionConfig::default().recorder(metrics.recorder()))
         .max_connections(args.max_connections)
+        .accept_rate(args.accept_rate)
         .tls(tls);
     let hub = if args.no_sessions {
         Hub::bind(args.listen, config, router).await

@@ -3,6 +3,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -66,6 +69,42 @@ impl Admission {
     }
 }
 
+/// Paces accepts to a rate, with one second of burst (a generic cell rate algorithm):
+/// connections beyond it wait in the listen backlog, so after an outage agents come
+/// back at the hub's chosen rate whatever their number.
+#[derive(Debug)]
+pub(crate) struct AcceptPace {
+    interval: Duration,
+    burst: Duration,
+    /// When the next accept would be due if none had been saved up.
+    due: Instant,
+}
+
+impl AcceptPace {
+    /// `None` unless `per_second` is a positive, finite rate.
+    pub(crate) fn new(per_second: Option<f64>, now: Instant) -> Option<AcceptPace> {
+        let rate = per_second.filter(|r| r.is_finite() && *r > 0.0)?;
+        Some(AcceptPace {
+            interval: Duration::from_secs_f64(1.0 / rate.max(1e-3)),
+            burst: Duration::from_secs(1),
+            due: now,
+        })
+    }
+
+    /// When the next connection may be accepted (`now` or later).
+    pub(crate) fn next_at(&self, now: Instant) -> Instant {
+        // One second's worth may be saved up: `burst / interval` accepts at once.
+        (self.due + self.interval)
+            .checked_sub(self.burst)
+            .map_or(now, |earliest| earliest.max(now))
+    }
+
+    /// Records an accept at `now`.
+    pub(crate) fn accepted(&mut self, now: Instant) {
+        self.due = self.due.max(now) + self.interval;
+    }
+}
+
 impl Drop for Admitted {
     fn drop(&mut self) {
         if let Some((admission, workspace)) = self.workspace.take() {
@@ -86,6 +125,32 @@ impl Drop for Admitted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepts_are_paced_after_a_one_second_burst() {
+        let t0 = Instant::now();
+        assert!(AcceptPace::new(None, t0).is_none());
+        assert!(AcceptPace::new(Some(0.0), t0).is_none());
+        assert!(AcceptPace::new(Some(f64::NAN), t0).is_none());
+        let mut pace = AcceptPace::new(Some(10.0), t0).expect("a rate");
+        // A burst of one second's worth goes through at once...
+        for _ in 0..10 {
+            assert_eq!(pace.next_at(t0), t0);
+            pace.accepted(t0);
+        }
+        // ...then one every 100 ms.
+        let next = pace.next_at(t0);
+        assert_eq!(next, t0 + Duration::from_millis(100));
+        pace.accepted(next);
+        assert_eq!(pace.next_at(next), t0 + Duration::from_millis(200));
+        // Idle time saves up at most one second of burst again.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..10 {
+            assert_eq!(pace.next_at(later), later);
+            pace.accepted(later);
+        }
+        assert!(pace.next_at(later) > later);
+    }
 
     #[test]
     fn places_are_bounded_and_given_back() {

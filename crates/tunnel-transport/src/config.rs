@@ -154,6 +154,10 @@ pub struct ServerConfig {
     pub max_connections_per_workspace: Option<usize>,
     /// The `Retry-After` of a `503`. Default 5 s.
     pub retry_after: Duration,
+    /// Most new connections accepted per second (with one second of burst); the rest
+    /// wait in the listen backlog (asked for 4096), not refused, so after an outage
+    /// agents come back at this rate however many there are. Default: no limit.
+    pub accept_rate: Option<f64>,
     /// TLS (`wss://`): agents must speak TLS to this listener. Default: none (`ws://`).
     #[cfg(feature = "tls")]
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -174,6 +178,7 @@ impl fmt::Debug for ServerConfig {
                 &self.max_connections_per_workspace,
             )
             .field("retry_after", &self.retry_after)
+            .field("accept_rate", &self.accept_rate)
             .finish()
     }
 }
@@ -193,6 +198,7 @@ impl ServerConfig {
             max_connections: None,
             max_connections_per_workspace: None,
             retry_after: Duration::from_secs(5),
+            accept_rate: None,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -243,6 +249,8 @@ setters!(ServerConfig {
     max_connections_per_workspace: Option<usize>,
     /// Sets [`ServerConfig::retry_after`].
     retry_after: Duration,
+    /// Sets [`ServerConfig::accept_rate`].
+    accept_rate: Option<f64>,
 });
 
 fn default_capabilities() -> Vec<String> {

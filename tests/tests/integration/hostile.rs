@@ -413,3 +413,33 @@ async fn refused_upgrades_and_credential_stuffing_leave_the_healthy_agent_alone(
     );
     scene.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_rate_paces_new_connections_without_refusing_them() {
+    // Two per second: two at once (one second of burst), then one every 500 ms.
+    let hub = Hub::bind(
+        "127.0.0.1:0",
+        server_config().accept_rate(Some(2.0)),
+        Router::new(),
+    )
+    .await
+    .expect("bind");
+    let url = hub.url().expect("url");
+    let started = std::time::Instant::now();
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let id = AgentId::new("ws", format!("paced-{i}"));
+        clients.push(
+            tokio::time::timeout(SOON, raw_client(&url, &id, Format::MsgPack))
+                .await
+                .expect("accepted in time, not refused"),
+        );
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "four connections at two per second took only {elapsed:?}"
+    );
+    drop(clients);
+    hub.shutdown().await;
+}

@@ -141,13 +141,29 @@ async fn accept_loop(
     tasks: TaskTracker,
 ) {
     let admission = Admission::new(config.max_connections, config.max_connections_per_workspace);
+    let mut pace = crate::admission::AcceptPace::new(config.accept_rate, Instant::now());
     loop {
+        if let Some(pace) = &pace
+            && let now = Instant::now()
+            && let at = pace.next_at(now)
+            && at > now
+        {
+            // Over the accept rate: leave the next connection in the backlog a while.
+            // (Only then: even an elapsed timer costs a timer tick, about 1 ms.)
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(at) => {}
+            }
+        }
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
             r = listener.accept() => r,
         };
         match accepted {
             Ok((tcp, peer)) => {
+                if let Some(pace) = &mut pace {
+                    pace.accepted(Instant::now());
+                }
                 let Some(admitted) = admission.admit() else {
                     // Full: answer from a small fixed buffer, nothing per connection.
                     config.connection.recorder.handshake_failed("over_capacity");
