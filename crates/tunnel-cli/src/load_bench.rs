@@ -915,18 +915,7 @@ pub(crate) async fn fanout(agents: usize, per_agent: u64) -> Result<(), String> 
 pub(crate) async fn chaos(seconds: u64, seed: u64) -> Result<(), String> {
     use rand::{Rng as _, SeedableRng as _};
 
-    let hub_seen = Arc::new(std::sync::Mutex::new(Seen::default()));
-    let router = {
-        let seen = hub_seen.clone();
-        Router::new().route(
-            MessageType::Event,
-            service_fn(move |msg: Inbound| {
-                let n = msg.envelope.decode_payload::<u64>().ok();
-                seen.lock().unwrap_or_else(|e| e.into_inner()).see(n);
-                std::future::ready(Ok::<_, BoxError>(()))
-            }),
-        )
-    };
+    let (hub_seen, router) = checking_router();
     let hub = Hub::bind_resumable(
         "127.0.0.1:0",
         ServerConfig::new(AllowAll),
@@ -938,18 +927,7 @@ pub(crate) async fn chaos(seconds: u64, seed: u64) -> Result<(), String> {
     let proxy = FaultProxy::start(hub.local_addr().ok_or("no address")?)
         .await
         .map_err(|e| e.to_string())?;
-    let agent_seen = Arc::new(std::sync::Mutex::new(Seen::default()));
-    let agent_router = {
-        let seen = agent_seen.clone();
-        Router::new().route(
-            MessageType::Event,
-            service_fn(move |msg: Inbound| {
-                let n = msg.envelope.decode_payload::<u64>().ok();
-                seen.lock().unwrap_or_else(|e| e.into_inner()).see(n);
-                std::future::ready(Ok::<_, BoxError>(()))
-            }),
-        )
-    };
+    let (agent_seen, agent_router) = checking_router();
     let id = AgentId::new("bench", "chaos");
     let backoff = BackoffConfig::default()
         .base(Duration::from_millis(10))
@@ -1057,6 +1035,21 @@ pub(crate) async fn chaos(seconds: u64, seed: u64) -> Result<(), String> {
     agent.shutdown().await;
     hub.shutdown().await;
     Ok(())
+}
+
+/// A router that checks every numbered event it is given into the returned [`Seen`].
+fn checking_router() -> (Arc<std::sync::Mutex<Seen>>, Router) {
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let checked = seen.clone();
+    let router = Router::new().route(
+        MessageType::Event,
+        service_fn(move |msg: Inbound| {
+            let n = msg.envelope.decode_payload::<u64>().ok();
+            checked.lock().unwrap_or_else(|e| e.into_inner()).see(n);
+            std::future::ready(Ok::<_, BoxError>(()))
+        }),
+    );
+    (seen, router)
 }
 
 /// One end of the chaos scenario.
