@@ -116,7 +116,6 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
 
 async fn run_scenarios(args: &BenchArgs) -> Result<(), String> {
     let all = args.scenario == Scenario::All;
-    let args = &args;
     // These run their own pinned runtimes on their own threads.
     if all || args.scenario == Scenario::Throughput {
         tokio::task::block_in_place(|| throughput(args))?;

@@ -12,12 +12,10 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tower::{BoxError, ServiceBuilder, service_fn};
+use tower::{BoxError, service_fn};
 use tunnel_proto::messages::{Gvr, Status};
 use tunnel_proto::{Envelope, Format, MessageType, Payload};
 use tunnel_reconnect::BackoffConfig;
-use tunnel_router::layer::metrics::MetricsLayer;
-use tunnel_router::layer::trace::TraceLayer;
 use tunnel_router::{Agent, AgentConfig, ConnectionState, Hub, HubSessions, Inbound, Router};
 use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig, WsConnector};
@@ -1216,22 +1214,8 @@ fn full_stack_run(n: u64, format: Format, sessions: bool) -> Result<(f64, u64), 
                 let mut client =
                     ClientConfig::new(AgentId::new("bench", "sustained")).format(format);
                 client.connection = client.connection.recorder(recorder.clone());
-                let agent = Agent::start(
-                    WsConnector::new(client),
-                    AgentConfig::new(url),
-                    Router::new(),
-                )
-                .map_err(|e| e.to_string())?;
-                agent
-                    .wait_connected(Duration::from_secs(10))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let stack = ServiceBuilder::new()
-                    .layer(MetricsLayer::new(recorder))
-                    .timeout(Duration::from_secs(5))
-                    .layer(TraceLayer::new())
-                    .service(agent.client());
-                let started = crate::stack_bench::drive(stack, n).await?;
+                let agent = crate::stack_bench::start_agent(&url, client).await?;
+                let started = crate::stack_bench::drive_layered(&agent, recorder, n).await?;
                 let finished = done_rx
                     .await
                     .map_err(|_| "not every message arrived".to_string())?;

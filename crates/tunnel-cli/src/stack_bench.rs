@@ -37,8 +37,13 @@ pub(crate) fn otel_recorder() -> (Arc<OtelRecorder>, SdkMeterProvider) {
     (recorder, provider)
 }
 
-async fn start_agent(url: &str, name: &str) -> Result<Agent, String> {
-    let config = ClientConfig::new(AgentId::new("bench", name)).format(Format::MsgPack);
+/// A MessagePack client config for agent `bench/<name>`.
+fn client(name: &str) -> ClientConfig {
+    ClientConfig::new(AgentId::new("bench", name)).format(Format::MsgPack)
+}
+
+/// Starts an agent on `url` and waits until it is connected.
+pub(crate) async fn start_agent(url: &str, config: ClientConfig) -> Result<Agent, String> {
     let agent = Agent::start(
         WsConnector::new(config),
         AgentConfig::new(url),
@@ -50,6 +55,21 @@ async fn start_agent(url: &str, name: &str) -> Result<Agent, String> {
         .await
         .map_err(|e| e.to_string())?;
     Ok(agent)
+}
+
+/// Sends `n` one-way events through the agent's client behind the metrics (recording
+/// into `recorder`), timeout and tracing layers: the full stack of the benchmarks.
+pub(crate) async fn drive_layered(
+    agent: &Agent,
+    recorder: Arc<OtelRecorder>,
+    n: u64,
+) -> Result<Instant, String> {
+    let stack = ServiceBuilder::new()
+        .layer(MetricsLayer::new(recorder))
+        .timeout(Duration::from_secs(5))
+        .layer(TraceLayer::new())
+        .service(agent.client());
+    drive(stack, n).await
 }
 
 /// Sends `n` one-way events through `svc`, one call at a time.
@@ -88,15 +108,10 @@ fn agent_throughput(n: u64, layers: bool) -> Result<f64, String> {
         },
         move |url| {
             Box::pin(async move {
-                let agent = start_agent(&url, "stack").await?;
+                let agent = start_agent(&url, client("stack")).await?;
                 let started = if layers {
                     let (recorder, _provider) = otel_recorder();
-                    let stack = ServiceBuilder::new()
-                        .layer(MetricsLayer::new(recorder))
-                        .timeout(Duration::from_secs(5))
-                        .layer(TraceLayer::new())
-                        .service(agent.client());
-                    drive(stack, n).await?
+                    drive_layered(&agent, recorder, n).await?
                 } else {
                     drive(agent.client(), n).await?
                 };
@@ -175,7 +190,7 @@ async fn stack_echo_client(
     n: usize,
     done: tokio::sync::oneshot::Sender<()>,
 ) -> Result<Vec<Duration>, String> {
-    let agent = start_agent(&url, "stack-latency").await?;
+    let agent = start_agent(&url, client("stack-latency")).await?;
     let (recorder, _provider) = otel_recorder();
     let mut stack = ServiceBuilder::new()
         .layer(MetricsLayer::new(recorder))
