@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tower::{BoxError, service_fn};
 use tunnel_proto::{Envelope, Format, MessageType, Payload};
-use tunnel_router::{Agent, Hub, HubSessions, Inbound, Router};
+use tunnel_router::{Agent, Hub, Inbound, Router};
 use tunnel_transport::{AgentId, SendError};
 
 #[path = "integration/support.rs"]
@@ -191,22 +191,7 @@ async fn hub_memory_returns_near_its_baseline_after_hostile_clients() {
             std::future::ready(Ok::<_, BoxError>(()))
         }))
     };
-    let hub = Hub::bind_resumable(
-        "127.0.0.1:0",
-        server_config(),
-        router,
-        HubSessions::default(),
-    )
-    .await
-    .expect("bind");
-    let url = hub.url().expect("url");
-    let healthy_id = AgentId::new("ws", "healthy");
-    let healthy = agent(
-        &url,
-        client_config(&healthy_id, Format::MsgPack),
-        Router::new(),
-    );
-    registered(&hub, &healthy_id).await;
+    let (hub, url, healthy, _) = hub_with_healthy_agent(router).await;
     let scene = Scene {
         hub,
         url,

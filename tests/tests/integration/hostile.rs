@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 use tunnel_proto::messages::{Handshake, HandshakeAck, Resume, TypedMessage};
 use tunnel_proto::{CloseCode, Envelope, Format, MessageType, Payload, capability};
-use tunnel_router::{Hub, HubSessions, Router};
+use tunnel_router::{Hub, Router};
 use tunnel_transport::{AgentId, SendError};
 
 use crate::support::*;
@@ -25,22 +25,7 @@ struct Scene {
 
 async fn scene() -> Scene {
     let (router, at_hub) = collecting_router();
-    let hub = Hub::bind_resumable(
-        "127.0.0.1:0",
-        server_config(),
-        router,
-        HubSessions::default(),
-    )
-    .await
-    .expect("bind");
-    let url = hub.url().expect("url");
-    let healthy_id = AgentId::new("ws", "healthy");
-    let healthy = agent(
-        &url,
-        client_config(&healthy_id, Format::MsgPack),
-        Router::new(),
-    );
-    registered(&hub, &healthy_id).await;
+    let (hub, url, healthy, healthy_id) = hub_with_healthy_agent(router).await;
     Scene {
         hub,
         url,

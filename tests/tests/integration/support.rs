@@ -275,3 +275,25 @@ pub(crate) fn status_of(result: Result<RawWs, WsError>) -> u16 {
         Ok(_) => panic!("expected an HTTP refusal, got an upgrade"),
     }
 }
+
+/// A resumable hub with `router` and a healthy agent `ws/healthy` registered on it: the
+/// fixture of the hostile-client tests. Returns the hub, its URL, the agent and its id.
+pub(crate) async fn hub_with_healthy_agent(router: Router) -> (Hub, String, Agent, AgentId) {
+    let hub = Hub::bind_resumable(
+        "127.0.0.1:0",
+        server_config(),
+        router,
+        tunnel_router::HubSessions::default(),
+    )
+    .await
+    .expect("bind");
+    let url = hub.url().expect("url");
+    let healthy_id = AgentId::new("ws", "healthy");
+    let healthy = agent(
+        &url,
+        client_config(&healthy_id, Format::MsgPack),
+        Router::new(),
+    );
+    registered(&hub, &healthy_id).await;
+    (hub, url, healthy, healthy_id)
+}
