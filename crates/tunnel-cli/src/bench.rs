@@ -71,7 +71,8 @@ pub(crate) struct BenchArgs {
     /// Hub kills measured by the stack scenario's failover.
     #[arg(long, default_value_t = 40)]
     kills: usize,
-    /// Only run tunnel's side of the throughput scenario with this codec (for profiling).
+    /// Only run tunnel's side of the throughput scenario, or the sustained scenario's full
+    /// stack, with this codec (for profiling).
     #[arg(long, value_enum, hide = true)]
     profile: Option<crate::Codec>,
 }
@@ -134,7 +135,7 @@ async fn run_scenarios(args: &BenchArgs) -> Result<(), String> {
     }
     if all || args.scenario == Scenario::Sustained {
         tokio::task::block_in_place(|| {
-            crate::load_bench::sustained(args.sustained_messages, args.runs)
+            crate::load_bench::sustained(args.sustained_messages, args.runs, args.profile)
         })?;
     }
     if all || args.scenario == Scenario::Idle {

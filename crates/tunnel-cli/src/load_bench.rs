@@ -1146,7 +1146,12 @@ impl Seen {
 /// the same without sessions, to show what they cost),
 /// OpenTelemetry metrics on both transports, and the metrics, timeout and tracing
 /// layers on the agent's client.
-pub(crate) fn sustained(n: u64, runs: usize) -> Result<(), String> {
+pub(crate) fn sustained(n: u64, runs: usize, only: Option<crate::Codec>) -> Result<(), String> {
+    if let Some(codec) = only {
+        let (rate, _) = full_stack_run(n, codec.into(), true)?;
+        println!("sustained {codec:?}: {} msg/s", thousands(rate as u64));
+        return Ok(());
+    }
     println!(
         "\nsustained: {} one-way events per run through the full stack (resumable session, OpenTelemetry metrics on both sides, metrics + timeout + tracing layers), median of {runs} runs, agent and hub on their own pinned cores",
         thousands(n)

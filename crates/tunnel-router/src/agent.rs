@@ -18,7 +18,7 @@ use tunnel_reconnect::{
 };
 use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, Resume, SendError};
 
-use crate::reliable::{FullPolicy, Receipt, Reliable, ReliableSendError};
+use crate::reliable::{FullPolicy, Receipt, Reliable, ReliableSendError, TrySend, Waiting};
 use crate::request::{Pending, Request, RequestError, Response};
 use crate::router::Router;
 use crate::session::{self, SessionEnd};
@@ -462,9 +462,7 @@ impl Agent {
     /// needed, and so is the hub's reply.
     pub async fn call(&self, request: Request) -> Result<Response, RequestError> {
         let timeout = request.timeout_or(self.inner.request_timeout);
-        let mut env = request.envelope;
-        env.timestamp = tunnel_transport::unix_millis();
-        env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let env = self.stamp(request.envelope);
         if !env.expects_reply() {
             return Ok(Response::Accepted(self.transmit(env).await?));
         }
@@ -472,6 +470,13 @@ impl Agent {
         let ticket = self.inner.pending.register(env.id, None)?;
         self.transmit(env).await?;
         Ok(Response::Reply(Box::new(ticket.wait(timeout).await?)))
+    }
+
+    /// Gives `env` its id and send time.
+    fn stamp(&self, mut env: Envelope) -> Envelope {
+        env.timestamp = tunnel_transport::unix_millis();
+        env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        env
     }
 
     /// A tower [`Service`](tower::Service) sending through this agent (see
@@ -492,28 +497,51 @@ impl Agent {
         self.inner.pending.len()
     }
 
-    async fn transmit(&self, mut env: Envelope) -> Result<Receipt, AgentSendError> {
+    async fn transmit(&self, env: Envelope) -> Result<Receipt, AgentSendError> {
+        match self.try_transmit(env) {
+            Transmit::Done(receipt) => {
+                // A producer that never has to wait would starve the tasks on its thread
+                // (among them the reader of the hub's acks): yield now and then.
+                tokio::task::consume_budget().await;
+                Ok(receipt)
+            }
+            Transmit::Failed(e) => Err(e),
+            // Boxed: the waiting paths' futures are large and rarely needed, and inline
+            // they would be moved around on every send.
+            waiting => Box::pin(waiting.finish()).await,
+        }
+    }
+
+    /// As much of [`Agent::transmit`] as can be done without waiting.
+    fn try_transmit(&self, mut env: Envelope) -> Transmit {
         if env.content_encoding().is_some() {
             session::fit_encoding(&mut env, self.sender().as_ref());
         }
+        let current = if self.inner.resumable.load(Ordering::Acquire) {
+            None
+        } else {
+            self.sender()
+        };
+        // With a resumable session, and between connections when sessions are on, the
+        // session holds the message; otherwise it goes on the current connection.
         if let Some(reliable) = &self.inner.reliable
-            && self.inner.resumable.load(Ordering::Acquire)
+            && current.is_none()
         {
             let policy = self.inner.when_full.for_type(&env.kind);
-            return Ok(reliable.send(env, policy).await?);
+            return match reliable.try_send(env, &policy) {
+                TrySend::Held(receipt) => Transmit::Done(receipt),
+                TrySend::Backlog(receipt) => Transmit::Drain(reliable.clone(), receipt),
+                TrySend::Wait(waiting) => Transmit::Wait(reliable.clone(), waiting),
+                TrySend::Failed(e) => Transmit::Failed(e.into()),
+            };
         }
-        let current = self.sender();
-        match &self.inner.reliable {
-            // Between connections: held for the next one.
-            Some(reliable) if current.is_none() => {
-                let policy = self.inner.when_full.for_type(&env.kind);
-                Ok(reliable.send(env, policy).await?)
-            }
-            _ => {
-                let sender = current.ok_or(AgentSendError::NotConnected)?;
-                sender.send(&env).await?;
-                Ok(Receipt::untracked())
-            }
+        let Some(sender) = current else {
+            return Transmit::Failed(AgentSendError::NotConnected);
+        };
+        match sender.try_send(&env) {
+            Ok(()) => Transmit::Done(Receipt::untracked()),
+            Err(SendError::Full) => Transmit::Queue(sender, Box::new(env)),
+            Err(e) => Transmit::Failed(e.into()),
         }
     }
 
@@ -837,6 +865,39 @@ impl From<AgentSendError> for RequestError {
     }
 }
 
+/// Where [`Agent::try_transmit`] left a message.
+enum Transmit {
+    /// Held by the session or queued on the connection.
+    Done(Receipt),
+    /// Held, but the connection's queue is full: the backlog has to be drained.
+    Drain(Arc<Reliable>, Receipt),
+    /// The replay buffer is full: wait for room as the policy says.
+    Wait(Arc<Reliable>, Box<Waiting>),
+    /// No session, and the connection's queue is full: wait for room on it.
+    Queue(ConnectionSender, Box<Envelope>),
+    /// Refused.
+    Failed(AgentSendError),
+}
+
+impl Transmit {
+    /// Waits for whatever the message still needs.
+    async fn finish(self) -> Result<Receipt, AgentSendError> {
+        match self {
+            Transmit::Done(receipt) => Ok(receipt),
+            Transmit::Drain(reliable, receipt) => {
+                reliable.drain_boxed().await;
+                Ok(receipt)
+            }
+            Transmit::Wait(reliable, waiting) => Ok(reliable.send_waiting(waiting).await?),
+            Transmit::Queue(sender, env) => {
+                sender.send(&env).await?;
+                Ok(Receipt::untracked())
+            }
+            Transmit::Failed(e) => Err(e),
+        }
+    }
+}
+
 /// A tower [`Service`](tower::Service) that sends [`Request`]s through an [`Agent`]
 /// (from [`Agent::client`]). Always ready: back-pressure comes from the session's
 /// replay buffer policy, and a concurrency limit is tower's `ConcurrencyLimitLayer`.
@@ -870,7 +931,7 @@ impl AgentClient {
 impl tower::Service<Request> for AgentClient {
     type Response = Response;
     type Error = RequestError;
-    type Future = futures_util::future::BoxFuture<'static, Result<Response, RequestError>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(
         &mut self,
@@ -879,8 +940,87 @@ impl tower::Service<Request> for AgentClient {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    /// A one-way message is handed to the session (or connection) here when there is
+    /// room at once, so dropping the future afterwards does not take it back; the
+    /// future then only yields its receipt. Anything that has to wait, and every
+    /// request expecting a reply, happens when the future is polled.
+    fn call(&mut self, request: Request) -> ResponseFuture {
         let agent = self.agent.clone();
-        Box::pin(async move { agent.call(request).await })
+        if request.expects_reply() {
+            return ResponseFuture::boxed(async move { agent.call(request).await });
+        }
+        let env = agent.stamp(request.envelope);
+        match agent.try_transmit(env) {
+            Transmit::Done(receipt) => ResponseFuture::ready(Ok(Response::Accepted(receipt))),
+            Transmit::Failed(e) => ResponseFuture::ready(Err(e.into())),
+            waiting => {
+                ResponseFuture::boxed(
+                    async move { Ok(Response::Accepted(waiting.finish().await?)) },
+                )
+            }
+        }
+    }
+}
+
+/// The future of [`AgentClient`]'s (and [`PoolClient`](crate::PoolClient)'s) `call`: the
+/// response, at once when the message could be sent without waiting.
+pub struct ResponseFuture {
+    state: ResponseState,
+}
+
+enum ResponseState {
+    Ready(Option<Result<Response, RequestError>>),
+    Waiting(futures_util::future::BoxFuture<'static, Result<Response, RequestError>>),
+}
+
+impl ResponseFuture {
+    pub(crate) fn ready(result: Result<Response, RequestError>) -> Self {
+        ResponseFuture {
+            state: ResponseState::Ready(Some(result)),
+        }
+    }
+
+    pub(crate) fn boxed(
+        future: impl std::future::Future<Output = Result<Response, RequestError>> + Send + 'static,
+    ) -> Self {
+        ResponseFuture {
+            state: ResponseState::Waiting(Box::pin(future)),
+        }
+    }
+}
+
+impl std::fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.state {
+            ResponseState::Ready(_) => "ready",
+            ResponseState::Waiting(_) => "waiting",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl std::future::Future for ResponseFuture {
+    type Output = Result<Response, RequestError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.get_mut().state {
+            ResponseState::Waiting(future) => future.as_mut().poll(cx),
+            ResponseState::Ready(result) => {
+                // A caller sending in a loop never waits here: spend the task's budget
+                // so that it still yields to the other tasks on its thread now and then.
+                let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+                coop.made_progress();
+                std::task::Poll::Ready(
+                    result
+                        .take()
+                        .unwrap_or(Err(RequestError::Send("polled after completion".into()))),
+                )
+            }
+        }
     }
 }

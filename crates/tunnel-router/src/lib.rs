@@ -52,7 +52,7 @@ mod session;
 
 pub use agent::{
     Agent, AgentClient, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState,
-    InvalidAgentConfig, SessionEvent,
+    InvalidAgentConfig, ResponseFuture, SessionEvent,
 };
 pub use hub::{AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubSendError};
 pub use hub_sessions::HubSessions;

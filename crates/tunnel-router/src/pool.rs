@@ -16,7 +16,7 @@ use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
 use tunnel_transport::Connector;
 
-use crate::agent::{Agent, AgentClient, AgentConfig, InvalidAgentConfig};
+use crate::agent::{Agent, AgentClient, AgentConfig, InvalidAgentConfig, ResponseFuture};
 use crate::request::{Request, RequestError, Response};
 use crate::router::Router;
 
@@ -456,7 +456,7 @@ fn from_box(e: tower::BoxError) -> RequestError {
 impl Service<Request> for PoolClient {
     type Response = Response;
     type Error = RequestError;
-    type Future = futures_util::future::BoxFuture<'static, Result<Response, RequestError>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RequestError>> {
         match &mut self.kind {
@@ -470,7 +470,7 @@ impl Service<Request> for PoolClient {
             ClientKind::Single(client) => client.call(request),
             ClientKind::Spread(balance) => {
                 let fut = balance.call(request);
-                Box::pin(async move { fut.await.map_err(from_box) })
+                ResponseFuture::boxed(async move { fut.await.map_err(from_box) })
             }
         }
     }

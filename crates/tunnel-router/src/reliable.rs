@@ -206,6 +206,33 @@ pub(crate) enum Verdict {
     Violation(String),
 }
 
+/// What [`Reliable::try_send`] did with a message.
+pub(crate) enum TrySend {
+    /// Held (and on the connection if there is one).
+    Held(Receipt),
+    /// Held, but the connection's queue was full: the caller must drain the backlog.
+    Backlog(Receipt),
+    /// The buffer is full and the policy says to wait: the message, back, for
+    /// [`Reliable::send_waiting`].
+    Wait(Box<Waiting>),
+    /// Refused.
+    Failed(ReliableSendError),
+}
+
+/// A message waiting for room in the replay buffer.
+pub(crate) struct Waiting {
+    env: Envelope,
+    /// The resource key of a `KeepLatest` status.
+    key: Option<String>,
+    /// How long to wait for room.
+    wait: Duration,
+}
+
+enum Pushed {
+    Held { seq: u64, backlog: bool },
+    Full(Box<tunnel_proto::session::Full<Envelope>>),
+}
+
 struct Out {
     out: Outbound<Envelope>,
     conn: Option<ConnectionSender>,
@@ -358,90 +385,160 @@ impl Reliable {
         env: Envelope,
         when_full: WhenFull,
     ) -> Result<Receipt, ReliableSendError> {
-        let mut env = env;
-        let mut deadline = None;
-        let key = match when_full {
+        let receipt = match self.try_send(env, &when_full) {
+            TrySend::Held(receipt) => receipt,
+            TrySend::Backlog(receipt) => {
+                self.drain_boxed().await;
+                receipt
+            }
+            TrySend::Failed(e) => return Err(e),
+            // Boxed: waiting for room is rare, and inline its future would weigh on
+            // every send.
+            TrySend::Wait(waiting) => return Box::pin(self.send_waiting(waiting)).await,
+        };
+        // A producer that never has to wait would starve the tasks on its thread that
+        // read the peer's acks: yield now and then.
+        tokio::task::consume_budget().await;
+        Ok(receipt)
+    }
+
+    /// [`Reliable::send`] without waiting: holds `env` if the buffer has room (or it
+    /// replaces an older status), or gives it back when the caller has to wait for
+    /// room. Whoever gets [`TrySend::Backlog`] must run [`Reliable::drain_boxed`].
+    pub(crate) fn try_send(self: &Arc<Self>, env: Envelope, when_full: &WhenFull) -> TrySend {
+        let mut key = match when_full {
             WhenFull::KeepLatest(_) => status_key(&env),
             _ => None,
         };
+        let pushed = {
+            let mut st = self.state();
+            self.push_locked(&mut st, env, &mut key)
+        };
+        match pushed {
+            Ok(Pushed::Held { seq, backlog }) => {
+                let receipt = Receipt {
+                    seq,
+                    session: Some(self.clone()),
+                };
+                if backlog {
+                    TrySend::Backlog(receipt)
+                } else {
+                    TrySend::Held(receipt)
+                }
+            }
+            Ok(Pushed::Full(full)) => match *when_full {
+                WhenFull::Wait(wait) | WhenFull::KeepLatest(wait) => {
+                    TrySend::Wait(Box::new(Waiting {
+                        env: full.item,
+                        key,
+                        wait,
+                    }))
+                }
+                _ => TrySend::Failed(ReliableSendError::Full(full.bound)),
+            },
+            Err(e) => TrySend::Failed(e),
+        }
+    }
+
+    /// Sends the backlog (see [`Reliable::drain`]), boxed: the drainer's futures are
+    /// large and rarely needed, and inline they would weigh on every send.
+    pub(crate) async fn drain_boxed(&self) {
+        Box::pin(self.drain()).await;
+    }
+
+    /// The rest of [`Reliable::send`] once the buffer was full: waits for room up to
+    /// the policy's deadline.
+    pub(crate) async fn send_waiting(
+        self: &Arc<Self>,
+        waiting: Box<Waiting>,
+    ) -> Result<Receipt, ReliableSendError> {
+        let Waiting {
+            mut env,
+            mut key,
+            wait,
+        } = *waiting;
+        let deadline = Instant::now() + wait;
         loop {
             let room = self.room.notified();
             tokio::pin!(room);
             let pushed = {
                 let mut st = self.state();
-                if st.shut {
-                    return Err(ReliableSendError::ShutDown);
+                let pushed = self.push_locked(&mut st, env, &mut key)?;
+                if matches!(pushed, Pushed::Full(_)) {
+                    // Register for room before letting go of the lock, so an ack that
+                    // frees room in between is not missed.
+                    room.as_mut().enable();
                 }
-                let size = size_of(&env);
-                // Only a full buffer conflates: otherwise every status is delivered.
-                if let Some(key) = &key
-                    && st.out.has_room(size).is_err()
-                    && let Some(&seq) = st.latest.get(key)
-                    && seq > st.transmitted_through
-                {
-                    env.seq = Some(seq);
-                    let before = held_of(&st);
-                    match st.out.replace(seq, env, size) {
-                        Ok(_superseded) => {
-                            self.report(before, &st);
-                            return Ok(Receipt {
-                                seq,
-                                session: Some(self.clone()),
-                            });
-                        }
-                        Err(back) => env = back,
-                    }
-                }
-                env.seq = Some(st.out.next_seq());
-                match st.out.push(env, size, self.coarse_now()) {
-                    Ok(seq) => {
-                        self.recorder
-                            .replay_changed(1, i64::try_from(size).unwrap_or(i64::MAX));
-                        if let Some(key) = &key {
-                            if st.latest.len() > 2 * self.config.max_replay_messages {
-                                let through = st.transmitted_through;
-                                st.latest.retain(|_, s| *s > through);
-                            }
-                            st.latest.insert(key.clone(), seq);
-                        }
-                        let backlog = self.try_transmit(&mut st, seq);
-                        Ok((seq, backlog))
-                    }
-                    Err(full) => {
-                        // Register for room before letting go of the lock, so an ack
-                        // that frees room in between is not missed.
-                        room.as_mut().enable();
-                        Err(full)
-                    }
-                }
+                pushed
             };
             match pushed {
-                Ok((seq, backlog)) => {
+                Pushed::Held { seq, backlog } => {
                     if backlog {
-                        // Boxed: the drainer's futures are large and rarely needed, and
-                        // inline they would weigh on every send.
-                        Box::pin(self.drain()).await;
-                    } else {
-                        // A producer that never has to wait would starve the tasks on
-                        // its thread that read the peer's acks: yield now and then.
-                        tokio::task::consume_budget().await;
+                        self.drain_boxed().await;
                     }
                     return Ok(Receipt {
                         seq,
                         session: Some(self.clone()),
                     });
                 }
-                Err(full) => {
-                    let (WhenFull::Wait(wait) | WhenFull::KeepLatest(wait)) = when_full else {
-                        return Err(ReliableSendError::Full(full.bound));
-                    };
-                    let deadline = *deadline.get_or_insert_with(|| Instant::now() + wait);
+                Pushed::Full(full) => {
                     env = full.item;
                     if tokio::time::timeout_at(deadline, room).await.is_err() {
                         return Err(ReliableSendError::Full(full.bound));
                     }
                 }
             }
+        }
+    }
+
+    /// Holds `env` under the lock: replaces the latest status of the same resource when
+    /// the buffer is full (`key`, taken once it is recorded), else numbers and pushes
+    /// it, and hands it to the connection if it can go at once.
+    fn push_locked(
+        self: &Arc<Self>,
+        st: &mut Out,
+        mut env: Envelope,
+        key: &mut Option<String>,
+    ) -> Result<Pushed, ReliableSendError> {
+        if st.shut {
+            return Err(ReliableSendError::ShutDown);
+        }
+        let size = size_of(&env);
+        // Only a full buffer conflates: otherwise every status is delivered.
+        if let Some(key) = key.as_deref()
+            && st.out.has_room(size).is_err()
+            && let Some(&seq) = st.latest.get(key)
+            && seq > st.transmitted_through
+        {
+            env.seq = Some(seq);
+            let before = held_of(st);
+            match st.out.replace(seq, env, size) {
+                Ok(_superseded) => {
+                    self.report(before, st);
+                    return Ok(Pushed::Held {
+                        seq,
+                        backlog: false,
+                    });
+                }
+                Err(back) => env = back,
+            }
+        }
+        env.seq = Some(st.out.next_seq());
+        match st.out.push(env, size, self.coarse_now()) {
+            Ok(seq) => {
+                self.recorder
+                    .replay_changed(1, i64::try_from(size).unwrap_or(i64::MAX));
+                if let Some(key) = key.take() {
+                    if st.latest.len() > 2 * self.config.max_replay_messages {
+                        let through = st.transmitted_through;
+                        st.latest.retain(|_, s| *s > through);
+                    }
+                    st.latest.insert(key, seq);
+                }
+                let backlog = self.try_transmit(st, seq);
+                Ok(Pushed::Held { seq, backlog })
+            }
+            Err(full) => Ok(Pushed::Full(Box::new(full))),
         }
     }
 

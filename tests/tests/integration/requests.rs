@@ -240,3 +240,55 @@ async fn a_request_without_a_session_fails_when_its_connection_ends() {
     agent.shutdown().await;
     hub.shutdown().await;
 }
+
+#[tokio::test]
+async fn one_way_messages_through_the_client_are_held_in_call_and_the_sender_still_yields() {
+    let (router, mut inbox) = collecting_router();
+    let hub = resumable(router).await;
+    let id = AgentId::new("root:org", "loop");
+    let agent = agent(
+        &hub.url().expect("url"),
+        client_config(&id, Format::MsgPack),
+        Router::new(),
+    );
+    agent.wait_connected(SOON).await.expect("connected");
+    eventually("session resumable", || agent.held().is_some()).await;
+
+    // Another task on this (single-threaded) runtime: it only runs if the sending loop
+    // below yields.
+    let other_ran_at = Arc::new(AtomicUsize::new(usize::MAX));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (seen, count) = (other_ran_at.clone(), sent.clone());
+    tokio::spawn(async move { seen.store(count.load(Ordering::SeqCst), Ordering::SeqCst) });
+
+    let mut client = agent.client();
+    let n = 600;
+    for i in 0..n {
+        let (held_before, _) = agent.held().expect("sessions");
+        let request = Request::send(MessageType::Event, &json!({"n": i})).expect("encode");
+        let response = client.ready().await.expect("ready").call(request);
+        let (held_after, _) = agent.held().expect("sessions");
+        // Nothing else ran between the two reads, so no ack can have released one.
+        assert_eq!(
+            held_after,
+            held_before + 1,
+            "message {i} held by `call` itself"
+        );
+        let response = response.await.expect("accepted");
+        assert!(matches!(response, Response::Accepted(_)));
+        sent.store(i + 1, Ordering::SeqCst);
+    }
+    let ran_at = other_ran_at.load(Ordering::SeqCst);
+    assert!(
+        ran_at < n,
+        "the other task ran only after the loop ended: the sender never yielded"
+    );
+
+    for i in 0..n {
+        let msg = recv_soon(&mut inbox).await;
+        let got: Value = msg.envelope.decode_payload().expect("payload");
+        assert_eq!(got, json!({"n": i}), "in order, none lost");
+    }
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
