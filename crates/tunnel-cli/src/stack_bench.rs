@@ -69,11 +69,12 @@ pub(crate) async fn drive_layered(
         .timeout(Duration::from_secs(5))
         .layer(TraceLayer::new())
         .service(agent.client());
-    drive(stack, n).await
+    drive(stack, agent.format(), n).await
 }
 
-/// Sends `n` one-way events through `svc`, one call at a time.
-pub(crate) async fn drive<S>(mut svc: S, n: u64) -> Result<Instant, String>
+/// Sends `n` one-way events through `svc`, one call at a time, their payloads encoded
+/// in the connection's `format` (as `Request::send_as` advises).
+pub(crate) async fn drive<S>(mut svc: S, format: Format, n: u64) -> Result<Instant, String>
 where
     S: Service<Request, Response = Response>,
     S::Error: std::fmt::Display,
@@ -81,7 +82,8 @@ where
     let event = sample_event();
     let started = Instant::now();
     for _ in 0..n {
-        let request = Request::send(MessageType::Event, &event).map_err(|e| e.to_string())?;
+        let request =
+            Request::send_as(format, MessageType::Event, &event).map_err(|e| e.to_string())?;
         svc.ready()
             .await
             .map_err(|e| e.to_string())?
@@ -113,7 +115,7 @@ fn agent_throughput(n: u64, layers: bool) -> Result<f64, String> {
                     let (recorder, _provider) = otel_recorder();
                     drive_layered(&agent, recorder, n).await?
                 } else {
-                    drive(agent.client(), n).await?
+                    drive(agent.client(), agent.format(), n).await?
                 };
                 let finished = done_rx
                     .await

@@ -229,6 +229,8 @@ impl AgentConfig {
 struct Inner {
     state: watch::Sender<ConnectionState>,
     current: watch::Sender<Option<ConnectionSender>>,
+    /// Whether the last connection used JSON (for [`Agent::format`] between connections).
+    json: AtomicBool,
     reconnects: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -333,6 +335,7 @@ impl Agent {
         let inner = Arc::new(Inner {
             state: watch::Sender::new(ConnectionState::Connecting),
             current: watch::Sender::new(None),
+            json: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -545,11 +548,16 @@ impl Agent {
         }
     }
 
-    /// The payload format of the current connection (MessagePack when disconnected,
-    /// transcoded on send if the connection turns out to use JSON).
-    fn format(&self) -> tunnel_proto::Format {
-        self.sender()
-            .map_or(tunnel_proto::Format::MsgPack, |s| s.info().format)
+    /// The payload format of the agent's connections: the current one's, else the last
+    /// one's (MessagePack before the first). Encode payloads in it
+    /// ([`Request::send_as`]) and they go on the wire as they are; a payload in the
+    /// other format is transcoded for every send.
+    pub fn format(&self) -> tunnel_proto::Format {
+        match self.sender() {
+            Some(sender) => sender.info().format,
+            None if self.inner.json.load(Ordering::Relaxed) => tunnel_proto::Format::Json,
+            None => tunnel_proto::Format::MsgPack,
+        }
     }
 
     /// Messages and bytes held until the hub acknowledges them (`None` without
@@ -702,6 +710,10 @@ async fn supervise(
                 };
                 inner.resumable.store(reliable.is_some(), Ordering::Release);
                 inner.state.send_replace(state);
+                inner.json.store(
+                    sender.info().format == tunnel_proto::Format::Json,
+                    Ordering::Relaxed,
+                );
                 inner.current.send_replace(Some(sender.clone()));
                 let link =
                     session::Link::new(reliable, &inner.pending, &inner.next_id, &*config.recorder);

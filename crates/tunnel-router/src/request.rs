@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tunnel_metrics::Recorder;
-use tunnel_proto::{Envelope, ErrorBody, MessageType, Payload};
+use tunnel_proto::{Envelope, ErrorBody, Format, MessageType, Payload};
 use tunnel_transport::AgentId;
 
 use crate::reliable::{Receipt, ReliableSendError};
@@ -46,27 +46,56 @@ pub struct Request {
 
 impl Request {
     /// A request of `kind` whose payload is `value` (MessagePack, transcoded if the
-    /// connection uses JSON): the response is the peer's reply.
+    /// connection uses JSON; see [`Request::call_as`]): the response is the peer's
+    /// reply.
     pub fn call<T: serde::Serialize + ?Sized>(
         kind: MessageType,
         value: &T,
     ) -> Result<Self, tunnel_proto::EncodeError> {
-        let payload = Payload::encode(tunnel_proto::Format::MsgPack, value)?;
+        Request::call_as(Format::MsgPack, kind, value)
+    }
+
+    /// [`Request::call`] with the payload encoded in `format`: pass the connection's
+    /// ([`Agent::format`](crate::Agent::format)) and it is not transcoded on the way.
+    pub fn call_as<T: serde::Serialize + ?Sized>(
+        format: Format,
+        kind: MessageType,
+        value: &T,
+    ) -> Result<Self, tunnel_proto::EncodeError> {
         Ok(Request::from_envelope(
             Envelope::new(0, kind, 0)
-                .with_payload(payload)
+                .with_payload(Payload::encode(format, value)?)
                 .expecting_reply(),
         ))
     }
 
-    /// A one-way message of `kind`: the response is its [`Receipt`].
+    /// A one-way message of `kind`: the response is its [`Receipt`]. The payload is
+    /// MessagePack, transcoded if the connection uses JSON (see [`Request::send_as`]).
     pub fn send<T: serde::Serialize + ?Sized>(
         kind: MessageType,
         value: &T,
     ) -> Result<Self, tunnel_proto::EncodeError> {
-        let payload = Payload::encode(tunnel_proto::Format::MsgPack, value)?;
+        Request::send_as(Format::MsgPack, kind, value)
+    }
+
+    /// [`Request::send`] with the payload encoded in `format`: pass the connection's
+    /// ([`Agent::format`](crate::Agent::format)) and it is not transcoded on the way.
+    ///
+    /// ```
+    /// use tunnel_proto::{Format, MessageType, messages::Command};
+    /// use tunnel_router::Request;
+    ///
+    /// let request = Request::send_as(Format::Json, MessageType::Command, &Command::new("sync"))?;
+    /// assert_eq!(request.envelope.payload.as_ref().map(|p| p.format()), Some(Format::Json));
+    /// # Ok::<(), tunnel_proto::EncodeError>(())
+    /// ```
+    pub fn send_as<T: serde::Serialize + ?Sized>(
+        format: Format,
+        kind: MessageType,
+        value: &T,
+    ) -> Result<Self, tunnel_proto::EncodeError> {
         Ok(Request::from_envelope(
-            Envelope::new(0, kind, 0).with_payload(payload),
+            Envelope::new(0, kind, 0).with_payload(Payload::encode(format, value)?),
         ))
     }
 

@@ -59,6 +59,7 @@ async fn an_agent_request_gets_the_hub_handlers_reply_in_both_codecs() {
             Router::new(),
         );
         agent.wait_connected(SOON).await.expect("connected");
+        assert_eq!(agent.format(), format, "the connection's codec");
         let reply = agent.call(command("hello")).await.expect("reply");
         assert_eq!(
             reply.decode::<Value>().expect("decode"),
@@ -70,6 +71,19 @@ async fn an_agent_request_gets_the_hub_handlers_reply_in_both_codecs() {
         };
         assert_eq!(env.kind, MessageType::Reply);
         assert!(env.seq.is_some(), "replies go through the session");
+        // Encoded in the connection's codec up front: the same reply, no transcoding.
+        let request = Request::call_as(
+            agent.format(),
+            MessageType::Command,
+            &Command::new("native"),
+        )
+        .expect("encode");
+        let reply = agent.call(request).await.expect("reply");
+        assert_eq!(
+            reply.decode::<Value>().expect("decode"),
+            json!({"echo": "native"}),
+            "{format:?}"
+        );
         agent.shutdown().await;
         hub.shutdown().await;
     }
