@@ -142,6 +142,8 @@ async fn write_loop<S>(
 /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]), then flushes.
 /// Returns `Ok(false)` once a close frame was sent.
 ///
+/// Queued messages are taken [`TAKE`] at a time (`recv_many` gives their places in
+/// the queue back in one step, where `try_recv` takes the queue's lock for each).
 /// When the queue runs dry the writer yields to the scheduler once before flushing:
 /// a producer on another worker usually queues more in that time, so one write
 /// syscall carries many messages instead of one each.
@@ -155,6 +157,8 @@ async fn write_batch<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // Allocated per batch, not kept: an idle connection holds no batch buffer.
+    let mut taken = Vec::new();
     let mut next = Some(first);
     let mut written = 0;
     loop {
@@ -176,20 +180,40 @@ where
             }
             written += 1;
             if written < MAX_BATCH {
-                next = rx.try_recv().ok();
+                next = take_queued(rx, &mut taken, MAX_BATCH - written);
             }
         }
         if written >= MAX_BATCH {
             break;
         }
         tokio::task::yield_now().await;
-        next = rx.try_recv().ok();
+        next = take_queued(rx, &mut taken, MAX_BATCH - written);
         if next.is_none() {
             break;
         }
     }
     sink.flush().await.map_err(|e| e.to_string())?;
     Ok(true)
+}
+
+/// Messages taken from the queue at once, at most.
+const TAKE: usize = 64;
+
+/// The next queued message without waiting: from `taken`, refilled from the queue with
+/// up to `limit` more when it is empty.
+fn take_queued(
+    rx: &mut mpsc::Receiver<Outgoing>,
+    taken: &mut Vec<Outgoing>,
+    limit: usize,
+) -> Option<Outgoing> {
+    if taken.is_empty() {
+        use futures_util::FutureExt as _;
+        // `recv_many` only waits when the queue is empty: polled once, it takes what
+        // is there. Kept in reverse so that `pop` yields them in order.
+        rx.recv_many(taken, limit.min(TAKE)).now_or_never()?;
+        taken.reverse();
+    }
+    taken.pop()
 }
 
 /// The read half as a stream of [`Incoming`].
