@@ -280,11 +280,12 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
     let token_file = args.token_file.clone();
     let id = AgentId::new(args.workspace.clone(), args.sync_target.clone());
     let metrics = crate::telemetry::metrics()?;
+    let format: tunnel_proto::Format = args.codec.into();
     let config = ClientConfig::new(id.clone())
         .token(Some(token))
         .token_source(move || read_token(&token_file).ok())
         .tls(agent_tls(&args)?)
-        .format(args.codec.into())
+        .format(format)
         .connection(tunnel_transport::ConnectionConfig::default().recorder(metrics.recorder()));
     let router = Router::new()
         .route(
@@ -336,7 +337,8 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
                 };
                 // Held and replayed by the session while the hub is unreachable (in
                 // spread mode, sent through a connection that is up).
-                let sent = match Request::send(MessageType::Status, &status) {
+                // Encoded in the connection's codec: not transcoded on the way.
+                let sent = match Request::send_as(format, MessageType::Status, &status) {
                     Ok(request) => match tokio::time::timeout(Duration::from_secs(5), client.ready()).await {
                         Ok(Ok(ready)) => ready.call(request).await.map(drop).map_err(|e| e.to_string()),
                         Ok(Err(e)) => Err(e.to_string()),
