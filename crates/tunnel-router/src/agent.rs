@@ -18,7 +18,7 @@ use tunnel_reconnect::{
 };
 use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, Resume, SendError};
 
-use crate::reliable::{FullPolicy, Receipt, Reliable, ReliableSendError, TrySend, Waiting};
+use crate::reliable::{FullPolicy, Receipt, Reliable, ReliableSendError, TrySend};
 use crate::request::{Pending, Request, RequestError, Response};
 use crate::router::Router;
 use crate::session::{self, SessionEnd};
@@ -533,9 +533,8 @@ impl Agent {
             let policy = self.inner.when_full.for_type(&env.kind);
             return match reliable.try_send(env, &policy) {
                 TrySend::Held(receipt) => Transmit::Done(receipt),
-                TrySend::Backlog(receipt) => Transmit::Drain(reliable.clone(), receipt),
-                TrySend::Wait(waiting) => Transmit::Wait(reliable.clone(), waiting),
                 TrySend::Failed(e) => Transmit::Failed(e.into()),
+                waiting => Transmit::Session(reliable.clone(), waiting),
             };
         }
         let Some(sender) = current else {
@@ -881,10 +880,9 @@ impl From<AgentSendError> for RequestError {
 enum Transmit {
     /// Held by the session or queued on the connection.
     Done(Receipt),
-    /// Held, but the connection's queue is full: the backlog has to be drained.
-    Drain(Arc<Reliable>, Receipt),
-    /// The replay buffer is full: wait for room as the policy says.
-    Wait(Arc<Reliable>, Box<Waiting>),
+    /// Held with the connection's queue full (a backlog to drain), or the replay
+    /// buffer full (wait for room as the policy says).
+    Session(Arc<Reliable>, TrySend),
     /// No session, and the connection's queue is full: wait for room on it.
     Queue(ConnectionSender, Box<Envelope>),
     /// Refused.
@@ -896,11 +894,7 @@ impl Transmit {
     async fn finish(self) -> Result<Receipt, AgentSendError> {
         match self {
             Transmit::Done(receipt) => Ok(receipt),
-            Transmit::Drain(reliable, receipt) => {
-                reliable.drain_boxed().await;
-                Ok(receipt)
-            }
-            Transmit::Wait(reliable, waiting) => Ok(reliable.send_waiting(waiting).await?),
+            Transmit::Session(reliable, waiting) => Ok(waiting.finish(&reliable).await?),
             Transmit::Queue(sender, env) => {
                 sender.send(&env).await?;
                 Ok(Receipt::untracked())

@@ -210,13 +210,33 @@ pub(crate) enum Verdict {
 pub(crate) enum TrySend {
     /// Held (and on the connection if there is one).
     Held(Receipt),
-    /// Held, but the connection's queue was full: the caller must drain the backlog.
+    /// Held, but the connection's queue was full: the backlog must be drained.
     Backlog(Receipt),
-    /// The buffer is full and the policy says to wait: the message, back, for
-    /// [`Reliable::send_waiting`].
+    /// The buffer is full and the policy says to wait: the message, back.
     Wait(Box<Waiting>),
     /// Refused.
     Failed(ReliableSendError),
+}
+
+impl TrySend {
+    /// Waits for whatever the message still needs: the backlog drained, or room in the
+    /// buffer. Its future is large: box it on paths every message takes.
+    pub(crate) async fn finish(
+        self,
+        reliable: &Arc<Reliable>,
+    ) -> Result<Receipt, ReliableSendError> {
+        match self {
+            TrySend::Held(receipt) => Ok(receipt),
+            TrySend::Backlog(receipt) => {
+                // Boxed on its own: the drainer's future is large, and waiting for
+                // room (below) is the more frequent slow path.
+                Box::pin(reliable.drain()).await;
+                Ok(receipt)
+            }
+            TrySend::Wait(waiting) => reliable.send_waiting(waiting).await,
+            TrySend::Failed(e) => Err(e),
+        }
+    }
 }
 
 /// A message waiting for room in the replay buffer.
@@ -385,26 +405,22 @@ impl Reliable {
         env: Envelope,
         when_full: WhenFull,
     ) -> Result<Receipt, ReliableSendError> {
-        let receipt = match self.try_send(env, &when_full) {
-            TrySend::Held(receipt) => receipt,
-            TrySend::Backlog(receipt) => {
-                self.drain_boxed().await;
-                receipt
+        match self.try_send(env, &when_full) {
+            TrySend::Held(receipt) => {
+                // A producer that never has to wait would starve the tasks on its thread
+                // that read the peer's acks: yield now and then.
+                tokio::task::consume_budget().await;
+                Ok(receipt)
             }
-            TrySend::Failed(e) => return Err(e),
-            // Boxed: waiting for room is rare, and inline its future would weigh on
-            // every send.
-            TrySend::Wait(waiting) => return Box::pin(self.send_waiting(waiting)).await,
-        };
-        // A producer that never has to wait would starve the tasks on its thread that
-        // read the peer's acks: yield now and then.
-        tokio::task::consume_budget().await;
-        Ok(receipt)
+            // Boxed: the waiting paths are rare, and inline their futures would weigh
+            // on every send.
+            other => Box::pin(other.finish(self)).await,
+        }
     }
 
     /// [`Reliable::send`] without waiting: holds `env` if the buffer has room (or it
     /// replaces an older status), or gives it back when the caller has to wait for
-    /// room. Whoever gets [`TrySend::Backlog`] must run [`Reliable::drain_boxed`].
+    /// room. Anything but [`TrySend::Held`] needs [`TrySend::finish`].
     pub(crate) fn try_send(self: &Arc<Self>, env: Envelope, when_full: &WhenFull) -> TrySend {
         let mut key = match when_full {
             WhenFull::KeepLatest(_) => status_key(&env),
@@ -440,15 +456,9 @@ impl Reliable {
         }
     }
 
-    /// Sends the backlog (see [`Reliable::drain`]), boxed: the drainer's futures are
-    /// large and rarely needed, and inline they would weigh on every send.
-    pub(crate) async fn drain_boxed(&self) {
-        Box::pin(self.drain()).await;
-    }
-
     /// The rest of [`Reliable::send`] once the buffer was full: waits for room up to
     /// the policy's deadline.
-    pub(crate) async fn send_waiting(
+    async fn send_waiting(
         self: &Arc<Self>,
         waiting: Box<Waiting>,
     ) -> Result<Receipt, ReliableSendError> {
@@ -474,7 +484,7 @@ impl Reliable {
             match pushed {
                 Pushed::Held { seq, backlog } => {
                     if backlog {
-                        self.drain_boxed().await;
+                        Box::pin(self.drain()).await;
                     }
                     return Ok(Receipt {
                         seq,
