@@ -37,6 +37,8 @@ pub struct WsConnector {
 impl WsConnector {
     /// A connector with these settings.
     pub fn new(config: ClientConfig) -> Self {
+        // Sets up the timestamp clock now rather than on the first message.
+        crate::unix_millis();
         WsConnector { config }
     }
 

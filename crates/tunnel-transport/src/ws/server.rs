@@ -44,6 +44,8 @@ pub struct WsListener {
 impl WsListener {
     /// Binds `addr` and starts accepting.
     pub async fn bind(addr: impl ToSocketAddrs, config: ServerConfig) -> Result<Self, AcceptError> {
+        // Sets up the timestamp clock now rather than on the first message.
+        crate::unix_millis();
         let listener = listen(addr).await.map_err(|source| AcceptError::Bind {
             addr: "listen address".into(),
             source,
