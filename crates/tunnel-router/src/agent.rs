@@ -19,7 +19,7 @@ use tunnel_reconnect::{
 use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, Resume, SendError};
 
 use crate::reliable::{FullPolicy, Receipt, Reliable, ReliableSendError, TrySend};
-use crate::request::{Pending, Request, RequestError, Response};
+use crate::request::{Pending, Request, RequestError, Response, Ticket};
 use crate::router::Router;
 use crate::session::{self, SessionEnd};
 
@@ -464,15 +464,33 @@ impl Agent {
     /// With a resumable session a request survives reconnects: it is replayed if
     /// needed, and so is the hub's reply.
     pub async fn call(&self, request: Request) -> Result<Response, RequestError> {
+        match self.begin(request)?.now() {
+            Ok(response) => {
+                // A caller sending in a loop never waits here: yield now and then.
+                tokio::task::consume_budget().await;
+                response
+            }
+            // Boxed: the waiting paths' futures are large and rarely needed.
+            Err(started) => Box::pin(started.finish()).await,
+        }
+    }
+
+    /// Hands `request` over as far as it can go without waiting: stamps it, registers a
+    /// request's reply, and gives the message to the session or connection if there is
+    /// room. Calls are thus sent in the order they are made, unless one has to wait.
+    fn begin(&self, request: Request) -> Result<Started, RequestError> {
         let timeout = request.timeout_or(self.inner.request_timeout);
         let env = self.stamp(request.envelope);
-        if !env.expects_reply() {
-            return Ok(Response::Accepted(self.transmit(env).await?));
-        }
-        // Registered before sending: the reply may arrive before `transmit` returns.
-        let ticket = self.inner.pending.register(env.id, None)?;
-        self.transmit(env).await?;
-        Ok(Response::Reply(Box::new(ticket.wait(timeout).await?)))
+        // Registered before sending: the reply may arrive before the send returns.
+        let reply = if env.expects_reply() {
+            Some((self.inner.pending.register(env.id, None)?, timeout))
+        } else {
+            None
+        };
+        Ok(Started {
+            transmit: self.try_transmit(env),
+            reply,
+        })
     }
 
     /// Gives `env` its id and send time.
@@ -889,6 +907,33 @@ enum Transmit {
     Failed(AgentSendError),
 }
 
+/// A call after [`Agent::begin`]: what its message still needs, and a request's reply.
+struct Started {
+    transmit: Transmit,
+    /// A request's reply ticket and deadline.
+    reply: Option<(Ticket, Duration)>,
+}
+
+impl Started {
+    /// The response, if nothing is left to wait for; else the call back.
+    fn now(self) -> Result<Result<Response, RequestError>, Started> {
+        match (self.transmit, self.reply) {
+            (Transmit::Done(receipt), None) => Ok(Ok(Response::Accepted(receipt))),
+            (Transmit::Failed(e), _) => Ok(Err(e.into())),
+            (transmit, reply) => Err(Started { transmit, reply }),
+        }
+    }
+
+    /// Waits for the send to finish and, for a request, for the reply.
+    async fn finish(self) -> Result<Response, RequestError> {
+        let receipt = self.transmit.finish().await?;
+        match self.reply {
+            None => Ok(Response::Accepted(receipt)),
+            Some((ticket, timeout)) => Ok(Response::Reply(Box::new(ticket.wait(timeout).await?))),
+        }
+    }
+}
+
 impl Transmit {
     /// Waits for whatever the message still needs.
     async fn finish(self) -> Result<Receipt, AgentSendError> {
@@ -946,24 +991,33 @@ impl tower::Service<Request> for AgentClient {
         std::task::Poll::Ready(Ok(()))
     }
 
-    /// A one-way message is handed to the session (or connection) here when there is
-    /// room at once, so dropping the future afterwards does not take it back; the
-    /// future then only yields its receipt. Anything that has to wait, and every
-    /// request expecting a reply, happens when the future is polled.
+    /// The message is handed to the session (or connection) here, as [`Agent::call`]
+    /// would, when there is room at once: calls go on the wire in the order they are
+    /// made, and dropping the future afterwards does not take a message back (a
+    /// request's future then only waits for the reply). A message that has to wait for
+    /// room (a full replay buffer, or without sessions a full connection queue) is sent
+    /// when its future is polled, and messages from later calls may overtake it: where
+    /// order matters under back-pressure, await each call before making the next. When
+    /// the connection's queue is full, the future also sends the session's backlog;
+    /// dropped unpolled, that waits for the next send or reconnect.
     fn call(&mut self, request: Request) -> ResponseFuture {
-        let agent = self.agent.clone();
-        if request.expects_reply() {
-            return ResponseFuture::boxed(async move { agent.call(request).await });
+        if !request.expects_reply() {
+            // The common case, kept short: a one-way message has no reply to register.
+            let env = self.agent.stamp(request.envelope);
+            return match self.agent.try_transmit(env) {
+                Transmit::Done(receipt) => ResponseFuture::ready(Ok(Response::Accepted(receipt))),
+                Transmit::Failed(e) => ResponseFuture::ready(Err(e.into())),
+                waiting => {
+                    ResponseFuture::boxed(
+                        async move { Ok(Response::Accepted(waiting.finish().await?)) },
+                    )
+                }
+            };
         }
-        let env = agent.stamp(request.envelope);
-        match agent.try_transmit(env) {
-            Transmit::Done(receipt) => ResponseFuture::ready(Ok(Response::Accepted(receipt))),
-            Transmit::Failed(e) => ResponseFuture::ready(Err(e.into())),
-            waiting => {
-                ResponseFuture::boxed(
-                    async move { Ok(Response::Accepted(waiting.finish().await?)) },
-                )
-            }
+        match self.agent.begin(request).map(Started::now) {
+            Err(e) => ResponseFuture::ready(Err(e)),
+            Ok(Ok(response)) => ResponseFuture::ready(response),
+            Ok(Err(started)) => ResponseFuture::boxed(started.finish()),
         }
     }
 }

@@ -71,7 +71,8 @@ async fn an_agent_request_gets_the_hub_handlers_reply_in_both_codecs() {
         };
         assert_eq!(env.kind, MessageType::Reply);
         assert!(env.seq.is_some(), "replies go through the session");
-        // Encoded in the connection's codec up front: the same reply, no transcoding.
+        // Encoded in the connection's codec up front (for JSON, no transcoding on the
+        // way): the same reply.
         let request = Request::call_as(
             agent.format(),
             MessageType::Command,
@@ -265,8 +266,8 @@ async fn one_way_messages_through_the_client_are_held_in_call_and_the_sender_sti
         client_config(&id, Format::MsgPack),
         Router::new(),
     );
+    // The session is resumable once the connection is published.
     agent.wait_connected(SOON).await.expect("connected");
-    eventually("session resumable", || agent.held().is_some()).await;
 
     // Another task on this (single-threaded) runtime: it only runs if the sending loop
     // below yields.
@@ -303,6 +304,55 @@ async fn one_way_messages_through_the_client_are_held_in_call_and_the_sender_sti
         let got: Value = msg.envelope.decode_payload().expect("payload");
         assert_eq!(got, json!({"n": i}), "in order, none lost");
     }
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn calls_through_the_client_go_on_the_wire_in_the_order_they_are_made() {
+    let (tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let events = tx.clone();
+    let router = Router::new()
+        .route(
+            MessageType::Command,
+            service_fn(move |msg: Inbound| {
+                let tx = tx.clone();
+                async move {
+                    let command: Command = msg.envelope.decode_payload()?;
+                    let _ = tx.send(command.name);
+                    Ok::<_, BoxError>(msg.encode(&json!({"ok": true}))?)
+                }
+            }),
+        )
+        .fallback(service_fn(move |msg: Inbound| {
+            let _ = events.send(msg.envelope.kind.to_string());
+            std::future::ready(Ok::<_, BoxError>(()))
+        }));
+    let hub = resumable(router).await;
+    let id = AgentId::new("root:org", "order");
+    let agent = agent(
+        &hub.url().expect("url"),
+        client_config(&id, Format::MsgPack),
+        Router::new(),
+    );
+    agent.wait_connected(SOON).await.expect("connected");
+
+    // A request, a one-way message and another request, made in this order and awaited
+    // in the reverse one: the wire follows the calls, not the polls.
+    let mut client = agent.client();
+    let first = client.ready().await.expect("ready").call(command("first"));
+    let event = Request::send(MessageType::Event, &json!({"n": 1})).expect("encode");
+    let second = client.ready().await.expect("ready").call(event);
+    let third = client.ready().await.expect("ready").call(command("third"));
+    third.await.expect("third answered");
+    second.await.expect("event accepted");
+    first.await.expect("first answered");
+
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        order.push(recv_soon(&mut arrived).await);
+    }
+    assert_eq!(order, ["first", "event", "third"]);
     agent.shutdown().await;
     hub.shutdown().await;
 }
