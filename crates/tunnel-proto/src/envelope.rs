@@ -302,7 +302,9 @@ impl Payload {
         }
         Ok(Payload {
             format,
-            bytes: bytes.into(),
+            // As a boxed slice: `Bytes` from a `Vec` with spare capacity allocates a
+            // shared header for every payload.
+            bytes: bytes.into_boxed_slice().into(),
         })
     }
 

@@ -422,7 +422,10 @@ impl ConnectionSender {
                 .recorder
                 .message(Direction::Outbound, &env.kind, buf.len());
         }
-        Ok(Outgoing::Data(buf.into(), slot))
+        // As a boxed slice: `Bytes` from a `Vec` with spare capacity allocates a shared
+        // header; shrinking in place (what the allocators we use do for this much
+        // slack) does not.
+        Ok(Outgoing::Data(buf.into_boxed_slice().into(), slot))
     }
 
     /// Queues `env`, waiting up to the configured send timeout for room in a full
