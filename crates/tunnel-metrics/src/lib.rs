@@ -125,9 +125,24 @@ pub trait Recorder: Send + Sync + fmt::Debug + 'static {
     /// A session could not be resumed and was reset.
     fn session_reset(&self) {}
 
-    /// A request (or message) of type `kind` entered a metrics layer.
+    /// A request (or message) of type `kind` is in flight: its future in a metrics
+    /// layer had to wait for the response.
     fn request_started(&self, kind: &MessageType) {
         let _ = kind;
+    }
+
+    /// A request of type `kind` ended without ever waiting (for example a one-way
+    /// message accepted at once): it took `elapsed` and ended with `outcome`, and was
+    /// never in flight. The default reports it as started and finished; override it to
+    /// skip the in-flight count (and forward it in a recorder that wraps another).
+    fn request_completed(
+        &self,
+        kind: &MessageType,
+        elapsed: Duration,
+        outcome: Result<(), &'static str>,
+    ) {
+        self.request_started(kind);
+        self.request_finished(kind, elapsed, outcome);
     }
 
     /// A request of type `kind` that started took `elapsed` and ended with `outcome`:

@@ -493,15 +493,24 @@ impl Recorder for OtelRecorder {
         match slot(kind) {
             Some(i) => {
                 self.live.in_flight[i].fetch_sub(1, Ordering::Relaxed);
-                self.durations[i].record(elapsed.as_secs_f64());
             }
-            None => {
-                self.add_other(kind, -1);
-                self.request_duration.record(
-                    elapsed.as_secs_f64(),
-                    &[KeyValue::new("message.type", type_value(kind))],
-                );
-            }
+            None => self.add_other(kind, -1),
+        }
+        self.request_completed(kind, elapsed, outcome);
+    }
+
+    fn request_completed(
+        &self,
+        kind: &MessageType,
+        elapsed: Duration,
+        outcome: Result<(), &'static str>,
+    ) {
+        match slot(kind) {
+            Some(i) => self.durations[i].record(elapsed.as_secs_f64()),
+            None => self.request_duration.record(
+                elapsed.as_secs_f64(),
+                &[KeyValue::new("message.type", type_value(kind))],
+            ),
         }
         if let Err(error) = outcome {
             self.request_errors.add(
