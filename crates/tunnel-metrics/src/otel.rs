@@ -27,7 +27,7 @@ use crate::{Direction, KNOWN_TYPES, MessageTally, Recorder, TypeSlot};
 /// | `tunnel.rtt` | histogram | `s` | |
 /// | `tunnel.request.duration` | histogram (successes and failures) | `s` | `message.type` |
 /// | `tunnel.request.errors` | counter | `{error}` | `message.type`, `error.kind` |
-/// | `tunnel.requests.in_flight` | up-down counter | `{request}` | `message.type` |
+/// | `tunnel.requests.in_flight` (waiting for their response) | up-down counter | `{request}` | `message.type` |
 /// | `tunnel.replies.late` | counter | `{reply}` | |
 /// | `tunnel.session.replay.messages` | up-down counter | `{message}` | |
 /// | `tunnel.session.replay.size` | up-down counter | `By` | |
