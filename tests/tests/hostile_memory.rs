@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tower::{BoxError, service_fn};
 use tunnel_proto::{Envelope, Format, MessageType, Payload};
 use tunnel_router::{Agent, Hub, Inbound, Router};
-use tunnel_transport::{AgentId, SendError};
+use tunnel_transport::AgentId;
 
 #[path = "integration/support.rs"]
 #[allow(dead_code)]
@@ -156,22 +156,8 @@ impl Scene {
         let mut ws = raw_client(&self.url, &id, Format::MsgPack).await;
         raw_handshake(&mut ws, &id, Format::MsgPack).await;
         let sender = registered(&self.hub, &id).await;
-        let payload = Payload::msgpack(&"x".repeat(16 * 1024)).expect("payload");
-        let mut full = false;
-        for _ in 0..100_000 {
-            let env = sender
-                .envelope(MessageType::Event)
-                .with_payload(payload.clone());
-            match sender.try_send(&env) {
-                Ok(()) => {}
-                Err(SendError::Full) => {
-                    full = true;
-                    break;
-                }
-                Err(e) => panic!("unexpected {e}"),
-            }
-        }
-        assert!(full, "the queue for a client that never reads is bounded");
+        // Fails unless the queue for a client that never reads refuses one (bounded).
+        fill_until_full(&sender).await;
         let holding = ALLOCATOR.allocated();
         drop(sender);
         drop(ws);

@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tunnel_proto::messages::{Handshake, HandshakeAck, Resume, TypedMessage};
 use tunnel_proto::{CloseCode, Envelope, Format, MessageType, Payload, capability};
 use tunnel_router::{Hub, Router};
-use tunnel_transport::{AgentId, SendError};
+use tunnel_transport::AgentId;
 
 use crate::support::*;
 
@@ -174,30 +174,8 @@ async fn a_client_that_never_reads_fills_a_bounded_queue_not_the_hubs_memory() {
     let id = AgentId::new("ws", "deaf");
     let (ws, _) = scene.raw("deaf", None).await;
     let sender = registered(&scene.hub, &id).await;
-    let payload = Payload::msgpack(&"x".repeat(16 * 1024)).expect("payload");
-    let mut accepted = 0u64;
-    let mut full = false;
-    for _ in 0..100_000 {
-        let env = sender
-            .envelope(MessageType::Event)
-            .with_payload(payload.clone());
-        match sender.try_send(&env) {
-            Ok(()) => accepted += 1,
-            Err(SendError::Full) => {
-                full = true;
-                break;
-            }
-            Err(e) => panic!("unexpected {e}"),
-        }
-        if accepted.is_multiple_of(512) {
-            // Let the writer move what the socket takes.
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-    assert!(
-        full,
-        "the outbound queue is bounded: {accepted} accepted without a stop"
-    );
+    // Fails unless the queue refuses before 100,000 are accepted.
+    let accepted = fill_until_full(&sender).await;
     // What the hub holds for it: the queue (1024 messages) plus what the socket buffers
     // took, far below the 100,000 x 16 KiB offered.
     assert!(

@@ -297,3 +297,25 @@ pub(crate) async fn hub_with_healthy_agent(router: Router) -> (Hub, String, Agen
     registered(&hub, &healthy_id).await;
     (hub, url, healthy, healthy_id)
 }
+
+/// Offers 16 KiB events to `sender` (a client that never reads) until its bounded
+/// outbound queue refuses one, letting the writer move what the socket takes now and
+/// then; fails the test if 100,000 are accepted. Returns how many were accepted.
+pub(crate) async fn fill_until_full(sender: &tunnel_transport::ConnectionSender) -> u64 {
+    let payload = tunnel_proto::Payload::msgpack(&"x".repeat(16 * 1024)).expect("payload");
+    let mut accepted = 0u64;
+    for _ in 0..100_000 {
+        let env = sender
+            .envelope(MessageType::Event)
+            .with_payload(payload.clone());
+        match sender.try_send(&env) {
+            Ok(()) => accepted += 1,
+            Err(tunnel_transport::SendError::Full) => return accepted,
+            Err(e) => panic!("unexpected {e}"),
+        }
+        if accepted.is_multiple_of(512) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    panic!("the outbound queue is bounded: {accepted} accepted without a stop")
+}
