@@ -445,6 +445,18 @@ async fn tunnel_sink_server(
     serve_until_counted(hub, url_tx, done, all_in).await;
 }
 
+/// A hub with resumable sessions on an ephemeral loopback port, open to any agent.
+pub(crate) async fn resumable_hub(router: Router) -> Result<Hub, String> {
+    Hub::bind_resumable(
+        "127.0.0.1:0",
+        ServerConfig::new(AllowAll),
+        router,
+        tunnel_router::HubSessions::default(),
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
 /// A router that counts events and notifies once `n` have arrived.
 pub(crate) fn counting_router(n: u64) -> (Router, Arc<Notify>) {
     let received = Arc::new(AtomicU64::new(0));

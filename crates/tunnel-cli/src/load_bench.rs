@@ -788,14 +788,7 @@ pub(crate) async fn storm(agents: usize, accept_rate: Option<f64>) -> Result<(),
 // fanout: the hub sending to N agents
 
 pub(crate) async fn fanout(agents: usize, per_agent: u64) -> Result<(), String> {
-    let hub = Hub::bind_resumable(
-        "127.0.0.1:0",
-        ServerConfig::new(AllowAll),
-        Router::new(),
-        HubSessions::default(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let hub = crate::bench::resumable_hub(Router::new()).await?;
     let url = hub.url().ok_or("no hub address")?;
     println!(
         "\nfanout: one hub (in this process, resumable sessions) sending {} events to each of {} agents (MessagePack, {} bytes each), aggregate rate until every agent has all of its events",
@@ -914,14 +907,7 @@ pub(crate) async fn chaos(seconds: u64, seed: u64) -> Result<(), String> {
     use rand::{Rng as _, SeedableRng as _};
 
     let (hub_seen, router) = checking_router();
-    let hub = Hub::bind_resumable(
-        "127.0.0.1:0",
-        ServerConfig::new(AllowAll),
-        router,
-        HubSessions::default(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let hub = crate::bench::resumable_hub(router).await?;
     let proxy = FaultProxy::start(hub.local_addr().ok_or("no address")?)
         .await
         .map_err(|e| e.to_string())?;

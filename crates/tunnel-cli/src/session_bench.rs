@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tunnel_proto::{Envelope, Format, MessageType, Payload};
 use tunnel_reconnect::BackoffConfig;
-use tunnel_router::{Agent, AgentConfig, ConnectionState, Hub, HubSessions, Router};
+use tunnel_router::{Agent, AgentConfig, ConnectionState, Router};
 use tunnel_transport::fault::FaultProxy;
-use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig, WsConnector};
+use tunnel_transport::{AgentId, ClientConfig, WsConnector};
 
 use crate::bench::{
     THROUGHPUT_PLACEMENT, counting_router, median, percentile, sample_event, serve_until_counted,
@@ -66,14 +66,7 @@ fn session_throughput(n: u64) -> Result<(f64, (usize, usize)), String> {
 
 async fn sink(url_tx: mpsc::Sender<String>, done: tokio::sync::oneshot::Sender<Instant>, n: u64) {
     let (router, all_in) = counting_router(n);
-    let Ok(hub) = Hub::bind_resumable(
-        "127.0.0.1:0",
-        ServerConfig::new(AllowAll),
-        router,
-        HubSessions::default(),
-    )
-    .await
-    else {
+    let Ok(hub) = crate::bench::resumable_hub(router).await else {
         return;
     };
     serve_until_counted(hub, url_tx, done, all_in).await;
@@ -115,14 +108,7 @@ pub(crate) async fn resume_time(cuts: usize) -> Result<(), String> {
     let backoff = BackoffConfig::default()
         .base(Duration::from_millis(10))
         .cap(Duration::from_millis(100));
-    let hub = Hub::bind_resumable(
-        "127.0.0.1:0",
-        ServerConfig::new(AllowAll),
-        Router::new(),
-        HubSessions::default(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let hub = crate::bench::resumable_hub(Router::new()).await?;
     let proxy = FaultProxy::start(hub.local_addr().ok_or("no address")?)
         .await
         .map_err(|e| e.to_string())?;

@@ -15,9 +15,7 @@ use tunnel_proto::{Format, MessageType};
 use tunnel_reconnect::{BackoffConfig, BreakerConfig};
 use tunnel_router::layer::metrics::MetricsLayer;
 use tunnel_router::layer::trace::TraceLayer;
-use tunnel_router::{
-    Agent, AgentConfig, Hub, HubSessions, Inbound, Pool, PoolMode, Request, Response, Router,
-};
+use tunnel_router::{Agent, AgentConfig, Hub, Inbound, Pool, PoolMode, Request, Response, Router};
 use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig, WsConnector};
 
@@ -286,14 +284,7 @@ pub(crate) async fn failover(trials: usize) -> Result<(), String> {
     let mut hubs = Vec::new();
     let mut proxies = Vec::new();
     for _ in 0..2 {
-        let hub = Hub::bind_resumable(
-            "127.0.0.1:0",
-            ServerConfig::new(AllowAll),
-            router.clone(),
-            HubSessions::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let hub = crate::bench::resumable_hub(router.clone()).await?;
         let addr = hub.local_addr().ok_or("no address")?;
         proxies.push(FaultProxy::start(addr).await.map_err(|e| e.to_string())?);
         hubs.push(hub);
