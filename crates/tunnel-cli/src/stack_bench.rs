@@ -14,6 +14,7 @@ use tunnel_proto::messages::Command;
 use tunnel_proto::{Format, MessageType};
 use tunnel_reconnect::{BackoffConfig, BreakerConfig};
 use tunnel_router::layer::metrics::MetricsLayer;
+use tunnel_router::layer::timeout::TimeoutLayer;
 use tunnel_router::layer::trace::TraceLayer;
 use tunnel_router::{Agent, AgentConfig, Hub, Inbound, Pool, PoolMode, Request, Response, Router};
 use tunnel_transport::fault::FaultProxy;
@@ -64,7 +65,7 @@ pub(crate) async fn drive_layered(
 ) -> Result<Instant, String> {
     let stack = ServiceBuilder::new()
         .layer(MetricsLayer::new(recorder))
-        .timeout(Duration::from_secs(5))
+        .layer(TimeoutLayer::new(Duration::from_secs(5)))
         .layer(TraceLayer::new())
         .service(agent.client());
     drive(stack, agent.format(), n).await
@@ -194,7 +195,7 @@ async fn stack_echo_client(
     let (recorder, _provider) = otel_recorder();
     let mut stack = ServiceBuilder::new()
         .layer(MetricsLayer::new(recorder))
-        .timeout(Duration::from_secs(5))
+        .layer(TimeoutLayer::new(Duration::from_secs(5)))
         .layer(TraceLayer::new())
         .service(agent.client());
     let mut samples = Vec::with_capacity(n);

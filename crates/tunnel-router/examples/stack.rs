@@ -15,6 +15,7 @@ use tunnel_proto::messages::Command;
 use tunnel_proto::{MessageType, Payload};
 use tunnel_router::layer::compression::CompressionLayer;
 use tunnel_router::layer::metrics::MetricsLayer;
+use tunnel_router::layer::timeout::TimeoutLayer;
 use tunnel_router::layer::trace::TraceLayer;
 use tunnel_router::{Agent, AgentConfig, Hub, HubSessions, Inbound, Request, Router};
 use tunnel_transport::{AgentId, ClientConfig, ServerConfig, SharedToken, WsConnector};
@@ -69,7 +70,7 @@ async fn main() -> Result<(), BoxError> {
     agent.wait_connected(Duration::from_secs(5)).await?;
     let mut client = ServiceBuilder::new()
         .layer(MetricsLayer::new(tally.clone()))
-        .timeout(Duration::from_secs(2))
+        .layer(TimeoutLayer::new(Duration::from_secs(2)))
         .concurrency_limit(64)
         .layer(TraceLayer::new())
         .layer(CompressionLayer::new(512))

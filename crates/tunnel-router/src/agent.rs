@@ -957,11 +957,12 @@ impl Transmit {
 /// use std::time::Duration;
 /// use tower::{Service, ServiceBuilder, ServiceExt};
 /// use tunnel_proto::{MessageType, messages::Command};
+/// use tunnel_router::layer::timeout::TimeoutLayer;
 /// use tunnel_router::{Agent, Request};
 ///
 /// # async fn run(agent: Agent) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 /// let mut client = ServiceBuilder::new()
-///     .timeout(Duration::from_secs(5))
+///     .layer(TimeoutLayer::new(Duration::from_secs(5)))
 ///     .concurrency_limit(64)
 ///     .service(agent.client());
 /// let reply = client.ready().await?.call(Request::call(MessageType::Command, &Command::new("sync"))?).await?;

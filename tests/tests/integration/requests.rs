@@ -209,6 +209,26 @@ async fn a_late_reply_is_discarded_and_counted_and_a_dropped_wait_leaves_nothing
         agent.late_replies() == 2
     })
     .await;
+
+    // Ours, which arms its timer only once the call waits, does the same.
+    let mut client = tower::ServiceBuilder::new()
+        .layer(tunnel_router::layer::timeout::TimeoutLayer::new(
+            Duration::from_millis(20),
+        ))
+        .service(agent.client());
+    let err = client
+        .ready()
+        .await
+        .expect("ready")
+        .call(command("slow"))
+        .await
+        .unwrap_err();
+    assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+    assert_eq!(agent.requests_in_flight(), 0, "dropping the future cancels");
+    eventually("the third late reply is counted", || {
+        agent.late_replies() == 3
+    })
+    .await;
     agent.shutdown().await;
     hub.shutdown().await;
 }
