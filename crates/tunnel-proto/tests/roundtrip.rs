@@ -469,22 +469,22 @@ fn decoding_validated_text_matches_decoding_bytes() {
     let via_text = codec
         .decode_text(&frame, text, &limits)
         .expect("decode_text");
-    assert_eq!(via_text, codec.decode(&frame, &limits).expect("decode"));
-    assert_eq!(via_text, env);
+    assert_eq!(*via_text, codec.decode(&frame, &limits).expect("decode"));
+    assert_eq!(*via_text, env);
     // A `text` that is not the frame's own memory falls back to the byte path.
     let copy = text.to_owned();
     assert_eq!(
-        codec.decode_text(&frame, &copy, &limits).expect("fallback"),
+        *codec.decode_text(&frame, &copy, &limits).expect("fallback"),
         env
     );
     // Errors are the same either way.
     let bad = Bytes::from_static(br#"{"id":"x","type":"event","ts":1}"#);
     let bad_text = std::str::from_utf8(&bad).expect("utf8");
     assert_eq!(
-        codec.decode_text(&bad, bad_text, &limits),
+        codec.decode_text(&bad, bad_text, &limits).map(|env| *env),
         codec.decode(&bad, &limits)
     );
-    // MessagePack has no text form: the default goes through `decode`.
+    // MessagePack has no text form: the default goes through `decode_boxed`.
     assert!(
         Format::MsgPack
             .codec()

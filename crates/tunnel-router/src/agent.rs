@@ -929,7 +929,7 @@ impl Started {
         let receipt = self.transmit.finish().await?;
         match self.reply {
             None => Ok(Response::Accepted(receipt)),
-            Some((ticket, timeout)) => Ok(Response::Reply(Box::new(ticket.wait(timeout).await?))),
+            Some((ticket, timeout)) => Ok(Response::Reply(ticket.wait(timeout).await?)),
         }
     }
 }

@@ -415,7 +415,7 @@ impl Hub {
         }
         let ticket = self.inner.pending.register(env.id, Some(agent.clone()))?;
         self.transmit(agent, env).await?;
-        Ok(Response::Reply(Box::new(ticket.wait(timeout).await?)))
+        Ok(Response::Reply(ticket.wait(timeout).await?))
     }
 
     /// Sends a message of `kind` with `payload` to every connected agent, each as by

@@ -216,7 +216,7 @@ impl RequestError {
 struct Waiter {
     /// Who must answer: a reply from anyone else is not accepted.
     peer: Option<AgentId>,
-    tx: oneshot::Sender<Result<Envelope, RequestError>>,
+    tx: oneshot::Sender<Result<Box<Envelope>, RequestError>>,
 }
 
 /// Requests waiting for their reply, keyed by request id. Bounded: registering past
@@ -242,7 +242,7 @@ impl std::fmt::Debug for Pending {
 pub(crate) struct Ticket {
     pending: Arc<Pending>,
     id: u64,
-    rx: oneshot::Receiver<Result<Envelope, RequestError>>,
+    rx: oneshot::Receiver<Result<Box<Envelope>, RequestError>>,
 }
 
 impl Pending {
@@ -307,7 +307,7 @@ impl Pending {
 
     /// Hands a reply from `from` to its waiting request. Returns false (and counts it
     /// late) when nobody is waiting for it.
-    pub(crate) fn complete(&self, reply: Envelope, from: &AgentId) -> bool {
+    pub(crate) fn complete(&self, reply: Box<Envelope>, from: &AgentId) -> bool {
         let Some(id) = reply.correlation else {
             self.count_late();
             return false;
@@ -376,7 +376,7 @@ impl Pending {
 
 impl Ticket {
     /// Waits for the reply at most `timeout`.
-    pub(crate) async fn wait(mut self, timeout: Duration) -> Result<Envelope, RequestError> {
+    pub(crate) async fn wait(mut self, timeout: Duration) -> Result<Box<Envelope>, RequestError> {
         match tokio::time::timeout(timeout, &mut self.rx).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(RequestError::ShutDown),
@@ -408,7 +408,7 @@ mod tests {
     async fn a_reply_completes_its_request() {
         let pending = Arc::new(Pending::new(8, Arc::new(tunnel_metrics::NoopRecorder)));
         let ticket = pending.register(7, None).unwrap();
-        assert!(pending.complete(reply_to(7), &agent("a")));
+        assert!(pending.complete(reply_to(7).into(), &agent("a")));
         let reply = ticket.wait(Duration::from_secs(1)).await.unwrap();
         assert_eq!(reply.correlation, Some(7));
         assert_eq!(pending.len(), 0);
@@ -420,7 +420,7 @@ mod tests {
         let pending = Arc::new(Pending::new(8, Arc::new(tunnel_metrics::NoopRecorder)));
         let ticket = pending.register(7, None).unwrap();
         let failed = reply_to(7).with_error(ErrorBody::new("handler_error", "boom"));
-        assert!(pending.complete(failed, &agent("a")));
+        assert!(pending.complete(failed.into(), &agent("a")));
         let err = ticket.wait(Duration::from_secs(1)).await.unwrap_err();
         assert_eq!(
             err,
@@ -435,7 +435,7 @@ mod tests {
         let err = ticket.wait(Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(err, RequestError::Timeout(Duration::from_millis(50)));
         assert_eq!(pending.len(), 0, "a timed out request leaves no entry");
-        assert!(!pending.complete(reply_to(7), &agent("a")));
+        assert!(!pending.complete(reply_to(7).into(), &agent("a")));
         assert_eq!(pending.late(), 1);
     }
 
@@ -445,7 +445,7 @@ mod tests {
         let ticket = pending.register(7, None).unwrap();
         drop(ticket);
         assert_eq!(pending.len(), 0);
-        assert!(!pending.complete(reply_to(7), &agent("a")));
+        assert!(!pending.complete(reply_to(7).into(), &agent("a")));
         assert_eq!(pending.late(), 1);
     }
 
@@ -453,8 +453,11 @@ mod tests {
     async fn only_the_asked_peer_can_answer() {
         let pending = Arc::new(Pending::new(8, Arc::new(tunnel_metrics::NoopRecorder)));
         let ticket = pending.register(7, Some(agent("a"))).unwrap();
-        assert!(!pending.complete(reply_to(7), &agent("b")), "wrong peer");
-        assert!(pending.complete(reply_to(7), &agent("a")));
+        assert!(
+            !pending.complete(reply_to(7).into(), &agent("b")),
+            "wrong peer"
+        );
+        assert!(pending.complete(reply_to(7).into(), &agent("a")));
         assert!(ticket.wait(Duration::from_secs(1)).await.is_ok());
     }
 

@@ -12,15 +12,19 @@ use tunnel_transport::{AgentId, ConnectionInfo, ConnectionSender};
 /// A message from the peer, as handed to a handler.
 #[derive(Debug, Clone)]
 pub struct Inbound {
-    /// The message.
-    pub envelope: Envelope,
+    /// The message (boxed: a message is handed on by value through layers and
+    /// handlers, and a box moves for a pointer's cost).
+    pub envelope: Box<Envelope>,
     sender: ConnectionSender,
 }
 
 impl Inbound {
     /// A message received on the connection whose sender is `sender`.
-    pub fn new(envelope: Envelope, sender: ConnectionSender) -> Self {
-        Inbound { envelope, sender }
+    pub fn new(envelope: impl Into<Box<Envelope>>, sender: ConnectionSender) -> Self {
+        Inbound {
+            envelope: envelope.into(),
+            sender,
+        }
     }
 
     /// The agent at the other end (on an agent: the agent itself).

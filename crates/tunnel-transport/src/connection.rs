@@ -615,14 +615,16 @@ impl ConnectionReceiver {
         &self.shared.info
     }
 
-    /// The next envelope from the peer.
+    /// The next envelope from the peer, boxed: it is handed on by value through the
+    /// router and handlers, and a box moves for a pointer's cost where an `Envelope`
+    /// is a couple of hundred bytes.
     ///
     /// `Ok(None)` means the connection closed in an orderly way (either side closed
     /// it); `Err` means it failed. After either, every call returns `Ok(None)`.
     /// Keepalive runs while this is being awaited: a peer that sends nothing, not even
     /// a pong, for `ping_interval + pong_timeout` fails the connection with
     /// [`RecvError::DeadPeer`] (detected at most half a `pong_timeout` later).
-    pub async fn recv(&mut self) -> Result<Option<Envelope>, RecvError> {
+    pub async fn recv(&mut self) -> Result<Option<Box<Envelope>>, RecvError> {
         if self.done {
             return Ok(None);
         }
@@ -717,7 +719,7 @@ impl ConnectionReceiver {
         kind: FrameKind,
         frame: &Bytes,
         text: Option<&str>,
-    ) -> Result<Option<Envelope>, RecvError> {
+    ) -> Result<Option<Box<Envelope>>, RecvError> {
         let expected = self.shared.codec.frame_kind();
         if kind != expected {
             let err = RecvError::WrongFrameKind {
@@ -731,7 +733,7 @@ impl ConnectionReceiver {
                 .shared
                 .codec
                 .decode_text(frame, text, &self.shared.limits),
-            None => self.shared.codec.decode(frame, &self.shared.limits),
+            None => self.shared.codec.decode_boxed(frame, &self.shared.limits),
         };
         match decoded {
             Ok(env) => {
@@ -761,7 +763,11 @@ impl ConnectionReceiver {
         self.shared.end(reason);
     }
 
-    fn fail(&mut self, code: CloseCode, err: RecvError) -> Result<Option<Envelope>, RecvError> {
+    fn fail(
+        &mut self,
+        code: CloseCode,
+        err: RecvError,
+    ) -> Result<Option<Box<Envelope>>, RecvError> {
         tracing::debug!(connection = self.shared.info.id, %code, error = %err, "closing connection");
         self.shared.recorder.error(match &err {
             RecvError::Decode(_) => "decode",
@@ -836,7 +842,7 @@ impl Connection {
     }
 
     /// Receives the next envelope (see [`ConnectionReceiver::recv`]).
-    pub async fn recv(&mut self) -> Result<Option<Envelope>, RecvError> {
+    pub async fn recv(&mut self) -> Result<Option<Box<Envelope>>, RecvError> {
         self.receiver.recv().await
     }
 

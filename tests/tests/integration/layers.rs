@@ -34,7 +34,7 @@ fn echo_router() -> (Router, mpsc::UnboundedReceiver<Envelope>) {
             let tx = tx.clone();
             async move {
                 let command: Command = msg.envelope.decode_payload()?;
-                let _ = tx.send(msg.envelope.clone());
+                let _ = tx.send(Envelope::clone(&msg.envelope));
                 if command.name == "fail" {
                     return Err::<Payload, BoxError>("failed on purpose".into());
                 }

@@ -119,6 +119,10 @@ impl Codec for JsonCodec {
     }
 
     fn decode(&self, frame: &Bytes, limits: &Limits) -> Result<Envelope, DecodeError> {
+        self.decode_boxed(frame, limits).map(|env| *env)
+    }
+
+    fn decode_boxed(&self, frame: &Bytes, limits: &Limits) -> Result<Box<Envelope>, DecodeError> {
         limits.check_size(frame.len())?;
         decode_from(serde_json::Deserializer::from_slice(frame), frame, limits)
     }
@@ -128,12 +132,12 @@ impl Codec for JsonCodec {
         frame: &Bytes,
         text: &str,
         limits: &Limits,
-    ) -> Result<Envelope, DecodeError> {
+    ) -> Result<Box<Envelope>, DecodeError> {
         // Parsing from a `str` skips serde_json's UTF-8 checks of every string, which
         // the transport already made for the whole frame. The payload is sliced out of
         // `frame`, so `text` must be the very same bytes.
         if text.as_ptr() != frame.as_ptr() || text.len() != frame.len() {
-            return self.decode(frame, limits);
+            return self.decode_boxed(frame, limits);
         }
         limits.check_size(frame.len())?;
         decode_from(serde_json::Deserializer::from_str(text), frame, limits)
@@ -144,7 +148,7 @@ fn decode_from<'de, R: serde_json::de::Read<'de>>(
     mut de: serde_json::Deserializer<R>,
     frame: &Bytes,
     limits: &Limits,
-) -> Result<Envelope, DecodeError> {
+) -> Result<Box<Envelope>, DecodeError> {
     let ctx = Ctx::new(limits.max_headers);
     let raw: RawEnvelope<JsonRaw<'de>> = EnvelopeSeed {
         ctx: &ctx,
@@ -153,7 +157,9 @@ fn decode_from<'de, R: serde_json::de::Read<'de>>(
     .deserialize(&mut de)
     .and_then(|raw| de.end().map(|()| raw))
     .map_err(|e| map_error(&ctx, e))?;
-    let (raw_payload, mut env) = raw.into_parts();
+    let (raw_payload, env) = raw.into_parts();
+    // Boxed once here: the receiver hands it on without copying it again.
+    let mut env = Box::new(env);
     env.payload = match raw_payload {
         None => None,
         Some(JsonRaw(value)) if env.content_encoding().is_some() => {

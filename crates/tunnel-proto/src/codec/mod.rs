@@ -112,18 +112,27 @@ pub trait Codec: Send + Sync + fmt::Debug + 'static {
     /// Decodes one frame. The payload is sliced out of `frame` without being parsed.
     fn decode(&self, frame: &Bytes, limits: &Limits) -> Result<Envelope, DecodeError>;
 
+    /// [`Codec::decode`] into a box. A receiver hands each envelope on by value
+    /// through several layers, and a box moves for a pointer's cost where an
+    /// `Envelope` is a couple of hundred bytes. The default boxes what
+    /// [`Codec::decode`] returns; a codec that can build the envelope in its box
+    /// overrides it.
+    fn decode_boxed(&self, frame: &Bytes, limits: &Limits) -> Result<Box<Envelope>, DecodeError> {
+        self.decode(frame, limits).map(Box::new)
+    }
+
     /// Decodes a frame that is already known to be UTF-8 (a WebSocket text frame, which
     /// the transport has validated): `text` is `frame`'s contents as a `str`. A text
     /// codec can skip its own UTF-8 checks; the default just calls
-    /// [`Codec::decode`].
+    /// [`Codec::decode_boxed`]. Boxed, as [`Codec::decode_boxed`] is.
     fn decode_text(
         &self,
         frame: &Bytes,
         text: &str,
         limits: &Limits,
-    ) -> Result<Envelope, DecodeError> {
+    ) -> Result<Box<Envelope>, DecodeError> {
         let _ = text;
-        self.decode(frame, limits)
+        self.decode_boxed(frame, limits)
     }
 }
 

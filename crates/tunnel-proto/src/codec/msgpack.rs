@@ -115,6 +115,10 @@ impl Codec for MsgPackCodec {
     }
 
     fn decode(&self, frame: &Bytes, limits: &Limits) -> Result<Envelope, DecodeError> {
+        self.decode_boxed(frame, limits).map(|env| *env)
+    }
+
+    fn decode_boxed(&self, frame: &Bytes, limits: &Limits) -> Result<Box<Envelope>, DecodeError> {
         limits.check_size(frame.len())?;
         let mut cur = Cursor::new(frame);
         let env = decode_envelope(&mut cur, frame, limits)?;
@@ -324,7 +328,7 @@ fn decode_envelope(
     cur: &mut Cursor<'_>,
     frame: &Bytes,
     limits: &Limits,
-) -> Result<Envelope, DecodeError> {
+) -> Result<Box<Envelope>, DecodeError> {
     let fields = cur.map_len("")?;
     let (mut id, mut kind, mut ts) = (None, None, None);
     let (mut seq, mut ack, mut corr) = (None, None, None);
@@ -406,7 +410,8 @@ fn decode_envelope(
     let Some(ts) = ts else {
         return Err(DecodeError::MissingField("ts"));
     };
-    let mut env = Envelope::new(id, kind, ts);
+    // Built in its box: the receiver hands it on without copying it again.
+    let mut env = Box::new(Envelope::new(id, kind, ts));
     env.seq = seq.flatten();
     env.ack = ack.flatten();
     env.correlation = corr.flatten();
