@@ -451,7 +451,7 @@ impl Agent {
     /// untracked.
     pub async fn send_envelope(&self, mut env: Envelope) -> Result<Receipt, AgentSendError> {
         env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        self.transmit(env).await
+        self.transmit(Box::new(env)).await
     }
 
     /// Sends a one-way message or a request (see [`Request`]). A request's response is
@@ -494,7 +494,7 @@ impl Agent {
     }
 
     /// Gives `env` its id and send time.
-    fn stamp(&self, mut env: Envelope) -> Envelope {
+    fn stamp(&self, mut env: Box<Envelope>) -> Box<Envelope> {
         env.timestamp = tunnel_transport::unix_millis();
         env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         env
@@ -518,7 +518,7 @@ impl Agent {
         self.inner.pending.len()
     }
 
-    async fn transmit(&self, env: Envelope) -> Result<Receipt, AgentSendError> {
+    async fn transmit(&self, env: Box<Envelope>) -> Result<Receipt, AgentSendError> {
         match self.try_transmit(env) {
             Transmit::Done(receipt) => {
                 // A producer that never has to wait would starve the tasks on its thread
@@ -534,7 +534,7 @@ impl Agent {
     }
 
     /// As much of [`Agent::transmit`] as can be done without waiting.
-    fn try_transmit(&self, mut env: Envelope) -> Transmit {
+    fn try_transmit(&self, mut env: Box<Envelope>) -> Transmit {
         if env.content_encoding().is_some() {
             session::fit_encoding(&mut env, self.sender().as_ref());
         }
@@ -560,7 +560,7 @@ impl Agent {
         };
         match sender.try_send(&env) {
             Ok(()) => Transmit::Done(Receipt::untracked()),
-            Err(SendError::Full) => Transmit::Queue(sender, Box::new(env)),
+            Err(SendError::Full) => Transmit::Queue(sender, env),
             Err(e) => Transmit::Failed(e.into()),
         }
     }

@@ -392,7 +392,7 @@ impl Hub {
         mut env: Envelope,
     ) -> Result<Receipt, HubSendError> {
         env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        self.transmit(agent, env).await
+        self.transmit(agent, Box::new(env)).await
     }
 
     /// Sends a one-way message or a request to `agent` (see [`Request`]); a request's
@@ -447,7 +447,11 @@ impl Hub {
         self.inner.pending.late()
     }
 
-    async fn transmit(&self, agent: &AgentId, mut env: Envelope) -> Result<Receipt, HubSendError> {
+    async fn transmit(
+        &self,
+        agent: &AgentId,
+        mut env: Box<Envelope>,
+    ) -> Result<Receipt, HubSendError> {
         if env.content_encoding().is_some() {
             session::fit_encoding(&mut env, self.sender(agent).as_ref());
         }

@@ -241,7 +241,7 @@ impl TrySend {
 
 /// A message waiting for room in the replay buffer.
 pub(crate) struct Waiting {
-    env: Envelope,
+    env: Box<Envelope>,
     /// The resource key of a `KeepLatest` status.
     key: Option<String>,
     /// How long to wait for room.
@@ -250,11 +250,13 @@ pub(crate) struct Waiting {
 
 enum Pushed {
     Held { seq: u64, backlog: bool },
-    Full(Box<tunnel_proto::session::Full<Envelope>>),
+    Full(Box<tunnel_proto::session::Full<Box<Envelope>>>),
 }
 
 struct Out {
-    out: Outbound<Envelope>,
+    /// Boxed messages: pushing one into the buffer, and taking it back out on a reset,
+    /// moves a pointer instead of a 224-byte envelope.
+    out: Outbound<Box<Envelope>>,
     conn: Option<ConnectionSender>,
     /// The highest sequence number ever handed to a connection. Only messages above it
     /// may be replaced: the peer may have any message at or below it.
@@ -402,7 +404,7 @@ impl Reliable {
     /// message is queued on the connection or held for the next one.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        env: Envelope,
+        env: Box<Envelope>,
         when_full: WhenFull,
     ) -> Result<Receipt, ReliableSendError> {
         match self.try_send(env, &when_full) {
@@ -421,7 +423,7 @@ impl Reliable {
     /// [`Reliable::send`] without waiting: holds `env` if the buffer has room (or it
     /// replaces an older status), or gives it back when the caller has to wait for
     /// room. Anything but [`TrySend::Held`] needs [`TrySend::finish`].
-    pub(crate) fn try_send(self: &Arc<Self>, env: Envelope, when_full: &WhenFull) -> TrySend {
+    pub(crate) fn try_send(self: &Arc<Self>, env: Box<Envelope>, when_full: &WhenFull) -> TrySend {
         let mut key = match when_full {
             WhenFull::KeepLatest(_) => status_key(&env),
             _ => None,
@@ -507,7 +509,7 @@ impl Reliable {
     fn push_locked(
         self: &Arc<Self>,
         st: &mut Out,
-        mut env: Envelope,
+        mut env: Box<Envelope>,
         key: &mut Option<String>,
     ) -> Result<Pushed, ReliableSendError> {
         if st.shut {

@@ -39,8 +39,10 @@ pub mod error_code {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Request {
-    /// The message. Its id is assigned when it is sent.
-    pub envelope: Envelope,
+    /// The message. Its id is assigned when it is sent. Boxed: a request is handed on
+    /// by value through every layer, and a box moves for a pointer's cost where an
+    /// `Envelope` is a couple of hundred bytes.
+    pub envelope: Box<Envelope>,
     timeout: Option<Duration>,
 }
 
@@ -62,11 +64,12 @@ impl Request {
         kind: MessageType,
         value: &T,
     ) -> Result<Self, tunnel_proto::EncodeError> {
-        Ok(Request::from_envelope(
-            Envelope::new(0, kind, 0)
-                .with_payload(Payload::encode(format, value)?)
-                .expecting_reply(),
-        ))
+        let mut request = Request::send_as(format, kind, value)?;
+        request.envelope.headers.insert(
+            tunnel_proto::header::EXPECT,
+            tunnel_proto::header::EXPECT_REPLY,
+        );
+        Ok(request)
     }
 
     /// A one-way message of `kind`: the response is its [`Receipt`]. The payload is
@@ -94,16 +97,18 @@ impl Request {
         kind: MessageType,
         value: &T,
     ) -> Result<Self, tunnel_proto::EncodeError> {
-        Ok(Request::from_envelope(
-            Envelope::new(0, kind, 0).with_payload(Payload::encode(format, value)?),
-        ))
+        let payload = Payload::encode(format, value)?;
+        // Built in its box rather than moved into it.
+        let mut envelope = Box::new(Envelope::new(0, kind, 0));
+        envelope.payload = Some(payload);
+        Ok(Request::from_envelope(envelope))
     }
 
     /// Sends `envelope` as it is: a request if it carries `expect: reply`
     /// ([`Envelope::expecting_reply`]), one-way otherwise.
-    pub fn from_envelope(envelope: Envelope) -> Self {
+    pub fn from_envelope(envelope: impl Into<Box<Envelope>>) -> Self {
         Request {
-            envelope,
+            envelope: envelope.into(),
             timeout: None,
         }
     }

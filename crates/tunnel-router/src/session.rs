@@ -58,7 +58,7 @@ impl Link<'_> {
         reply.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let outcome = match self.reliable {
             Some(reliable) if !self.draining.load(Ordering::Acquire) => reliable
-                .send(reply, WhenFull::Reject)
+                .send(Box::new(reply), WhenFull::Reject)
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
