@@ -250,7 +250,7 @@ pub(crate) struct Waiting {
 
 enum Pushed {
     Held { seq: u64, backlog: bool },
-    Full(Box<tunnel_proto::session::Full<Box<Envelope>>>),
+    Full(tunnel_proto::session::Full<Box<Envelope>>),
 }
 
 struct Out {
@@ -550,7 +550,7 @@ impl Reliable {
                 let backlog = self.try_transmit(st, seq);
                 Ok(Pushed::Held { seq, backlog })
             }
-            Err(full) => Ok(Pushed::Full(Box::new(full))),
+            Err(full) => Ok(Pushed::Full(full)),
         }
     }
 
