@@ -133,7 +133,7 @@ pub(crate) fn throughput(n: u64, runs: usize) -> Result<(), String> {
         thousands(n)
     );
     println!(
-        "  layers: metrics (OpenTelemetry SDK meter), tower timeout (5 s), tracing (spans disabled by the log filter, as with RUST_LOG=warn); compression off"
+        "  layers: metrics (OpenTelemetry SDK meter), timeout (5 s, layer::timeout), tracing (spans disabled by the log filter, as with RUST_LOG=warn); compression off"
     );
     let (mut baseline, mut bare, mut stack) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
