@@ -192,45 +192,41 @@ async fn a_late_reply_is_discarded_and_counted_and_a_dropped_wait_leaves_nothing
     assert_eq!(agent.requests_in_flight(), 0);
     eventually("the late reply is counted", || agent.late_replies() == 1).await;
 
-    // tower's own timeout drops the future: the wait is cancelled.
-    let mut client = tower::ServiceBuilder::new()
+    // tower's own timeout drops the future: the wait is cancelled. Ours, which arms
+    // its timer only once the call waits, does the same.
+    let towers = tower::ServiceBuilder::new()
         .timeout(Duration::from_millis(20))
         .service(agent.client());
-    let err = client
-        .ready()
-        .await
-        .expect("ready")
-        .call(command("slow"))
-        .await
-        .unwrap_err();
-    assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
-    assert_eq!(agent.requests_in_flight(), 0, "dropping the future cancels");
-    eventually("the second late reply is counted", || {
-        agent.late_replies() == 2
-    })
-    .await;
-
-    // Ours, which arms its timer only once the call waits, does the same.
-    let mut client = tower::ServiceBuilder::new()
+    times_out_and_cancels(towers, &agent, 2).await;
+    let ours = tower::ServiceBuilder::new()
         .layer(tunnel_router::layer::timeout::TimeoutLayer::new(
             Duration::from_millis(20),
         ))
         .service(agent.client());
-    let err = client
+    times_out_and_cancels(ours, &agent, 3).await;
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+/// Calls `slow` through `client`, whose timeout is shorter than the handler: the call
+/// fails with tower's `Elapsed`, its wait is dropped at once, and the reply that comes
+/// later is the agent's `late`-th late one.
+async fn times_out_and_cancels<S>(mut client: S, agent: &tunnel_router::Agent, late: u64)
+where
+    S: Service<Request, Response = Response, Error = BoxError>,
+{
+    let called = client
         .ready()
         .await
         .expect("ready")
         .call(command("slow"))
-        .await
-        .unwrap_err();
+        .await;
+    let Err(err) = called else {
+        panic!("a call slower than the timeout succeeded");
+    };
     assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
     assert_eq!(agent.requests_in_flight(), 0, "dropping the future cancels");
-    eventually("the third late reply is counted", || {
-        agent.late_replies() == 3
-    })
-    .await;
-    agent.shutdown().await;
-    hub.shutdown().await;
+    eventually("the late reply is counted", || agent.late_replies() == late).await;
 }
 
 #[tokio::test]
