@@ -62,7 +62,7 @@ pub(crate) struct BenchArgs {
     /// Also write every figure as JSON to this file (for comparing runs).
     #[arg(long, value_name = "FILE")]
     json: Option<std::path::PathBuf>,
-    /// Runs per throughput figure; the median is reported.
+    /// Runs per throughput (and fanout) figure; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Connection cuts measured by the session scenario.
@@ -142,7 +142,7 @@ async fn run_scenarios(args: &BenchArgs) -> Result<(), String> {
         idle(args).await?;
     }
     if all || args.scenario == Scenario::Fanout {
-        crate::load_bench::fanout(args.fanout_agents, args.per_agent).await?;
+        crate::load_bench::fanout(args.fanout_agents, args.per_agent, args.runs).await?;
     }
     if all || args.scenario == Scenario::Chaos {
         crate::load_bench::chaos(args.chaos_seconds, args.seed).await?;
