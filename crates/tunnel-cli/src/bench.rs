@@ -62,7 +62,8 @@ pub(crate) struct BenchArgs {
     /// Also write every figure as JSON to this file (for comparing runs).
     #[arg(long, value_name = "FILE")]
     json: Option<std::path::PathBuf>,
-    /// Runs per throughput (and fanout) figure; the median is reported.
+    /// Runs per rate figure (throughput, session, stack, sustained, fanout); the median
+    /// is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Connection cuts measured by the session scenario.

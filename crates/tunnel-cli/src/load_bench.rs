@@ -439,7 +439,8 @@ pub(crate) async fn load(agents: usize, seconds: u64) -> Result<(), String> {
                     let Ok(payload) = status_payload(i, beat) else {
                         continue;
                     };
-                    let env = Envelope::new(0, MessageType::Status, 0).with_payload(payload);
+                    let env =
+                        Box::new(Envelope::new(0, MessageType::Status, 0).with_payload(payload));
                     match agent.send_envelope(env).await {
                         Ok(_) => sent.fetch_add(1, Ordering::Relaxed),
                         Err(_) => failed.fetch_add(1, Ordering::Relaxed),
@@ -789,12 +790,13 @@ pub(crate) async fn storm(agents: usize, accept_rate: Option<f64>) -> Result<(),
 
 pub(crate) async fn fanout(agents: usize, per_agent: u64, runs: usize) -> Result<(), String> {
     println!(
-        "\nfanout: one hub (in this process, resumable sessions) sending {} events to each of {} agents (MessagePack, {} bytes each), aggregate rate until every agent has all of its events, median of {runs} runs (each with a new hub and agents)",
+        "\nfanout: one hub (in this process, resumable sessions) sending {} events to each of {} agents (MessagePack, {} bytes each), aggregate rate until every agent has all of its events, median of {} runs (each with a new hub and agents)",
         thousands(per_agent),
         thousands(agents as u64),
         Payload::encode(Format::MsgPack, &sample_event())
             .map_err(|e| e.to_string())?
-            .len()
+            .len(),
+        runs.max(1)
     );
     let mut rates = Vec::with_capacity(runs);
     for run in 1..=runs.max(1) {
@@ -868,7 +870,8 @@ async fn fanout_once(agents: usize, per_agent: u64) -> Result<f64, String> {
         senders.spawn(async move {
             for _ in 0..per_agent {
                 for id in &ids {
-                    let env = Envelope::new(0, MessageType::Event, 0).with_payload(payload.clone());
+                    let mut env = Box::new(Envelope::new(0, MessageType::Event, 0));
+                    env.payload = Some(payload.clone());
                     hub.send_envelope(id, env)
                         .await
                         .map_err(|e| e.to_string())?;

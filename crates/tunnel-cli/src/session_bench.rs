@@ -88,8 +88,13 @@ async fn source(
     let mut held = (0usize, 0usize);
     let started = Instant::now();
     for i in 0..n {
-        let env = Envelope::new(0, MessageType::Event, tunnel_transport::unix_millis())
-            .with_payload(Payload::encode(Format::MsgPack, &event).map_err(|e| e.to_string())?);
+        let payload = Payload::encode(Format::MsgPack, &event).map_err(|e| e.to_string())?;
+        let mut env = Box::new(Envelope::new(
+            0,
+            MessageType::Event,
+            tunnel_transport::unix_millis(),
+        ));
+        env.payload = Some(payload);
         drop(agent.send_envelope(env).await.map_err(|e| e.to_string())?);
         if i % 10_000 == 0 {
             held = held.max(agent.held().unwrap_or_default());

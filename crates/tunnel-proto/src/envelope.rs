@@ -487,8 +487,13 @@ impl Envelope {
     /// Marks the message as a request: the peer answers it with one `reply` whose
     /// `corr` is this message's id (header `expect: reply`).
     pub fn expecting_reply(mut self) -> Self {
-        self.headers.insert(header::EXPECT, header::EXPECT_REPLY);
+        self.set_expecting_reply();
         self
+    }
+
+    /// [`Envelope::expecting_reply`] in place.
+    pub fn set_expecting_reply(&mut self) {
+        self.headers.insert(header::EXPECT, header::EXPECT_REPLY);
     }
 
     /// Whether the sender expects a `reply` (header `expect: reply`).

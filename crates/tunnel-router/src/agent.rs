@@ -433,13 +433,14 @@ impl Agent {
         kind: MessageType,
         payload: &T,
     ) -> Result<Receipt, AgentSendError> {
-        let format = self.format();
-        let env = Envelope::new(0, kind, tunnel_transport::unix_millis())
-            .with_payload(tunnel_proto::Payload::encode(format, payload)?);
+        let payload = tunnel_proto::Payload::encode(self.format(), payload)?;
+        let mut env = Box::new(Envelope::new(0, kind, tunnel_transport::unix_millis()));
+        env.payload = Some(payload);
         self.send_envelope(env).await
     }
 
-    /// Sends `env` (its id is assigned here).
+    /// Sends `env` (its id is assigned here). Pass it boxed where you can: it is handed
+    /// on by value to the session, and a box moves for a pointer's cost.
     ///
     /// With a resumable session (the hub offers `resume`, the default on both sides when
     /// the hub has sessions), the message is held until the hub acknowledges it, is
@@ -449,9 +450,13 @@ impl Agent {
     /// never will. Without one, the message goes on the current connection (failing with
     /// [`AgentSendError::NotConnected`] between connections) and the receipt says it is
     /// untracked.
-    pub async fn send_envelope(&self, mut env: Envelope) -> Result<Receipt, AgentSendError> {
+    pub async fn send_envelope(
+        &self,
+        env: impl Into<Box<Envelope>>,
+    ) -> Result<Receipt, AgentSendError> {
+        let mut env = env.into();
         env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        self.transmit(Box::new(env)).await
+        self.transmit(env).await
     }
 
     /// Sends a one-way message or a request (see [`Request`]). A request's response is

@@ -375,12 +375,14 @@ impl Hub {
         let format = self
             .sender(agent)
             .map_or(tunnel_proto::Format::MsgPack, |s| s.info().format);
-        let env = Envelope::new(0, kind, tunnel_transport::unix_millis())
-            .with_payload(tunnel_proto::Payload::encode(format, payload)?);
+        let payload = tunnel_proto::Payload::encode(format, payload)?;
+        let mut env = Box::new(Envelope::new(0, kind, tunnel_transport::unix_millis()));
+        env.payload = Some(payload);
         self.send_envelope(agent, env).await
     }
 
-    /// Sends `env` to `agent` (its id is assigned here).
+    /// Sends `env` to `agent` (its id is assigned here). Pass it boxed where you can:
+    /// it is handed on by value to the session, and a box moves for a pointer's cost.
     ///
     /// On a hub with sessions ([`Hub::bind_resumable`]) the message goes into the
     /// agent's session: held until acknowledged, replayed after a reconnect, accepted
@@ -389,10 +391,11 @@ impl Hub {
     pub async fn send_envelope(
         &self,
         agent: &AgentId,
-        mut env: Envelope,
+        env: impl Into<Box<Envelope>>,
     ) -> Result<Receipt, HubSendError> {
+        let mut env = env.into();
         env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        self.transmit(agent, Box::new(env)).await
+        self.transmit(agent, env).await
     }
 
     /// Sends a one-way message or a request to `agent` (see [`Request`]); a request's

@@ -611,7 +611,9 @@ impl Reliable {
                     return;
                 };
                 held.item.ack = ack;
-                (conn, held.item.clone(), first)
+                // The envelope, not its box: the drain's future holds it, and cloning
+                // the box would allocate for every message of the backlog.
+                (conn, Envelope::clone(&held.item), first)
             };
             let (conn, env, seq) = next;
             let sent = conn.send(&env).await;

@@ -65,10 +65,7 @@ impl Request {
         value: &T,
     ) -> Result<Self, tunnel_proto::EncodeError> {
         let mut request = Request::send_as(format, kind, value)?;
-        request.envelope.headers.insert(
-            tunnel_proto::header::EXPECT,
-            tunnel_proto::header::EXPECT_REPLY,
-        );
+        request.envelope.set_expecting_reply();
         Ok(request)
     }
 
@@ -98,7 +95,7 @@ impl Request {
         value: &T,
     ) -> Result<Self, tunnel_proto::EncodeError> {
         let payload = Payload::encode(format, value)?;
-        // Built in its box rather than moved into it.
+        // Boxed before the payload goes in: one envelope-sized move, not two.
         let mut envelope = Box::new(Envelope::new(0, kind, 0));
         envelope.payload = Some(payload);
         Ok(Request::from_envelope(envelope))
@@ -114,7 +111,8 @@ impl Request {
     }
 
     /// How long to wait for the reply (default: the client's request timeout). The
-    /// wait also ends when the future is dropped, for example by tower's `Timeout`.
+    /// wait also ends when the future is dropped, for example by a timeout layer
+    /// ([`layer::timeout`](crate::layer::timeout)).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self

@@ -54,11 +54,11 @@ impl Link<'_> {
     /// waits for room in a full replay buffer: the loop that would wait is the one that
     /// reads the acks that make room. A reply that finds the buffer full is dropped and
     /// logged; the requester times out.
-    async fn send_reply(&self, sender: &ConnectionSender, mut reply: Envelope) {
+    async fn send_reply(&self, sender: &ConnectionSender, mut reply: Box<Envelope>) {
         reply.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let outcome = match self.reliable {
             Some(reliable) if !self.draining.load(Ordering::Acquire) => reliable
-                .send(Box::new(reply), WhenFull::Reject)
+                .send(reply, WhenFull::Reject)
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
@@ -150,7 +150,7 @@ pub(crate) async fn run(
                 let reply = env
                     .reply(0, 0)
                     .with_error(ErrorBody::new(error_code::BAD_REQUEST, e.to_string()));
-                Box::pin(link.send_reply(&sender, stamp(reply))).await;
+                Box::pin(link.send_reply(&sender, stamp(Box::new(reply)))).await;
             }
             continue;
         }
@@ -190,7 +190,8 @@ pub(crate) async fn run(
             _ => {}
         }
         let kind = env.kind.clone();
-        let request = env.expects_reply().then(|| env.reply(0, 0));
+        // Boxed: it is kept across the handler's await, in every connection's task.
+        let request = env.expects_reply().then(|| Box::new(env.reply(0, 0)));
         let outcome = router.dispatch(Inbound::new(env, sender.clone())).await;
         let error = match outcome {
             Ok(Dispatched::Handled(payload)) => {
@@ -210,8 +211,9 @@ pub(crate) async fn run(
                 ErrorBody::new(error_code::HANDLER_ERROR, e.to_string())
             }
         };
-        if let Some(reply) = request {
-            Box::pin(link.send_reply(&sender, stamp(reply.with_error(error)))).await;
+        if let Some(mut reply) = request {
+            reply.error = Some(error);
+            Box::pin(link.send_reply(&sender, stamp(reply))).await;
         }
     }
 }
@@ -256,7 +258,7 @@ pub(crate) fn fit_encoding(env: &mut Envelope, sender: Option<&ConnectionSender>
     }
 }
 
-fn stamp(mut reply: Envelope) -> Envelope {
+fn stamp(mut reply: Box<Envelope>) -> Box<Envelope> {
     reply.timestamp = tunnel_transport::unix_millis();
     reply
 }

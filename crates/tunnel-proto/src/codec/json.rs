@@ -119,10 +119,6 @@ impl Codec for JsonCodec {
     }
 
     fn decode(&self, frame: &Bytes, limits: &Limits) -> Result<Envelope, DecodeError> {
-        self.decode_boxed(frame, limits).map(|env| *env)
-    }
-
-    fn decode_boxed(&self, frame: &Bytes, limits: &Limits) -> Result<Box<Envelope>, DecodeError> {
         limits.check_size(frame.len())?;
         decode_from(serde_json::Deserializer::from_slice(frame), frame, limits)
     }
@@ -140,7 +136,7 @@ impl Codec for JsonCodec {
             return self.decode_boxed(frame, limits);
         }
         limits.check_size(frame.len())?;
-        decode_from(serde_json::Deserializer::from_str(text), frame, limits)
+        decode_from(serde_json::Deserializer::from_str(text), frame, limits).map(Box::new)
     }
 }
 
@@ -148,7 +144,7 @@ fn decode_from<'de, R: serde_json::de::Read<'de>>(
     mut de: serde_json::Deserializer<R>,
     frame: &Bytes,
     limits: &Limits,
-) -> Result<Box<Envelope>, DecodeError> {
+) -> Result<Envelope, DecodeError> {
     let ctx = Ctx::new(limits.max_headers);
     let raw: RawEnvelope<JsonRaw<'de>> = EnvelopeSeed {
         ctx: &ctx,
@@ -157,9 +153,7 @@ fn decode_from<'de, R: serde_json::de::Read<'de>>(
     .deserialize(&mut de)
     .and_then(|raw| de.end().map(|()| raw))
     .map_err(|e| map_error(&ctx, e))?;
-    let (raw_payload, env) = raw.into_parts();
-    // Boxed once here: the receiver hands it on without copying it again.
-    let mut env = Box::new(env);
+    let (raw_payload, mut env) = raw.into_parts();
     env.payload = match raw_payload {
         None => None,
         Some(JsonRaw(value)) if env.content_encoding().is_some() => {

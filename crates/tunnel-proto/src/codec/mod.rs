@@ -115,8 +115,10 @@ pub trait Codec: Send + Sync + fmt::Debug + 'static {
     /// [`Codec::decode`] into a box. A receiver hands each envelope on by value
     /// through several layers, and a box moves for a pointer's cost where an
     /// `Envelope` is a couple of hundred bytes. The default boxes what
-    /// [`Codec::decode`] returns; a codec that can build the envelope in its box
-    /// overrides it.
+    /// [`Codec::decode`] returns; a codec that can box the envelope earlier (before it
+    /// is returned through its own helpers) overrides it. A codec whose `decode`
+    /// calls `decode_boxed` must override `decode_boxed`, or the two call each other
+    /// forever.
     fn decode_boxed(&self, frame: &Bytes, limits: &Limits) -> Result<Box<Envelope>, DecodeError> {
         self.decode(frame, limits).map(Box::new)
     }

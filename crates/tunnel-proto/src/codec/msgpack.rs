@@ -115,6 +115,7 @@ impl Codec for MsgPackCodec {
     }
 
     fn decode(&self, frame: &Bytes, limits: &Limits) -> Result<Envelope, DecodeError> {
+        // The transport's path is `decode_boxed`; this one pays an allocation more.
         self.decode_boxed(frame, limits).map(|env| *env)
     }
 
@@ -410,7 +411,7 @@ fn decode_envelope(
     let Some(ts) = ts else {
         return Err(DecodeError::MissingField("ts"));
     };
-    // Built in its box: the receiver hands it on without copying it again.
+    // Boxed once, here: the receiver hands it on without copying it again.
     let mut env = Box::new(Envelope::new(id, kind, ts));
     env.seq = seq.flatten();
     env.ack = ack.flatten();

@@ -12,9 +12,9 @@
 //! | [`metrics`] | `metrics` | latency, errors, in flight per type | the same for handlers |
 //! | [`timeout`] | (always) | fails a call that waits too long | the same for handlers |
 //!
-//! [`timeout::TimeoutLayer`] is a drop-in for tower's `TimeoutLayer` (same
-//! [`Elapsed`](tower::timeout::error::Elapsed) error) that starts its timer only for a
-//! call that has to wait, which saves a tenth of the cost of a one-way message through
+//! [`timeout::TimeoutLayer`] stands in for tower's `TimeoutLayer` (the same
+//! [`Elapsed`](tower::timeout::error::Elapsed) error) but starts its timer only for a
+//! call that has to wait, and counts the deadline from then, which saves a tenth of the cost of a one-way message through
 //! the full stack. Concurrency limits are tower's own (`ConcurrencyLimitLayer`). A
 //! dropped request future stops waiting for its reply.
 //!

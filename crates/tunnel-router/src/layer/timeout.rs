@@ -8,7 +8,8 @@
 //! ready: the deadline counts from the first poll that had to wait, not from `call`
 //! (a future is normally polled right after `call`, so the difference is the time the
 //! caller leaves it unpolled). A request waiting for its reply, or a message waiting
-//! for room in a full queue, is bounded exactly as with tower's layer.
+//! for room in a full queue, gets the same bound and the same error as with tower's
+//! layer, measured from the first poll that waits.
 //!
 //! The error is the same as tower's: a [`tower::BoxError`] holding
 //! [`Elapsed`] when the timeout fires, the inner error boxed otherwise, so code that
@@ -58,10 +59,7 @@ impl<S> Layer<S> for TimeoutLayer {
     type Service = Timeout<S>;
 
     fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout {
-            inner,
-            timeout: self.timeout,
-        }
+        Timeout::new(inner, self.timeout)
     }
 }
 
@@ -70,6 +68,28 @@ impl<S> Layer<S> for TimeoutLayer {
 pub struct Timeout<S> {
     inner: S,
     timeout: Duration,
+}
+
+impl<S> Timeout<S> {
+    /// Wraps `inner`: its calls may wait at most `timeout`.
+    pub const fn new(inner: S, timeout: Duration) -> Self {
+        Timeout { inner, timeout }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, to change.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S, R> Service<R> for Timeout<S>
@@ -179,7 +199,16 @@ mod tests {
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
         assert!(matches!(fut.as_mut().poll(&mut cx), Poll::Ready(Ok(7))));
-        assert!(!format!("{fut:?}").contains("armed: true"), "{fut:?}");
+        assert!(format!("{fut:?}").contains("armed: false"), "{fut:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_waits_with_a_zero_timeout_fails_at_once() {
+        let mut svc = TimeoutLayer::new(Duration::ZERO).layer(slow(Duration::from_millis(1)));
+        let started = tokio::time::Instant::now();
+        let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
+        assert!(err.is::<Elapsed>(), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(1));
     }
 
     #[tokio::test(start_paused = true)]
