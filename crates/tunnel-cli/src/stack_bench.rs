@@ -63,12 +63,20 @@ pub(crate) async fn drive_layered(
     recorder: Arc<OtelRecorder>,
     n: u64,
 ) -> Result<Instant, String> {
-    let stack = ServiceBuilder::new()
+    drive(layered(agent, recorder), agent.format(), n).await
+}
+
+/// The agent's client behind the metrics (recording into `recorder`), timeout and
+/// tracing layers: the benchmarks' full client stack.
+fn layered(
+    agent: &Agent,
+    recorder: Arc<OtelRecorder>,
+) -> impl Service<Request, Response = Response, Error = BoxError> {
+    ServiceBuilder::new()
         .layer(MetricsLayer::new(recorder))
         .layer(TimeoutLayer::new(Duration::from_secs(5)))
         .layer(TraceLayer::new())
-        .service(agent.client());
-    drive(stack, agent.format(), n).await
+        .service(agent.client())
 }
 
 /// Sends `n` one-way events through `svc`, one call at a time, their payloads encoded
@@ -193,11 +201,7 @@ async fn stack_echo_client(
 ) -> Result<Vec<Duration>, String> {
     let agent = start_agent(&url, client("stack-latency")).await?;
     let (recorder, _provider) = otel_recorder();
-    let mut stack = ServiceBuilder::new()
-        .layer(MetricsLayer::new(recorder))
-        .layer(TimeoutLayer::new(Duration::from_secs(5)))
-        .layer(TraceLayer::new())
-        .service(agent.client());
+    let mut stack = layered(&agent, recorder);
     let mut samples = Vec::with_capacity(n);
     for i in 0..n + n / 10 {
         let start = Instant::now();

@@ -167,6 +167,14 @@ impl Receipt {
         }
     }
 
+    /// A receipt for message `seq` held by `session`.
+    fn held(seq: u64, session: &Arc<Reliable>) -> Self {
+        Receipt {
+            seq,
+            session: Some(session.clone()),
+        }
+    }
+
     /// The message's sequence number (0 when untracked).
     pub fn seq(&self) -> u64 {
         self.seq
@@ -434,10 +442,7 @@ impl Reliable {
         };
         match pushed {
             Ok(Pushed::Held { seq, backlog }) => {
-                let receipt = Receipt {
-                    seq,
-                    session: Some(self.clone()),
-                };
+                let receipt = Receipt::held(seq, self);
                 if backlog {
                     TrySend::Backlog(receipt)
                 } else {
@@ -488,10 +493,7 @@ impl Reliable {
                     if backlog {
                         Box::pin(self.drain()).await;
                     }
-                    return Ok(Receipt {
-                        seq,
-                        session: Some(self.clone()),
-                    });
+                    return Ok(Receipt::held(seq, self));
                 }
                 Pushed::Full(full) => {
                     env = full.item;

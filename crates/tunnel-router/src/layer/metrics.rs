@@ -5,7 +5,8 @@
 //! [`Recorder::request_finished`] with the elapsed time (from `call`) and the outcome
 //! (`Ok`, the error's [`ErrorKind`], or `cancelled` when the future was dropped) when it
 //! ends; one that never waited (a one-way message accepted at once, or a future dropped
-//! before it was polled) is reported once, with [`Recorder::request_completed`]. With `tunnel_metrics::OtelRecorder` (feature `otel`) these are the
+//! before it was polled) is reported once, with [`Recorder::request_completed`]. With
+//! `tunnel_metrics::OtelRecorder` (feature `otel`) these are the
 //! `tunnel.request.duration` histogram, the `tunnel.request.errors` counter and the
 //! `tunnel.requests.in_flight` up-down counter. It works on both sides: around a client
 //! (`Service<Request>`) and around a handler (`Service<Inbound>`).
