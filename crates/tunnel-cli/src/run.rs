@@ -40,24 +40,28 @@ pub(crate) struct HubArgs {
     /// Seconds between statistics lines.
     #[arg(long, default_value_t = 10)]
     stats_interval: u64,
-    /// Seconds a disconnected agent's session is kept for it to resume; later it is reset.
-    #[arg(long, default_value_t = 60)]
-    session_grace: u64,
+    /// Seconds a disconnected agent's session is kept for it to resume; later it is reset
+    /// (default 60).
+    #[arg(long, conflicts_with = "no_sessions")]
+    session_grace: Option<u64>,
     /// Do not keep sessions: no resume, no replay (every connection starts afresh).
     #[arg(long)]
     no_sessions: bool,
-    /// Most agent connections at once; more are answered `503` with `Retry-After`.
+    /// Most authenticated agent connections at once; more are answered `503` with
+    /// `Retry-After`. Default: what the open-file limit leaves after the admin server
+    /// and connections in their handshake (at most 16,384); a value over that is refused.
     #[arg(long)]
     max_connections: Option<usize>,
-    /// Most new connections accepted per second (one second of burst); the rest wait in
-    /// the listen backlog, so a reconnect storm comes back at this rate.
+    /// Most authenticated connections taken in per second (one second of burst); the
+    /// rest wait their turn, so a reconnect storm comes back at this rate.
     #[arg(long)]
     accept_rate: Option<f64>,
     /// On SIGTERM or Ctrl-C, seconds agents get to finish and move to another hub
     /// before the hub closes their connections (0: close at once).
     #[arg(long, default_value_t = 15)]
     drain_timeout: u64,
-    /// On drain, point agents at this hub instead of their own list (repeatable).
+    /// On drain, point agents at this hub instead of their own list (repeatable; agents
+    /// follow it only to hubs their own configuration allows).
     #[arg(long = "drain-to", value_name = "URL")]
     drain_to: Vec<String>,
     /// Serve /metrics, /healthz, /readyz and /agents over HTTP on this address.
@@ -111,6 +115,13 @@ pub(crate) struct AgentArgs {
     /// The private key of --client-cert (PEM).
     #[arg(long, value_name = "FILE", requires = "client_cert")]
     client_key: Option<PathBuf>,
+    /// A draining hub may send this agent to hubs of this origin (`wss://host:port`,
+    /// repeatable) besides its own --url list; default: only its own list.
+    #[arg(long = "follow-drain-to", value_name = "ORIGIN")]
+    follow_drain_to: Vec<String>,
+    /// Longest wait a hub can impose before a reconnect (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    max_hub_wait: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -191,20 +202,106 @@ async fn serve_admin(
     Ok(Some(server))
 }
 
+/// Connections the admin server may hold.
+const ADMIN_CONNECTIONS: usize = 32;
+/// Descriptors kept for everything else (listeners, log files, the runtime, a spare).
+const OTHER_DESCRIPTORS: u64 = 32;
+
+/// How a hub's open-file limit is shared out: (agent connections, connections in
+/// their handshake). Agent connections and handshakes together never take the
+/// descriptors the admin server and the rest need, so exhausting one listener cannot
+/// take the other down.
+fn descriptor_plan(
+    open_files: u64,
+    max_connections: Option<usize>,
+) -> Result<(usize, usize), String> {
+    let usable = open_files.saturating_sub(OTHER_DESCRIPTORS + ADMIN_CONNECTIONS as u64);
+    let usable = usize::try_from(usable).unwrap_or(usize::MAX);
+    // A quarter for handshakes, at most the library's default.
+    let handshakes = (usable / 4).clamp(1, 1024);
+    let room = usable.saturating_sub(handshakes);
+    if room == 0 {
+        return Err(format!(
+            "the open-file limit ({open_files}) leaves no room for agents; raise it (ulimit -n)"
+        ));
+    }
+    match max_connections {
+        Some(0) => Err("--max-connections 0 would refuse every agent".into()),
+        Some(n) if n > room => Err(format!(
+            "--max-connections {n} cannot take effect: the open-file limit ({open_files}) \
+             leaves room for {room} agent connections; raise it (ulimit -n) or lower the flag"
+        )),
+        Some(n) => Ok((n, handshakes)),
+        None => Ok((room.min(16_384), handshakes)),
+    }
+}
+
+/// Refuses hub flags that could not take effect.
+fn check_hub_args(args: &HubArgs) -> Result<(), String> {
+    if !args.drain_to.is_empty() && args.drain_timeout == 0 {
+        return Err(
+            "--drain-to has no effect with --drain-timeout 0 (the hub closes at once)".into(),
+        );
+    }
+    if let Some(rate) = args.accept_rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        return Err(format!(
+            "--accept-rate must be a positive number, not {rate}"
+        ));
+    }
+    if args.allow_workspaces.iter().any(|w| w.trim().is_empty()) {
+        return Err("--allow-workspace needs a workspace name".into());
+    }
+    for url in &args.drain_to {
+        check_hub_url("--drain-to", url)?;
+    }
+    Ok(())
+}
+
+fn check_hub_url(flag: &str, url: &str) -> Result<(), String> {
+    if url.starts_with("ws://") || url.starts_with("wss://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{flag} {url}: a hub URL starts with ws:// or wss://"
+        ))
+    }
+}
+
+/// Refuses agent flags that could not take effect.
+fn check_agent_args(args: &AgentArgs) -> Result<(), String> {
+    for url in &args.urls {
+        check_hub_url("--url", url)?;
+    }
+    for origin in &args.follow_drain_to {
+        check_hub_url("--follow-drain-to", origin)?;
+    }
+    let tls = args.urls.iter().any(|u| u.starts_with("wss://"));
+    if !tls && (args.ca_file.is_some() || args.client_cert.is_some()) {
+        return Err("--ca-file and --client-cert need a wss:// --url".into());
+    }
+    if args.mode == Mode::Spread && !args.follow_drain_to.is_empty() {
+        return Err(
+            "--follow-drain-to has no effect with --mode spread (each connection stays on its hub)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
+    check_hub_args(&args)?;
+    let open_files = rlimit::increase_nofile_limit(u64::MAX)
+        .map_err(|e| format!("cannot read the open-file limit: {e}"))?;
+    let (max_connections, max_handshakes) = descriptor_plan(open_files, args.max_connections)?;
     let auth: Arc<dyn tunnel_transport::Authenticator> = match (&args.tokens, &args.token_file) {
         (Some(path), _) => {
             let tokens = Arc::new(TokenFile::load(path).map_err(|e| e.to_string())?);
             tokio::spawn(reload_on_sighup(tokens.clone()));
             tokens
         }
-        (None, Some(path)) => {
-            let mut shared = SharedToken::new(read_token(path)?);
-            if !args.allow_workspaces.is_empty() {
-                shared = shared.allow_workspaces(args.allow_workspaces.clone());
-            }
-            Arc::new(shared)
-        }
+        (None, Some(path)) => Arc::new(SharedToken::new(read_token(path)?)),
         (None, None) => return Err("give --token-file or --tokens".into()),
     };
     let received = Arc::new(AtomicU64::new(0));
@@ -228,20 +325,29 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
         ),
         _ => None,
     };
-    let config = ServerConfig::new(auth)
+    let mut config = ServerConfig::new(auth)
         .connection(tunnel_transport::ConnectionConfig::default().recorder(metrics.recorder()))
-        .max_connections(args.max_connections)
+        .max_connections(Some(max_connections))
+        .max_handshakes(max_handshakes)
         .accept_rate(args.accept_rate)
         .tls(tls);
+    // An admission rule, whatever the authenticator.
+    if !args.allow_workspaces.is_empty() {
+        config = config.allow_workspaces(args.allow_workspaces.clone());
+    }
     let hub = if args.no_sessions {
         Hub::bind(args.listen, config, router).await
     } else {
-        let sessions = HubSessions::default().grace(Duration::from_secs(args.session_grace));
+        let grace = Duration::from_secs(args.session_grace.unwrap_or(60));
+        let sessions = HubSessions::default().grace(grace);
         Hub::bind_resumable(args.listen, config, router, sessions).await
     }
     .map_err(|e| e.to_string())?;
     tracing::info!(url = %hub.url().unwrap_or_default(), "hub listening");
-    let _admin = serve_admin(Admin::new().hub(hub.clone()), args.admin_listen, &metrics).await?;
+    let admin = Admin::new()
+        .hub(hub.clone())
+        .max_connections(ADMIN_CONNECTIONS);
+    let _admin = serve_admin(admin, args.admin_listen, &metrics).await?;
     let mut ticker = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
     ticker.tick().await;
     let signal = shutdown_signal();
@@ -274,6 +380,7 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
 }
 
 pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
+    check_agent_args(&args)?;
     // Read now to fail early, and again on every connect: a rotated token in the file
     // is used from the next reconnect on.
     let token = read_token(&args.token_file)?;
@@ -309,7 +416,14 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
     let pool = Pool::start(
         mode,
         WsConnector::new(config),
-        AgentConfig::with_endpoints(args.urls.clone()).recorder(metrics.recorder()),
+        AgentConfig::with_endpoints(args.urls.clone())
+            .recorder(metrics.recorder())
+            .max_hub_wait(Duration::from_secs(args.max_hub_wait))
+            .redirects(if args.follow_drain_to.is_empty() {
+                tunnel_router::Redirects::Listed
+            } else {
+                tunnel_router::Redirects::Origins(args.follow_drain_to.clone())
+            }),
         router,
     )
     .map_err(|e| e.to_string())?;
@@ -354,4 +468,98 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
     }
     pool.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Hub {
+        #[command(flatten)]
+        args: HubArgs,
+    }
+
+    #[derive(Debug, Parser)]
+    struct AgentCli {
+        #[command(flatten)]
+        args: AgentArgs,
+    }
+
+    fn hub_args(extra: &[&str]) -> Result<HubArgs, String> {
+        let argv = ["hub", "--token-file", "t"].iter().chain(extra);
+        Hub::try_parse_from(argv)
+            .map(|h| h.args)
+            .map_err(|e| e.to_string())
+    }
+
+    fn agent_args(extra: &[&str]) -> AgentArgs {
+        let argv = [
+            "agent",
+            "--workspace",
+            "w",
+            "--sync-target",
+            "s",
+            "--token-file",
+            "t",
+        ]
+        .iter()
+        .chain(extra);
+        AgentCli::try_parse_from(argv).expect("parses").args
+    }
+
+    #[test]
+    fn hub_flags_that_cannot_take_effect_are_refused() {
+        assert!(check_hub_args(&hub_args(&[]).expect("parses")).is_ok());
+        for bad in [
+            &["--drain-to", "ws://b:1/", "--drain-timeout", "0"][..],
+            &["--accept-rate", "0"],
+            &["--accept-rate=-3"],
+            &["--accept-rate", "NaN"],
+            &["--drain-to", "http://b:1/"],
+        ] {
+            let args = hub_args(bad).expect("parses");
+            assert!(check_hub_args(&args).is_err(), "{bad:?} accepted");
+        }
+        // Refused by the parser itself.
+        assert!(hub_args(&["--no-sessions", "--session-grace", "5"]).is_err());
+        assert!(
+            hub_args(&["--tokens", "f"]).is_err(),
+            "--tokens with --token-file"
+        );
+    }
+
+    #[test]
+    fn agent_flags_that_cannot_take_effect_are_refused() {
+        assert!(check_agent_args(&agent_args(&[])).is_ok());
+        assert!(check_agent_args(&agent_args(&["--ca-file", "ca.pem"])).is_err());
+        assert!(check_agent_args(&agent_args(&["--url", "http://h/"])).is_err());
+        assert!(
+            check_agent_args(&agent_args(&[
+                "--mode",
+                "spread",
+                "--follow-drain-to",
+                "ws://h:1"
+            ]))
+            .is_err()
+        );
+        assert!(
+            check_agent_args(&agent_args(&["--url", "wss://h/", "--ca-file", "ca.pem"])).is_ok()
+        );
+    }
+
+    #[test]
+    fn the_open_file_limit_is_shared_so_no_listener_starves_another() {
+        // 256 descriptors: 64 for the admin server and the rest, 48 for handshakes.
+        assert_eq!(descriptor_plan(256, None), Ok((144, 48)));
+        assert_eq!(descriptor_plan(256, Some(100)), Ok((100, 48)));
+        assert!(
+            descriptor_plan(256, Some(145)).is_err(),
+            "over what the limit allows"
+        );
+        assert!(descriptor_plan(256, Some(0)).is_err());
+        assert!(descriptor_plan(64, None).is_err(), "no room at all");
+        assert_eq!(descriptor_plan(1 << 20, None), Ok((16_384, 1024)));
+    }
 }

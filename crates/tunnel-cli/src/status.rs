@@ -22,7 +22,11 @@ pub(crate) struct StatusArgs {
     watch: Option<u64>,
 }
 
-/// GETs `url` (plain HTTP) and returns the body, failing on a non-2xx status.
+/// Largest admin response body read: a list of 16,384 agents is about 7 MiB.
+pub(crate) const MAX_BODY: usize = 32 * 1024 * 1024;
+
+/// GETs `url` (plain HTTP) and returns the body, failing on a non-2xx status or a body
+/// over [`MAX_BODY`].
 pub(crate) async fn http_get(url: &str) -> Result<Bytes, String> {
     let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
     if uri.scheme_str().is_some_and(|s| s != "http") {
@@ -51,17 +55,25 @@ pub(crate) async fn http_get(url: &str) -> Result<Bytes, String> {
     let response = tokio::time::timeout(Duration::from_secs(10), async {
         let response = sender.send_request(request).await?;
         let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok::<_, hyper::Error>((status, body))
+        let body = http_body_util::Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await?
+            .to_bytes();
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
     })
     .await
     .map_err(|_| format!("{url}: no answer in time"))?
-    .map_err(|e| format!("{url}: {e}"))?;
+    .map_err(
+        |e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
+            Some(_) => format!("{url}: the response is larger than {MAX_BODY} bytes"),
+            None => format!("{url}: {e}"),
+        },
+    )?;
     let (status, body) = response;
     if !status.is_success() {
         return Err(format!(
             "{url}: {status}: {}",
-            String::from_utf8_lossy(&body).trim()
+            tunnel_proto::text::Untrusted(String::from_utf8_lossy(&body).trim())
         ));
     }
     Ok(body)
@@ -143,6 +155,15 @@ fn human_bytes(n: usize) -> String {
     }
 }
 
+/// `s` without control characters (a hub's answer must not drive the terminal), cut
+/// after `max` characters.
+fn printable(s: &str, max: usize) -> String {
+    s.chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// The agents table: one line per agent, sorted by identity, with rates either
 /// between samples or, without them, averaged since each connected.
 pub(crate) fn render(statuses: &[AgentStatus], rates: Option<&Rates>) -> String {
@@ -165,8 +186,8 @@ pub(crate) fn render(statuses: &[AgentStatus], rates: Option<&Rates>) -> String 
         let replay = format!("{} / {}", s.replay_messages, human_bytes(s.replay_bytes));
         out.push_str(&format!(
             "{:<36} {:<7} {:>9} {:>10.1} {:>10.1} {:>9} {:>16}\n",
-            format!("{}/{}", s.workspace, s.sync_target),
-            s.codec,
+            printable(&format!("{}/{}", s.workspace, s.sync_target), 253 * 2 + 1),
+            printable(&s.codec, 16),
             human_duration(s.connected_for_s),
             rate_in,
             rate_out,

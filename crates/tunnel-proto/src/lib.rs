@@ -45,6 +45,7 @@ mod envelope;
 mod error;
 pub mod messages;
 pub mod session;
+pub mod text;
 mod version;
 
 pub use close::CloseCode;

@@ -7,6 +7,11 @@
 //! | `GET /metrics` | the Prometheus text exposition, when a renderer was given, else `404` |
 //! | `GET /agents` | a hub's connected agents as JSON ([`AgentStatus`] array), else `404` |
 //!
+//! The server is bounded so that it can never take the process down: at most
+//! [`Admin::max_connections`] connections at once (more are closed at once), request
+//! headers must arrive within 5 s, a connection lives at most a minute, and request
+//! bodies (no route reads one) are limited to 4 KiB.
+//!
 //! ```no_run
 //! use tunnel_router::{Hub, Router, admin::Admin};
 //! use tunnel_transport::{AllowAll, ServerConfig};
@@ -20,6 +25,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -35,12 +41,31 @@ use crate::pool::Pool;
 type Render = dyn Fn() -> String + Send + Sync;
 
 /// What the admin server reports on. Build it, then [`Admin::bind`].
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Admin {
     hub: Option<Hub>,
     pool: Option<Pool>,
     metrics: Option<Arc<Render>>,
+    max_connections: usize,
 }
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            hub: None,
+            pool: None,
+            metrics: None,
+            max_connections: 32,
+        }
+    }
+}
+
+/// Longest a client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest an admin connection stays open, requests included.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Largest request body accepted (no route reads one).
+const MAX_BODY: usize = 4 * 1024;
 
 impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -48,6 +73,7 @@ impl std::fmt::Debug for Admin {
             .field("hub", &self.hub.is_some())
             .field("pool", &self.pool.is_some())
             .field("metrics", &self.metrics.is_some())
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -78,32 +104,88 @@ impl Admin {
         self
     }
 
+    /// Most admin connections at once (default 32); more are closed as they come.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
     /// Listens on `addr` and serves until the returned server is shut down or
     /// dropped.
     pub async fn bind(self, addr: impl ToSocketAddrs) -> std::io::Result<AdminServer> {
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
+        let places = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         let app = axum::Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
             .route("/agents", get(agents))
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
             .with_state(Arc::new(self));
         let stop = CancellationToken::new();
         let stopped = stop.clone();
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stopped.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::warn!(error = %e, "admin server failed");
-            }
-        });
+        let task = tokio::spawn(serve(listener, app, places, stopped));
         Ok(AdminServer {
             local_addr,
             stop,
             task: Some(task),
         })
     }
+}
+
+/// Accepts within the connection cap and serves each connection under the timeouts.
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    places: Arc<tokio::sync::Semaphore>,
+    stop: CancellationToken,
+) {
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of descriptors, usually: wait instead of spinning.
+                tracing::debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            // Full: closed at once, so idle clients cannot hold descriptors here.
+            drop(tcp);
+            continue;
+        };
+        let app = app.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let _place = place;
+            let service =
+                hyper::service::service_fn(move |req| tower::ServiceExt::oneshot(app.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(64 * 1024)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            let mut conn = std::pin::pin!(conn);
+            let lifetime = tokio::time::sleep(CONNECTION_LIFETIME);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = lifetime => {}
+                () = stop.cancelled() => {}
+            }
+            // Lets a request in progress finish, briefly.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        });
+    }
+    connections.close();
+    connections.wait().await;
 }
 
 async fn readyz(State(admin): State<Arc<Admin>>) -> Response {

@@ -18,6 +18,7 @@ use tunnel_reconnect::{
 };
 use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, Resume, SendError};
 
+use crate::redirect::Redirects;
 use crate::reliable::{FullPolicy, Receipt, Reliable, ReliableSendError, TrySend};
 use crate::request::{Pending, Request, RequestError, Response, Ticket};
 use crate::router::Router;
@@ -92,9 +93,14 @@ pub struct AgentConfig {
     /// Replacements of `endpoints` from discovery: each value sent replaces the list
     /// (the current connection stays until it ends). Default: none.
     pub endpoint_updates: Option<watch::Receiver<Vec<String>>>,
-    /// Whether a closing hub's `reconnect.endpoints` replace `endpoints`. Default
-    /// true; a [`Pool`](crate::Pool) in spread mode pins each connection to its hub.
-    pub follow_redirects: bool,
+    /// Which endpoints named by a closing hub (`reconnect.endpoints`) the agent dials
+    /// (before its own, which stay as the fallback). Default [`Redirects::Listed`]:
+    /// only its own endpoints; a [`Pool`](crate::Pool) in spread mode pins each
+    /// connection to its hub ([`Redirects::Never`]).
+    pub redirects: Redirects,
+    /// The longest wait a hub can impose (a `close` message's `reconnect.after_ms`, a
+    /// `503`'s `Retry-After`): longer ones are cut to it. Default 60 s.
+    pub max_hub_wait: Duration,
     /// How long, after a hub announces a drain, the agent lets what the connection
     /// carries finish (acknowledgements of sent messages, replies to sent requests)
     /// before moving. Default 10 s.
@@ -127,7 +133,8 @@ impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentConfig")
             .field("endpoints", &self.endpoints)
-            .field("follow_redirects", &self.follow_redirects)
+            .field("redirects", &self.redirects)
+            .field("max_hub_wait", &self.max_hub_wait)
             .field("drain_wait", &self.drain_wait)
             .field("backoff", &self.backoff)
             .field("stable_after", &self.stable_after)
@@ -151,7 +158,8 @@ impl AgentConfig {
         AgentConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             endpoint_updates: None,
-            follow_redirects: true,
+            redirects: Redirects::Listed,
+            max_hub_wait: Duration::from_secs(60),
             drain_wait: Duration::from_secs(10),
             backoff: BackoffConfig::default(),
             stable_after: Duration::from_secs(30),
@@ -170,9 +178,15 @@ impl AgentConfig {
         self
     }
 
-    /// Sets [`AgentConfig::follow_redirects`].
-    pub fn follow_redirects(mut self, follow: bool) -> Self {
-        self.follow_redirects = follow;
+    /// Sets [`AgentConfig::redirects`].
+    pub fn redirects(mut self, redirects: Redirects) -> Self {
+        self.redirects = redirects;
+        self
+    }
+
+    /// Sets [`AgentConfig::max_hub_wait`].
+    pub fn max_hub_wait(mut self, wait: Duration) -> Self {
+        self.max_hub_wait = wait;
         self
     }
 
@@ -627,7 +641,9 @@ async fn supervise(
                 tracing::warn!("ignoring an empty endpoint list from discovery");
             } else {
                 tracing::info!(endpoints = ?fresh, "endpoints changed");
+                config.endpoints = fresh.clone();
                 endpoints = fresh;
+                breakers.retain(|e, _| endpoints.contains(e));
                 next = 0;
             }
         }
@@ -794,7 +810,7 @@ async fn supervise(
                 } = &e
                     && endpoints.len() == 1
                 {
-                    not_before = Some(Instant::now() + *wait);
+                    not_before = Some(Instant::now() + (*wait).min(config.max_hub_wait));
                 }
                 next += 1;
             }
@@ -806,11 +822,26 @@ async fn supervise(
         }
         if let Some(hint) = hint {
             if let Some(ms) = hint.after_ms {
-                until = until.max(Instant::now() + Duration::from_millis(ms));
+                let wait = Duration::from_millis(ms).min(config.max_hub_wait);
+                until = until.max(Instant::now() + wait);
             }
-            if !hint.endpoints.is_empty() && config.follow_redirects {
-                tracing::info!(endpoints = ?hint.endpoints, "hub pointed to other endpoints");
-                endpoints = hint.endpoints;
+            // A hint names a few hubs: the rest of a long list is not looked at.
+            let hinted = &hint.endpoints[..hint.endpoints.len().min(MAX_HINTED)];
+            let (dial, refused) = config
+                .redirects
+                .follow(&config.endpoints, &endpoint, hinted);
+            if !refused.is_empty() {
+                let shown: Vec<_> = refused
+                    .iter()
+                    .take(4)
+                    .map(|u| tunnel_proto::text::Untrusted(u).to_string())
+                    .collect();
+                tracing::warn!(refused = ?shown, count = refused.len(), "not following the hub to endpoints this agent's configuration does not allow");
+            }
+            if refused.len() < hinted.len() {
+                tracing::info!(endpoints = ?dial, "hub pointed to other endpoints");
+                endpoints = dial;
+                breakers.retain(|e, _| endpoints.contains(e));
                 next = 0;
             } else if drained {
                 // The drained hub is going away: try the next endpoint first.
@@ -885,6 +916,9 @@ fn report_circuit(recorder: &dyn Recorder, endpoint: &str, state: BreakerState) 
         },
     );
 }
+
+/// Most endpoints of a drain hint that are considered.
+const MAX_HINTED: usize = 16;
 
 /// Shortest pause between skipping an open circuit and trying the next endpoint.
 const MIN_PAUSE: Duration = Duration::from_millis(10);

@@ -45,6 +45,7 @@ mod hub;
 mod hub_sessions;
 pub mod layer;
 mod pool;
+mod redirect;
 mod reliable;
 mod request;
 mod router;
@@ -57,6 +58,7 @@ pub use agent::{
 pub use hub::{AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubSendError};
 pub use hub_sessions::HubSessions;
 pub use pool::{Pool, PoolClient, PoolMode, Readiness};
+pub use redirect::Redirects;
 pub use reliable::{FullPolicy, Receipt, ReliableSendError, Undelivered, WhenFull};
 pub use request::{Request, RequestError, Response, error_code};
 pub use router::{Dispatched, Handler, Inbound, IntoReply, Router};

@@ -182,7 +182,7 @@ impl Pool {
                     config.endpoint_updates = None;
                     // Two connections of one agent identity on one hub would replace
                     // each other: each member stays on its own hub.
-                    config.follow_redirects = false;
+                    config.redirects = crate::Redirects::Never;
                     added.push((endpoint.clone(), (self.inner.factory)(config)?));
                 }
             }

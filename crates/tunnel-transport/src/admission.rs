@@ -1,11 +1,14 @@
-//! Connection limits: how many connections a hub holds at once, globally and per
-//! workspace.
+//! Connection limits: how many authenticated connections a hub holds at once, globally
+//! and per workspace; how many connections may be in their upgrade or handshake
+//! ([`Handshakes`]); and how fast authenticated connections are taken in ([`AcceptPace`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -105,6 +108,117 @@ impl AcceptPace {
     }
 }
 
+/// Connections still in their TLS handshake, HTTP upgrade or protocol handshake, bounded
+/// in count (each is also bounded in time by the handshake deadline).
+///
+/// At the bound, a new connection evicts the oldest one that has not authenticated yet
+/// (it is abandoned, its socket closed): silent or slow unauthenticated sockets can
+/// never keep an agent that presents a valid token out. Only when every connection in
+/// progress has authenticated does the accept loop wait for one of them to finish.
+#[derive(Debug)]
+pub(crate) struct Handshakes {
+    max: usize,
+    state: Mutex<InProgress>,
+    room: Notify,
+}
+
+#[derive(Debug, Default)]
+struct InProgress {
+    next: u64,
+    /// By accept order: whether it authenticated, and how to abandon it.
+    entries: BTreeMap<u64, (bool, CancellationToken)>,
+}
+
+/// One connection's place among those in progress; dropping it gives the place back.
+#[derive(Debug)]
+pub(crate) struct HandshakeSlot {
+    handshakes: Arc<Handshakes>,
+    key: u64,
+    /// Cancelled when the connection is evicted to make room.
+    pub(crate) evicted: CancellationToken,
+}
+
+impl Handshakes {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(Handshakes {
+            max: max.max(1),
+            state: Mutex::new(InProgress::default()),
+            room: Notify::new(),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, InProgress> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until a new connection can be taken in: below the bound, or with an
+    /// unauthenticated connection to evict.
+    pub(crate) async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            {
+                let st = self.state();
+                if st.entries.len() < self.max || st.entries.values().any(|(auth, _)| !auth) {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Registers a just-accepted connection, evicting the oldest unauthenticated one
+    /// if the bound is reached. Returns the slot and whether one was evicted.
+    pub(crate) fn register(self: &Arc<Self>) -> (HandshakeSlot, bool) {
+        let mut st = self.state();
+        let mut evicted = false;
+        if st.entries.len() >= self.max
+            && let Some(key) = st
+                .entries
+                .iter()
+                .find(|(_, (auth, _))| !auth)
+                .map(|(key, _)| *key)
+            && let Some((_, cancel)) = st.entries.remove(&key)
+        {
+            cancel.cancel();
+            evicted = true;
+        }
+        let key = st.next;
+        st.next += 1;
+        let token = CancellationToken::new();
+        st.entries.insert(key, (false, token.clone()));
+        (
+            HandshakeSlot {
+                handshakes: self.clone(),
+                key,
+                evicted: token,
+            },
+            evicted,
+        )
+    }
+
+    /// Connections in progress now.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.state().entries.len()
+    }
+}
+
+impl HandshakeSlot {
+    /// The connection presented valid credentials: it is no longer evictable.
+    pub(crate) fn authenticated(&self) {
+        if let Some(entry) = self.handshakes.state().entries.get_mut(&self.key) {
+            entry.0 = true;
+        }
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.handshakes.state().entries.remove(&self.key);
+        self.handshakes.room.notify_waiters();
+    }
+}
+
 impl Drop for Admitted {
     fn drop(&mut self) {
         if let Some((admission, workspace)) = self.workspace.take() {
@@ -150,6 +264,35 @@ mod tests {
             pace.accepted(later);
         }
         assert!(pace.next_at(later) > later);
+    }
+
+    #[tokio::test]
+    async fn handshakes_evict_the_oldest_unauthenticated_and_wait_only_for_authenticated() {
+        let handshakes = Handshakes::new(2);
+        let (a, evicted) = handshakes.register();
+        assert!(!evicted);
+        let (b, _) = handshakes.register();
+        // Full, but a and b are evictable: room at once, and a (the oldest) goes.
+        handshakes.room().await;
+        let (c, evicted) = handshakes.register();
+        assert!(evicted && a.evicted.is_cancelled() && !b.evicted.is_cancelled());
+        drop(a);
+        assert_eq!(handshakes.len(), 2);
+        // An authenticated connection is never evicted: b goes next, not c.
+        c.authenticated();
+        let (d, _) = handshakes.register();
+        assert!(b.evicted.is_cancelled() && !c.evicted.is_cancelled());
+        drop(b);
+        d.authenticated();
+        // Everyone in progress has authenticated: wait for one to finish.
+        let wait = tokio::time::timeout(Duration::from_millis(20), handshakes.room()).await;
+        assert!(wait.is_err(), "no room while all are authenticated");
+        drop(c);
+        tokio::time::timeout(Duration::from_secs(1), handshakes.room())
+            .await
+            .expect("room once one finished");
+        drop(d);
+        assert_eq!(handshakes.len(), 0);
     }
 
     #[test]

@@ -13,6 +13,17 @@ pub struct AgentId {
     pub sync_target: String,
 }
 
+/// Longest workspace or sync target name a hub admits, in bytes.
+pub const MAX_IDENTITY_LEN: usize = 253;
+
+/// A claimed identity that a hub refuses (`400`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} must be 1 to {MAX_IDENTITY_LEN} bytes of visible ASCII (0x21-0x7E), got {shown}")]
+pub struct InvalidIdentity {
+    what: &'static str,
+    shown: String,
+}
+
 impl AgentId {
     /// An agent id.
     pub fn new(workspace: impl Into<String>, sync_target: impl Into<String>) -> Self {
@@ -20,6 +31,31 @@ impl AgentId {
             workspace: workspace.into(),
             sync_target: sync_target.into(),
         }
+    }
+
+    /// An agent id claimed by a peer: each part 1 to [`MAX_IDENTITY_LEN`] bytes of
+    /// visible ASCII (no spaces or control characters), so that identities are safe
+    /// as log fields, metric attributes and map keys.
+    ///
+    /// ```
+    /// use tunnel_transport::AgentId;
+    /// assert!(AgentId::parse("root:org", "cluster-1").is_ok());
+    /// assert!(AgentId::parse("root:org", "cluster 1").is_err());
+    /// assert!(AgentId::parse("", "cluster-1").is_err());
+    /// ```
+    pub fn parse(workspace: &str, sync_target: &str) -> Result<Self, InvalidIdentity> {
+        for (what, value) in [("workspace", workspace), ("sync target", sync_target)] {
+            let ok = !value.is_empty()
+                && value.len() <= MAX_IDENTITY_LEN
+                && value.bytes().all(|b| (0x21..=0x7e).contains(&b));
+            if !ok {
+                return Err(InvalidIdentity {
+                    what,
+                    shown: tunnel_proto::text::Untrusted(value).to_string(),
+                });
+            }
+        }
+        Ok(AgentId::new(workspace, sync_target))
     }
 }
 
@@ -214,7 +250,8 @@ pub enum TokenFileError {
         /// Why.
         source: std::io::Error,
     },
-    /// A line is not `token workspace [sync targets...]`.
+    /// A line is not `token workspace [sync targets...]`, or the file grants no token
+    /// (line 0).
     #[error("token file {path}, line {line}: {reason}")]
     Parse {
         /// The file.
@@ -285,6 +322,14 @@ impl TokenFile {
                 token: token.as_bytes().to_vec(),
                 workspace: workspace.to_owned(),
                 sync_targets: fields.map(str::to_owned).collect(),
+            });
+        }
+        if grants.is_empty() {
+            // Almost certainly a truncated or wrong file: it would lock every agent out.
+            return Err(TokenFileError::Parse {
+                path: path.display().to_string(),
+                line: 0,
+                reason: "the file grants no token".into(),
             });
         }
         Ok(grants)
@@ -414,5 +459,11 @@ mod token_file_tests {
             Ok(()),
             "kept"
         );
+        // A file without grants is refused like any other bad file.
+        std::fs::write(&path, "# nothing here\n\n").unwrap();
+        let err = tokens.reload().unwrap_err();
+        assert!(err.to_string().contains("grants no token"), "{err}");
+        assert_eq!(check(&tokens, Some("new"), "root:team", "c"), Ok(()));
+        assert!(TokenFile::load(&path).is_err(), "nor loaded");
     }
 }

@@ -145,18 +145,39 @@ pub struct ServerConfig {
     /// Decides which session each connection belongs to. Default: none, every
     /// connection is a new session and `resume` is not offered.
     pub sessions: Option<Arc<dyn crate::SessionStore>>,
-    /// Most connections held at once, handshakes included. One over it is answered
-    /// `503 Service Unavailable` with `Retry-After` before anything is allocated for
-    /// it. Default: no limit.
+    /// Most authenticated connections held at once: an agent whose upgrade
+    /// authenticates over it is answered `503 Service Unavailable` with `Retry-After`.
+    /// Connections that have not authenticated never take a place (they are bounded by
+    /// [`ServerConfig::max_handshakes`]). Default 16,384; `None`: no limit.
     pub max_connections: Option<usize>,
-    /// Most connections per workspace (checked once the upgrade names it): `503` with
-    /// `Retry-After` over it. Default: no limit.
+    /// Most authenticated connections per workspace: `503` with `Retry-After` over it.
+    /// Default: no limit.
     pub max_connections_per_workspace: Option<usize>,
+    /// Most connections in their TLS handshake, HTTP upgrade or protocol handshake at
+    /// once (each is also bounded by [`ServerConfig::handshake_timeout`]). At the bound a
+    /// new connection evicts the oldest one that has not authenticated yet, so
+    /// unauthenticated sockets can never keep an agent with a valid token out; only
+    /// when all of them have authenticated does the listener wait. Default 1,024.
+    pub max_handshakes: usize,
+    /// Only agents of these workspaces are admitted (`403` for others), whatever the
+    /// authenticator. Default: any workspace.
+    pub allowed_workspaces: Option<Vec<String>>,
+    /// Most bytes read from a connection before its protocol handshake completes (the
+    /// HTTP upgrade request plus the `handshake` message): more closes it with `1009`.
+    /// Default 64 KiB.
+    pub max_handshake_bytes: usize,
+    /// Bytes of partially received messages that all connections may hold together
+    /// beyond 128 KiB each. A connection that needs more stops reading (TCP slows its
+    /// peer) until others complete their messages; messages under 128 KiB never wait.
+    /// Default 64 MiB.
+    pub read_budget: usize,
     /// The `Retry-After` of a `503`. Default 5 s.
     pub retry_after: Duration,
-    /// Most new connections accepted per second (with one second of burst); the rest
-    /// wait in the listen backlog (asked for 4096), not refused, so after an outage
-    /// agents come back at this rate however many there are. Default: no limit.
+    /// Most authenticated connections taken in per second (with one second of burst).
+    /// Over it an agent's upgrade is answered and its handshake waits its turn, so
+    /// after an outage agents come back at this rate however many there are;
+    /// connections that do not authenticate are not counted. `None`: no limit (the
+    /// default). A rate that is not positive and finite is refused by [`WsListener::bind`](crate::WsListener::bind).
     pub accept_rate: Option<f64>,
     /// TLS (`wss://`): agents must speak TLS to this listener. Default: none (`ws://`).
     #[cfg(feature = "tls")]
@@ -177,6 +198,10 @@ impl fmt::Debug for ServerConfig {
                 "max_connections_per_workspace",
                 &self.max_connections_per_workspace,
             )
+            .field("max_handshakes", &self.max_handshakes)
+            .field("allowed_workspaces", &self.allowed_workspaces)
+            .field("max_handshake_bytes", &self.max_handshake_bytes)
+            .field("read_budget", &self.read_budget)
             .field("retry_after", &self.retry_after)
             .field("accept_rate", &self.accept_rate)
             .finish()
@@ -195,8 +220,12 @@ impl ServerConfig {
             formats: Format::ALL.to_vec(),
             accept_queue: 1024,
             sessions: None,
-            max_connections: None,
+            max_connections: Some(16_384),
             max_connections_per_workspace: None,
+            max_handshakes: 1024,
+            allowed_workspaces: None,
+            max_handshake_bytes: 64 * 1024,
+            read_budget: 64 * 1024 * 1024,
             retry_after: Duration::from_secs(5),
             accept_rate: None,
             #[cfg(feature = "tls")]
@@ -218,6 +247,16 @@ impl ServerConfig {
             return "wss";
         }
         "ws"
+    }
+
+    /// Admits only agents of these workspaces ([`ServerConfig::allowed_workspaces`]).
+    pub fn allow_workspaces<I, S>(mut self, workspaces: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.allowed_workspaces = Some(workspaces.into_iter().map(Into::into).collect());
+        self
     }
 
     /// Resumes sessions through `store`, and offers the `resume` capability.
@@ -247,6 +286,12 @@ setters!(ServerConfig {
     max_connections: Option<usize>,
     /// Sets [`ServerConfig::max_connections_per_workspace`].
     max_connections_per_workspace: Option<usize>,
+    /// Sets [`ServerConfig::max_handshakes`].
+    max_handshakes: usize,
+    /// Sets [`ServerConfig::max_handshake_bytes`].
+    max_handshake_bytes: usize,
+    /// Sets [`ServerConfig::read_budget`].
+    read_budget: usize,
     /// Sets [`ServerConfig::retry_after`].
     retry_after: Duration,
     /// Sets [`ServerConfig::accept_rate`].

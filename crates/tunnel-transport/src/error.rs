@@ -157,4 +157,7 @@ pub enum AcceptError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A setting cannot take effect.
+    #[error("invalid listener setting: {0}")]
+    Config(String),
 }

@@ -58,8 +58,8 @@ pub mod tls;
 mod ws;
 
 pub use auth::{
-    AgentId, AllowAll, AuthError, AuthRequest, Authenticator, SharedToken, TokenFile,
-    TokenFileError,
+    AgentId, AllowAll, AuthError, AuthRequest, Authenticator, InvalidIdentity, MAX_IDENTITY_LEN,
+    SharedToken, TokenFile, TokenFileError,
 };
 pub use config::{ClientConfig, ConnectionConfig, InboundRate, ServerConfig, TokenSource};
 pub use connection::{

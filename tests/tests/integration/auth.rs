@@ -321,3 +321,217 @@ async fn an_agent_refused_for_capacity_waits_the_retry_after() {
     first.shutdown().await;
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_is_capped_by_the_agents_configuration() {
+    let config = server_config()
+        .max_connections(Some(1))
+        .retry_after(Duration::from_secs(1_000_000));
+    let hub = hub(config, Router::new()).await;
+    let url = hub.url().expect("url");
+    let first = agent(
+        &url,
+        client_config(&AgentId::new("ws", "first"), Format::MsgPack),
+        Router::new(),
+    );
+    first.wait_connected(SOON).await.expect("connected");
+    let second = tunnel_router::Agent::start(
+        WsConnector::new(client_config(
+            &AgentId::new("ws", "second"),
+            Format::MsgPack,
+        )),
+        tunnel_router::AgentConfig::new(&url)
+            .backoff(fast_backoff())
+            .max_hub_wait(Duration::from_millis(400)),
+        Router::new(),
+    )
+    .expect("valid config");
+    let mut state = second.state();
+    let backoff = tokio::time::timeout(
+        SOON,
+        state.wait_for(|s| matches!(s, tunnel_router::ConnectionState::Backoff { .. })),
+    )
+    .await
+    .expect("refused in time")
+    .expect("state")
+    .clone();
+    let tunnel_router::ConnectionState::Backoff { until } = backoff else {
+        unreachable!()
+    };
+    let wait = until - tokio::time::Instant::now();
+    assert!(wait <= Duration::from_millis(400), "waits {wait:?}");
+    second.shutdown().await;
+    first.shutdown().await;
+    hub.shutdown().await;
+}
+
+/// Upgrade headers of an agent with the test token, plus `extra`.
+async fn upgrade_with(
+    url: &str,
+    workspace: &str,
+    sync_target: &str,
+    extra: &[(&str, &str)],
+) -> Result<RawWs, WsError> {
+    let mut headers = vec![
+        ("x-workspace", workspace),
+        ("x-synctarget", sync_target),
+        ("sec-websocket-protocol", Format::MsgPack.subprotocol()),
+    ];
+    headers.extend_from_slice(extra);
+    raw_upgrade(url, &headers).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workspace_allow_list_applies_whatever_the_authenticator() {
+    let dir = std::env::temp_dir().join(format!("tunnel-allow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("tokens");
+    // The token may claim any workspace; the hub admits only one.
+    std::fs::write(&path, format!("{TOKEN} * *\n")).expect("write");
+    let tokens = tunnel_transport::TokenFile::load(&path).expect("tokens");
+    let config = tunnel_transport::ServerConfig::new(tokens).allow_workspaces(["root:allowed"]);
+    let hub = hub(config, Router::new()).await;
+    let url = hub.url().expect("url");
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("authorization", bearer.as_str())];
+    assert!(upgrade_with(&url, "root:allowed", "a", &auth).await.is_ok());
+    assert_eq!(
+        status_of(upgrade_with(&url, "root:other", "a", &auth).await),
+        403
+    );
+    hub.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive_and_duplicate_headers_are_refused() {
+    let hub = hub(server_config(), Router::new()).await;
+    let url = hub.url().expect("url");
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let value = format!("{scheme} {TOKEN}");
+        assert!(
+            upgrade_with(&url, "ws", "a", &[("authorization", &value)])
+                .await
+                .is_ok(),
+            "{scheme} refused"
+        );
+    }
+    let bearer = format!("Bearer {TOKEN}");
+    let twice = [
+        ("authorization", bearer.as_str()),
+        ("authorization", "Bearer other"),
+    ];
+    assert_eq!(status_of(upgrade_with(&url, "ws", "a", &twice).await), 400);
+    let auth = ("authorization", bearer.as_str());
+    for duplicate in [("x-workspace", "ws"), ("x-synctarget", "a")] {
+        assert_eq!(
+            status_of(upgrade_with(&url, "ws", "a", &[auth, duplicate]).await),
+            400,
+            "{duplicate:?} twice"
+        );
+    }
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_that_could_forge_log_fields_or_blow_up_labels_are_400() {
+    let hub = hub(server_config(), Router::new()).await;
+    let url = hub.url().expect("url");
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("authorization", bearer.as_str())];
+    let long = "x".repeat(tunnel_transport::MAX_IDENTITY_LEN + 1);
+    for (workspace, target) in [
+        ("ws", "a b"),
+        ("ws level=error", "a"),
+        ("ws", long.as_str()),
+        ("ws", "tab\there"),
+    ] {
+        assert_eq!(
+            status_of(upgrade_with(&url, workspace, target, &auth).await),
+            400,
+            "{workspace:?}/{target:?}"
+        );
+    }
+    let longest = "x".repeat(tunnel_transport::MAX_IDENTITY_LEN);
+    assert!(upgrade_with(&url, "ws", &longest, &auth).await.is_ok());
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_unauthenticated_sockets_take_no_agent_places() {
+    let config = server_config().max_connections(Some(2)).max_handshakes(4);
+    let hub = hub(config, Router::new()).await;
+    let url = hub.url().expect("url");
+    let addr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_owned();
+    // More silent sockets than both limits: none of them sends a byte.
+    let mut idle = Vec::new();
+    for _ in 0..12 {
+        idle.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("authorization", bearer.as_str())];
+    let first = tokio::time::timeout(SOON, upgrade_with(&url, "ws", "a", &auth))
+        .await
+        .expect("not kept waiting by silent sockets")
+        .expect("admitted");
+    let second = tokio::time::timeout(SOON, upgrade_with(&url, "ws", "b", &auth))
+        .await
+        .expect("not kept waiting by silent sockets")
+        .expect("admitted");
+    // The places are the agents': a third authenticated one is over the limit.
+    assert_eq!(status_of(upgrade_with(&url, "ws", "c", &auth).await), 503);
+    drop((first, second, idle));
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_do_not_spend_the_accept_rate() {
+    let hub = hub(server_config().accept_rate(Some(1.0)), Router::new()).await;
+    let url = hub.url().expect("url");
+    let addr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        idle.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // At one per second, 50 counted sockets would make an agent wait 50 s.
+    let id = AgentId::new("ws", "real");
+    let connector = WsConnector::new(client_config(&id, Format::MsgPack));
+    tokio::time::timeout(SOON, connector.connect(&url))
+        .await
+        .expect("the agent was not kept waiting behind unauthenticated sockets")
+        .expect("connected");
+    drop(idle);
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_cannot_take_effect_are_refused_at_bind() {
+    for config in [
+        server_config().accept_rate(Some(0.0)),
+        server_config().accept_rate(Some(f64::NAN)),
+        server_config().max_connections(Some(0)),
+        server_config().allow_workspaces(Vec::<String>::new()),
+    ] {
+        let err = tunnel_transport::WsListener::bind("127.0.0.1:0", config)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(err, tunnel_transport::AcceptError::Config(_)),
+            "{err}"
+        );
+    }
+}

@@ -392,8 +392,14 @@ async fn an_accept_rate_paces_new_connections_without_refusing_them() {
     let mut clients = Vec::new();
     for i in 0..4 {
         let id = AgentId::new("ws", format!("paced-{i}"));
+        // The upgrade is answered at once; the handshake waits its turn.
+        let paced = async {
+            let mut ws = raw_client(&url, &id, Format::MsgPack).await;
+            raw_handshake(&mut ws, &id, Format::MsgPack).await;
+            ws
+        };
         clients.push(
-            tokio::time::timeout(SOON, raw_client(&url, &id, Format::MsgPack))
+            tokio::time::timeout(SOON, paced)
                 .await
                 .expect("accepted in time, not refused"),
         );

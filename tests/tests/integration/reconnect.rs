@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use tunnel_proto::messages::{Close, ReconnectHint, TypedMessage};
 use tunnel_proto::{CloseCode, Format};
 use tunnel_reconnect::BreakerConfig;
-use tunnel_router::{Agent, AgentConfig, ConnectionState, Hub, Router};
+use tunnel_router::{Agent, AgentConfig, ConnectionState, Hub, Redirects, Router};
 use tunnel_transport::{AgentId, WsConnector};
 
 use crate::support::*;
@@ -124,7 +124,17 @@ async fn a_close_hint_with_endpoints_moves_the_agent() {
     let old = hub(server_config(), Router::new()).await;
     let new = hub(server_config(), Router::new()).await;
     let id = AgentId::new("ws", "mover");
-    let agent = agent_with(&old.url().expect("url"), &id, BreakerConfig::default());
+    // The agent follows a hint only to hubs its configuration allows: here, the new
+    // hub's origin.
+    let new_origin = new.url().expect("url").trim_end_matches('/').to_owned();
+    let agent = Agent::start(
+        WsConnector::new(client_config(&id, Format::MsgPack)),
+        AgentConfig::new(old.url().expect("url"))
+            .backoff(fast_backoff())
+            .redirects(Redirects::Origins(vec![new_origin])),
+        Router::new(),
+    )
+    .expect("valid config");
     agent.wait_connected(SOON).await.expect("connected");
     close_with_hint(
         &old,
@@ -140,4 +150,81 @@ async fn a_close_hint_with_endpoints_moves_the_agent() {
     agent.shutdown().await;
     old.shutdown().await;
     new.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hint_to_a_hub_the_agent_does_not_know_is_not_followed() {
+    let hub = hub(server_config(), Router::new()).await;
+    // A listener that counts who dials it: the agent must never send it its token.
+    let evil = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let evil_url = format!("ws://{}/", evil.local_addr().expect("addr"));
+    let dialed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = dialed.clone();
+    let evil_task = tokio::spawn(async move {
+        while let Ok((_tcp, _)) = evil.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let id = AgentId::new("ws", "loyal");
+    let agent = agent_with(&hub.url().expect("url"), &id, BreakerConfig::default());
+    let first = agent.wait_connected(SOON).await.expect("connected");
+    close_with_hint(
+        &hub,
+        &id,
+        ReconnectHint {
+            after_ms: None,
+            endpoints: vec![evil_url.clone(), evil_url.replace("ws://", "wss://")],
+        },
+    )
+    .await;
+    let mut state = agent.state();
+    tokio::time::timeout(SOON, state.wait_for(|s| {
+        matches!(s, ConnectionState::Connected { session_id } if *session_id != first.session_id)
+    }))
+    .await
+    .expect("back on its own hub")
+    .expect("state");
+    assert_eq!(
+        dialed.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the hinted host was dialed"
+    );
+    agent.shutdown().await;
+    hub.shutdown().await;
+    evil_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_supplied_wait_is_capped_by_the_agents_configuration() {
+    let hub = hub(server_config(), Router::new()).await;
+    let id = AgentId::new("ws", "impatient");
+    let agent = Agent::start(
+        WsConnector::new(client_config(&id, Format::MsgPack)),
+        AgentConfig::new(hub.url().expect("url"))
+            .backoff(fast_backoff())
+            .max_hub_wait(Duration::from_millis(300)),
+        Router::new(),
+    )
+    .expect("valid config");
+    let first = agent.wait_connected(SOON).await.expect("connected");
+    close_with_hint(
+        &hub,
+        &id,
+        ReconnectHint {
+            after_ms: Some(1_000_000_000_000),
+            endpoints: Vec::new(),
+        },
+    )
+    .await;
+    let mut state = agent.state();
+    tokio::time::timeout(SOON, state.wait_for(|s| {
+        matches!(s, ConnectionState::Connected { session_id } if *session_id != first.session_id)
+    }))
+    .await
+    .expect("reconnected after at most max_hub_wait, not after 31 years")
+    .expect("state");
+    agent.shutdown().await;
+    hub.shutdown().await;
 }

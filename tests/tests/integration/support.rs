@@ -93,11 +93,12 @@ pub(crate) async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 pub(crate) type RawWs = WebSocketStream<TcpStream>;
 
-/// Opens a raw WebSocket to the hub with the given headers (no protocol handshake).
+/// Opens a raw WebSocket to the hub with the given headers (no protocol handshake); a
+/// header named twice is sent twice.
 pub(crate) async fn raw_upgrade(url: &str, headers: &[(&str, &str)]) -> Result<RawWs, WsError> {
     let mut req = url.into_client_request()?;
     for (k, v) in headers {
-        req.headers_mut().insert(
+        req.headers_mut().append(
             HeaderName::from_bytes(k.as_bytes()).expect("header name"),
             HeaderValue::from_str(v).expect("header value"),
         );

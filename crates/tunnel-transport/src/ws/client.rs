@@ -299,5 +299,5 @@ where
         peer_addr,
         connected_at: std::time::SystemTime::now(),
     };
-    Ok(spawn_connection(ws, info, &config.connection, None))
+    Ok(spawn_connection(ws, info, &config.connection, None, None))
 }

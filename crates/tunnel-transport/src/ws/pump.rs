@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tunnel_proto::{CloseCode, FrameKind};
 
+use super::burst::MessagesDone;
 use crate::config::ConnectionConfig;
 use crate::connection::{Connection, ConnectionInfo, Incoming, Outgoing, Shared};
 use crate::error::CloseReason;
@@ -33,6 +34,7 @@ pub(crate) fn spawn_connection<S>(
     info: ConnectionInfo,
     config: &ConnectionConfig,
     admitted: Option<crate::admission::Admitted>,
+    done: Option<MessagesDone>,
 ) -> Connection
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -47,6 +49,7 @@ where
         Box::pin(WsFrames {
             inner: stream,
             done: false,
+            messages: done,
         }),
     )
 }
@@ -220,6 +223,8 @@ fn take_queued(
 struct WsFrames<S> {
     inner: SplitStream<WebSocketStream<S>>,
     done: bool,
+    /// Told of every complete data message, to give its read budget back.
+    messages: Option<MessagesDone>,
 }
 
 impl<S> Stream for WsFrames<S>
@@ -236,9 +241,17 @@ where
             None => Incoming::Closed(None),
             Some(Ok(msg)) => match msg {
                 Message::Binary(b) => {
+                    if let Some(messages) = &self.messages {
+                        messages.bump();
+                    }
                     return Poll::Ready(Some(Incoming::Data(b, FrameKind::Binary)));
                 }
-                Message::Text(t) => return Poll::Ready(Some(Incoming::Text(t))),
+                Message::Text(t) => {
+                    if let Some(messages) = &self.messages {
+                        messages.bump();
+                    }
+                    return Poll::Ready(Some(Incoming::Text(t)));
+                }
                 Message::Ping(_) | Message::Frame(_) => return Poll::Ready(Some(Incoming::Ping)),
                 Message::Pong(p) => return Poll::Ready(Some(Incoming::Pong(p))),
                 Message::Close(frame) => {

@@ -1,7 +1,7 @@
 //! The hub side: a TCP listener that upgrades, authenticates and handshakes agents.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
 use tokio_util::sync::CancellationToken;
@@ -18,10 +19,10 @@ use tunnel_proto::{
     CloseCode, Envelope, Format, MessageType, negotiate_capabilities, negotiate_version,
 };
 
-use super::burst::BurstReader;
+use super::burst::{BurstReader, MessagesDone, OverCap, ReadBudget};
 use super::pump::{close_message, data_message, spawn_connection};
 use super::{HEADER_SYNC_TARGET, HEADER_WORKSPACE};
-use crate::admission::{Admission, Admitted};
+use crate::admission::{AcceptPace, Admission, Admitted, HandshakeSlot, Handshakes};
 use crate::auth::{AgentId, AuthRequest};
 use crate::config::ServerConfig;
 use crate::connection::{Connection, ConnectionInfo, next_connection_id, unix_millis};
@@ -44,6 +45,27 @@ pub struct WsListener {
 impl WsListener {
     /// Binds `addr` and starts accepting.
     pub async fn bind(addr: impl ToSocketAddrs, config: ServerConfig) -> Result<Self, AcceptError> {
+        if let Some(rate) = config.accept_rate
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            return Err(AcceptError::Config(format!(
+                "accept_rate must be a positive number of connections per second, not {rate}"
+            )));
+        }
+        if config.max_connections == Some(0) || config.max_connections_per_workspace == Some(0) {
+            return Err(AcceptError::Config(
+                "a connection limit of 0 would refuse every agent".into(),
+            ));
+        }
+        if config
+            .allowed_workspaces
+            .as_ref()
+            .is_some_and(Vec::is_empty)
+        {
+            return Err(AcceptError::Config(
+                "allowed_workspaces is empty: no agent could connect".into(),
+            ));
+        }
         // Sets up the timestamp clock now rather than on the first message.
         crate::unix_millis();
         let listener = listen(addr).await.map_err(|source| AcceptError::Bind {
@@ -57,10 +79,17 @@ impl WsListener {
         let (tx, ready) = mpsc::channel(config.accept_queue.max(1));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let listening = Listening {
+            admission: Admission::new(config.max_connections, config.max_connections_per_workspace),
+            handshakes: Handshakes::new(config.max_handshakes),
+            pace: AcceptPace::new(config.accept_rate, Instant::now()).map(Mutex::new),
+            budget: ReadBudget::new(config.read_budget),
+            ready: tx,
+            config,
+        };
         tasks.spawn(accept_loop(
             listener,
-            Arc::new(config),
-            tx,
+            Arc::new(listening),
             shutdown.clone(),
             tasks.clone(),
         ));
@@ -135,27 +164,29 @@ async fn listen(addr: impl ToSocketAddrs) -> std::io::Result<TcpListener> {
     }))
 }
 
+/// What the accept loop shares with every connection's handshake task.
+#[derive(Debug)]
+struct Listening {
+    config: ServerConfig,
+    admission: Arc<Admission>,
+    handshakes: Arc<Handshakes>,
+    pace: Option<Mutex<AcceptPace>>,
+    budget: ReadBudget,
+    ready: mpsc::Sender<Connection>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
-    ready: mpsc::Sender<Connection>,
+    listening: Arc<Listening>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let admission = Admission::new(config.max_connections, config.max_connections_per_workspace);
-    let mut pace = crate::admission::AcceptPace::new(config.accept_rate, Instant::now());
+    let mut spare = Spare::open();
     loop {
-        if let Some(pace) = &pace
-            && let now = Instant::now()
-            && let at = pace.next_at(now)
-            && at > now
-        {
-            // Over the accept rate: leave the next connection in the backlog a while.
-            // (Only then: even an elapsed timer costs a timer tick, about 1 ms.)
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep_until(at) => {}
-            }
+        // Waits only while every connection in progress has authenticated.
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = listening.handshakes.room() => {}
         }
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -163,35 +194,45 @@ async fn accept_loop(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                if let Some(pace) = &mut pace {
-                    pace.accepted(Instant::now());
+                let (slot, evicted) = listening.handshakes.register();
+                if evicted {
+                    listening
+                        .config
+                        .connection
+                        .recorder
+                        .handshake_failed("evicted");
                 }
-                let Some(admitted) = admission.admit() else {
-                    // Full: answer from a small fixed buffer, nothing per connection.
-                    config.connection.recorder.handshake_failed("over_capacity");
-                    tracing::debug!(%peer, "refused: connection limit reached");
-                    tasks.spawn(over_capacity(tcp, config.retry_after));
-                    continue;
-                };
                 let _ = tcp.set_nodelay(true);
-                let config = config.clone();
-                let ready = ready.clone();
+                let listening = listening.clone();
                 let shutdown = shutdown.clone();
-                let admission = admission.clone();
                 // The handshake is boxed so that it is freed when it ends: the task's own
                 // allocation can outlive it, because the socket's registration keeps the
                 // waker of the last task that read from it (this one) until the idle
                 // connection is read again (heaptrack: 3.2 KB per idle connection).
-                let handshake = Box::pin(serve(tcp, peer, config, ready, admission, admitted));
+                let evict = slot.evicted.clone();
+                let handshake = Box::pin(serve(tcp, peer, listening, slot));
                 tasks.spawn(async move {
                     tokio::select! {
                         () = shutdown.cancelled() => {}
+                        () = evict.cancelled() => {}
                         () = handshake => {}
                     }
                 });
             }
+            Err(e) if is_out_of_descriptors(&e) => {
+                // The backlog holds connections nobody can take: shed one with the
+                // descriptor kept spare for this, so that agents are told at once
+                // (503) instead of timing out, and existing connections go on.
+                if !spare.shed(&listener, listening.config.retry_after) {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                listening
+                    .config
+                    .connection
+                    .recorder
+                    .handshake_failed("out_of_descriptors");
+            }
             Err(e) => {
-                // Usually out of file descriptors: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
@@ -199,20 +240,49 @@ async fn accept_loop(
     }
 }
 
-/// Answers a connection over the limit with `503` and `Retry-After`, and closes it.
-async fn over_capacity(mut tcp: TcpStream, retry_after: std::time::Duration) {
-    use tokio::io::AsyncWriteExt;
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    // EMFILE (24) and ENFILE (23) on Linux and the BSDs.
+    matches!(e.raw_os_error(), Some(23 | 24))
+}
+
+/// A file descriptor held in reserve: given up to accept (and refuse) one connection
+/// when the process has run out of descriptors, then taken again.
+struct Spare(Option<std::fs::File>);
+
+impl Spare {
+    fn open() -> Self {
+        Spare(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Accepts one waiting connection with the spare descriptor, answers it `503` and
+    /// closes it. Returns whether one was shed.
+    fn shed(&mut self, listener: &TcpListener, retry_after: std::time::Duration) -> bool {
+        use futures_util::FutureExt as _;
+        if self.0.take().is_none() {
+            *self = Spare::open();
+            return false;
+        }
+        let shed = match listener.accept().now_or_never() {
+            Some(Ok((tcp, _))) => {
+                let response = over_capacity_response(retry_after);
+                let _ = tcp.try_write(response.as_bytes());
+                true
+            }
+            _ => false,
+        };
+        *self = Spare::open();
+        shed
+    }
+}
+
+/// `503` with `Retry-After` for a connection refused before its upgrade was read.
+fn over_capacity_response(retry_after: std::time::Duration) -> String {
     let body = "the hub is at its connection limit\n";
-    let response = format!(
+    format!(
         "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         retry_after.as_secs().max(1),
         body.len()
-    );
-    let write = async {
-        tcp.write_all(response.as_bytes()).await?;
-        tcp.shutdown().await
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+    )
 }
 
 /// An HTTP refusal of the upgrade.
@@ -228,11 +298,36 @@ fn error_response((status, message): Refusal) -> ErrorResponse {
     resp
 }
 
-fn header_str<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
-    req.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+/// The value of a header that must appear at most once.
+fn single_header<'a>(req: &'a Request, name: &str) -> Result<Option<&'a str>, Refusal> {
+    let mut values = req.headers().get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            format!("the {name} header must appear at most once"),
+        ));
+    }
+    first
+        .map(|v| {
+            v.to_str().map(str::trim).map_err(|_| {
+                refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("the {name} header is not visible ASCII"),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme is
+/// case-insensitive (RFC 7235).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// Checks the upgrade request; on success returns the identity and codec.
@@ -255,21 +350,17 @@ fn check_upgrade(req: &Request, config: &ServerConfig) -> Result<(AgentId, Forma
                 ),
             )
         })?;
-    let token = header_str(req, header::AUTHORIZATION.as_str()).and_then(|v| {
-        v.strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-            .map(str::trim)
-    });
-    let (Some(workspace), Some(sync_target)) = (
-        header_str(req, HEADER_WORKSPACE).filter(|s| !s.is_empty()),
-        header_str(req, HEADER_SYNC_TARGET).filter(|s| !s.is_empty()),
-    ) else {
+    let token = single_header(req, header::AUTHORIZATION.as_str())?.and_then(bearer_token);
+    let workspace = single_header(req, HEADER_WORKSPACE)?.filter(|s| !s.is_empty());
+    let sync_target = single_header(req, HEADER_SYNC_TARGET)?.filter(|s| !s.is_empty());
+    let (Some(workspace), Some(sync_target)) = (workspace, sync_target) else {
         return Err(refuse(
             StatusCode::BAD_REQUEST,
             format!("the {HEADER_WORKSPACE} and {HEADER_SYNC_TARGET} headers are required"),
         ));
     };
-    let agent = AgentId::new(workspace, sync_target);
+    let agent = AgentId::parse(workspace, sync_target)
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, e.to_string()))?;
     config
         .authenticator
         .authenticate(&AuthRequest {
@@ -282,70 +373,63 @@ fn check_upgrade(req: &Request, config: &ServerConfig) -> Result<(AgentId, Forma
                 e.to_string(),
             )
         })?;
+    if let Some(allowed) = &config.allowed_workspaces
+        && !allowed.contains(&agent.workspace)
+    {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "workspace {:?} is not admitted by this hub",
+                agent.workspace
+            ),
+        ));
+    }
     Ok((agent, format))
 }
 
-// The callback's error type is tungstenite's HTTP response.
-#[allow(clippy::result_large_err)]
-async fn serve(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    config: Arc<ServerConfig>,
-    ready: mpsc::Sender<Connection>,
-    admission: Arc<Admission>,
-    admitted: Admitted,
-) {
-    let deadline = Instant::now() + config.handshake_timeout;
+/// `503` with `Retry-After`, as an upgrade refusal.
+fn over_capacity(config: &ServerConfig, message: &str) -> ErrorResponse {
+    let mut refusal = error_response(refuse(StatusCode::SERVICE_UNAVAILABLE, message));
+    if let Ok(value) = HeaderValue::from_str(&config.retry_after.as_secs().max(1).to_string()) {
+        refusal.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    refusal
+}
+
+async fn serve(tcp: TcpStream, peer: SocketAddr, listening: Arc<Listening>, slot: HandshakeSlot) {
+    let deadline = Instant::now() + listening.config.handshake_timeout;
     #[cfg(feature = "tls")]
-    if let Some(tls) = config.tls.clone() {
+    if let Some(tls) = listening.config.tls.clone() {
         // Boxed: the TLS handshake's state is large, and inline it would make every
         // connection's (plain or not) handshake task that large too.
-        Box::pin(serve_tls(
-            tcp, tls, peer, config, ready, admission, admitted, deadline,
-        ))
-        .await;
+        Box::pin(serve_tls(tcp, tls, peer, listening, slot, deadline)).await;
         return;
     }
-    serve_stream(
-        tcp,
-        peer,
-        config,
-        ready,
-        admission,
-        admitted,
-        deadline,
-        |_: &str| true,
-    )
-    .await;
+    serve_stream(tcp, peer, listening, slot, deadline, |_: &str| true).await;
 }
 
 /// [`serve`] for a TLS listener: the TLS handshake, then the upgrade over it.
 #[cfg(feature = "tls")]
-#[allow(clippy::too_many_arguments)]
 async fn serve_tls(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     peer: SocketAddr,
-    config: Arc<ServerConfig>,
-    ready: mpsc::Sender<Connection>,
-    admission: Arc<Admission>,
-    admitted: Admitted,
+    listening: Arc<Listening>,
+    slot: HandshakeSlot,
     deadline: Instant,
 ) {
+    let recorder = &listening.config.connection.recorder;
     let accepted =
         tokio::time::timeout_at(deadline, tokio_rustls::TlsAcceptor::from(tls).accept(tcp)).await;
     let stream = match accepted {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
-            config.connection.recorder.handshake_failed("tls");
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            recorder.handshake_failed("tls");
+            tracing::debug!(%peer, error = ?e.to_string(), "TLS handshake failed");
             return;
         }
         Err(_) => {
-            config
-                .connection
-                .recorder
-                .handshake_failed("upgrade_timeout");
+            recorder.handshake_failed("upgrade_timeout");
             return;
         }
     };
@@ -360,66 +444,82 @@ async fn serve_tls(
             .as_ref()
             .is_none_or(|cert| crate::tls::certificate_names(cert, sync_target))
     };
-    serve_stream(
-        stream, peer, config, ready, admission, admitted, deadline, names,
-    )
-    .await;
+    serve_stream(stream, peer, listening, slot, deadline, names).await;
 }
 
 /// Upgrades `stream` and runs the handshake. `identity_ok` says whether the transport's
 /// own proof of identity (a TLS client certificate) allows the claimed sync target.
-#[allow(clippy::too_many_arguments, clippy::result_large_err)]
+// The callback's error type is tungstenite's HTTP response.
+#[allow(clippy::result_large_err)]
 async fn serve_stream<S>(
     stream: S,
     peer: SocketAddr,
-    config: Arc<ServerConfig>,
-    ready: mpsc::Sender<Connection>,
-    admission: Arc<Admission>,
-    mut admitted: Admitted,
+    listening: Arc<Listening>,
+    slot: HandshakeSlot,
     deadline: Instant,
     identity_ok: impl Fn(&str) -> bool,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let config = &listening.config;
     let recorder = config.connection.recorder.clone();
-    let mut upgrade: Option<(AgentId, Format)> = None;
+    let mut upgrade: Option<(AgentId, Format, Admitted, Option<Instant>)> = None;
     let callback = |req: &Request, mut resp: Response| {
-        let (agent, format) = check_upgrade(req, &config).map_err(|refusal| {
-            tracing::debug!(%peer, status = %refusal.0, reason = %refusal.1, "refused upgrade");
+        let (agent, format) = check_upgrade(req, config).map_err(|refusal| {
+            tracing::debug!(%peer, status = %refusal.0, reason = ?refusal.1, "refused upgrade");
+            recorder.handshake_failed(match refusal.0.as_u16() {
+                401 => "unauthorized",
+                403 => "forbidden",
+                _ => "bad_upgrade",
+            });
             error_response(refusal)
         })?;
         if !identity_ok(&agent.sync_target) {
-            tracing::debug!(%peer, %agent, "refused: the client certificate does not name the sync target");
+            tracing::debug!(%peer, agent = ?agent.to_string(), "refused: the client certificate does not name the sync target");
+            recorder.handshake_failed("forbidden");
             return Err(error_response(refuse(
                 StatusCode::FORBIDDEN,
                 "the client certificate does not name this sync target",
             )));
         }
-        if !admission.admit_workspace(&mut admitted, &agent.workspace) {
-            tracing::debug!(%peer, workspace = %agent.workspace, "refused: workspace connection limit reached");
+        // Authenticated: no longer evictable, and now it may take an agent's place.
+        slot.authenticated();
+        let Some(mut admitted) = listening.admission.admit() else {
+            tracing::debug!(%peer, "refused: connection limit reached");
             recorder.handshake_failed("over_capacity");
-            let mut refusal = error_response(refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
+            return Err(over_capacity(config, "the hub is at its connection limit"));
+        };
+        if !listening
+            .admission
+            .admit_workspace(&mut admitted, &agent.workspace)
+        {
+            tracing::debug!(%peer, workspace = ?agent.workspace, "refused: workspace connection limit reached");
+            recorder.handshake_failed("over_capacity");
+            return Err(over_capacity(
+                config,
                 "the workspace is at its connection limit",
             ));
-            if let Ok(value) =
-                HeaderValue::from_str(&config.retry_after.as_secs().max(1).to_string())
-            {
-                refusal.headers_mut().insert(header::RETRY_AFTER, value);
-            }
-            return Err(refusal);
         }
+        // Over the accept rate, the handshake waits its turn.
+        let turn = listening.pace.as_ref().map(|pace| {
+            let now = Instant::now();
+            let mut pace = pace.lock().unwrap_or_else(|e| e.into_inner());
+            let at = pace.next_at(now);
+            pace.accepted(at);
+            at
+        });
         resp.headers_mut().insert(
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static(format.subprotocol()),
         );
-        upgrade = Some((agent, format));
+        upgrade = Some((agent, format, admitted, turn));
         Ok(resp)
     };
+    let reader = BurstReader::new(stream).cap(config.max_handshake_bytes);
     let ws = match tokio::time::timeout_at(
         deadline,
         tokio_tungstenite::accept_hdr_async_with_config(
-            BurstReader::new(stream),
+            reader,
             callback,
             Some(config.connection.ws_config()),
         ),
@@ -428,8 +528,10 @@ async fn serve_stream<S>(
     {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
-            recorder.handshake_failed("upgrade");
-            tracing::debug!(%peer, error = %e, "upgrade failed");
+            if upgrade.is_none() {
+                recorder.handshake_failed("upgrade");
+            }
+            tracing::debug!(%peer, error = ?e.to_string(), "upgrade failed");
             return;
         }
         Err(_) => {
@@ -438,12 +540,21 @@ async fn serve_stream<S>(
             return;
         }
     };
-    let Some((agent, format)) = upgrade else {
+    let Some((agent, format, admitted, turn)) = upgrade else {
         return;
     };
-    match handshake(ws, peer, agent, format, &config, deadline, admitted).await {
+    let deadline = match turn {
+        Some(at) if at > Instant::now() => {
+            tokio::time::sleep_until(at).await;
+            // The wait was the hub's: the agent gets a full handshake timeout after it.
+            deadline.max(at + config.handshake_timeout)
+        }
+        _ => deadline,
+    };
+    match handshake(ws, peer, agent, format, &listening, deadline, admitted).await {
         Ok(conn) => {
-            let _ = ready.send(conn).await;
+            drop(slot);
+            let _ = listening.ready.send(conn).await;
         }
         Err(reason) => {
             recorder.handshake_failed(reason);
@@ -458,13 +569,14 @@ async fn handshake<S>(
     peer: SocketAddr,
     agent: AgentId,
     format: Format,
-    config: &ServerConfig,
+    listening: &Listening,
     deadline: Instant,
     admitted: Admitted,
 ) -> Result<Connection, &'static str>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let config = &listening.config;
     let codec = format.codec();
     let limits = &config.connection.limits;
     let first = loop {
@@ -479,6 +591,25 @@ where
                 )
                 .await;
                 return Err("handshake_timeout");
+            }
+            Ok(Some(Err(WsError::Io(e)))) if e.get_ref().is_some_and(|e| e.is::<OverCap>()) => {
+                let reason = format!(
+                    "more than {} bytes before the handshake",
+                    config.max_handshake_bytes
+                );
+                reject(&mut ws, format, CloseCode::MESSAGE_TOO_BIG, &reason, None).await;
+                return Err("handshake_too_big");
+            }
+            Ok(Some(Err(WsError::Capacity(e)))) => {
+                reject(
+                    &mut ws,
+                    format,
+                    CloseCode::MESSAGE_TOO_BIG,
+                    &e.to_string(),
+                    None,
+                )
+                .await;
+                return Err("handshake_too_big");
             }
             Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return Err("closed"),
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
@@ -586,12 +717,18 @@ where
         peer_addr: Some(peer),
         connected_at: std::time::SystemTime::now(),
     };
-    tracing::debug!(%peer, agent = %info.agent, session = %info.session_id, "agent connected");
+    tracing::debug!(%peer, agent = ?info.agent.to_string(), session = ?info.session_id, "agent connected");
+    // From now on messages of any size up to the limit, within the shared budget.
+    let done = MessagesDone::default();
+    let reader = ws.get_mut();
+    reader.uncap();
+    reader.set_budget(&listening.budget, done.clone());
     Ok(spawn_connection(
         ws,
         info,
         &config.connection,
         Some(admitted),
+        Some(done),
     ))
 }
 
