@@ -312,7 +312,7 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
         .fallback(service_fn(move |msg: Inbound| {
             counter.fetch_add(1, Ordering::Relaxed);
             async move {
-                tracing::debug!(agent = %msg.agent(), kind = %msg.envelope.kind, "message");
+                tracing::debug!(agent = %msg.agent(), kind = %tunnel_proto::text::Untrusted(msg.envelope.kind.as_str()), "message");
                 Ok::<_, BoxError>(())
             }
         }))
@@ -399,13 +399,13 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
             MessageType::Command,
             service_fn(|msg: Inbound| async move {
                 let command = msg.envelope.decode_payload::<Command>()?;
-                tracing::info!(command = %command.name, args = ?command.args, "command from hub");
+                tracing::info!(command = %tunnel_proto::text::Untrusted(&command.name), args = ?command.args, "command from hub");
                 // The answer to a request (`expect: reply`); ignored otherwise.
                 Ok::<_, BoxError>(msg.encode(&serde_json::json!({"done": command.name}))?)
             }),
         )
         .fallback(service_fn(|msg: Inbound| async move {
-            tracing::info!(kind = %msg.envelope.kind, "message from hub");
+            tracing::info!(kind = %tunnel_proto::text::Untrusted(msg.envelope.kind.as_str()), "message from hub");
             Ok::<_, BoxError>(())
         }))
         .layer(TraceLayer::new());

@@ -24,6 +24,20 @@ use tunnel_proto::MessageType;
 mod tally;
 pub use tally::{KNOWN_TYPES, MessageTally, TypeSlot};
 
+/// Message types this version does not know get a `message.type` label value of their
+/// own for the first this many distinct names; later ones are counted under
+/// [`OTHER_TYPES`]. Type names are chosen by peers, so their number is bounded.
+pub const MAX_UNKNOWN_TYPES: usize = 16;
+
+/// Longest unknown type name used as a label value; longer ones count under
+/// [`OTHER_TYPES`].
+pub const MAX_TYPE_LABEL_LEN: usize = 64;
+
+/// The `message.type` label value of unknown types past [`MAX_UNKNOWN_TYPES`] or
+/// [`MAX_TYPE_LABEL_LEN`] (the leading underscore keeps it apart from real type names,
+/// which are lower-case words).
+pub const OTHER_TYPES: &str = "_other";
+
 #[cfg(feature = "otel")]
 mod otel;
 #[cfg(feature = "otel")]

@@ -71,6 +71,8 @@ struct Live {
     in_flight: [AtomicI64; KNOWN_TYPES.len()],
     /// Requests in flight of types this version does not know (rare).
     in_flight_other: Mutex<HashMap<String, i64>>,
+    /// The names of unknown types that get a label value of their own.
+    unknown_types: Mutex<std::collections::HashSet<String>>,
     replay_messages: AtomicI64,
     replay_bytes: AtomicI64,
 }
@@ -312,16 +314,48 @@ impl OtelRecorder {
     }
 
     fn add_other(&self, kind: &MessageType, delta: i64) {
+        let label = self.live.unknown_label(kind);
         let mut other = self
             .live
             .in_flight_other
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let count = other.entry(kind.as_str().to_owned()).or_insert(0);
+        let count = other.entry(label.to_owned()).or_insert(0);
         *count += delta;
         if *count == 0 {
-            other.remove(kind.as_str());
+            other.remove(label);
         }
+    }
+
+    /// The `message.type` label value of `kind`.
+    fn type_value(&self, kind: &MessageType) -> opentelemetry::Value {
+        match kind.static_name() {
+            Some(name) => opentelemetry::Value::from(name),
+            None => opentelemetry::Value::from(self.live.unknown_label(kind).to_owned()),
+        }
+    }
+}
+
+impl Live {
+    /// The label value of a type this version does not know: its own name for the
+    /// first [`MAX_UNKNOWN_TYPES`](crate::MAX_UNKNOWN_TYPES) names of at most
+    /// [`MAX_TYPE_LABEL_LEN`](crate::MAX_TYPE_LABEL_LEN) bytes, else
+    /// [`OTHER_TYPES`](crate::OTHER_TYPES). Type names come from peers: neither
+    /// their length nor their number may reach the metrics unbounded.
+    fn unknown_label<'a>(&self, kind: &'a MessageType) -> &'a str {
+        let name = kind.as_str();
+        if name.len() > crate::MAX_TYPE_LABEL_LEN {
+            return crate::OTHER_TYPES;
+        }
+        let mut known = self.unknown_types.lock().unwrap_or_else(|e| e.into_inner());
+        if known.contains(name) {
+            return name;
+        }
+        if known.len() < crate::MAX_UNKNOWN_TYPES {
+            known.insert(name.to_owned());
+            return name;
+        }
+        crate::OTHER_TYPES
     }
 }
 
@@ -379,13 +413,6 @@ fn latency_buckets() -> Vec<f64> {
     ]
 }
 
-fn type_value(kind: &MessageType) -> opentelemetry::Value {
-    match kind.static_name() {
-        Some(name) => opentelemetry::Value::from(name),
-        None => opentelemetry::Value::from(kind.as_str().to_owned()),
-    }
-}
-
 fn saturating_u64(n: usize) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
 }
@@ -400,14 +427,13 @@ impl Recorder for OtelRecorder {
                 entry.1 += saturating_u64(bytes);
             }
             None => {
+                let label = self.live.unknown_label(kind);
                 let mut other = self
                     .live
                     .other_messages
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                let entry = other
-                    .entry((direction, kind.as_str().to_owned()))
-                    .or_insert((0, 0));
+                let entry = other.entry((direction, label.to_owned())).or_insert((0, 0));
                 entry.0 += 1;
                 entry.1 += saturating_u64(bytes);
             }
@@ -509,14 +535,14 @@ impl Recorder for OtelRecorder {
             Some(i) => self.durations[i].record(elapsed.as_secs_f64()),
             None => self.request_duration.record(
                 elapsed.as_secs_f64(),
-                &[KeyValue::new("message.type", type_value(kind))],
+                &[KeyValue::new("message.type", self.type_value(kind))],
             ),
         }
         if let Err(error) = outcome {
             self.request_errors.add(
                 1,
                 &[
-                    KeyValue::new("message.type", type_value(kind)),
+                    KeyValue::new("message.type", self.type_value(kind)),
                     KeyValue::new("error.kind", error),
                 ],
             );

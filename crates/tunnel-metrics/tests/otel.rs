@@ -186,3 +186,49 @@ fn tracked_tallies_are_summed_live_and_kept_after_their_connection_ends() {
     let status_in = [kv("direction", "in"), kv("message.type", "status")];
     assert_eq!(meter.sum("tunnel.messages", &status_in), 1000);
 }
+
+#[test]
+fn peer_chosen_type_names_are_bounded_in_length_and_number() {
+    let meter = TestMeter::new();
+    let recorder = meter.recorder();
+    let huge = "x".repeat(1 << 20);
+    for _ in 0..8 {
+        recorder.message(Direction::Inbound, &MessageType::from_wire(&huge), 1);
+    }
+    for i in 0..100 {
+        let kind = MessageType::from_wire(&format!("made.up.{i}"));
+        recorder.message(Direction::Inbound, &kind, 1);
+        recorder.request_started(&kind);
+        recorder.request_finished(&kind, std::time::Duration::from_millis(1), Err("remote"));
+    }
+    let kv = |k: &'static str, v: String| KeyValue::new(k, v);
+    // The first names get their own series, the rest and the huge one fold into one.
+    assert_eq!(
+        meter.sum("tunnel.messages", &[kv("message.type", "made.up.0".into())]),
+        1
+    );
+    let own = tunnel_metrics::MAX_UNKNOWN_TYPES;
+    assert_eq!(
+        meter.sum(
+            "tunnel.messages",
+            &[kv("message.type", format!("made.up.{}", own - 1))]
+        ),
+        1
+    );
+    assert_eq!(
+        meter.sum(
+            "tunnel.messages",
+            &[kv("message.type", format!("made.up.{own}"))]
+        ),
+        0
+    );
+    assert_eq!(
+        meter.sum(
+            "tunnel.messages",
+            &[kv("message.type", tunnel_metrics::OTHER_TYPES.into())]
+        ),
+        8 + 100 - own as i128
+    );
+    assert_eq!(meter.sum("tunnel.messages", &[]), 108);
+    assert_eq!(meter.sum("tunnel.request.errors", &[]), 100);
+}

@@ -492,3 +492,23 @@ fn decoding_validated_text_matches_decoding_bytes() {
             .is_err()
     );
 }
+
+#[test]
+fn null_optional_fields_mean_absent_in_both_codecs() {
+    let frame = br#"{"id":1,"type":"event","ts":2,"seq":null,"ack":null,"corr":null,"headers":null,"error":null}"#;
+    let env = Format::Json
+        .codec()
+        .decode(&Bytes::from_static(frame), &Limits::default())
+        .expect("nulls are absent");
+    assert!(env.headers.is_empty());
+    assert_eq!((env.seq, env.ack, env.correlation), (None, None, None));
+    assert!(env.error.is_none());
+    // MessagePack nil, built from the same JSON.
+    let value: serde_json::Value = serde_json::from_slice(frame).expect("json");
+    let mp = rmp_serde::to_vec_named(&value).expect("msgpack");
+    let env = Format::MsgPack
+        .codec()
+        .decode(&Bytes::from(mp), &Limits::default())
+        .expect("nil is absent");
+    assert!(env.headers.is_empty() && env.seq.is_none());
+}

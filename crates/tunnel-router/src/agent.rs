@@ -253,7 +253,6 @@ struct Inner {
     /// Whether the current connection carries the session (the hub granted `resume`).
     resumable: AtomicBool,
     when_full: FullPolicy,
-    next_id: AtomicU64,
     events: broadcast::Sender<SessionEvent>,
     pending: Arc<Pending>,
     request_timeout: Duration,
@@ -359,7 +358,6 @@ impl Agent {
                 .map(|session| Reliable::new(session, config.recorder.clone())),
             resumable: AtomicBool::new(false),
             when_full: config.when_full.clone(),
-            next_id: AtomicU64::new(1),
             events: broadcast::channel(16).0,
             pending: Arc::new(Pending::new(
                 config.max_pending_requests,
@@ -469,7 +467,7 @@ impl Agent {
         env: impl Into<Box<Envelope>>,
     ) -> Result<Receipt, AgentSendError> {
         let mut env = env.into();
-        env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        env.id = tunnel_transport::next_message_id();
         self.transmit(env).await
     }
 
@@ -515,7 +513,7 @@ impl Agent {
     /// Gives `env` its id and send time.
     fn stamp(&self, mut env: Box<Envelope>) -> Box<Envelope> {
         env.timestamp = tunnel_transport::unix_millis();
-        env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        env.id = tunnel_transport::next_message_id();
         env
     }
 
@@ -702,7 +700,7 @@ async fn supervise(
                 let since = Instant::now();
                 let (sender, receiver) = conn.split();
                 let info = sender.info().clone();
-                tracing::info!(session = %info.session_id, resumed = info.resumed, %endpoint, "connected");
+                tracing::info!(session = %tunnel_proto::text::Untrusted(&info.session_id), resumed = info.resumed, %endpoint, "connected");
                 let reliable = inner
                     .reliable
                     .as_ref()
@@ -753,8 +751,7 @@ async fn supervise(
                     Ordering::Relaxed,
                 );
                 inner.current.send_replace(Some(sender.clone()));
-                let link =
-                    session::Link::new(reliable, &inner.pending, &inner.next_id, &*config.recorder);
+                let link = session::Link::new(reliable, &inner.pending, &*config.recorder);
                 let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
                 tokio::pin!(session);
                 let (end, stopping) = tokio::select! {
@@ -782,11 +779,11 @@ async fn supervise(
                 }
                 match end {
                     SessionEnd::Closed => {
-                        tracing::info!(reason = %sender.close_reason().map(|r| r.to_string()).unwrap_or_default(), "connection closed");
+                        tracing::info!(reason = %tunnel_proto::text::Untrusted(&sender.close_reason().map(|r| r.to_string()).unwrap_or_default()), "connection closed");
                         redial_reason = if drained { "drained" } else { "closed" };
                     }
                     SessionEnd::Failed(e) => {
-                        tracing::warn!(error = %e, "connection failed");
+                        tracing::warn!(error = %tunnel_proto::text::Untrusted(&e.to_string()), "connection failed");
                         redial_reason = if drained { "drained" } else { "dropped" };
                     }
                 }
@@ -800,7 +797,7 @@ async fn supervise(
             Err(e) => {
                 breaker.on_failure(Instant::now().into_std());
                 report_circuit(&*config.recorder, &endpoint, breaker.state());
-                tracing::warn!(%endpoint, error = %e, "connect failed");
+                tracing::warn!(%endpoint, error = %tunnel_proto::text::Untrusted(&e.to_string()), "connect failed");
                 redial_reason = "connect_failed";
                 // A hub at its limit says when to come back: never sooner (with other
                 // endpoints, the next one is tried as usual instead).

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -53,7 +52,6 @@ struct Inner {
     tasks: TaskTracker,
     shutdown_timeout: Duration,
     sessions: Option<Arc<Store>>,
-    next_id: AtomicU64,
     pending: Arc<Pending>,
     recorder: Arc<dyn tunnel_metrics::Recorder>,
     /// Woken whenever an agent is registered.
@@ -233,7 +231,6 @@ impl Hub {
             tasks: TaskTracker::new(),
             shutdown_timeout: Duration::from_secs(5),
             sessions,
-            next_id: AtomicU64::new(1),
             pending: Arc::new(Pending::new(MAX_PENDING_REQUESTS, recorder.clone())),
             recorder,
             joined: tokio::sync::Notify::new(),
@@ -394,7 +391,7 @@ impl Hub {
         env: impl Into<Box<Envelope>>,
     ) -> Result<Receipt, HubSendError> {
         let mut env = env.into();
-        env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        env.id = tunnel_transport::next_message_id();
         self.transmit(agent, env).await
     }
 
@@ -412,7 +409,7 @@ impl Hub {
         let timeout = request.timeout_or(DEFAULT_REQUEST_TIMEOUT);
         let mut env = request.envelope;
         env.timestamp = tunnel_transport::unix_millis();
-        env.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        env.id = tunnel_transport::next_message_id();
         if !env.expects_reply() {
             return Ok(Response::Accepted(self.transmit(agent, env).await?));
         }
@@ -551,11 +548,22 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
         };
         let (sender, receiver) = conn.split();
         let agent = sender.info().agent.clone();
-        let replaced = inner
-            .agents
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(agent.clone(), sender.clone());
+        let replaced = {
+            let mut agents = inner.agents.write().unwrap_or_else(|e| e.into_inner());
+            // Handshakes finish in any order: the connection granted later (the
+            // higher lease) is the newer, whichever reaches this point first.
+            if agents
+                .get(&agent)
+                .is_some_and(|current| current.info().session_lease > sender.info().session_lease)
+            {
+                drop(agents);
+                tracing::info!(%agent, "an older connection arrived after a newer one: closed");
+                sender.abort_with(CloseCode::SESSION_REPLACED, "a newer connection took over");
+                drop(receiver);
+                continue;
+            }
+            agents.insert(agent.clone(), sender.clone())
+        };
         inner.joined.notify_waiters();
         if let Some(old) = replaced {
             tracing::info!(%agent, "newer connection replaces the registered one");
@@ -601,7 +609,6 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
             let link = session::Link::new(
                 reliable.as_ref(),
                 &inner2.pending,
-                &inner2.next_id,
                 &*inner2.recorder,
             );
             let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
@@ -616,10 +623,10 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
             };
             match end {
                 SessionEnd::Closed => {
-                    tracing::info!(agent = %sender.info().agent, reason = %sender.close_reason().map(|r| r.to_string()).unwrap_or_default(), "agent disconnected");
+                    tracing::info!(agent = %sender.info().agent, reason = %tunnel_proto::text::Untrusted(&sender.close_reason().map(|r| r.to_string()).unwrap_or_default()), "agent disconnected");
                 }
                 SessionEnd::Failed(e) => {
-                    tracing::info!(agent = %sender.info().agent, error = %e, "agent connection failed");
+                    tracing::info!(agent = %sender.info().agent, error = %tunnel_proto::text::Untrusted(&e.to_string()), "agent connection failed");
                 }
             }
             if let Some(reliable) = &reliable

@@ -67,6 +67,8 @@ struct Entry {
 struct Maps {
     sessions: HashMap<String, Entry>,
     by_agent: HashMap<AgentId, String>,
+    /// The last lease granted (see [`SessionGrant::lease`]).
+    leases: u64,
 }
 
 /// Sessions by id, and each agent's current session.
@@ -177,15 +179,22 @@ impl Store {
 impl SessionStore for Store {
     fn open(&self, agent: &AgentId, resume: Option<&Resume>) -> SessionGrant {
         let mut maps = self.maps();
+        maps.leases += 1;
+        let lease = maps.leases;
         if let Some(resume) = resume
             && let Some(entry) = maps.sessions.get_mut(&resume.session_id)
             && entry.agent == *agent
         {
-            entry.detached_at = None;
-            return SessionGrant::resumed(
-                resume.session_id.clone(),
-                entry.reliable.last_received(),
-            );
+            // An agent that reports more than was ever sent to it talks about state
+            // this hub does not have: that is a reset, not a resume.
+            if resume.last_received <= entry.reliable.highest_sent() {
+                entry.detached_at = None;
+                return SessionGrant::resumed(
+                    resume.session_id.clone(),
+                    entry.reliable.last_received(),
+                )
+                .with_lease(lease);
+            }
         }
         let id = new_session_id();
         if let Some(old_id) = maps.by_agent.insert(agent.clone(), id.clone())
@@ -205,6 +214,6 @@ impl SessionStore for Store {
                 detached_at: None,
             },
         );
-        SessionGrant::fresh(id)
+        SessionGrant::fresh(id).with_lease(lease)
     }
 }

@@ -9,7 +9,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tunnel_metrics::Recorder;
 use tunnel_proto::session::{Accept, Bound, Inbound, Outbound, SessionConfig};
-use tunnel_proto::{Envelope, MessageType, Payload};
+use tunnel_proto::{Envelope, ErrorBody, MessageType, Payload};
 use tunnel_transport::ConnectionSender;
 
 /// Why a message accepted by `send` was not delivered.
@@ -25,6 +25,16 @@ pub enum Undelivered {
     /// The session was shut down first.
     #[error("shut down before the peer acknowledged it")]
     ShutDown,
+    /// The peer received the message but can never accept it (its payload is corrupt
+    /// or too large, or nothing handles its type): it answered with this error, and
+    /// the message is not sent again.
+    #[error("rejected by the peer: {code}: {message}")]
+    Rejected {
+        /// The error code (`bad_request`, `no_handler`).
+        code: String,
+        /// The peer's explanation, at most 1 KiB.
+        message: String,
+    },
     /// The connection does not acknowledge messages (session resume was not
     /// negotiated): the message was queued, and nothing more is known.
     #[error("delivery is not tracked on this connection")]
@@ -100,6 +110,13 @@ pub enum ReliableSendError {
 /// How many resets' failed ranges receipts can still look up.
 const RESET_HISTORY: usize = 64;
 
+/// How many rejected messages receipts can still look up (older rejections are
+/// forgotten, and a receipt awaited that late reports delivery).
+const REJECT_HISTORY: usize = 1024;
+
+/// Longest rejection message from a peer that is kept.
+const MAX_REJECT_MESSAGE: usize = 1024;
+
 /// Where receipts look for their outcome. Sequence numbers never restart within a
 /// session's life (a reset fails a range of them and numbering goes on), so a
 /// sequence number alone identifies a message.
@@ -113,6 +130,9 @@ struct Progress {
     forgotten_through: u64,
     /// Set when the session ended: every message not yet acked failed.
     ended: Option<Undelivered>,
+    /// Messages the peer received but refused (PROTOCOL.md, section 4.2), by sequence
+    /// number, newest last, at most [`REJECT_HISTORY`].
+    rejected: std::collections::VecDeque<(u64, Arc<ErrorBody>)>,
 }
 
 impl Progress {
@@ -132,6 +152,12 @@ impl Progress {
     }
 
     fn outcome(&self, seq: u64) -> Result<(), Undelivered> {
+        if let Some((_, error)) = self.rejected.iter().rev().find(|(s, _)| *s == seq) {
+            return Err(Undelivered::Rejected {
+                code: error.code.clone(),
+                message: error.message.clone(),
+            });
+        }
         if let Some(reason) = self.failed_reason(seq) {
             return Err(Undelivered::Reset(reason.to_owned()));
         }
@@ -277,6 +303,8 @@ struct Out {
     /// drainer sends them in order.
     backlog_from: Option<u64>,
     attached_before: bool,
+    /// The lease of the newest connection attached (see `SessionGrant::lease`).
+    lease: u64,
     shut: bool,
     /// The last connection ended after a drain with everything it carried
     /// acknowledged: a new session on another hub continues without a reset.
@@ -339,6 +367,12 @@ fn status_key(env: &Envelope) -> Option<String> {
     ))
 }
 
+/// Whether a failed reply's code says its message was refused, not handled
+/// (PROTOCOL.md, section 4.2).
+pub(crate) fn is_rejection(code: &str) -> bool {
+    code == crate::error_code::BAD_REQUEST || code == crate::error_code::NO_HANDLER
+}
+
 fn is_data(kind: &MessageType) -> bool {
     !kind.is_control()
 }
@@ -354,6 +388,7 @@ impl Reliable {
                 latest: std::collections::HashMap::new(),
                 backlog_from: None,
                 attached_before: false,
+                lease: 0,
                 shut: false,
                 clean_handover: false,
             }),
@@ -395,6 +430,11 @@ impl Reliable {
     /// The highest sequence number received in order (for a resume request or grant).
     pub(crate) fn last_received(&self) -> u64 {
         self.inbound().last_received()
+    }
+
+    /// The highest sequence number handed out to a message of this session.
+    pub(crate) fn highest_sent(&self) -> u64 {
+        self.state().out.highest_sent()
     }
 
     /// The ack to carry on an outgoing message, if anything was received.
@@ -654,6 +694,13 @@ impl Reliable {
     ) -> Option<Reset> {
         let reset = {
             let mut st = self.state();
+            let lease = conn.info().session_lease;
+            if lease < st.lease {
+                // A newer connection of this session attached first: this one is
+                // superseded and carries nothing (it is being closed with 4004).
+                return None;
+            }
+            st.lease = lease;
             let mut reset = None;
             if resumed {
                 // A peer whose direction has not started yet reports 0: it has
@@ -768,6 +815,14 @@ impl Reliable {
     /// standalone acknowledgement goes out on `conn` at once if `ack_every` messages
     /// await one (a busy connection never lets the ack timer fire).
     pub(crate) fn on_inbound(&self, env: &Envelope, conn: &ConnectionSender) -> Verdict {
+        // A rejection is noted before the ack it carries releases the message, so its
+        // receipt reports the rejection, not a delivery.
+        if env.kind == MessageType::Reply
+            && let (Some(error), Some(corr)) = (&env.error, env.correlation)
+            && is_rejection(&error.code)
+        {
+            self.note_rejected(corr, error);
+        }
         if let Some(ack) = env.ack {
             let mut st = self.state();
             match st.out.on_ack(ack) {
@@ -793,29 +848,65 @@ impl Reliable {
         let Some(seq) = env.seq else {
             return Verdict::Deliver;
         };
-        let mut inb = self.inbound();
-        match inb.on_data(seq, std::time::Instant::now) {
+        // The inbound lock is not held while the outbound one is taken
+        // (`standalone_ack_allowed`): the send path takes them the other way round.
+        let (accept, by_count) = {
+            let mut inb = self.inbound();
+            let accept = inb.on_data(seq, std::time::Instant::now);
+            (accept, inb.ack_owed_by_count())
+        };
+        // An ack owed at once goes standalone, unless session messages wait in the
+        // backlog: then it rides on them.
+        let ack_now = |owed_now: bool| {
+            if owed_now && self.standalone_ack_allowed() {
+                let ack = self.inbound().take_ack();
+                let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
+            } else {
+                self.owed.store(true, std::sync::atomic::Ordering::Release);
+            }
+        };
+        match accept {
             Accept::Deliver => {
-                if inb.ack_owed_by_count() {
-                    let ack = inb.take_ack();
-                    drop(inb);
-                    let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
-                } else {
-                    self.owed.store(true, std::sync::atomic::Ordering::Release);
-                }
+                ack_now(by_count);
                 Verdict::Deliver
             }
             Accept::Duplicate => {
                 // The peer is replaying what arrived: tell it at once so it stops.
-                let ack = inb.take_ack();
-                drop(inb);
-                let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
+                ack_now(true);
                 Verdict::Drop
             }
             Accept::Gap { expected, got } => {
                 Verdict::Violation(format!("expected sequence {expected}, got {got}"))
             }
         }
+    }
+
+    /// Records that the peer refused the held message with id `id`, if it is held.
+    fn note_rejected(&self, id: u64, error: &ErrorBody) {
+        let seq = {
+            let st = self.state();
+            st.out.iter().find(|m| m.item.id == id).map(|m| m.seq)
+        };
+        let Some(seq) = seq else {
+            return;
+        };
+        let error = Arc::new(ErrorBody::new(
+            tunnel_proto::text::truncate(&error.code, 64),
+            tunnel_proto::text::truncate(&error.message, MAX_REJECT_MESSAGE),
+        ));
+        self.progress.send_modify(|p| {
+            p.rejected.push_back((seq, error));
+            if p.rejected.len() > REJECT_HISTORY {
+                p.rejected.pop_front();
+            }
+        });
+    }
+
+    /// Whether a standalone acknowledgement may go now: not while session messages
+    /// wait in the backlog, or it could overtake a rejection the peer must see before
+    /// the ack that covers the rejected message (the backlog carries the ack itself).
+    fn standalone_ack_allowed(&self) -> bool {
+        self.state().backlog_from.is_none()
     }
 
     /// When a standalone acknowledgement is due, if one is owed.
@@ -825,6 +916,9 @@ impl Reliable {
 
     /// Sends a standalone acknowledgement on `conn` if one is due.
     pub(crate) fn send_ack_if_due(&self, conn: &ConnectionSender) {
+        if !self.standalone_ack_allowed() {
+            return;
+        }
         let ack = {
             let mut inb = self.inbound();
             if !inb.ack_due(Instant::now().into_std()) {

@@ -308,6 +308,11 @@ impl Pending {
         })
     }
 
+    /// Whether a request with id `id` waits for its reply.
+    pub(crate) fn waits_for(&self, id: u64) -> bool {
+        self.lock().contains_key(&id)
+    }
+
     /// Hands a reply from `from` to its waiting request. Returns false (and counts it
     /// late) when nobody is waiting for it.
     pub(crate) fn complete(&self, reply: Box<Envelope>, from: &AgentId) -> bool {

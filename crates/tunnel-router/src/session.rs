@@ -1,7 +1,7 @@
 //! The loop that reads one connection and feeds the router.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::Notify;
 
@@ -20,7 +20,6 @@ pub(crate) struct Link<'a> {
     /// Requests waiting for replies.
     pub(crate) pending: &'a Pending,
     /// Message ids of the side (replies take theirs from it).
-    pub(crate) next_id: &'a AtomicU64,
     /// Set when the peer announced a drain (`close` with code 1001 and a reconnect
     /// hint): replies then go straight on the connection, outside the session, whose
     /// numbering continues on the next connection.
@@ -35,13 +34,11 @@ impl<'a> Link<'a> {
     pub(crate) fn new(
         reliable: Option<&'a Arc<Reliable>>,
         pending: &'a Pending,
-        next_id: &'a AtomicU64,
         recorder: &'a dyn tunnel_metrics::Recorder,
     ) -> Self {
         Link {
             reliable,
             pending,
-            next_id,
             recorder,
             draining: AtomicBool::new(false),
             drain_notice: Notify::new(),
@@ -52,21 +49,44 @@ impl<'a> Link<'a> {
 impl Link<'_> {
     /// Sends a reply through the session (or on the connection without one). Never
     /// waits for room in a full replay buffer: the loop that would wait is the one that
-    /// reads the acks that make room. A reply that finds the buffer full is dropped and
-    /// logged; the requester times out.
+    /// reads the acks that make room. A full buffer means the peer does not acknowledge
+    /// what it is sent: the connection is closed with `1008` (the next one resumes and
+    /// replays), rather than dropping this and every later reply.
     async fn send_reply(&self, sender: &ConnectionSender, mut reply: Box<Envelope>) {
-        reply.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        reply.id = tunnel_transport::next_message_id();
         let outcome = match self.reliable {
-            Some(reliable) if !self.draining.load(Ordering::Acquire) => reliable
-                .send(reply, WhenFull::Reject)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string()),
+            Some(reliable) if !self.draining.load(Ordering::Acquire) => {
+                match reliable.send(reply, WhenFull::Reject).await {
+                    Ok(_) => Ok(()),
+                    Err(crate::ReliableSendError::Full(_)) => {
+                        tracing::warn!(agent = %sender.info().agent, "closing: the peer does not acknowledge its replies");
+                        self.recorder.error("unacknowledged");
+                        sender.abort_with(
+                            CloseCode::POLICY_VIOLATION,
+                            "replay buffer full: messages are not acknowledged",
+                        );
+                        return;
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
             _ => sender.send(&reply).await.map_err(|e| e.to_string()),
         };
         if let Err(error) = outcome {
-            tracing::warn!(agent = %sender.info().agent, %error, "could not send a reply");
+            tracing::debug!(agent = %sender.info().agent, %error, "could not send a reply");
         }
+    }
+
+    /// Answers a data message this side can never accept with a failed `reply`
+    /// (PROTOCOL.md, section 4.2), one-way or not, so that its sender learns why
+    /// instead of taking the acknowledgement for a delivery. Replies are never
+    /// answered.
+    async fn reject(&self, sender: &ConnectionSender, env: &Envelope, code: &str, why: String) {
+        if env.kind == MessageType::Reply || env.kind.is_control() {
+            return;
+        }
+        let reply = env.reply(0, 0).with_error(ErrorBody::new(code, why));
+        Box::pin(self.send_reply(sender, stamp(Box::new(reply)))).await;
     }
 }
 
@@ -140,19 +160,30 @@ pub(crate) async fn run(
                 }
             }
         }
-        if env.content_encoding().is_some()
-            && let Err(e) = env.decompress_payload(sender.limits())
-        {
-            // A compression bomb stops at the limit; the connection stays up.
-            tracing::warn!(agent = %sender.info().agent, kind = %env.kind, error = %e, "unreadable compressed payload");
-            link.recorder.error("bad_payload");
-            if env.expects_reply() {
-                let reply = env
-                    .reply(0, 0)
-                    .with_error(ErrorBody::new(error_code::BAD_REQUEST, e.to_string()));
-                Box::pin(link.send_reply(&sender, stamp(Box::new(reply)))).await;
+        if let Some(encoding) = env.content_encoding() {
+            // Checked on arrival, whatever the type: a compression bomb stops at the
+            // limit, and an encoding this side did not grant is refused. The
+            // connection stays up.
+            let refused = if sender
+                .info()
+                .has_capability(tunnel_proto::capability::DEFLATE)
+            {
+                env.decompress_payload(sender.limits())
+                    .err()
+                    .map(|e| e.to_string())
+            } else {
+                Some(format!(
+                    "content-encoding {} was not negotiated",
+                    tunnel_proto::text::Untrusted(encoding)
+                ))
+            };
+            if let Some(why) = refused {
+                tracing::warn!(agent = %sender.info().agent, kind = %tunnel_proto::text::Untrusted(env.kind.as_str()), error = %tunnel_proto::text::Untrusted(&why), "unreadable compressed payload");
+                link.recorder.error("bad_payload");
+                link.reject(&sender, &env, error_code::BAD_REQUEST, why)
+                    .await;
+                continue;
             }
-            continue;
         }
         match env.kind {
             MessageType::Ping => {
@@ -163,18 +194,32 @@ pub(crate) async fn run(
             MessageType::Close => {
                 match Close::from_envelope(&env) {
                     Ok(close) => {
-                        tracing::debug!(code = close.code, reason = %close.reason, "peer is closing");
+                        tracing::debug!(code = close.code, reason = %tunnel_proto::text::Untrusted(&close.reason), "peer is closing");
                         if close.code == CloseCode::GOING_AWAY.0 && close.reconnect.is_some() {
                             link.draining.store(true, Ordering::Release);
                             link.drain_notice.notify_one();
                         }
-                        *hint = close.reconnect;
+                        // The close that ends a drain carries no hint: keep the drain's.
+                        if close.reconnect.is_some() {
+                            *hint = close.reconnect;
+                        }
                     }
-                    Err(e) => tracing::debug!(error = %e, "ignoring a malformed close message"),
+                    Err(e) => {
+                        tracing::debug!(error = %tunnel_proto::text::Untrusted(&e.to_string()), "ignoring a malformed close message")
+                    }
                 }
                 continue;
             }
             MessageType::Reply => {
+                // The peer refused a one-way message: its receipt says so (the session
+                // noted it), and nobody waits for this reply.
+                if let Some(error) = &env.error
+                    && crate::reliable::is_rejection(&error.code)
+                    && env.correlation.is_none_or(|id| !link.pending.waits_for(id))
+                {
+                    tracing::debug!(agent = %sender.info().agent, code = %tunnel_proto::text::Untrusted(&error.code), reason = %tunnel_proto::text::Untrusted(&error.message), "the peer refused a message");
+                    continue;
+                }
                 if !link.pending.complete(env, &sender.info().agent) {
                     tracing::debug!(agent = %sender.info().agent, "discarding a late or unasked-for reply");
                 }
@@ -190,6 +235,7 @@ pub(crate) async fn run(
             _ => {}
         }
         let kind = env.kind.clone();
+        let unrouted_id = env.id;
         // Boxed: it is kept across the handler's await, in every connection's task.
         let request = env.expects_reply().then(|| Box::new(env.reply(0, 0)));
         let outcome = router.dispatch(Inbound::new(env, sender.clone())).await;
@@ -202,12 +248,23 @@ pub(crate) async fn run(
                 continue;
             }
             Ok(Dispatched::Unrouted) => {
-                tracing::debug!(agent = %sender.info().agent, %kind, "no handler for message");
-                ErrorBody::new(error_code::NO_HANDLER, format!("no handler for {kind}"))
+                tracing::debug!(agent = %sender.info().agent, kind = %tunnel_proto::text::Untrusted(kind.as_str()), "no handler for message");
+                let why = format!(
+                    "no handler for {}",
+                    tunnel_proto::text::Untrusted(kind.as_str())
+                );
+                if request.is_none() {
+                    // A one-way message nobody handles is refused, not taken for delivered.
+                    let refused = Envelope::new(unrouted_id, kind.clone(), 0);
+                    link.reject(&sender, &refused, error_code::NO_HANDLER, why)
+                        .await;
+                    continue;
+                }
+                ErrorBody::new(error_code::NO_HANDLER, why)
             }
             Err(e) => {
                 link.recorder.error("handler");
-                tracing::warn!(agent = %sender.info().agent, %kind, error = %e, "handler failed");
+                tracing::warn!(agent = %sender.info().agent, kind = %tunnel_proto::text::Untrusted(kind.as_str()), error = %tunnel_proto::text::Untrusted(&e.to_string()), "handler failed");
                 ErrorBody::new(error_code::HANDLER_ERROR, e.to_string())
             }
         };

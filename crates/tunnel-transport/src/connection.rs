@@ -41,6 +41,10 @@ pub struct ConnectionInfo {
     /// When resumed: the highest sequence number the peer reported having received in
     /// order (the agent's report on a hub, the hub's on an agent).
     pub peer_last_received: Option<u64>,
+    /// The session store's lease of this connection ([`SessionGrant::lease`](crate::SessionGrant::lease)):
+    /// of two connections of one agent, the higher lease is the newer. 0 on agents
+    /// and without a session store.
+    pub session_lease: u64,
     /// The negotiated protocol version.
     pub version: u16,
     /// Capabilities both sides support.
@@ -79,6 +83,31 @@ pub struct ConnectionStats {
 }
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Ids handed to a thread at a time by [`next_message_id`].
+const ID_BLOCK: u64 = 4096;
+
+/// A fresh message id, unique within the process: every envelope a sender sends, on
+/// any connection and whatever made it (data, replies, pongs, acks), has its own id,
+/// so ids stay unique within a connection even when a session replays messages first
+/// sent on an earlier one (PROTOCOL.md, section 2). Ids start at 1; each thread takes
+/// them from the shared counter in blocks, so they are not dense or in order across
+/// threads, and taking one costs no shared write.
+pub fn next_message_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static BLOCK: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    BLOCK.with(|block| {
+        let (mut next, mut end) = block.get();
+        if next == end {
+            next = NEXT.fetch_add(ID_BLOCK, Ordering::Relaxed);
+            end = next + ID_BLOCK;
+        }
+        block.set((next + 1, end));
+        next
+    })
+}
 
 pub(crate) fn next_connection_id() -> u64 {
     NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed)
@@ -207,7 +236,6 @@ pub(crate) struct Shared {
     pub(crate) close_timeout: Duration,
     pub(crate) inbound_rate: Option<crate::config::InboundRate>,
     keepalive: KeepaliveCheck,
-    next_id: AtomicU64,
     rtt_micros: AtomicU64,
     /// Messages and encoded bytes each way by type, for [`ConnectionStats`] and the
     /// recorder.
@@ -270,7 +298,6 @@ impl Shared {
                 .inbound_rate
                 .filter(|r| r.messages_per_second > 0.0 && r.bytes_per_second > 0.0),
             keepalive: KeepaliveCheck::new(config),
-            next_id: AtomicU64::new(1),
             rtt_micros: AtomicU64::new(0),
             epoch: Instant::now(),
             shutdown: CancellationToken::new(),
@@ -382,9 +409,9 @@ impl ConnectionSender {
         &self.inner.shared.limits
     }
 
-    /// A fresh message id for this connection.
+    /// A fresh message id ([`next_message_id`]).
     pub fn next_id(&self) -> u64 {
-        self.inner.shared.next_id.fetch_add(1, Ordering::Relaxed)
+        next_message_id()
     }
 
     /// An envelope with a fresh id and the current time.
@@ -768,7 +795,7 @@ impl ConnectionReceiver {
         code: CloseCode,
         err: RecvError,
     ) -> Result<Option<Box<Envelope>>, RecvError> {
-        tracing::debug!(connection = self.shared.info.id, %code, error = %err, "closing connection");
+        tracing::debug!(connection = self.shared.info.id, %code, error = %tunnel_proto::text::Untrusted(&err.to_string()), "closing connection");
         self.shared.recorder.error(match &err {
             RecvError::Decode(_) => "decode",
             RecvError::WrongFrameKind { .. } => "wrong_frame_kind",

@@ -37,9 +37,14 @@
 //! let got = server.recv().await?.expect("a message");
 //! assert_eq!(got.kind, MessageType::Ping);
 //! assert_eq!(server.info().agent, AgentId::new("root:org", "cluster-1"));
-//! // Closing flushes what was queued and waits for the peer's close reply.
-//! let ((), end) = tokio::join!(client.close(CloseCode::NORMAL, "bye"), server.recv());
-//! assert!(end?.is_none());
+//! // Closing flushes what was queued, sends a `close` message and the close frame,
+//! // and waits for the peer's close reply.
+//! let read_to_end = async {
+//!     let close = server.recv().await?.expect("the close message");
+//!     Ok::<_, tunnel_transport::RecvError>((close.kind, server.recv().await?.is_none()))
+//! };
+//! let ((), end) = tokio::join!(client.close(CloseCode::NORMAL, "bye"), read_to_end);
+//! assert_eq!(end?, (MessageType::Close, true));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! ```
@@ -63,7 +68,8 @@ pub use auth::{
 };
 pub use config::{ClientConfig, ConnectionConfig, InboundRate, ServerConfig, TokenSource};
 pub use connection::{
-    Connection, ConnectionInfo, ConnectionReceiver, ConnectionSender, ConnectionStats, unix_millis,
+    Connection, ConnectionInfo, ConnectionReceiver, ConnectionSender, ConnectionStats,
+    next_message_id, unix_millis,
 };
 pub use error::{AcceptError, CloseReason, ConnectError, RecvError, SendError};
 pub use sessions::{SessionGrant, SessionStore, new_session_id};

@@ -111,6 +111,7 @@ impl crate::Connector for MemoryConnector {
             session_id: grant.session_id,
             resumed: grant.resumed,
             peer_last_received: None,
+            session_lease: grant.lease,
             version,
             capabilities,
             format: client.format,

@@ -17,6 +17,10 @@ pub struct SessionGrant {
     pub resumed: bool,
     /// When resumed: the highest sequence number the hub received in order.
     pub last_received: Option<u64>,
+    /// Orders the connections granted one session: a higher lease is a later grant,
+    /// and supersedes the connections of lower ones (two connections resuming one
+    /// session at once never both carry it). 0 from stores that do not count.
+    pub lease: u64,
 }
 
 impl SessionGrant {
@@ -31,6 +35,7 @@ impl SessionGrant {
             session_id: session_id.into(),
             resumed: false,
             last_received: None,
+            lease: 0,
         }
     }
 
@@ -41,7 +46,14 @@ impl SessionGrant {
             session_id: session_id.into(),
             resumed: true,
             last_received: Some(last_received),
+            lease: 0,
         }
+    }
+
+    /// Sets [`SessionGrant::lease`].
+    pub fn with_lease(mut self, lease: u64) -> Self {
+        self.lease = lease;
+        self
     }
 }
 

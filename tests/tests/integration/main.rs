@@ -11,6 +11,7 @@ mod observability;
 mod pool;
 mod reconnect;
 mod requests;
+mod rules;
 mod sessions;
 mod support;
 mod tls;

@@ -158,7 +158,8 @@ async fn messages_sent_while_disconnected_are_delivered_after_reconnecting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_after_the_grace_period_is_a_reset_and_undelivered_messages_fail() {
     let sessions = HubSessions::default().grace(Duration::from_millis(300));
-    let hub = resumable_hub(Router::new(), sessions).await;
+    // The hub handles what it gets: a message nobody handles is refused, not delivered.
+    let hub = resumable_hub(numbers().0, sessions).await;
     let proxy = FaultProxy::start(hub.local_addr().expect("addr"))
         .await
         .expect("proxy");
@@ -357,8 +358,9 @@ async fn a_restarted_hub_cannot_resume_and_the_agent_is_told() {
     let mut events = agent.session_events();
     let before = agent.wait_connected(SOON).await.expect("connected");
     first.shutdown().await;
+    // The new hub handles what it gets: a message nobody handles is refused.
     let second = rebind("rebind", || {
-        Hub::bind_resumable(addr, server_config(), Router::new(), HubSessions::default())
+        Hub::bind_resumable(addr, server_config(), numbers().0, HubSessions::default())
     })
     .await;
     let event = tokio::time::timeout(SOON, events.recv())

@@ -187,7 +187,8 @@ impl<'de> DeserializeSeed<'de> for HeadersSeed<'_> {
     type Value = Headers;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Headers, D::Error> {
-        d.deserialize_map(self)
+        // `null` means absent (PROTOCOL.md, section 2): Go, for one, writes nil maps so.
+        d.deserialize_option(self)
     }
 }
 
@@ -200,6 +201,14 @@ impl<'de> Visitor<'de> for HeadersSeed<'_> {
 
     fn visit_unit<E: de::Error>(self) -> Result<Headers, E> {
         Ok(Headers::new())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Headers, E> {
+        Ok(Headers::new())
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Headers, D::Error> {
+        d.deserialize_map(self)
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Headers, A::Error> {

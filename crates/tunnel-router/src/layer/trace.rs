@@ -99,14 +99,15 @@ where
             Direction::Outbound => tracing::info_span!(
                 "tunnel.send",
                 otel.kind = "producer",
-                "message.type" = %env.kind,
+                "message.type" = env.kind.as_str(),
                 message.size = size,
                 peer = peer,
             ),
             Direction::Inbound => tracing::info_span!(
                 "tunnel.handle",
                 otel.kind = "consumer",
-                "message.type" = %env.kind,
+                // The peer chose it: bounded like a metric label.
+                "message.type" = tunnel_proto::text::truncate(env.kind.as_str(), 64),
                 message.id = env.id,
                 message.size = size,
                 peer = peer,

@@ -196,7 +196,10 @@ where
             body: resp
                 .body()
                 .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .map(|b| {
+                    let body = String::from_utf8_lossy(b);
+                    tunnel_proto::text::truncate(&body, MAX_REASON).to_owned()
+                })
                 .unwrap_or_default(),
             // Seconds only (the HTTP-date form is not used by hubs), capped at an hour.
             retry_after: resp
@@ -224,6 +227,7 @@ where
     hello.versions = config.versions;
     hello.capabilities = config.capabilities.clone();
     hello.metadata = config.metadata.clone();
+    let resumed_from = resume.as_ref().map(|r| r.session_id.clone());
     hello.resume = resume;
     let hello = hello
         .to_envelope(0, unix_millis(), format)
@@ -271,7 +275,7 @@ where
                     .map_err(|e| ConnectError::Handshake(e.to_string()))?;
                 return Err(ConnectError::Closed {
                     code: CloseCode(close.code),
-                    reason: close.reason,
+                    reason: tunnel_proto::text::truncate(&close.reason, MAX_REASON).to_owned(),
                 });
             }
             other => {
@@ -281,6 +285,10 @@ where
             }
         }
     };
+    check_ack(&ack, resumed_from.as_deref())?;
+    // Only what this agent offered can have been granted.
+    let mut ack = ack;
+    ack.capabilities.retain(|c| config.capabilities.contains(c));
     if !config.versions.contains(ack.version) {
         return Err(ConnectError::Handshake(format!(
             "hub chose protocol version {} outside our range {}",
@@ -293,6 +301,7 @@ where
         session_id: ack.session_id,
         resumed: ack.resumed,
         peer_last_received: ack.last_received.filter(|_| ack.resumed),
+        session_lease: 0,
         version: ack.version,
         capabilities: ack.capabilities,
         format,
@@ -300,4 +309,38 @@ where
         connected_at: std::time::SystemTime::now(),
     };
     Ok(spawn_connection(ws, info, &config.connection, None, None))
+}
+
+/// Longest close reason from a hub kept in an error.
+const MAX_REASON: usize = 1024;
+
+/// Longest session id accepted from a hub.
+pub(crate) const MAX_SESSION_ID: usize = 128;
+
+/// Checks what a hub's `handshake_ack` says before the agent relies on it: a session
+/// id it can store and send back (1 to [`MAX_SESSION_ID`] bytes of visible ASCII), and
+/// on a resume, the session that was asked for.
+fn check_ack(
+    ack: &tunnel_proto::messages::HandshakeAck,
+    resumed_from: Option<&str>,
+) -> Result<(), ConnectError> {
+    let id = &ack.session_id;
+    if id.is_empty() || id.len() > MAX_SESSION_ID || !id.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    {
+        return Err(ConnectError::Handshake(format!(
+            "hub sent an unusable session id {}",
+            tunnel_proto::text::Untrusted(id)
+        )));
+    }
+    if ack.resumed && resumed_from.is_some_and(|asked| asked != id) {
+        return Err(ConnectError::Handshake(
+            "hub resumed a session other than the one asked for".into(),
+        ));
+    }
+    if ack.resumed && resumed_from.is_none() {
+        return Err(ConnectError::Handshake(
+            "hub says resumed but no session was asked for".into(),
+        ));
+    }
+    Ok(())
 }

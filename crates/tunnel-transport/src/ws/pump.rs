@@ -96,7 +96,7 @@ async fn write_loop<S>(
                     match msg {
                         None => {
                             shared.set_reason(CloseReason::Local(CloseCode::NORMAL, "all senders dropped".into()));
-                            sink.send(close_message(CloseCode::NORMAL, "")).await.map_err(|e| e.to_string())?;
+                            send_close(&mut sink, &shared, CloseCode::NORMAL, "").await?;
                             Ok(false)
                         }
                         Some(first) => write_batch(&mut sink, &mut rx, first, kind, &shared).await,
@@ -131,7 +131,7 @@ async fn write_loop<S>(
             if let Some((code, reason)) = shared.final_close_frame() {
                 let _ = tokio::time::timeout(
                     FINAL_CLOSE_TIMEOUT.min(shared.close_timeout),
-                    sink.send(close_message(code, &reason)),
+                    send_close(&mut sink, &shared, code, &reason),
                 )
                 .await;
             }
@@ -141,6 +141,41 @@ async fn write_loop<S>(
     drop(rx);
     shared.writer_done.cancel();
 }
+
+/// Sends a `close` envelope with `code` and `reason`, then the close frame, as
+/// PROTOCOL.md asks of every close a side starts (the envelope carries the reason in
+/// full, up to [`MAX_CLOSE_REASON`] bytes; the frame only 123 bytes of it).
+async fn send_close<S>(
+    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    shared: &Shared,
+    code: CloseCode,
+    reason: &str,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tunnel_proto::messages::{Close, TypedMessage};
+    let close = Close {
+        code: code.as_u16(),
+        reason: tunnel_proto::text::truncate(reason, MAX_CLOSE_REASON).to_owned(),
+        reconnect: None,
+    };
+    let format = shared.info.format;
+    if let Ok(env) = close.to_envelope(crate::next_message_id(), crate::unix_millis(), format) {
+        let mut buf = Vec::new();
+        if format.codec().encode(&env, &mut buf).is_ok() {
+            sink.feed(data_message(shared.codec.frame_kind(), buf.into())?)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    sink.send(close_message(code, reason))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Longest close reason sent in a `close` envelope.
+pub(crate) const MAX_CLOSE_REASON: usize = 1024;
 
 /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]), then flushes.
 /// Returns `Ok(false)` once a close frame was sent.
@@ -175,9 +210,7 @@ where
                 }
                 Outgoing::Close(code, reason) => {
                     shared.set_reason(CloseReason::Local(code, reason.clone()));
-                    sink.send(close_message(code, &reason))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    send_close(sink, shared, code, &reason).await?;
                     return Ok(false);
                 }
             }

@@ -711,6 +711,7 @@ where
         session_id: grant.session_id,
         resumed: grant.resumed,
         peer_last_received: hs.resume.filter(|_| grant.resumed).map(|r| r.last_received),
+        session_lease: grant.lease,
         version,
         capabilities,
         format,
@@ -760,7 +761,7 @@ async fn reject<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     tracing::debug!(%code, reason, "rejecting handshake");
     let close = Close {
         code: code.as_u16(),
-        reason: reason.to_owned(),
+        reason: tunnel_proto::text::truncate(reason, super::pump::MAX_CLOSE_REASON).to_owned(),
         reconnect: None,
     };
     if let Ok(mut env) = close.to_envelope(0, unix_millis(), format) {
