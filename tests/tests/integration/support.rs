@@ -280,9 +280,17 @@ pub(crate) fn status_of(result: Result<RawWs, WsError>) -> u16 {
 /// A resumable hub with `router` and a healthy agent `ws/healthy` registered on it: the
 /// fixture of the hostile-client tests. Returns the hub, its URL, the agent and its id.
 pub(crate) async fn hub_with_healthy_agent(router: Router) -> (Hub, String, Agent, AgentId) {
+    hub_with_healthy_agent_config(router, server_config()).await
+}
+
+/// [`hub_with_healthy_agent`] with the hub's `config`.
+pub(crate) async fn hub_with_healthy_agent_config(
+    router: Router,
+    config: ServerConfig,
+) -> (Hub, String, Agent, AgentId) {
     let hub = Hub::bind_resumable(
         "127.0.0.1:0",
-        server_config(),
+        config,
         router,
         tunnel_router::HubSessions::default(),
     )
