@@ -512,3 +512,29 @@ fn null_optional_fields_mean_absent_in_both_codecs() {
         .expect("nil is absent");
     assert!(env.headers.is_empty() && env.seq.is_none());
 }
+
+/// PROTOCOL.md, section 7: the nesting limit covers the envelope, not the payload,
+/// which decoding an envelope never parses (a JSON payload is only checked to be
+/// well-formed, at any depth, without recursion).
+#[test]
+fn the_nesting_limit_does_not_cover_payloads() {
+    let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    let frame = |payload: &str| format!(r#"{{"id":1,"type":"event","ts":2,"payload":{payload}}}"#);
+    let decode = |text: String| {
+        Format::Json
+            .codec()
+            .decode(&Bytes::from(text), &Limits::default())
+    };
+    let env = decode(frame(&deep(1_000_000))).expect("deep payloads are the handler's to read");
+    assert!(
+        env.decode_payload::<serde_json::Value>().is_err(),
+        "serde_json's own limit"
+    );
+    // Malformed at any depth is still refused.
+    let err = decode(frame(&format!("{}1", "[".repeat(1_000_000)))).expect_err("malformed");
+    assert_eq!(
+        err.close_code(),
+        tunnel_proto::CloseCode::INVALID_PAYLOAD,
+        "{err}"
+    );
+}
