@@ -295,3 +295,76 @@ async fn every_close_the_hub_starts_is_preceded_by_a_close_message() {
     drop(newer);
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_normal_close_ends_the_connection_not_the_session() {
+    let hub = resumable(Router::new()).await;
+    let url = hub.url().expect("url");
+    let id = AgentId::new("ws", "polite");
+    let (mut ws, first) = open(&url, &id, None).await;
+    ws.close(None).await.expect("close 1000");
+    eventually("the hub to notice", || hub.sender(&id).is_none()).await;
+    let resume = Resume {
+        session_id: first.session_id.clone(),
+        last_received: 0,
+    };
+    let (ws, again) = open(&url, &id, Some(resume)).await;
+    assert!(again.resumed, "the session outlived a 1000 close");
+    assert_eq!(again.session_id, first.session_id);
+    drop(ws);
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_with_1001_for_agents_that_stay() {
+    let hub = resumable(Router::new()).await;
+    let url = hub.url().expect("url");
+    let id = AgentId::new("ws", "stays");
+    let (mut ws, _) = open(&url, &id, None).await;
+    let drain = tunnel_router::Drain::default().timeout(Duration::from_millis(300));
+    let (_, (code, seen)) =
+        tokio::join!(hub.drain(drain), read_until_close(&mut ws, Format::MsgPack));
+    assert_eq!(code, Some(CloseCode::GOING_AWAY));
+    let closes: Vec<_> = seen
+        .iter()
+        .filter(|e| e.kind == MessageType::Close)
+        .map(|e| tunnel_proto::messages::Close::from_envelope(e).expect("close"))
+        .collect();
+    assert!(
+        closes.first().is_some_and(|c| c.reconnect.is_some()),
+        "the notice first: {closes:?}"
+    );
+    assert!(
+        closes
+            .last()
+            .is_some_and(|c| c.code == CloseCode::GOING_AWAY.as_u16()),
+        "then the close message of the 1001: {closes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_acknowledges_replies_is_closed_not_ignored() {
+    let sessions = HubSessions::default()
+        .session(tunnel_proto::session::SessionConfig::default().max_replay_messages(5));
+    let (router, _seen) = collecting_router();
+    let hub = Hub::bind_resumable("127.0.0.1:0", server_config(), router, sessions)
+        .await
+        .expect("bind");
+    let url = hub.url().expect("url");
+    let id = AgentId::new("ws", "never-acks");
+    let (mut ws, _) = open(&url, &id, None).await;
+    // Requests without seq acknowledge nothing: every reply stays in the replay buffer.
+    for n in 1..=10u64 {
+        let request = Envelope::new(n, MessageType::Command, 0)
+            .with_payload(Payload::msgpack(&json!({"n": n})).expect("payload"))
+            .expecting_reply();
+        send_raw(&mut ws, Format::MsgPack, &request).await;
+    }
+    let (code, seen) = read_until_close(&mut ws, Format::MsgPack).await;
+    assert_eq!(code, Some(CloseCode::POLICY_VIOLATION), "{seen:?}");
+    let replies = seen.iter().filter(|e| e.kind == MessageType::Reply).count();
+    // At most the buffer's worth went out (the close discards what was still queued;
+    // a resume would replay it): none was dropped while the connection went on.
+    assert!(replies <= 5, "{replies} replies for a buffer of 5");
+    hub.shutdown().await;
+}

@@ -66,9 +66,12 @@ struct Done {
 }
 
 impl MessagesDone {
+    /// Called by the connection's one reader for each data message: a plain load and
+    /// store, and the lock only when budget is held.
     pub(crate) fn bump(&self) {
-        self.0.count.fetch_add(1, Ordering::Relaxed);
-        if self.0.holding.swap(false, Ordering::AcqRel) {
+        let count = self.0.count.load(Ordering::Relaxed);
+        self.0.count.store(count + 1, Ordering::Relaxed);
+        if self.0.holding.load(Ordering::Acquire) && self.0.holding.swap(false, Ordering::AcqRel) {
             self.held().take();
         }
     }
