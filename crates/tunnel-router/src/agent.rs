@@ -751,7 +751,7 @@ async fn supervise(
                     Ordering::Relaxed,
                 );
                 inner.current.send_replace(Some(sender.clone()));
-                let link = session::Link::new(reliable, &inner.pending, &*config.recorder);
+                let link = session::Link::new(reliable, &inner.pending, &*config.recorder, true);
                 let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
                 tokio::pin!(session);
                 let (end, stopping) = tokio::select! {

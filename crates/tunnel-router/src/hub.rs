@@ -610,6 +610,7 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 reliable.as_ref(),
                 &inner2.pending,
                 &*inner2.recorder,
+                false,
             );
             let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
             tokio::pin!(session);

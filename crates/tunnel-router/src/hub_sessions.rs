@@ -23,6 +23,10 @@ pub struct HubSessions {
     pub grace: Duration,
     /// What `send` does when an agent's replay buffer is full, per message type.
     pub when_full: FullPolicy,
+    /// Most sessions held, connected or in their grace period. A new session past it
+    /// ends the one disconnected longest (its agent will be reset); connected
+    /// sessions are bounded by the listener's connection limit. Default 32,768.
+    pub max_sessions: usize,
 }
 
 impl Default for HubSessions {
@@ -31,6 +35,7 @@ impl Default for HubSessions {
             session: SessionConfig::default(),
             grace: Duration::from_secs(60),
             when_full: FullPolicy::default(),
+            max_sessions: 32_768,
         }
     }
 }
@@ -45,6 +50,12 @@ impl HubSessions {
     /// Sets [`HubSessions::when_full`].
     pub fn when_full(mut self, when_full: FullPolicy) -> Self {
         self.when_full = when_full;
+        self
+    }
+
+    /// Sets [`HubSessions::max_sessions`].
+    pub fn max_sessions(mut self, max: usize) -> Self {
+        self.max_sessions = max.max(1);
         self
     }
 
@@ -206,6 +217,25 @@ impl SessionStore for Store {
                     .shut_down(Undelivered::Reset("the agent started a new session".into()));
             });
         }
+        if maps.sessions.len() >= self.config.max_sessions
+            && let Some(oldest) = maps
+                .sessions
+                .iter()
+                .filter_map(|(id, e)| e.detached_at.map(|at| (at, id.clone())))
+                .min()
+                .map(|(_, id)| id)
+            && let Some(gone) = maps.sessions.remove(&oldest)
+        {
+            if maps.by_agent.get(&gone.agent) == Some(&oldest) {
+                maps.by_agent.remove(&gone.agent);
+            }
+            self.recorder.session_reset();
+            tokio::spawn(async move {
+                gone.reliable.shut_down(Undelivered::Reset(
+                    "the hub holds too many sessions: the longest disconnected went".into(),
+                ));
+            });
+        }
         maps.sessions.insert(
             id.clone(),
             Entry {
@@ -215,5 +245,67 @@ impl SessionStore for Store {
             },
         );
         SessionGrant::fresh(id).with_lease(lease)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sessions_are_bounded_and_the_longest_disconnected_goes_first() {
+        let store = Store::new(
+            HubSessions::default().max_sessions(2),
+            Arc::new(tunnel_metrics::NoopRecorder),
+        );
+        let (a, b, c) = (
+            AgentId::new("w", "a"),
+            AgentId::new("w", "b"),
+            AgentId::new("w", "c"),
+        );
+        let first = store.open(&a, None);
+        let second = store.open(&b, None);
+        store.set_connected(&first.session_id, false);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        store.set_connected(&second.session_id, false);
+        store.open(&c, None);
+        assert_eq!(store.len(), 2);
+        assert!(
+            store.get(&first.session_id).is_none(),
+            "the longest disconnected went"
+        );
+        assert!(store.get(&second.session_id).is_some());
+        // An agent that resumes a session that went is told it is reset.
+        let resume = Resume {
+            session_id: first.session_id.clone(),
+            last_received: 0,
+        };
+        assert!(!store.open(&a, Some(&resume)).resumed);
+    }
+
+    #[tokio::test]
+    async fn a_resume_reporting_more_than_was_sent_is_a_new_session() {
+        let store = Store::new(
+            HubSessions::default(),
+            Arc::new(tunnel_metrics::NoopRecorder),
+        );
+        let agent = AgentId::new("w", "a");
+        let first = store.open(&agent, None);
+        let ahead = Resume {
+            session_id: first.session_id.clone(),
+            last_received: 1,
+        };
+        let grant = store.open(&agent, Some(&ahead));
+        assert!(!grant.resumed);
+        assert_ne!(grant.session_id, first.session_id);
+        let honest = Resume {
+            session_id: grant.session_id.clone(),
+            last_received: 0,
+        };
+        let again = store.open(&agent, Some(&honest));
+        assert!(
+            again.resumed && again.lease > grant.lease,
+            "later grants lease higher"
+        );
     }
 }

@@ -19,7 +19,9 @@ pub(crate) struct Link<'a> {
     pub(crate) reliable: Option<&'a Arc<Reliable>>,
     /// Requests waiting for replies.
     pub(crate) pending: &'a Pending,
-    /// Message ids of the side (replies take theirs from it).
+    /// Whether this side follows a peer's drain (agents do; a hub never drains for an
+    /// agent, whatever the agent sends).
+    pub(crate) follows_drains: bool,
     /// Set when the peer announced a drain (`close` with code 1001 and a reconnect
     /// hint): replies then go straight on the connection, outside the session, whose
     /// numbering continues on the next connection.
@@ -35,8 +37,10 @@ impl<'a> Link<'a> {
         reliable: Option<&'a Arc<Reliable>>,
         pending: &'a Pending,
         recorder: &'a dyn tunnel_metrics::Recorder,
+        follows_drains: bool,
     ) -> Self {
         Link {
+            follows_drains,
             reliable,
             pending,
             recorder,
@@ -195,6 +199,9 @@ pub(crate) async fn run(
                 match Close::from_envelope(&env) {
                     Ok(close) => {
                         tracing::debug!(code = close.code, reason = %tunnel_proto::text::Untrusted(&close.reason), "peer is closing");
+                        if !link.follows_drains {
+                            continue;
+                        }
                         if close.code == CloseCode::GOING_AWAY.0 && close.reconnect.is_some() {
                             link.draining.store(true, Ordering::Release);
                             link.drain_notice.notify_one();

@@ -368,3 +368,31 @@ async fn a_peer_that_never_acknowledges_replies_is_closed_not_ignored() {
     assert!(replies <= 5, "{replies} replies for a buffer of 5");
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_does_not_drain_because_an_agent_says_so() {
+    let (router, _seen) = collecting_router();
+    let hub = resumable(router).await;
+    let url = hub.url().expect("url");
+    let id = AgentId::new("ws", "bossy");
+    let (mut ws, _) = open(&url, &id, None).await;
+    let notice = tunnel_proto::messages::Close {
+        code: CloseCode::GOING_AWAY.as_u16(),
+        reason: "you drain".into(),
+        reconnect: Some(tunnel_proto::messages::ReconnectHint {
+            after_ms: Some(1),
+            endpoints: vec!["ws://127.0.0.1:1/".into()],
+        }),
+    };
+    let notice = notice.to_envelope(9, 0, Format::MsgPack).expect("close");
+    send_raw(&mut ws, Format::MsgPack, &notice).await;
+    send_raw(&mut ws, Format::MsgPack, &event(10, 1).expecting_reply()).await;
+    let reply = recv_raw_until(&mut ws, Format::MsgPack, MessageType::Reply).await;
+    assert_eq!(reply.correlation, Some(10));
+    assert!(
+        reply.seq.is_some(),
+        "the reply still goes through the session"
+    );
+    drop(ws);
+    hub.shutdown().await;
+}
