@@ -1,6 +1,7 @@
 //! The `tunnel` command: runs a hub, an agent, the demo and the benchmarks.
 
 mod bench;
+mod conformance;
 mod demo;
 mod load_bench;
 mod run;
@@ -54,6 +55,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Show a hub's connected agents (from its admin server's `/agents`).
     Status(status::StatusArgs),
+    /// Check a hub (ours or another implementation) against every client-observable
+    /// rule of PROTOCOL.md, over raw WebSocket frames; one line per rule.
+    Conformance(conformance::ConformanceArgs),
 }
 
 /// How log lines are written.
@@ -99,7 +103,7 @@ fn main() -> ExitCode {
     let default_filter = match cli.command {
         // Figures only; connection cuts are part of the scenarios.
         Command::Bench(_) => "error",
-        Command::Demo(_) => "warn",
+        Command::Demo(_) | Command::Conformance(_) => "warn",
         _ => "info",
     };
     let filter = cli
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Status(args) => status::run(args).await,
+            Command::Conformance(args) => conformance::run(args).await,
         };
         telemetry.shutdown();
         result

@@ -592,7 +592,13 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 // Boxed: a replay's futures would otherwise make every connection's task
                 // larger, sessions or not.
                 let attach = Box::pin(reliable.attach(sender.clone(), info.resumed, info.peer_last_received));
-                if let Some(crate::reliable::Reset { reason, carried }) = attach.await {
+                let reset = attach.await;
+                if reliable.carried_by(&sender)
+                    && let Some(store) = &inner2.sessions
+                {
+                    store.set_connected(&info.session_id, true);
+                }
+                if let Some(crate::reliable::Reset { reason, carried }) = reset {
                     inner2.pending.reset(Some(&info.agent), &carried, "the session was reset");
                     if let Some(store) = &inner2.sessions {
                         store.recorder().session_reset();

@@ -70,7 +70,8 @@ impl HubSessions {
 struct Entry {
     agent: AgentId,
     reliable: Arc<Reliable>,
-    /// When its last connection ended (None while connected).
+    /// When its last connection ended, or it was granted to a connection that has not
+    /// attached yet (None while a connection carries it).
     detached_at: Option<Instant>,
 }
 
@@ -199,7 +200,10 @@ impl SessionStore for Store {
             // An agent that reports more than was ever sent to it talks about state
             // this hub does not have: that is a reset, not a resume.
             if resume.last_received <= entry.reliable.highest_sent() {
-                entry.detached_at = None;
+                // Counted as connected once the connection attaches: a grant whose
+                // connection never gets that far still ends after the grace period.
+                entry.detached_at = Some(Instant::now());
+                entry.reliable.supersede(lease);
                 return SessionGrant::resumed(
                     resume.session_id.clone(),
                     entry.reliable.last_received(),
@@ -241,7 +245,8 @@ impl SessionStore for Store {
             Entry {
                 agent: agent.clone(),
                 reliable: Reliable::new(self.config.session.clone(), self.recorder.clone()),
-                detached_at: None,
+                // Connected once its connection attaches (see above).
+                detached_at: Some(Instant::now()),
             },
         );
         SessionGrant::fresh(id).with_lease(lease)

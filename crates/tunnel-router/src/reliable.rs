@@ -432,6 +432,24 @@ impl Reliable {
         self.inbound().last_received()
     }
 
+    /// A connection with `lease` was just granted this session: from now on only it may
+    /// carry the session. The connection carrying it so far is closed with `4004` at
+    /// once (what it still had queued is dropped; the new one replays it), so that it
+    /// gets nothing of the session after the new connection's grant.
+    pub(crate) fn supersede(&self, lease: u64) {
+        let older = {
+            let mut st = self.state();
+            st.lease = st.lease.max(lease);
+            st.conn.take()
+        };
+        if let Some(older) = older {
+            older.abort_with(
+                tunnel_proto::CloseCode::SESSION_REPLACED,
+                "a newer connection resumed the session",
+            );
+        }
+    }
+
     /// The highest sequence number handed out to a message of this session.
     pub(crate) fn highest_sent(&self) -> u64 {
         self.state().out.highest_sent()
@@ -796,6 +814,14 @@ impl Reliable {
         let mut st = self.state();
         st.clean_handover = st.out.acked() >= st.transmitted_through && st.conn.is_none();
         st.clean_handover
+    }
+
+    /// Whether `conn` is the connection carrying the session.
+    pub(crate) fn carried_by(&self, conn: &ConnectionSender) -> bool {
+        self.state()
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.info().id == conn.info().id)
     }
 
     /// Forgets `conn` if it is the current connection; returns whether it was.

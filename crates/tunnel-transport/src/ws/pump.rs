@@ -201,6 +201,10 @@ where
     let mut written = 0;
     loop {
         while let Some(msg) = next.take() {
+            if shared.has_ended() {
+                // Ended meanwhile (aborted, replaced): nothing more of the queue goes out.
+                return Ok(true);
+            }
             match msg {
                 Outgoing::Data(bytes, slot) => {
                     shared.count_written(slot, bytes.len());
