@@ -399,7 +399,7 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
             MessageType::Command,
             service_fn(|msg: Inbound| async move {
                 let command = msg.envelope.decode_payload::<Command>()?;
-                tracing::info!(command = %tunnel_proto::text::Untrusted(&command.name), args = ?command.args, "command from hub");
+                tracing::info!(command = %tunnel_proto::text::Untrusted(&command.name), args = %tunnel_proto::text::Untrusted(&format!("{:?}", command.args)), "command from hub");
                 // The answer to a request (`expect: reply`); ignored otherwise.
                 Ok::<_, BoxError>(msg.encode(&serde_json::json!({"done": command.name}))?)
             }),

@@ -53,6 +53,10 @@ pub struct SessionConfig {
     pub ack_every: u32,
     /// Acknowledge after this long at the latest. Default 20 ms.
     pub ack_delay: Duration,
+    /// How long the peer may leave a message it was sent unacknowledged while the
+    /// replay buffer is full before the connection is closed as stalled (`1008`, the
+    /// next connection resumes). Default 10 s.
+    pub stall_timeout: Duration,
 }
 
 impl Default for SessionConfig {
@@ -63,6 +67,7 @@ impl Default for SessionConfig {
             max_replay_age: Duration::from_secs(300),
             ack_every: 64,
             ack_delay: Duration::from_millis(20),
+            stall_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -89,6 +94,12 @@ impl SessionConfig {
     /// Sets [`SessionConfig::ack_every`].
     pub fn ack_every(mut self, count: u32) -> Self {
         self.ack_every = count;
+        self
+    }
+
+    /// Sets [`SessionConfig::stall_timeout`].
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
         self
     }
 
@@ -498,6 +509,14 @@ impl Inbound {
         self.ack_at.is_some_and(|at| at <= now)
     }
 
+    /// Moves an owed acknowledgement's deadline to `at` (when it cannot go now, for
+    /// example while it must wait behind other messages); nothing if none is owed.
+    pub fn postpone_ack(&mut self, at: Instant) {
+        if let Some(due) = &mut self.ack_at {
+            *due = (*due).max(at);
+        }
+    }
+
     /// The cumulative acknowledgement to send now (standalone or riding on an outgoing
     /// message); clears what was owed.
     pub fn take_ack(&mut self) -> u64 {
@@ -701,5 +720,9 @@ mod tests {
         // A duplicate makes an ack due at once, so the sender stops replaying.
         rx.on_data(2, || t);
         assert!(rx.ack_due(t));
+        // An ack that must wait is due again later, not at once over and over.
+        rx.postpone_ack(t + Duration::from_millis(20));
+        assert!(!rx.ack_due(t));
+        assert!(rx.ack_due(t + Duration::from_millis(20)));
     }
 }

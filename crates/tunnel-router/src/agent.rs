@@ -807,7 +807,7 @@ async fn supervise(
                 } = &e
                     && endpoints.len() == 1
                 {
-                    not_before = Some(Instant::now() + (*wait).min(config.max_hub_wait));
+                    not_before = Instant::now().checked_add((*wait).min(config.max_hub_wait));
                 }
                 next += 1;
             }
@@ -820,10 +820,20 @@ async fn supervise(
         if let Some(hint) = hint {
             if let Some(ms) = hint.after_ms {
                 let wait = Duration::from_millis(ms).min(config.max_hub_wait);
-                until = until.max(Instant::now() + wait);
+                if let Some(at) = Instant::now().checked_add(wait) {
+                    until = until.max(at);
+                }
             }
-            // A hint names a few hubs: the rest of a long list is not looked at.
-            let hinted = &hint.endpoints[..hint.endpoints.len().min(MAX_HINTED)];
+            // A hint names a few hubs: the rest of a long list, and URLs longer than a
+            // hub's URL can be, are not looked at.
+            let hinted: Vec<String> = hint
+                .endpoints
+                .iter()
+                .take(MAX_HINTED)
+                .filter(|url| url.len() <= MAX_HINTED_URL)
+                .cloned()
+                .collect();
+            let hinted = &hinted[..];
             let (dial, refused) = config
                 .redirects
                 .follow(&config.endpoints, &endpoint, hinted);
@@ -916,6 +926,9 @@ fn report_circuit(recorder: &dyn Recorder, endpoint: &str, state: BreakerState) 
 
 /// Most endpoints of a drain hint that are considered.
 const MAX_HINTED: usize = 16;
+
+/// Longest endpoint URL of a drain hint that is considered.
+const MAX_HINTED_URL: usize = 2048;
 
 /// Shortest pause between skipping an open circuit and trying the next endpoint.
 const MIN_PAUSE: Duration = Duration::from_millis(10);

@@ -28,7 +28,10 @@ pub enum Undelivered {
     /// The peer received the message but can never accept it (its payload is corrupt
     /// or too large, or nothing handles its type): it answered with this error, and
     /// the message is not sent again.
-    #[error("rejected by the peer: {code}: {message}")]
+    #[error(
+        "rejected by the peer: {code}: {}",
+        tunnel_proto::text::Untrusted(message)
+    )]
     Rejected {
         /// The error code (`bad_request`, `no_handler`).
         code: String,
@@ -234,6 +237,10 @@ pub(crate) struct Reset {
 pub(crate) enum Verdict {
     /// Hand it to the router.
     Deliver,
+    /// Hand it to the router, then send the acknowledgement owed at once
+    /// ([`Reliable::send_ack_now`]): after the message is handled or refused, so that
+    /// a refusal goes out before the ack that covers its message.
+    DeliverThenAck,
     /// Consumed by the session (an ack, a duplicate).
     Drop,
     /// The peer broke the session rules; close the connection (the next one resumes).
@@ -802,6 +809,18 @@ impl Reliable {
         self.room.notify_waiters();
     }
 
+    /// Whether the peer has stopped acknowledging: the oldest message it was sent has
+    /// waited for its ack longer than `stall_timeout` (to the sweep's precision).
+    pub(crate) fn peer_stalled(&self) -> bool {
+        let patience = self.config.stall_timeout;
+        let now = self.coarse_now();
+        let st = self.state();
+        st.out.iter().next().is_some_and(|oldest| {
+            oldest.seq <= st.transmitted_through
+                && now.saturating_duration_since(oldest.at) > patience
+        })
+    }
+
     /// Whether every message handed to a connection has been acknowledged.
     pub(crate) fn quiet(&self) -> bool {
         let st = self.state();
@@ -881,24 +900,15 @@ impl Reliable {
             let accept = inb.on_data(seq, std::time::Instant::now);
             (accept, inb.ack_owed_by_count())
         };
-        // An ack owed at once goes standalone, unless session messages wait in the
-        // backlog: then it rides on them.
-        let ack_now = |owed_now: bool| {
-            if owed_now && self.standalone_ack_allowed() {
-                let ack = self.inbound().take_ack();
-                let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
-            } else {
-                self.owed.store(true, std::sync::atomic::Ordering::Release);
-            }
-        };
         match accept {
+            Accept::Deliver if by_count => Verdict::DeliverThenAck,
             Accept::Deliver => {
-                ack_now(by_count);
+                self.owed.store(true, std::sync::atomic::Ordering::Release);
                 Verdict::Deliver
             }
             Accept::Duplicate => {
                 // The peer is replaying what arrived: tell it at once so it stops.
-                ack_now(true);
+                self.send_ack_now(conn);
                 Verdict::Drop
             }
             Accept::Gap { expected, got } => {
@@ -940,9 +950,25 @@ impl Reliable {
         self.inbound().ack_due_at().map(Instant::from_std)
     }
 
+    /// Sends the acknowledgement owed now as a standalone `ack`, unless session
+    /// messages wait in the backlog: then it rides on them.
+    pub(crate) fn send_ack_now(&self, conn: &ConnectionSender) {
+        if self.standalone_ack_allowed() {
+            let ack = self.inbound().take_ack();
+            let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
+        } else {
+            self.owed.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     /// Sends a standalone acknowledgement on `conn` if one is due.
     pub(crate) fn send_ack_if_due(&self, conn: &ConnectionSender) {
         if !self.standalone_ack_allowed() {
+            // It rides on the backlog; look again an ack delay later (not at once, or
+            // the session loop would spin on a deadline in the past).
+            self.owed.store(true, std::sync::atomic::Ordering::Release);
+            let later = Instant::now().into_std() + self.config.ack_delay;
+            self.inbound().postpone_ack(later);
             return;
         }
         let ack = {

@@ -53,17 +53,22 @@ impl<'a> Link<'a> {
 impl Link<'_> {
     /// Sends a reply through the session (or on the connection without one). Never
     /// waits for room in a full replay buffer: the loop that would wait is the one that
-    /// reads the acks that make room. A full buffer means the peer does not acknowledge
-    /// what it is sent: the connection is closed with `1008` (the next one resumes and
-    /// replays), rather than dropping this and every later reply.
+    /// reads the acks that make room. A reply that finds the buffer full is dropped
+    /// (the requester times out) while the peer acknowledges; once it has not for
+    /// the session's `stall_timeout`, the connection is closed with `1008` (the next one resumes
+    /// and replays) rather than dropping this and every later reply.
     async fn send_reply(&self, sender: &ConnectionSender, mut reply: Box<Envelope>) {
         reply.id = tunnel_transport::next_message_id();
         let outcome = match self.reliable {
             Some(reliable) if !self.draining.load(Ordering::Acquire) => {
                 match reliable.send(reply, WhenFull::Reject).await {
                     Ok(_) => Ok(()),
+                    Err(crate::ReliableSendError::Full(_)) if !reliable.peer_stalled() => {
+                        self.recorder.error("reply_dropped");
+                        Err("replay buffer full".to_owned())
+                    }
                     Err(crate::ReliableSendError::Full(_)) => {
-                        tracing::warn!(agent = %sender.info().agent, "closing: the peer does not acknowledge its replies");
+                        tracing::warn!(agent = %sender.info().agent, "closing: the peer does not acknowledge what it is sent");
                         self.recorder.error("unacknowledged");
                         sender.abort_with(
                             CloseCode::POLICY_VIOLATION,
@@ -118,7 +123,14 @@ pub(crate) async fn run(
     // allocated only on sessions that acknowledge (idle connections stay small).
     let mut ack_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let mut ack_armed = false;
+    // An ack owed at once by the last message, sent once that message was handled.
+    let mut ack_now = false;
     loop {
+        if std::mem::take(&mut ack_now)
+            && let Some(reliable) = reliable
+        {
+            reliable.send_ack_now(&sender);
+        }
         // Ask for the ack deadline only while no timer is armed: an armed deadline
         // never needs to move earlier (acks owed at once are sent by `on_inbound`), and
         // a timer outliving its ack fires harmlessly. One lock per message is enough.
@@ -155,6 +167,7 @@ pub(crate) async fn run(
         if let Some(reliable) = reliable {
             match reliable.on_inbound(&env, &sender) {
                 Verdict::Deliver => {}
+                Verdict::DeliverThenAck => ack_now = true,
                 Verdict::Drop => continue,
                 Verdict::Violation(reason) => {
                     link.recorder.error("session_violation");

@@ -344,8 +344,11 @@ async fn a_drain_ends_with_1001_for_agents_that_stay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_never_acknowledges_replies_is_closed_not_ignored() {
-    let sessions = HubSessions::default()
-        .session(tunnel_proto::session::SessionConfig::default().max_replay_messages(5));
+    let sessions = HubSessions::default().session(
+        tunnel_proto::session::SessionConfig::default()
+            .max_replay_messages(5)
+            .stall_timeout(Duration::from_millis(200)),
+    );
     let (router, _seen) = collecting_router();
     let hub = Hub::bind_resumable("127.0.0.1:0", server_config(), router, sessions)
         .await
@@ -354,18 +357,38 @@ async fn a_peer_that_never_acknowledges_replies_is_closed_not_ignored() {
     let id = AgentId::new("ws", "never-acks");
     let (mut ws, _) = open(&url, &id, None).await;
     // Requests without seq acknowledge nothing: every reply stays in the replay buffer.
+    // While it is full but not yet stalled, replies are dropped; past the stall
+    // timeout the next one closes the connection.
     for n in 1..=10u64 {
         let request = Envelope::new(n, MessageType::Command, 0)
             .with_payload(Payload::msgpack(&json!({"n": n})).expect("payload"))
             .expecting_reply();
         send_raw(&mut ws, Format::MsgPack, &request).await;
     }
-    let (code, seen) = read_until_close(&mut ws, Format::MsgPack).await;
-    assert_eq!(code, Some(CloseCode::POLICY_VIOLATION), "{seen:?}");
-    let replies = seen.iter().filter(|e| e.kind == MessageType::Reply).count();
-    // At most the buffer's worth went out (the close discards what was still queued;
-    // a resume would replay it): none was dropped while the connection went on.
-    assert!(replies <= 5, "{replies} replies for a buffer of 5");
+    let (got, closed) = collect(&mut ws, Duration::from_millis(100)).await;
+    assert_eq!(closed, None, "not stalled yet: {got:?}");
+    let replies = got.iter().filter(|e| e.kind == MessageType::Reply).count();
+    assert_eq!(
+        replies, 5,
+        "the buffer's worth of replies, the rest dropped"
+    );
+    // Once the oldest reply has waited past the stall timeout (the hub's clock for
+    // it moves with its sweep), the next reply closes the connection.
+    let mut n = 10;
+    let code = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        n += 1;
+        assert!(n < 60, "not closed within 5 s");
+        let request = Envelope::new(n, MessageType::Command, 0)
+            .with_payload(Payload::msgpack(&json!({"n": n})).expect("payload"))
+            .expecting_reply();
+        send_raw(&mut ws, Format::MsgPack, &request).await;
+        let (_, closed) = collect(&mut ws, Duration::from_millis(50)).await;
+        if closed.is_some() {
+            break closed;
+        }
+    };
+    assert_eq!(code, Some(CloseCode::POLICY_VIOLATION));
     hub.shutdown().await;
 }
 

@@ -14,7 +14,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -39,16 +39,34 @@ const UNIT: usize = 1024;
 /// A connection that has read more than [`FREE`] bytes since its last complete data
 /// message must take budget for every further read; when the budget is spent it stops
 /// reading (its peer is slowed by TCP) until other connections complete their messages
-/// and give theirs back. Memory never grows past the budget.
+/// and give theirs back. One connection at a time that holds part of the budget and
+/// finds none left may finish its message on an overdraft, so that messages holding
+/// parts of the budget never wait for each other forever: memory never grows past
+/// the budget plus one message.
 #[derive(Debug, Clone)]
-pub(crate) struct ReadBudget(Arc<Semaphore>);
+pub(crate) struct ReadBudget(Arc<Semaphore>, Arc<Semaphore>);
 
 impl ReadBudget {
     pub(crate) fn new(bytes: usize) -> Self {
-        ReadBudget(Arc::new(Semaphore::new(
-            (bytes / UNIT).clamp(BURST / UNIT, Semaphore::MAX_PERMITS),
-        )))
+        ReadBudget(
+            Arc::new(Semaphore::new(
+                (bytes / UNIT).clamp(BURST / UNIT, Semaphore::MAX_PERMITS),
+            )),
+            // The overdraft: one connection at a time that already holds budget and
+            // finds none left may finish its message without more. Several messages
+            // each holding part of the budget and waiting for the rest would otherwise
+            // wait for each other forever.
+            Arc::new(Semaphore::new(1)),
+        )
     }
+}
+
+/// The budget a connection holds for the message in progress.
+#[derive(Debug, Default)]
+struct Held {
+    bytes: Option<OwnedSemaphorePermit>,
+    /// The listener's one overdraft, while this connection finishes on it.
+    overdraft: Option<OwnedSemaphorePermit>,
 }
 
 /// Counts complete data messages and holds the budget taken for the one in progress;
@@ -62,7 +80,10 @@ struct Done {
     count: AtomicU64,
     /// Whether `held` may hold anything: the per-message path reads only this.
     holding: AtomicBool,
-    held: Mutex<Option<OwnedSemaphorePermit>>,
+    /// Bytes of control frames read since the reader last looked: they are not part
+    /// of the data message in progress.
+    control: AtomicUsize,
+    held: Mutex<Held>,
 }
 
 impl MessagesDone {
@@ -72,15 +93,22 @@ impl MessagesDone {
         let count = self.0.count.load(Ordering::Relaxed);
         self.0.count.store(count + 1, Ordering::Relaxed);
         if self.0.holding.load(Ordering::Acquire) && self.0.holding.swap(false, Ordering::AcqRel) {
-            self.held().take();
+            *self.held() = Held::default();
         }
+    }
+
+    /// Called for each control frame (ping, pong) of `payload` bytes.
+    pub(crate) fn control(&self, payload: usize) {
+        // A client's control frame: 2 header bytes and a 4-byte mask (at most 125
+        // bytes of payload, so no extended length).
+        self.0.control.fetch_add(payload + 6, Ordering::Relaxed);
     }
 
     fn get(&self) -> u64 {
         self.0.count.load(Ordering::Relaxed)
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, Option<OwnedSemaphorePermit>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
         self.0.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -116,6 +144,7 @@ pub(crate) struct BurstReader<S> {
 #[derive(Debug)]
 struct Budgeted {
     budget: PollSemaphore,
+    overdraft: PollSemaphore,
     done: MessagesDone,
     /// `done` when last looked at.
     seen: u64,
@@ -156,6 +185,7 @@ impl<S> BurstReader<S> {
     pub(crate) fn set_budget(&mut self, budget: &ReadBudget, done: MessagesDone) {
         self.budget = Some(Box::new(Budgeted {
             budget: PollSemaphore::new(budget.0.clone()),
+            overdraft: PollSemaphore::new(budget.1.clone()),
             seen: done.get(),
             done,
             since: 0,
@@ -172,33 +202,56 @@ impl Budgeted {
             self.seen = done;
             self.since = 0;
         }
+        let control = self.done.0.control.swap(0, Ordering::Relaxed);
+        self.since = self.since.saturating_sub(control);
         let needed = (self.since + BURST).saturating_sub(FREE);
         if needed == 0 {
             return Poll::Ready(Ok(()));
         }
-        let held = self
-            .done
-            .held()
-            .as_ref()
-            .map_or(0, |p| p.num_permits() * UNIT);
+        let held = {
+            let held = self.done.held();
+            if held.overdraft.is_some() {
+                return Poll::Ready(Ok(()));
+            }
+            held.bytes.as_ref().map_or(0, |p| p.num_permits() * UNIT)
+        };
         if needed <= held {
             return Poll::Ready(Ok(()));
         }
         let more = (needed - held).div_ceil(UNIT);
+        let closed = || Poll::Ready(Err(io::Error::other("read budget closed")));
         match self
             .budget
             .poll_acquire_many(cx, u32::try_from(more).unwrap_or(u32::MAX))
         {
             Poll::Ready(Some(permit)) => {
-                let mut held = self.done.held();
-                match &mut *held {
-                    Some(held) => held.merge(permit),
-                    None => *held = Some(permit),
+                {
+                    let mut held = self.done.held();
+                    match &mut held.bytes {
+                        Some(held) => held.merge(permit),
+                        None => held.bytes = Some(permit),
+                    }
                 }
                 self.done.0.holding.store(true, Ordering::Release);
+                // A wait for the overdraft, if one was queued, must not keep its place.
+                self.overdraft = PollSemaphore::new(self.overdraft.clone_inner());
                 Poll::Ready(Ok(()))
             }
-            Poll::Ready(None) => Poll::Ready(Err(io::Error::other("read budget closed"))),
+            Poll::Ready(None) => closed(),
+            // Holding part of the budget and none left: finish on the overdraft when
+            // it is free (both waits are registered; whichever comes first).
+            Poll::Pending if held > 0 => match self.overdraft.poll_acquire(cx) {
+                Poll::Ready(Some(ticket)) => {
+                    self.done.held().overdraft = Some(ticket);
+                    self.done.0.holding.store(true, Ordering::Release);
+                    // Leave the queue for bytes: a queued wait would be handed permits
+                    // that nobody takes.
+                    self.budget = PollSemaphore::new(self.budget.clone_inner());
+                    Poll::Ready(Ok(()))
+                }
+                Poll::Ready(None) => closed(),
+                Poll::Pending => Poll::Pending,
+            },
             Poll::Pending => Poll::Pending,
         }
     }
@@ -319,6 +372,74 @@ mod tests {
         let mut back = [0u8; 4];
         server.read_exact(&mut back).await.expect("read back");
         assert_eq!(&back, b"pong");
+    }
+
+    #[tokio::test]
+    async fn two_messages_sharing_a_spent_budget_do_not_wait_for_each_other() {
+        let budget = ReadBudget::new(2 * BURST);
+        let (a_done, b_done) = (MessagesDone::default(), MessagesDone::default());
+        let (a_client, mut a_server) = tokio::io::duplex(1 << 20);
+        let (b_client, mut b_server) = tokio::io::duplex(1 << 20);
+        let mut a = BurstReader::new(a_client).budget(&budget, a_done.clone());
+        let mut b = BurstReader::new(b_client).budget(&budget, b_done.clone());
+        a_server
+            .write_all(&vec![1u8; 768 * 1024])
+            .await
+            .expect("write");
+        b_server
+            .write_all(&vec![2u8; 768 * 1024])
+            .await
+            .expect("write");
+        let mut chunk = vec![0u8; BURST];
+        // Each takes half of the budget...
+        for reader in [&mut a, &mut b] {
+            let mut read = 0;
+            while read < FREE + BURST {
+                read += reader.read(&mut chunk).await.expect("read");
+            }
+        }
+        // ...and a, needing more, finishes on the overdraft instead of waiting for b.
+        let mut read = 0;
+        while read < 4 * BURST {
+            read += tokio::time::timeout(std::time::Duration::from_secs(1), a.read(&mut chunk))
+                .await
+                .expect("a is not stuck")
+                .expect("read");
+        }
+        // b waits, until a's message completes and gives everything back.
+        let b_next = tokio::time::timeout(std::time::Duration::from_millis(20), b.read(&mut chunk));
+        assert!(b_next.await.is_err(), "b waits while a holds the overdraft");
+        a_done.bump();
+        let b_next = tokio::time::timeout(std::time::Duration::from_secs(1), b.read(&mut chunk));
+        assert!(b_next.await.expect("b goes on").expect("read") > 0);
+        b_done.bump();
+        drop((a, b));
+        assert_eq!(
+            budget.0.available_permits(),
+            2 * BURST / UNIT,
+            "all given back"
+        );
+        assert_eq!(budget.1.available_permits(), 1, "the overdraft too");
+    }
+
+    #[tokio::test]
+    async fn control_frames_never_add_up_to_a_message() {
+        let budget = ReadBudget::new(BURST);
+        let done = MessagesDone::default();
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let mut reader = BurstReader::new(client).budget(&budget, done.clone());
+        let mut chunk = vec![0u8; BURST];
+        // 4 MiB of pings (as far as the reader is told): never a wait, budget untouched.
+        for _ in 0..64 {
+            server.write_all(&vec![9u8; BURST]).await.expect("write");
+            let n =
+                tokio::time::timeout(std::time::Duration::from_secs(1), reader.read(&mut chunk))
+                    .await
+                    .expect("never waits")
+                    .expect("read");
+            done.control(n - 6);
+        }
+        assert_eq!(budget.0.available_permits(), BURST / UNIT);
     }
 
     #[tokio::test]

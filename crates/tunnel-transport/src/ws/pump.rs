@@ -278,19 +278,27 @@ where
             None => Incoming::Closed(None),
             Some(Ok(msg)) => match msg {
                 Message::Binary(b) => {
-                    if let Some(messages) = &self.messages {
-                        messages.bump();
-                    }
+                    self.message_done();
                     return Poll::Ready(Some(Incoming::Data(b, FrameKind::Binary)));
                 }
                 Message::Text(t) => {
-                    if let Some(messages) = &self.messages {
-                        messages.bump();
-                    }
+                    self.message_done();
                     return Poll::Ready(Some(Incoming::Text(t)));
                 }
-                Message::Ping(_) | Message::Frame(_) => return Poll::Ready(Some(Incoming::Ping)),
-                Message::Pong(p) => return Poll::Ready(Some(Incoming::Pong(p))),
+                // Control frames may come between the fragments of a data message:
+                // their bytes are taken off the count, the message's stay.
+                Message::Ping(p) => {
+                    self.control_done(p.len());
+                    return Poll::Ready(Some(Incoming::Ping));
+                }
+                Message::Frame(f) => {
+                    self.control_done(f.len());
+                    return Poll::Ready(Some(Incoming::Ping));
+                }
+                Message::Pong(p) => {
+                    self.control_done(p.len());
+                    return Poll::Ready(Some(Incoming::Pong(p)));
+                }
                 Message::Close(frame) => {
                     // tungstenite queued the close reply; polling once more flushes it
                     // (and, on the server, ends the stream).
@@ -304,6 +312,22 @@ where
         };
         self.done = true;
         Poll::Ready(Some(item))
+    }
+}
+
+impl<S> WsFrames<S> {
+    /// A whole data message was read: what it held of the read budget goes back.
+    fn message_done(&self) {
+        if let Some(messages) = &self.messages {
+            messages.bump();
+        }
+    }
+
+    /// A control frame of `payload` bytes was read.
+    fn control_done(&self, payload: usize) {
+        if let Some(messages) = &self.messages {
+            messages.control(payload);
+        }
     }
 }
 

@@ -464,7 +464,10 @@ async fn serve_stream<S>(
     let config = &listening.config;
     let recorder = config.connection.recorder.clone();
     let mut upgrade: Option<(AgentId, Format, Admitted, Option<Instant>)> = None;
+    // Set when the callback refused (and counted) the upgrade.
+    let mut refused = false;
     let callback = |req: &Request, mut resp: Response| {
+        refused = true;
         let (agent, format) = check_upgrade(req, config).map_err(|refusal| {
             tracing::debug!(%peer, status = %refusal.0, reason = ?refusal.1, "refused upgrade");
             recorder.handshake_failed(match refusal.0.as_u16() {
@@ -500,19 +503,33 @@ async fn serve_stream<S>(
                 "the workspace is at its connection limit",
             ));
         }
-        // Over the accept rate, the handshake waits its turn.
-        let turn = listening.pace.as_ref().map(|pace| {
+        // Over the accept rate, the handshake waits its turn; a turn further away
+        // than half the handshake timeout is not given: come back later (503).
+        let mut turn = None;
+        if let Some(pace) = &listening.pace {
             let now = Instant::now();
             let mut pace = pace.lock().unwrap_or_else(|e| e.into_inner());
             let at = pace.next_at(now);
+            let wait = at.saturating_duration_since(now);
+            if wait > config.handshake_timeout / 2 {
+                drop(pace);
+                recorder.handshake_failed("over_rate");
+                let mut refusal =
+                    over_capacity(config, "the hub is taking agents in at its accept rate");
+                if let Ok(value) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+                    refusal.headers_mut().insert(header::RETRY_AFTER, value);
+                }
+                return Err(refusal);
+            }
             pace.accepted(at);
-            at
-        });
+            turn = Some(at);
+        }
         resp.headers_mut().insert(
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static(format.subprotocol()),
         );
         upgrade = Some((agent, format, admitted, turn));
+        refused = false;
         Ok(resp)
     };
     let reader = BurstReader::new(stream).cap(config.max_handshake_bytes);
@@ -528,7 +545,7 @@ async fn serve_stream<S>(
     {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
-            if upgrade.is_none() {
+            if !refused {
                 recorder.handshake_failed("upgrade");
             }
             tracing::debug!(%peer, error = ?e.to_string(), "upgrade failed");
@@ -758,13 +775,13 @@ async fn reject<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     reason: &str,
     correlation: Option<u64>,
 ) {
-    tracing::debug!(%code, reason, "rejecting handshake");
+    tracing::debug!(%code, reason = %tunnel_proto::text::Untrusted(reason), "rejecting handshake");
     let close = Close {
         code: code.as_u16(),
         reason: tunnel_proto::text::truncate(reason, super::pump::MAX_CLOSE_REASON).to_owned(),
         reconnect: None,
     };
-    if let Ok(mut env) = close.to_envelope(0, unix_millis(), format) {
+    if let Ok(mut env) = close.to_envelope(crate::next_message_id(), unix_millis(), format) {
         env.correlation = correlation;
         let _ = send_envelope(ws, format, &env).await;
     }
