@@ -225,9 +225,9 @@ impl SessionStore for Store {
             && let Some(oldest) = maps
                 .sessions
                 .iter()
-                .filter_map(|(id, e)| e.detached_at.map(|at| (at, id.clone())))
+                .filter_map(|(id, e)| e.detached_at.map(|at| (at, id)))
                 .min()
-                .map(|(_, id)| id)
+                .map(|(_, id)| id.clone())
             && let Some(gone) = maps.sessions.remove(&oldest)
         {
             if maps.by_agent.get(&gone.agent) == Some(&oldest) {

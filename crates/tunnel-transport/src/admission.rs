@@ -167,33 +167,35 @@ impl Handshakes {
     }
 
     /// Registers a just-accepted connection, evicting the oldest unauthenticated one
-    /// if the bound is reached. Returns the slot and whether one was evicted.
-    pub(crate) fn register(self: &Arc<Self>) -> (HandshakeSlot, bool) {
+    /// if the bound is reached. Returns the slot and whether one was evicted, or
+    /// `None` when the bound is reached and every connection in progress has
+    /// authenticated since [`Handshakes::room`] said there was room.
+    pub(crate) fn register(self: &Arc<Self>) -> Option<(HandshakeSlot, bool)> {
         let mut st = self.state();
         let mut evicted = false;
-        if st.entries.len() >= self.max
-            && let Some(key) = st
+        if st.entries.len() >= self.max {
+            let key = st
                 .entries
                 .iter()
                 .find(|(_, (auth, _))| !auth)
-                .map(|(key, _)| *key)
-            && let Some((_, cancel)) = st.entries.remove(&key)
-        {
-            cancel.cancel();
-            evicted = true;
+                .map(|(key, _)| *key)?;
+            if let Some((_, cancel)) = st.entries.remove(&key) {
+                cancel.cancel();
+                evicted = true;
+            }
         }
         let key = st.next;
         st.next += 1;
         let token = CancellationToken::new();
         st.entries.insert(key, (false, token.clone()));
-        (
+        Some((
             HandshakeSlot {
                 handshakes: self.clone(),
                 key,
                 evicted: token,
             },
             evicted,
-        )
+        ))
     }
 
     /// Connections in progress now.
@@ -269,18 +271,18 @@ mod tests {
     #[tokio::test]
     async fn handshakes_evict_the_oldest_unauthenticated_and_wait_only_for_authenticated() {
         let handshakes = Handshakes::new(2);
-        let (a, evicted) = handshakes.register();
+        let (a, evicted) = handshakes.register().expect("room");
         assert!(!evicted);
-        let (b, _) = handshakes.register();
+        let (b, _) = handshakes.register().expect("room");
         // Full, but a and b are evictable: room at once, and a (the oldest) goes.
         handshakes.room().await;
-        let (c, evicted) = handshakes.register();
+        let (c, evicted) = handshakes.register().expect("room");
         assert!(evicted && a.evicted.is_cancelled() && !b.evicted.is_cancelled());
         drop(a);
         assert_eq!(handshakes.len(), 2);
         // An authenticated connection is never evicted: b goes next, not c.
         c.authenticated();
-        let (d, _) = handshakes.register();
+        let (d, _) = handshakes.register().expect("room");
         assert!(b.evicted.is_cancelled() && !c.evicted.is_cancelled());
         drop(b);
         d.authenticated();

@@ -194,7 +194,13 @@ async fn accept_loop(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let (slot, evicted) = listening.handshakes.register();
+                let Some((slot, evicted)) = listening.handshakes.register() else {
+                    // Everyone in progress authenticated meanwhile: this one waits
+                    // for nothing, it is told to come back.
+                    let _ = tcp
+                        .try_write(over_capacity_response(listening.config.retry_after).as_bytes());
+                    continue;
+                };
                 if evicted {
                     listening
                         .config
