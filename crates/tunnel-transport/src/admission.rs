@@ -134,7 +134,7 @@ struct InProgress {
 pub(crate) struct HandshakeSlot {
     handshakes: Arc<Handshakes>,
     key: u64,
-    /// Cancelled when the connection is evicted to make room.
+    /// Cancelled when the connection is evicted to make room (or the listener stops).
     pub(crate) evicted: CancellationToken,
 }
 
@@ -170,7 +170,11 @@ impl Handshakes {
     /// if the bound is reached. Returns the slot and whether one was evicted, or
     /// `None` when the bound is reached and every connection in progress has
     /// authenticated since [`Handshakes::room`] said there was room.
-    pub(crate) fn register(self: &Arc<Self>) -> Option<(HandshakeSlot, bool)> {
+    /// The slot's token is a child of `stop`: it is cancelled with it too.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        stop: &CancellationToken,
+    ) -> Option<(HandshakeSlot, bool)> {
         let mut st = self.state();
         let mut evicted = false;
         if st.entries.len() >= self.max {
@@ -186,7 +190,7 @@ impl Handshakes {
         }
         let key = st.next;
         st.next += 1;
-        let token = CancellationToken::new();
+        let token = stop.child_token();
         st.entries.insert(key, (false, token.clone()));
         Some((
             HandshakeSlot {
@@ -271,18 +275,26 @@ mod tests {
     #[tokio::test]
     async fn handshakes_evict_the_oldest_unauthenticated_and_wait_only_for_authenticated() {
         let handshakes = Handshakes::new(2);
-        let (a, evicted) = handshakes.register().expect("room");
+        let (a, evicted) = handshakes
+            .register(&CancellationToken::new())
+            .expect("room");
         assert!(!evicted);
-        let (b, _) = handshakes.register().expect("room");
+        let (b, _) = handshakes
+            .register(&CancellationToken::new())
+            .expect("room");
         // Full, but a and b are evictable: room at once, and a (the oldest) goes.
         handshakes.room().await;
-        let (c, evicted) = handshakes.register().expect("room");
+        let (c, evicted) = handshakes
+            .register(&CancellationToken::new())
+            .expect("room");
         assert!(evicted && a.evicted.is_cancelled() && !b.evicted.is_cancelled());
         drop(a);
         assert_eq!(handshakes.len(), 2);
         // An authenticated connection is never evicted: b goes next, not c.
         c.authenticated();
-        let (d, _) = handshakes.register().expect("room");
+        let (d, _) = handshakes
+            .register(&CancellationToken::new())
+            .expect("room");
         assert!(b.evicted.is_cancelled() && !c.evicted.is_cancelled());
         drop(b);
         d.authenticated();

@@ -194,7 +194,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let Some((slot, evicted)) = listening.handshakes.register() else {
+                let Some((slot, evicted)) = listening.handshakes.register(&shutdown) else {
                     // Everyone in progress authenticated meanwhile: this one waits
                     // for nothing, it is told to come back.
                     let _ = tcp
@@ -210,17 +210,16 @@ async fn accept_loop(
                 }
                 let _ = tcp.set_nodelay(true);
                 let listening = listening.clone();
-                let shutdown = shutdown.clone();
                 // The handshake is boxed so that it is freed when it ends: the task's own
                 // allocation can outlive it, because the socket's registration keeps the
                 // waker of the last task that read from it (this one) until the idle
                 // connection is read again (heaptrack: 3.2 KB per idle connection).
-                let evict = slot.evicted.clone();
+                // One token stops it: evicted, or the listener shutting down.
+                let stop = slot.evicted.clone();
                 let handshake = Box::pin(serve(tcp, peer, listening, slot));
                 tasks.spawn(async move {
                     tokio::select! {
-                        () = shutdown.cancelled() => {}
-                        () = evict.cancelled() => {}
+                        () = stop.cancelled() => {}
                         () = handshake => {}
                     }
                 });
