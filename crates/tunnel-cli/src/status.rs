@@ -208,6 +208,42 @@ mod tests {
     use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig, WsConnector};
 
     #[tokio::test]
+    async fn a_body_over_the_bound_is_refused_not_read_whole() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.expect("accept");
+            let mut request = [0u8; 1024];
+            let _ = tcp.read(&mut request).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                MAX_BODY + 1
+            );
+            let _ = tcp.write_all(head.as_bytes()).await;
+            let chunk = vec![b'['; 1 << 20];
+            for _ in 0..=(MAX_BODY >> 20) {
+                if tcp.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let err = http_get(&format!("http://{addr}/agents"))
+            .await
+            .expect_err("too large");
+        assert!(err.contains("larger than"), "{err}");
+        server.abort();
+    }
+
+    #[test]
+    fn hub_supplied_cells_cannot_drive_the_terminal() {
+        assert_eq!(printable("ws/\u{1b}[2Jx", 64), "ws/?[2Jx");
+        assert_eq!(printable(&"y".repeat(600), 507).len(), 507);
+    }
+
+    #[tokio::test]
     async fn status_reads_a_hubs_agents_over_http_and_renders_a_table() {
         let hub = Hub::bind("127.0.0.1:0", ServerConfig::new(AllowAll), Router::new())
             .await
