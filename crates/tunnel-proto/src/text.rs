@@ -18,6 +18,24 @@ use std::fmt;
 /// Most characters of an untrusted string shown before it is cut (with `...`).
 pub const MAX_SHOWN: usize = 128;
 
+/// Longest peer-supplied explanation kept (a close reason, a refusal's message, the
+/// body of a refused upgrade): the rest is cut.
+pub const MAX_KEPT: usize = 1024;
+
+/// Whether `s` is 1 to `max` bytes of visible ASCII (0x21 to 0x7E: no spaces, no
+/// control characters), as identities and session ids must be.
+///
+/// ```
+/// use tunnel_proto::text::is_visible_ascii;
+/// assert!(is_visible_ascii("root:org", 253));
+/// assert!(!is_visible_ascii("a b", 253));
+/// assert!(!is_visible_ascii("", 253));
+/// assert!(!is_visible_ascii("abc", 2));
+/// ```
+pub fn is_visible_ascii(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
 /// Displays a peer-supplied string quoted, with control characters, quotes and
 /// backslashes escaped (as Rust's `{:?}` does), and cut after [`MAX_SHOWN`]
 /// characters.

@@ -117,9 +117,6 @@ const RESET_HISTORY: usize = 64;
 /// forgotten, and a receipt awaited that late reports delivery).
 const REJECT_HISTORY: usize = 1024;
 
-/// Longest rejection message from a peer that is kept.
-const MAX_REJECT_MESSAGE: usize = 1024;
-
 /// Where receipts look for their outcome. Sequence numbers never restart within a
 /// session's life (a reset fails a range of them and numbering goes on), so a
 /// sequence number alone identifies a message.
@@ -928,7 +925,7 @@ impl Reliable {
         };
         let error = Arc::new(ErrorBody::new(
             tunnel_proto::text::truncate(&error.code, 64),
-            tunnel_proto::text::truncate(&error.message, MAX_REJECT_MESSAGE),
+            tunnel_proto::text::truncate(&error.message, tunnel_proto::text::MAX_KEPT),
         ));
         self.progress.send_modify(|p| {
             p.rejected.push_back((seq, error));

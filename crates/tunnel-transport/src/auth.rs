@@ -45,10 +45,7 @@ impl AgentId {
     /// ```
     pub fn parse(workspace: &str, sync_target: &str) -> Result<Self, InvalidIdentity> {
         for (what, value) in [("workspace", workspace), ("sync target", sync_target)] {
-            let ok = !value.is_empty()
-                && value.len() <= MAX_IDENTITY_LEN
-                && value.bytes().all(|b| (0x21..=0x7e).contains(&b));
-            if !ok {
+            if !tunnel_proto::text::is_visible_ascii(value, MAX_IDENTITY_LEN) {
                 return Err(InvalidIdentity {
                     what,
                     shown: tunnel_proto::text::Untrusted(value).to_string(),

@@ -284,11 +284,10 @@ async fn a_token_file_grants_identities_and_rotated_tokens_work_after_a_reload()
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_refused_for_capacity_waits_the_retry_after() {
-    let config = server_config()
-        .max_connections(Some(1))
-        .retry_after(Duration::from_secs(3));
+/// A hub with `config` (a limit of one connection) and an agent holding that place.
+async fn hub_with_its_one_place_taken(
+    config: tunnel_transport::ServerConfig,
+) -> (tunnel_router::Hub, String, tunnel_router::Agent) {
     let hub = hub(config, Router::new()).await;
     let url = hub.url().expect("url");
     let first = agent(
@@ -297,12 +296,12 @@ async fn an_agent_refused_for_capacity_waits_the_retry_after() {
         Router::new(),
     );
     first.wait_connected(SOON).await.expect("connected");
-    let second = agent(
-        &url,
-        client_config(&AgentId::new("ws", "second"), Format::MsgPack),
-        Router::new(),
-    );
-    let mut state = second.state();
+    (hub, url, first)
+}
+
+/// How long `agent` waits in its first backoff, from now.
+async fn first_backoff(agent: &tunnel_router::Agent) -> Duration {
+    let mut state = agent.state();
     let backoff = tokio::time::timeout(
         SOON,
         state.wait_for(|s| matches!(s, tunnel_router::ConnectionState::Backoff { .. })),
@@ -314,7 +313,21 @@ async fn an_agent_refused_for_capacity_waits_the_retry_after() {
     let tunnel_router::ConnectionState::Backoff { until } = backoff else {
         unreachable!()
     };
-    let wait = until - tokio::time::Instant::now();
+    until - tokio::time::Instant::now()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refused_for_capacity_waits_the_retry_after() {
+    let config = server_config()
+        .max_connections(Some(1))
+        .retry_after(Duration::from_secs(3));
+    let (hub, url, first) = hub_with_its_one_place_taken(config).await;
+    let second = agent(
+        &url,
+        client_config(&AgentId::new("ws", "second"), Format::MsgPack),
+        Router::new(),
+    );
+    let wait = first_backoff(&second).await;
     // The fast test backoff is at most 200 ms: the 3 s is the hub's Retry-After.
     assert!(wait > Duration::from_millis(2500), "waits {wait:?}");
     second.shutdown().await;
@@ -327,14 +340,7 @@ async fn a_retry_after_is_capped_by_the_agents_configuration() {
     let config = server_config()
         .max_connections(Some(1))
         .retry_after(Duration::from_secs(1_000_000));
-    let hub = hub(config, Router::new()).await;
-    let url = hub.url().expect("url");
-    let first = agent(
-        &url,
-        client_config(&AgentId::new("ws", "first"), Format::MsgPack),
-        Router::new(),
-    );
-    first.wait_connected(SOON).await.expect("connected");
+    let (hub, url, first) = hub_with_its_one_place_taken(config).await;
     let second = tunnel_router::Agent::start(
         WsConnector::new(client_config(
             &AgentId::new("ws", "second"),
@@ -346,19 +352,7 @@ async fn a_retry_after_is_capped_by_the_agents_configuration() {
         Router::new(),
     )
     .expect("valid config");
-    let mut state = second.state();
-    let backoff = tokio::time::timeout(
-        SOON,
-        state.wait_for(|s| matches!(s, tunnel_router::ConnectionState::Backoff { .. })),
-    )
-    .await
-    .expect("refused in time")
-    .expect("state")
-    .clone();
-    let tunnel_router::ConnectionState::Backoff { until } = backoff else {
-        unreachable!()
-    };
-    let wait = until - tokio::time::Instant::now();
+    let wait = first_backoff(&second).await;
     assert!(wait <= Duration::from_millis(400), "waits {wait:?}");
     second.shutdown().await;
     first.shutdown().await;

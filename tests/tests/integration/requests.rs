@@ -8,9 +8,7 @@ use serde_json::{Value, json};
 use tower::{BoxError, Service, ServiceExt, service_fn};
 use tunnel_proto::messages::Command;
 use tunnel_proto::{Format, MessageType};
-use tunnel_router::{
-    Hub, HubSessions, Inbound, Request, RequestError, Response, Router, error_code,
-};
+use tunnel_router::{Inbound, Request, RequestError, Response, Router, error_code};
 use tunnel_transport::AgentId;
 
 use crate::support::*;
@@ -35,17 +33,6 @@ fn command_router() -> Router {
 
 fn command(name: &str) -> Request {
     Request::call(MessageType::Command, &Command::new(name)).expect("encode")
-}
-
-async fn resumable(router: Router) -> Hub {
-    Hub::bind_resumable(
-        "127.0.0.1:0",
-        server_config(),
-        router,
-        HubSessions::default(),
-    )
-    .await
-    .expect("bind")
 }
 
 #[tokio::test]

@@ -14,17 +14,6 @@ use tunnel_transport::AgentId;
 
 use crate::support::*;
 
-async fn resumable(router: Router) -> Hub {
-    Hub::bind_resumable(
-        "127.0.0.1:0",
-        server_config(),
-        router,
-        HubSessions::default(),
-    )
-    .await
-    .expect("bind")
-}
-
 /// A raw connection that offers every capability (and `resume` if given); returns the
 /// socket and the hub's answer.
 async fn open(url: &str, id: &AgentId, resume: Option<Resume>) -> (RawWs, HandshakeAck) {

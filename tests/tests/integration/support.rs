@@ -277,6 +277,18 @@ pub(crate) fn status_of(result: Result<RawWs, WsError>) -> u16 {
     }
 }
 
+/// A hub with sessions (default settings) on an ephemeral loopback port.
+pub(crate) async fn resumable(router: Router) -> Hub {
+    Hub::bind_resumable(
+        "127.0.0.1:0",
+        server_config(),
+        router,
+        tunnel_router::HubSessions::default(),
+    )
+    .await
+    .expect("bind")
+}
+
 /// A resumable hub with `router` and a healthy agent `ws/healthy` registered on it: the
 /// fixture of the hostile-client tests. Returns the hub, its URL, the agent and its id.
 pub(crate) async fn hub_with_healthy_agent(router: Router) -> (Hub, String, Agent, AgentId) {

@@ -198,7 +198,7 @@ where
                 .as_ref()
                 .map(|b| {
                     let body = String::from_utf8_lossy(b);
-                    tunnel_proto::text::truncate(&body, MAX_REASON).to_owned()
+                    tunnel_proto::text::truncate(&body, tunnel_proto::text::MAX_KEPT).to_owned()
                 })
                 .unwrap_or_default(),
             // Seconds only (the HTTP-date form is not used by hubs), capped at an hour.
@@ -275,7 +275,11 @@ where
                     .map_err(|e| ConnectError::Handshake(e.to_string()))?;
                 return Err(ConnectError::Closed {
                     code: CloseCode(close.code),
-                    reason: tunnel_proto::text::truncate(&close.reason, MAX_REASON).to_owned(),
+                    reason: tunnel_proto::text::truncate(
+                        &close.reason,
+                        tunnel_proto::text::MAX_KEPT,
+                    )
+                    .to_owned(),
                 });
             }
             other => {
@@ -311,9 +315,6 @@ where
     Ok(spawn_connection(ws, info, &config.connection, None, None))
 }
 
-/// Longest close reason from a hub kept in an error.
-const MAX_REASON: usize = 1024;
-
 /// Longest session id accepted from a hub.
 pub(crate) const MAX_SESSION_ID: usize = 128;
 
@@ -325,8 +326,7 @@ fn check_ack(
     resumed_from: Option<&str>,
 ) -> Result<(), ConnectError> {
     let id = &ack.session_id;
-    if id.is_empty() || id.len() > MAX_SESSION_ID || !id.bytes().all(|b| (0x21..=0x7e).contains(&b))
-    {
+    if !tunnel_proto::text::is_visible_ascii(id, MAX_SESSION_ID) {
         return Err(ConnectError::Handshake(format!(
             "hub sent an unusable session id {}",
             tunnel_proto::text::Untrusted(id)

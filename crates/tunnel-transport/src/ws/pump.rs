@@ -56,13 +56,9 @@ where
 
 pub(crate) fn close_message(code: CloseCode, reason: &str) -> Message {
     // A close reason is at most 123 bytes on the wire.
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
     Message::Close(Some(CloseFrame {
         code: code.as_u16().into(),
-        reason: Utf8Bytes::from(&reason[..end]),
+        reason: Utf8Bytes::from(tunnel_proto::text::truncate(reason, 123)),
     }))
 }
 
@@ -96,7 +92,7 @@ async fn write_loop<S>(
                     match msg {
                         None => {
                             shared.set_reason(CloseReason::Local(CloseCode::NORMAL, "all senders dropped".into()));
-                            send_close(&mut sink, &shared, CloseCode::NORMAL, "").await?;
+                            send_close(&mut sink, shared.info.format, CloseCode::NORMAL, "", None).await?;
                             Ok(false)
                         }
                         Some(first) => write_batch(&mut sink, &mut rx, first, kind, &shared).await,
@@ -131,7 +127,7 @@ async fn write_loop<S>(
             if let Some((code, reason)) = shared.final_close_frame() {
                 let _ = tokio::time::timeout(
                     FINAL_CLOSE_TIMEOUT.min(shared.close_timeout),
-                    send_close(&mut sink, &shared, code, &reason),
+                    send_close(&mut sink, shared.info.format, code, &reason, None),
                 )
                 .await;
             }
@@ -142,29 +138,31 @@ async fn write_loop<S>(
     shared.writer_done.cancel();
 }
 
-/// Sends a `close` envelope with `code` and `reason`, then the close frame, as
-/// PROTOCOL.md asks of every close a side starts (the envelope carries the reason in
-/// full, up to [`MAX_CLOSE_REASON`] bytes; the frame only 123 bytes of it).
-async fn send_close<S>(
-    sink: &mut SplitSink<WebSocketStream<S>, Message>,
-    shared: &Shared,
+/// Sends a `close` envelope with `code` and `reason` (and `corr`, answering a
+/// handshake), then the close frame, as PROTOCOL.md asks of every close a side starts:
+/// the envelope carries the reason up to [`MAX_KEPT`](tunnel_proto::text::MAX_KEPT)
+/// bytes, the frame only 123 bytes of it.
+pub(crate) async fn send_close<K>(
+    sink: &mut K,
+    format: tunnel_proto::Format,
     code: CloseCode,
     reason: &str,
+    corr: Option<u64>,
 ) -> Result<(), String>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    K: futures_util::Sink<Message, Error = WsError> + Unpin,
 {
     use tunnel_proto::messages::{Close, TypedMessage};
     let close = Close {
         code: code.as_u16(),
-        reason: tunnel_proto::text::truncate(reason, MAX_CLOSE_REASON).to_owned(),
+        reason: tunnel_proto::text::truncate(reason, tunnel_proto::text::MAX_KEPT).to_owned(),
         reconnect: None,
     };
-    let format = shared.info.format;
-    if let Ok(env) = close.to_envelope(crate::next_message_id(), crate::unix_millis(), format) {
+    if let Ok(mut env) = close.to_envelope(crate::next_message_id(), crate::unix_millis(), format) {
+        env.correlation = corr;
         let mut buf = Vec::new();
         if format.codec().encode(&env, &mut buf).is_ok() {
-            sink.feed(data_message(shared.codec.frame_kind(), buf.into())?)
+            sink.feed(data_message(format.codec().frame_kind(), buf.into())?)
                 .await
                 .map_err(|e| e.to_string())?;
         }
@@ -173,9 +171,6 @@ where
         .await
         .map_err(|e| e.to_string())
 }
-
-/// Longest close reason sent in a `close` envelope.
-pub(crate) const MAX_CLOSE_REASON: usize = 1024;
 
 /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]), then flushes.
 /// Returns `Ok(false)` once a close frame was sent.
@@ -214,7 +209,7 @@ where
                 }
                 Outgoing::Close(code, reason) => {
                     shared.set_reason(CloseReason::Local(code, reason.clone()));
-                    send_close(sink, shared, code, &reason).await?;
+                    send_close(sink, shared.info.format, code, &reason, None).await?;
                     return Ok(false);
                 }
             }

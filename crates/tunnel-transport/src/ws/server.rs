@@ -14,13 +14,13 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tunnel_proto::messages::{Close, Handshake, HandshakeAck, TypedMessage};
+use tunnel_proto::messages::{Handshake, HandshakeAck, TypedMessage};
 use tunnel_proto::{
     CloseCode, Envelope, Format, MessageType, negotiate_capabilities, negotiate_version,
 };
 
 use super::burst::{BurstReader, MessagesDone, OverCap, ReadBudget};
-use super::pump::{close_message, data_message, spawn_connection};
+use super::pump::{data_message, send_close, spawn_connection};
 use super::{HEADER_SYNC_TARGET, HEADER_WORKSPACE};
 use crate::admission::{AcceptPace, Admission, Admitted, HandshakeSlot, Handshakes};
 use crate::auth::{AgentId, AuthRequest};
@@ -781,16 +781,7 @@ async fn reject<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     correlation: Option<u64>,
 ) {
     tracing::debug!(%code, reason = %tunnel_proto::text::Untrusted(reason), "rejecting handshake");
-    let close = Close {
-        code: code.as_u16(),
-        reason: tunnel_proto::text::truncate(reason, super::pump::MAX_CLOSE_REASON).to_owned(),
-        reconnect: None,
-    };
-    if let Ok(mut env) = close.to_envelope(crate::next_message_id(), unix_millis(), format) {
-        env.correlation = correlation;
-        let _ = send_envelope(ws, format, &env).await;
-    }
-    let _ = ws.send(close_message(code, reason)).await;
+    let _ = send_close(ws, format, code, reason, correlation).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
         while let Some(Ok(_)) = ws.next().await {}
     })
