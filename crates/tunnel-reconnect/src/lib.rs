@@ -6,8 +6,11 @@
 //! back together. Randomness is injected, so tests are deterministic.
 //!
 //! [`CircuitBreaker`] guards one endpoint: closed, open after consecutive failures,
-//! half-open with a single probe after a cooldown. Both take `now` as an argument.
-//! Session resume arrives in a later version of this crate.
+//! half-open with a single probe after a cooldown.
+//!
+//! [`Redial`] puts them together with endpoint rotation, hub hints ([`Redirects`]),
+//! drains and give-up rules: the whole reconnect policy of an agent, driven by an
+//! async loop that dials and sleeps. Everything takes `now` as an argument.
 //!
 //! # Example
 //! ```
@@ -27,8 +30,15 @@
 //! ```
 
 mod breaker;
+mod redial;
+mod redirect;
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, InvalidBreaker, Refused};
+pub use redial::{
+    Action, Disconnect, InvalidRedial, MAX_HINTED, MAX_HINTED_URL, MIN_PAUSE, Redial, RedialConfig,
+    RedialEvent, WaitCause,
+};
+pub use redirect::Redirects;
 
 use std::fmt;
 use std::time::Duration;

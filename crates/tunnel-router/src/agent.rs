@@ -1,6 +1,5 @@
 //! The agent: stays connected to a hub, redialing with jittered backoff.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -13,12 +12,12 @@ use tunnel_metrics::{CircuitState, NoopRecorder, Recorder};
 use tunnel_proto::session::SessionConfig;
 use tunnel_proto::{CloseCode, Envelope, MessageType, capability};
 use tunnel_reconnect::{
-    Backoff, BackoffConfig, BreakerConfig, BreakerState, CircuitBreaker, ExponentialBackoff,
-    InvalidBackoff, InvalidBreaker,
+    Action, Backoff, BackoffConfig, BreakerConfig, BreakerState, Disconnect, ExponentialBackoff,
+    InvalidBackoff, InvalidBreaker, InvalidRedial, Redial, RedialConfig, RedialEvent, Redirects,
+    WaitCause,
 };
 use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, Resume, SendError};
 
-use crate::redirect::Redirects;
 use crate::reliable::{FullPolicy, Receipt, Reliable, ReliableSendError, TrySend};
 use crate::request::{Pending, Request, RequestError, Response, Ticket};
 use crate::router::Router;
@@ -113,6 +112,9 @@ pub struct AgentConfig {
     /// The circuit breaker of each endpoint. Default: open after 5 consecutive failed
     /// connects, one probe after 10 s.
     pub breaker: BreakerConfig,
+    /// Stop after this many consecutive failed connects: the agent then ends as after
+    /// [`Agent::shutdown`] ([`ConnectionState::Closed`]). Default `None`: never.
+    pub give_up_after: Option<u32>,
     /// Sequence numbers, acknowledgements and resume, used when the hub offers
     /// `resume`. `None` turns them off. Default: on, with [`SessionConfig::default`].
     pub session: Option<SessionConfig>,
@@ -164,6 +166,7 @@ impl AgentConfig {
             backoff: BackoffConfig::default(),
             stable_after: Duration::from_secs(30),
             breaker: BreakerConfig::default(),
+            give_up_after: None,
             session: Some(SessionConfig::default()),
             when_full: FullPolicy::default(),
             recorder: Arc::new(NoopRecorder),
@@ -229,6 +232,12 @@ impl AgentConfig {
     /// Sets [`AgentConfig::backoff`].
     pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
         self.backoff = backoff;
+        self
+    }
+
+    /// Sets [`AgentConfig::give_up_after`].
+    pub fn give_up_after(mut self, failures: u32) -> Self {
+        self.give_up_after = Some(failures);
         self
     }
 
@@ -315,6 +324,19 @@ pub enum InvalidAgentConfig {
     /// No endpoint to connect to.
     #[error("no endpoints given")]
     NoEndpoints,
+    /// The other reconnect settings.
+    #[error(transparent)]
+    Redial(InvalidRedial),
+}
+
+impl From<InvalidRedial> for InvalidAgentConfig {
+    fn from(e: InvalidRedial) -> Self {
+        match e {
+            InvalidRedial::NoEndpoints => InvalidAgentConfig::NoEndpoints,
+            InvalidRedial::Breaker(e) => InvalidAgentConfig::Breaker(e),
+            e => InvalidAgentConfig::Redial(e),
+        }
+    }
 }
 
 /// The agent did not connect in time.
@@ -341,10 +363,14 @@ impl Agent {
         router: Router,
         backoff: Box<dyn Backoff>,
     ) -> Result<Agent, InvalidAgentConfig> {
-        let breaker = CircuitBreaker::new(config.breaker)?;
-        if config.endpoints.is_empty() {
-            return Err(InvalidAgentConfig::NoEndpoints);
-        }
+        let mut redial_config = RedialConfig::new(config.endpoints.clone());
+        redial_config.redirects = config.redirects.clone();
+        redial_config.max_hub_wait = config.max_hub_wait;
+        redial_config.stable_after = config.stable_after;
+        redial_config.breaker = config.breaker;
+        redial_config.drain_wait = config.drain_wait;
+        redial_config.give_up_after = config.give_up_after;
+        let redial = Redial::new(redial_config, backoff)?;
         let inner = Arc::new(Inner {
             state: watch::Sender::new(ConnectionState::Connecting),
             current: watch::Sender::new(None),
@@ -379,10 +405,10 @@ impl Agent {
         }
         inner.tasks.spawn(supervise(
             Box::new(connector),
-            config,
+            config.endpoint_updates,
+            redial,
             router,
-            backoff,
-            breaker,
+            config.recorder,
             inner.clone(),
         ));
         Ok(Agent { inner })
@@ -614,65 +640,60 @@ impl Agent {
     }
 }
 
+/// The reconnect loop: a driver of [`Redial`], which decides where and when to dial.
+/// This loop dials, attaches each connection to the session, runs it, and reports
+/// how it ended.
 async fn supervise(
     connector: Box<dyn Connector>,
-    config: AgentConfig,
+    mut updates: Option<watch::Receiver<Vec<String>>>,
+    mut redial: Redial,
     mut router: Router,
-    mut backoff: Box<dyn Backoff>,
-    new_breaker: CircuitBreaker,
+    recorder: Arc<dyn Recorder>,
     inner: Arc<Inner>,
 ) {
-    let mut config = config;
-    let mut endpoints = config.endpoints.clone();
-    let mut breakers: HashMap<String, CircuitBreaker> = HashMap::new();
-    let mut next = 0usize;
-    let mut connected_before = false;
     let mut session_id: Option<String> = None;
     let mut epoch = 0u64;
-    let mut drained;
     loop {
-        if let Some(updates) = config.endpoint_updates.as_mut()
+        if let Some(updates) = updates.as_mut()
             && updates.has_changed().unwrap_or(false)
         {
             let fresh = updates.borrow_and_update().clone();
-            if fresh.is_empty() {
-                tracing::warn!("ignoring an empty endpoint list from discovery");
-            } else {
+            if redial.set_endpoints(fresh.clone()) {
                 tracing::info!(endpoints = ?fresh, "endpoints changed");
-                config.endpoints = fresh.clone();
-                endpoints = fresh;
-                breakers.retain(|e, _| endpoints.contains(e));
-                next = 0;
+            } else {
+                tracing::warn!("ignoring an empty endpoint list from discovery");
             }
         }
-        let endpoint = endpoints[next % endpoints.len()].clone();
-        let breaker = breakers
-            .entry(endpoint.clone())
-            .or_insert_with(|| new_breaker.clone());
-        let acquired = breaker.try_acquire(Instant::now().into_std());
-        report_circuit(&*config.recorder, &endpoint, breaker.state());
-        if let Err(refused) = acquired {
-            let until = Instant::from_std(refused.retry_at);
-            tracing::debug!(%endpoint, "circuit open, not dialing");
-            inner.state.send_replace(ConnectionState::CircuitOpen {
-                endpoint: endpoint.clone(),
-                until,
-            });
-            next += 1;
-            // With other endpoints, try the next one now; with one, wait for the probe.
-            if endpoints.len() == 1 {
+        let step = match redial.poll(Instant::now().into_std()) {
+            Action::Dial(endpoint) => Ok(endpoint.to_owned()),
+            Action::Wait { until, cause } => Err(Some((Instant::from_std(until), cause))),
+            Action::Connected | Action::GiveUp => Err(None),
+        };
+        report(&mut redial, &*recorder);
+        let endpoint = match step {
+            Ok(endpoint) => endpoint,
+            Err(Some((until, cause))) => {
+                inner.state.send_replace(match cause {
+                    WaitCause::Backoff => ConnectionState::Backoff { until },
+                    WaitCause::CircuitOpen { endpoint, until } => {
+                        tracing::debug!(%endpoint, "circuit open, not dialing");
+                        ConnectionState::CircuitOpen {
+                            endpoint,
+                            until: Instant::from_std(until),
+                        }
+                    }
+                });
                 tokio::select! {
                     () = inner.shutdown.cancelled() => break,
                     () = tokio::time::sleep_until(until) => {}
                 }
-            } else {
-                tokio::select! {
-                    () = inner.shutdown.cancelled() => break,
-                    () = tokio::time::sleep(MIN_PAUSE) => {}
-                }
+                continue;
             }
-            continue;
-        }
+            Err(None) => {
+                tracing::warn!("giving up: too many failed connects in a row");
+                break;
+            }
+        };
         inner.state.send_replace(ConnectionState::Connecting);
         let resume = match (&inner.reliable, &session_id) {
             (Some(reliable), Some(id)) => Some(Resume {
@@ -685,182 +706,122 @@ async fn supervise(
             () = inner.shutdown.cancelled() => break,
             r = connector.connect_with(&endpoint, resume) => r,
         };
-        let mut hint = None;
-        let mut not_before: Option<Instant> = None;
-        drained = false;
-        let redial_reason: &'static str;
-        match attempt {
-            Ok(conn) => {
-                breaker.on_success();
-                report_circuit(&*config.recorder, &endpoint, breaker.state());
-                if connected_before {
-                    inner.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
-                connected_before = true;
-                let since = Instant::now();
-                let (sender, receiver) = conn.split();
-                let info = sender.info().clone();
-                tracing::info!(session = %tunnel_proto::text::Untrusted(&info.session_id), resumed = info.resumed, %endpoint, "connected");
-                let reliable = inner
-                    .reliable
-                    .as_ref()
-                    .filter(|_| info.has_capability(capability::RESUME));
-                let state = match reliable {
-                    Some(reliable) => {
-                        let reset = Box::pin(reliable.attach(
-                            sender.clone(),
-                            info.resumed,
-                            info.peer_last_received,
-                        ))
-                        .await;
-                        session_id = Some(info.session_id.clone());
-                        match reset {
-                            Some(crate::reliable::Reset { reason, carried }) => {
-                                epoch += 1;
-                                config.recorder.session_reset();
-                                tracing::warn!(%reason, epoch, "session reset");
-                                inner.pending.reset(None, &carried, "the session was reset");
-                                let _ = inner.events.send(SessionEvent::Reset {
-                                    reason: reason.clone(),
-                                    epoch,
-                                });
-                                ConnectionState::Reset { reason }
-                            }
-                            None if info.resumed => ConnectionState::Resumed {
-                                session_id: info.session_id.clone(),
-                            },
-                            None => ConnectionState::Connected {
-                                session_id: info.session_id.clone(),
-                            },
-                        }
-                    }
-                    None => {
-                        if let Some(reliable) = &inner.reliable {
-                            // Held messages cannot be delivered without resume.
-                            reliable.fail_held("the hub does not resume sessions");
-                        }
-                        ConnectionState::Connected {
-                            session_id: info.session_id.clone(),
-                        }
-                    }
-                };
-                inner.resumable.store(reliable.is_some(), Ordering::Release);
-                inner.state.send_replace(state);
-                inner.json.store(
-                    sender.info().format == tunnel_proto::Format::Json,
-                    Ordering::Relaxed,
-                );
-                inner.current.send_replace(Some(sender.clone()));
-                let link = session::Link::new(reliable, &inner.pending, &*config.recorder, true);
-                let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
-                tokio::pin!(session);
-                let (end, stopping) = tokio::select! {
-                    end = &mut session => (end, false),
-                    () = inner.shutdown.cancelled() => {
-                        let close = sender.close(CloseCode::NORMAL, "agent shutting down");
-                        (tokio::join!(session, close).0, true)
-                    }
-                    () = link.drain_notice.notified() => {
-                        drained = true;
-                        let end = move_off(&inner, &sender, reliable, session.as_mut(), config.drain_wait).await;
-                        (end, false)
-                    }
-                };
-                inner.current.send_replace(None);
-                inner.resumable.store(false, Ordering::Release);
-                match reliable {
-                    Some(reliable) => {
-                        reliable.detach(&sender);
-                    }
-                    // Without a session, replies cannot outlive the connection.
-                    None => inner
-                        .pending
-                        .fail_all("the connection ended before the reply"),
-                }
-                match end {
-                    SessionEnd::Closed => {
-                        tracing::info!(reason = %tunnel_proto::text::Untrusted(&sender.close_reason().map(|r| r.to_string()).unwrap_or_default()), "connection closed");
-                        redial_reason = if drained { "drained" } else { "closed" };
-                    }
-                    SessionEnd::Failed(e) => {
-                        tracing::warn!(error = %tunnel_proto::text::Untrusted(&e.to_string()), "connection failed");
-                        redial_reason = if drained { "drained" } else { "dropped" };
-                    }
-                }
-                if stopping {
-                    break;
-                }
-                if since.elapsed() >= config.stable_after {
-                    backoff.reset();
-                }
-            }
+        let conn = match attempt {
+            Ok(conn) => conn,
             Err(e) => {
-                breaker.on_failure(Instant::now().into_std());
-                report_circuit(&*config.recorder, &endpoint, breaker.state());
                 tracing::warn!(%endpoint, error = %tunnel_proto::text::Untrusted(&e.to_string()), "connect failed");
-                redial_reason = "connect_failed";
-                // A hub at its limit says when to come back: never sooner (with other
-                // endpoints, the next one is tried as usual instead).
-                if let tunnel_transport::ConnectError::Refused {
-                    retry_after: Some(wait),
-                    ..
-                } = &e
-                    && endpoints.len() == 1
-                {
-                    not_before = Instant::now().checked_add((*wait).min(config.max_hub_wait));
+                let retry_after = match &e {
+                    tunnel_transport::ConnectError::Refused { retry_after, .. } => *retry_after,
+                    _ => None,
+                };
+                redial.on_connect_failed(Instant::now().into_std(), retry_after);
+                continue;
+            }
+        };
+        if redial.on_connected(Instant::now().into_std()) {
+            inner.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        report(&mut redial, &*recorder);
+        let mut hint = None;
+        let (sender, receiver) = conn.split();
+        let info = sender.info().clone();
+        tracing::info!(session = %tunnel_proto::text::Untrusted(&info.session_id), resumed = info.resumed, %endpoint, "connected");
+        let reliable = inner
+            .reliable
+            .as_ref()
+            .filter(|_| info.has_capability(capability::RESUME));
+        let state = match reliable {
+            Some(reliable) => {
+                let reset = Box::pin(reliable.attach(
+                    sender.clone(),
+                    info.resumed,
+                    info.peer_last_received,
+                ))
+                .await;
+                session_id = Some(info.session_id.clone());
+                match reset {
+                    Some(crate::reliable::Reset { reason, carried }) => {
+                        epoch += 1;
+                        recorder.session_reset();
+                        tracing::warn!(%reason, epoch, "session reset");
+                        inner.pending.reset(None, &carried, "the session was reset");
+                        let _ = inner.events.send(SessionEvent::Reset {
+                            reason: reason.clone(),
+                            epoch,
+                        });
+                        ConnectionState::Reset { reason }
+                    }
+                    None if info.resumed => ConnectionState::Resumed {
+                        session_id: info.session_id.clone(),
+                    },
+                    None => ConnectionState::Connected {
+                        session_id: info.session_id.clone(),
+                    },
                 }
-                next += 1;
             }
-        }
-        // Full jitter on every attempt, but never sooner than the hub asked.
-        let mut until = Instant::now() + backoff.next_delay();
-        if let Some(not_before) = not_before {
-            until = until.max(not_before);
-        }
-        if let Some(hint) = hint {
-            if let Some(ms) = hint.after_ms {
-                let wait = Duration::from_millis(ms).min(config.max_hub_wait);
-                if let Some(at) = Instant::now().checked_add(wait) {
-                    until = until.max(at);
+            None => {
+                if let Some(reliable) = &inner.reliable {
+                    // Held messages cannot be delivered without resume.
+                    reliable.fail_held("the hub does not resume sessions");
+                }
+                ConnectionState::Connected {
+                    session_id: info.session_id.clone(),
                 }
             }
-            // A hint names a few hubs: the rest of a long list, and URLs longer than a
-            // hub's URL can be, are not looked at.
-            let hinted: Vec<String> = hint
-                .endpoints
-                .iter()
-                .take(MAX_HINTED)
-                .filter(|url| url.len() <= MAX_HINTED_URL)
-                .cloned()
-                .collect();
-            let hinted = &hinted[..];
-            let (dial, refused) = config
-                .redirects
-                .follow(&config.endpoints, &endpoint, hinted);
-            if !refused.is_empty() {
-                let shown: Vec<_> = refused
-                    .iter()
-                    .take(4)
-                    .map(|u| tunnel_proto::text::Untrusted(u).to_string())
-                    .collect();
-                tracing::warn!(refused = ?shown, count = refused.len(), "not following the hub to endpoints this agent's configuration does not allow");
+        };
+        inner.resumable.store(reliable.is_some(), Ordering::Release);
+        inner.state.send_replace(state);
+        inner.json.store(
+            sender.info().format == tunnel_proto::Format::Json,
+            Ordering::Relaxed,
+        );
+        inner.current.send_replace(Some(sender.clone()));
+        let link = session::Link::new(reliable, &inner.pending, &*recorder, true);
+        let (end, stopping) = {
+            let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
+            tokio::pin!(session);
+            tokio::select! {
+                end = &mut session => (end, false),
+                () = inner.shutdown.cancelled() => {
+                    let close = sender.close(CloseCode::NORMAL, "agent shutting down");
+                    (tokio::join!(session, close).0, true)
+                }
+                () = link.drain_notice.notified() => {
+                    let deadline = Instant::from_std(redial.on_drain(Instant::now().into_std()));
+                    let end = move_off(&inner, &sender, reliable, session.as_mut(), deadline).await;
+                    (end, false)
+                }
             }
-            if refused.len() < hinted.len() {
-                tracing::info!(endpoints = ?dial, "hub pointed to other endpoints");
-                endpoints = dial;
-                breakers.retain(|e, _| endpoints.contains(e));
-                next = 0;
-            } else if drained {
-                // The drained hub is going away: try the next endpoint first.
-                next += 1;
+        };
+        inner.current.send_replace(None);
+        inner.resumable.store(false, Ordering::Release);
+        match reliable {
+            Some(reliable) => {
+                reliable.detach(&sender);
             }
+            // Without a session, replies cannot outlive the connection.
+            None => inner
+                .pending
+                .fail_all("the connection ended before the reply"),
         }
-        config.recorder.reconnect_attempt(redial_reason);
-        inner.state.send_replace(ConnectionState::Backoff { until });
-        tokio::select! {
-            () = inner.shutdown.cancelled() => break,
-            () = tokio::time::sleep_until(until) => {}
+        let how = match end {
+            SessionEnd::Closed => {
+                tracing::info!(reason = %tunnel_proto::text::Untrusted(&sender.close_reason().map(|r| r.to_string()).unwrap_or_default()), "connection closed");
+                Disconnect::closed()
+            }
+            SessionEnd::Failed(e) => {
+                tracing::warn!(error = %tunnel_proto::text::Untrusted(&e.to_string()), "connection failed");
+                Disconnect::dropped()
+            }
+        };
+        if stopping {
+            break;
         }
+        let how = match hint {
+            Some(hint) => how.with_hint(hint.after_ms.map(Duration::from_millis), hint.endpoints),
+            None => how,
+        };
+        redial.on_disconnected(Instant::now().into_std(), how);
     }
     inner.current.send_replace(None);
     if let Some(reliable) = &inner.reliable {
@@ -870,9 +831,33 @@ async fn supervise(
     inner.state.send_replace(ConnectionState::Closed);
 }
 
+/// Hands what the redial machine reports to the recorder and the log.
+fn report(redial: &mut Redial, recorder: &dyn Recorder) {
+    while let Some(event) = redial.poll_event() {
+        match event {
+            RedialEvent::Circuit { endpoint, state } => {
+                report_circuit(recorder, &endpoint, state);
+            }
+            RedialEvent::Redialing { reason } => recorder.reconnect_attempt(reason),
+            RedialEvent::Redirected { endpoints } => {
+                tracing::info!(endpoints = ?endpoints, "hub pointed to other endpoints");
+            }
+            RedialEvent::RedirectRefused { refused } => {
+                let shown: Vec<_> = refused
+                    .iter()
+                    .take(4)
+                    .map(|u| tunnel_proto::text::Untrusted(u).to_string())
+                    .collect();
+                tracing::warn!(refused = ?shown, count = refused.len(), "not following the hub to endpoints this agent's configuration does not allow");
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Moves off a connection whose hub announced a drain: hands no new message to it
 /// (they are held for the next connection), lets it finish what it carries (the hub
-/// acknowledges what was sent, answers requests already sent) for at most `wait`,
+/// acknowledges what was sent, answers requests already sent) until `deadline`,
 /// then closes it. When nothing it carried is left unacknowledged, the next
 /// connection continues the session's numbering instead of resetting it.
 async fn move_off(
@@ -880,7 +865,7 @@ async fn move_off(
     sender: &ConnectionSender,
     reliable: Option<&Arc<Reliable>>,
     mut session: std::pin::Pin<&mut impl std::future::Future<Output = SessionEnd>>,
-    wait: Duration,
+    deadline: Instant,
 ) -> SessionEnd {
     tracing::info!(connection = sender.info().id, "hub is draining: moving");
     inner.current.send_replace(None);
@@ -898,7 +883,7 @@ async fn move_off(
     };
     tokio::select! {
         end = session.as_mut() => return end,
-        done = tokio::time::timeout(wait, finished) => {
+        done = tokio::time::timeout_at(deadline, finished) => {
             if done.is_err() {
                 tracing::warn!("the draining hub did not finish within the drain wait");
             }
@@ -923,15 +908,6 @@ fn report_circuit(recorder: &dyn Recorder, endpoint: &str, state: BreakerState) 
         },
     );
 }
-
-/// Most endpoints of a drain hint that are considered.
-const MAX_HINTED: usize = 16;
-
-/// Longest endpoint URL of a drain hint that is considered.
-const MAX_HINTED_URL: usize = 2048;
-
-/// Shortest pause between skipping an open circuit and trying the next endpoint.
-const MIN_PAUSE: Duration = Duration::from_millis(10);
 
 impl From<AgentSendError> for RequestError {
     fn from(e: AgentSendError) -> Self {

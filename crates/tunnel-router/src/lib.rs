@@ -45,7 +45,6 @@ mod hub;
 mod hub_sessions;
 pub mod layer;
 mod pool;
-mod redirect;
 mod reliable;
 mod request;
 mod router;
@@ -58,10 +57,10 @@ pub use agent::{
 pub use hub::{AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubSendError};
 pub use hub_sessions::HubSessions;
 pub use pool::{Pool, PoolClient, PoolMode, Readiness};
-pub use redirect::Redirects;
 pub use reliable::{FullPolicy, Receipt, ReliableSendError, Undelivered, WhenFull};
 pub use request::{Request, RequestError, Response, error_code};
 pub use router::{Dispatched, Handler, Inbound, IntoReply, Router};
+pub use tunnel_reconnect::Redirects;
 
 /// The README's examples, compiled as doc tests.
 #[cfg(doctest)]

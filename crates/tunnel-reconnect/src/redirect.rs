@@ -53,7 +53,7 @@ impl Redirects {
     /// The endpoints to dial after a hint naming `hinted`, while connected to
     /// `current`: the allowed hinted ones first, then the agent's `own` endpoints not
     /// already among them. Also returns the hinted endpoints that were refused.
-    pub(crate) fn follow(
+    pub fn follow(
         &self,
         own: &[String],
         current: &str,
