@@ -652,7 +652,6 @@ async fn supervise(
     inner: Arc<Inner>,
 ) {
     let mut session_id: Option<String> = None;
-    let mut epoch = 0u64;
     loop {
         if let Some(updates) = updates.as_mut()
             && updates.has_changed().unwrap_or(false)
@@ -740,8 +739,11 @@ async fn supervise(
                 .await;
                 session_id = Some(info.session_id.clone());
                 match reset {
-                    Some(crate::reliable::Reset { reason, carried }) => {
-                        epoch += 1;
+                    Some(crate::reliable::Reset {
+                        reason,
+                        carried,
+                        epoch,
+                    }) => {
                         recorder.session_reset();
                         tracing::warn!(%reason, epoch, "session reset");
                         inner.pending.reset(None, &carried, "the session was reset");

@@ -598,7 +598,7 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 {
                     store.set_connected(&info.session_id, true);
                 }
-                if let Some(crate::reliable::Reset { reason, carried }) = reset {
+                if let Some(crate::reliable::Reset { reason, carried, .. }) = reset {
                     inner2.pending.reset(Some(&info.agent), &carried, "the session was reset");
                     if let Some(store) = &inner2.sessions {
                         store.recorder().session_reset();

@@ -199,7 +199,7 @@ impl SessionStore for Store {
         {
             // An agent that reports more than was ever sent to it talks about state
             // this hub does not have: that is a reset, not a resume.
-            if resume.last_received <= entry.reliable.highest_sent() {
+            if entry.reliable.may_resume(resume.last_received) {
                 // Counted as connected once the connection attaches: a grant whose
                 // connection never gets that far still ends after the grace period.
                 entry.detached_at = Some(Instant::now());

@@ -14,15 +14,7 @@ use tunnel_transport::AgentId;
 use crate::reliable::{Receipt, ReliableSendError};
 
 /// Error codes this implementation puts in a failed reply's `error.code`.
-pub mod error_code {
-    /// The handler returned an error; `message` is its text.
-    pub const HANDLER_ERROR: &str = "handler_error";
-    /// No handler is routed for the request's type.
-    pub const NO_HANDLER: &str = "no_handler";
-    /// The request could not be read (for example its compressed payload was invalid or
-    /// inflated past the limit).
-    pub const BAD_REQUEST: &str = "bad_request";
-}
+pub use tunnel_proto::session::error_code;
 
 /// Something to send through a client [`Service`](tower::Service): a one-way message,
 /// or a request that waits for the peer's reply.

@@ -1,40 +1,5 @@
-//! Sequence numbers, cumulative acknowledgements and replay, as pure state machines.
-//!
-//! Each direction of a session has an [`Outbound`] on the sending side and an
-//! [`Inbound`] on the receiving side:
-//!
-//! - [`Outbound`] numbers data messages `1, 2, 3, ...`, keeps every message the peer has
-//!   not acknowledged in a replay buffer bounded by count, bytes and age, drops what a
-//!   cumulative `ack` covers, and after a reconnect replays what the peer reports it has
-//!   not received, or says plainly that it cannot ([`ResumeError`]).
-//! - [`Inbound`] delivers each sequence number once and in order, suppresses duplicates
-//!   (replays of what was already delivered), and decides when an acknowledgement is due:
-//!   after `ack_every` messages or `ack_delay` of quiet, whichever comes first.
-//!
-//! Nothing here reads a clock: every call that needs the time takes `now`.
-//!
-//! ```
-//! use std::time::{Duration, Instant};
-//! use tunnel_proto::session::{Accept, Inbound, Outbound, SessionConfig};
-//!
-//! let config = SessionConfig::default();
-//! let now = Instant::now();
-//! let mut tx: Outbound<&str> = Outbound::new(config.clone());
-//! let mut rx = Inbound::new(config);
-//!
-//! let one = tx.push("one", 3, now)?;
-//! let two = tx.push("two", 3, now)?;
-//! assert_eq!(rx.on_data(one, || now), Accept::Deliver);
-//! // The connection drops before "two" arrives. On resume the receiver reports what it
-//! // has, and the sender replays the rest.
-//! let replay: Vec<_> = tx.resume(rx.last_received())?.map(|m| m.item).collect();
-//! assert_eq!(replay, ["two"]);
-//! assert_eq!(rx.on_data(two, || now), Accept::Deliver);
-//! assert_eq!(rx.on_data(two, || now), Accept::Duplicate);
-//! tx.on_ack(rx.take_ack())?;
-//! assert!(tx.is_empty());
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+//! The two halves of a session direction: [`Outbound`] numbers and holds, [`Inbound`]
+//! orders and acknowledges.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -197,13 +162,13 @@ pub enum ResumeError {
 /// The sending side of one direction.
 #[derive(Debug, Clone)]
 pub struct Outbound<T> {
-    config: SessionConfig,
-    next_seq: u64,
-    acked: u64,
+    pub(super) config: SessionConfig,
+    pub(super) next_seq: u64,
+    pub(super) acked: u64,
     /// The highest sequence number dropped without an acknowledgement (0: none).
-    lost_through: u64,
-    pending: VecDeque<Sent<T>>,
-    bytes: usize,
+    pub(super) lost_through: u64,
+    pub(super) pending: VecDeque<Sent<T>>,
+    pub(super) bytes: usize,
 }
 
 impl<T> Outbound<T> {
@@ -420,16 +385,16 @@ pub enum Accept {
 /// The receiving side of one direction.
 #[derive(Debug, Clone)]
 pub struct Inbound {
-    config: SessionConfig,
-    received: u64,
+    pub(super) config: SessionConfig,
+    pub(super) received: u64,
     /// Whether the base is known. A new direction takes the first data message's
     /// sequence number as its base (a peer moving from a drained hub continues its
     /// numbering); a resumed one knows it.
-    started: bool,
-    unacked: u32,
+    pub(super) started: bool,
+    pub(super) unacked: u32,
     /// When the first message not yet acknowledged arrived.
-    first_at: Option<Instant>,
-    ack_at: Option<Instant>,
+    pub(super) first_at: Option<Instant>,
+    pub(super) ack_at: Option<Instant>,
 }
 
 impl Inbound {
