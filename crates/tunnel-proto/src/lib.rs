@@ -43,6 +43,7 @@ pub mod codec;
 pub mod compress;
 mod envelope;
 mod error;
+pub mod handshake;
 pub mod messages;
 pub mod session;
 pub mod text;

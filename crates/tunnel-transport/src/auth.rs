@@ -13,16 +13,7 @@ pub struct AgentId {
     pub sync_target: String,
 }
 
-/// Longest workspace or sync target name a hub admits, in bytes.
-pub const MAX_IDENTITY_LEN: usize = 253;
-
-/// A claimed identity that a hub refuses (`400`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{what} must be 1 to {MAX_IDENTITY_LEN} bytes of visible ASCII (0x21-0x7E), got {shown}")]
-pub struct InvalidIdentity {
-    what: &'static str,
-    shown: String,
-}
+pub use tunnel_proto::handshake::{InvalidIdentity, MAX_IDENTITY_LEN};
 
 impl AgentId {
     /// An agent id.
@@ -44,15 +35,16 @@ impl AgentId {
     /// assert!(AgentId::parse("", "cluster-1").is_err());
     /// ```
     pub fn parse(workspace: &str, sync_target: &str) -> Result<Self, InvalidIdentity> {
-        for (what, value) in [("workspace", workspace), ("sync target", sync_target)] {
-            if !tunnel_proto::text::is_visible_ascii(value, MAX_IDENTITY_LEN) {
-                return Err(InvalidIdentity {
-                    what,
-                    shown: tunnel_proto::text::Untrusted(value).to_string(),
-                });
-            }
-        }
+        tunnel_proto::handshake::check_identity(workspace, sync_target)?;
         Ok(AgentId::new(workspace, sync_target))
+    }
+
+    /// The identity as the handshake rules see it.
+    pub fn authenticated(&self) -> tunnel_proto::handshake::Authenticated<'_> {
+        tunnel_proto::handshake::Authenticated {
+            workspace: &self.workspace,
+            sync_target: &self.sync_target,
+        }
     }
 }
 

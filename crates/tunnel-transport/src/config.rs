@@ -209,6 +209,50 @@ impl fmt::Debug for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The admission rules every transport applies to a connecting agent, in order:
+    /// its identity must be well formed (`400`), the authenticator must accept it
+    /// (its status, `401` or `403`), and its workspace must be allowed (`403`).
+    /// Refusals carry the status and a message for the agent.
+    pub(crate) fn admit(
+        &self,
+        token: Option<&str>,
+        workspace: &str,
+        sync_target: &str,
+    ) -> Result<crate::AgentId, (u16, String)> {
+        let agent =
+            crate::AgentId::parse(workspace, sync_target).map_err(|e| (400, e.to_string()))?;
+        self.authenticator
+            .authenticate(&crate::AuthRequest {
+                token,
+                agent: &agent,
+            })
+            .map_err(|e| (e.status(), e.to_string()))?;
+        if let Some(allowed) = &self.allowed_workspaces
+            && !allowed.contains(&agent.workspace)
+        {
+            return Err((
+                403,
+                format!(
+                    "workspace {:?} is not admitted by this hub",
+                    agent.workspace
+                ),
+            ));
+        }
+        Ok(agent)
+    }
+
+    /// The session store's decision for `agent` (a new session without a store).
+    pub(crate) fn open_session(
+        &self,
+        agent: &crate::AgentId,
+        resume: Option<&crate::Resume>,
+    ) -> crate::SessionGrant {
+        match &self.sessions {
+            Some(store) => store.open(agent, resume),
+            None => crate::SessionGrant::new_session(),
+        }
+    }
+
     /// A listener configuration with the given authenticator and defaults otherwise.
     pub fn new(authenticator: impl crate::Authenticator) -> Self {
         ServerConfig {

@@ -12,9 +12,9 @@ use std::task::{Context, Poll};
 use futures_util::Stream;
 use tokio::sync::mpsc;
 use tokio_util::sync::WaitForCancellationFutureOwned;
-use tunnel_proto::{FrameKind, negotiate_capabilities, negotiate_version};
+use tunnel_proto::messages::Handshake;
+use tunnel_proto::{FrameKind, handshake};
 
-use crate::auth::AuthRequest;
 use crate::config::{ClientConfig, ServerConfig};
 use crate::connection::{
     Connection, ConnectionInfo, Incoming, Outgoing, Shared, next_connection_id,
@@ -81,39 +81,46 @@ impl crate::Connector for MemoryConnector {
         if !server.formats.contains(&client.format) {
             return Err(refused(400, "codec not accepted".into()));
         }
-        server
-            .authenticator
-            .authenticate(&AuthRequest {
-                token: client.token.as_deref(),
-                agent: &client.agent,
-            })
-            .map_err(|e| refused(e.status(), e.to_string()))?;
-        let version = negotiate_version(server.versions, client.versions).map_err(|e| {
-            ConnectError::Closed {
-                code: tunnel_proto::CloseCode::VERSION_MISMATCH,
-                reason: e.to_string(),
-            }
+        // The same rules as a WebSocket hub's upgrade and handshake, without the
+        // frames: admission, agreement, the store's decision, the agent's checks.
+        let agent = server
+            .admit(
+                client.token.as_deref(),
+                &client.agent.workspace,
+                &client.agent.sync_target,
+            )
+            .map_err(|(status, body)| refused(status, body))?;
+        let mut hello = Handshake::new(agent.workspace.clone(), agent.sync_target.clone());
+        hello.versions = client.versions;
+        hello.capabilities = client.capabilities.clone();
+        hello.metadata = client.metadata.clone();
+        hello.resume = resume;
+        let agreed = handshake::agree(
+            &hello,
+            agent.authenticated(),
+            server.versions,
+            &server.capabilities,
+            None,
+        )
+        .map_err(|refusal| ConnectError::Closed {
+            code: refusal.code,
+            reason: refusal.reason,
         })?;
-        let capabilities = negotiate_capabilities(&server.capabilities, &client.capabilities);
-        let grant = match &server.sessions {
-            Some(store) => store.open(&client.agent, resume.as_ref()),
-            None => crate::SessionGrant::new_session(),
-        };
-        let resumed = grant.resumed;
+        let grant = server.open_session(&agent, hello.resume.as_ref());
+        let hub_knows = agreed.peer_last_received(grant.resumed);
+        let ack = agreed.ack(&grant.session_id, grant.resumed, grant.last_received);
+        let accepted = handshake::check_ack(ack, &hello).map_err(ConnectError::Handshake)?;
         // Each side learns what the other has received.
-        let peers_last = (
-            grant.last_received.filter(|_| resumed),
-            resume.map(|r| r.last_received).filter(|_| resumed),
-        );
+        let peers_last = (accepted.peer_last_received, hub_knows);
         let info = ConnectionInfo {
             id: 0,
-            agent: client.agent.clone(),
-            session_id: grant.session_id,
-            resumed: grant.resumed,
+            agent,
+            session_id: accepted.session_id,
+            resumed: accepted.resumed,
             peer_last_received: None,
             session_lease: grant.lease,
-            version,
-            capabilities,
+            version: accepted.version,
+            capabilities: accepted.capabilities,
             format: client.format,
             peer_addr: None,
             connected_at: std::time::SystemTime::now(),

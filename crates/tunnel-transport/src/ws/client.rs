@@ -227,12 +227,11 @@ where
     hello.versions = config.versions;
     hello.capabilities = config.capabilities.clone();
     hello.metadata = config.metadata.clone();
-    let resumed_from = resume.as_ref().map(|r| r.session_id.clone());
     hello.resume = resume;
-    let hello = hello
+    let hello_env = hello
         .to_envelope(0, unix_millis(), format)
         .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-    send_envelope(&mut ws, format, &hello)
+    send_envelope(&mut ws, format, &hello_env)
         .await
         .map_err(unreachable)?;
 
@@ -289,22 +288,13 @@ where
             }
         }
     };
-    check_ack(&ack, resumed_from.as_deref())?;
-    // Only what this agent offered can have been granted.
-    let mut ack = ack;
-    ack.capabilities.retain(|c| config.capabilities.contains(c));
-    if !config.versions.contains(ack.version) {
-        return Err(ConnectError::Handshake(format!(
-            "hub chose protocol version {} outside our range {}",
-            ack.version, config.versions
-        )));
-    }
+    let ack = tunnel_proto::handshake::check_ack(ack, &hello).map_err(ConnectError::Handshake)?;
     let info = ConnectionInfo {
         id: next_connection_id(),
         agent: config.agent.clone(),
         session_id: ack.session_id,
         resumed: ack.resumed,
-        peer_last_received: ack.last_received.filter(|_| ack.resumed),
+        peer_last_received: ack.peer_last_received,
         session_lease: 0,
         version: ack.version,
         capabilities: ack.capabilities,
@@ -313,34 +303,4 @@ where
         connected_at: std::time::SystemTime::now(),
     };
     Ok(spawn_connection(ws, info, &config.connection, None, None))
-}
-
-/// Longest session id accepted from a hub.
-pub(crate) const MAX_SESSION_ID: usize = 128;
-
-/// Checks what a hub's `handshake_ack` says before the agent relies on it: a session
-/// id it can store and send back (1 to [`MAX_SESSION_ID`] bytes of visible ASCII), and
-/// on a resume, the session that was asked for.
-fn check_ack(
-    ack: &tunnel_proto::messages::HandshakeAck,
-    resumed_from: Option<&str>,
-) -> Result<(), ConnectError> {
-    let id = &ack.session_id;
-    if !tunnel_proto::text::is_visible_ascii(id, MAX_SESSION_ID) {
-        return Err(ConnectError::Handshake(format!(
-            "hub sent an unusable session id {}",
-            tunnel_proto::text::Untrusted(id)
-        )));
-    }
-    if ack.resumed && resumed_from.is_some_and(|asked| asked != id) {
-        return Err(ConnectError::Handshake(
-            "hub resumed a session other than the one asked for".into(),
-        ));
-    }
-    if ack.resumed && resumed_from.is_none() {
-        return Err(ConnectError::Handshake(
-            "hub says resumed but no session was asked for".into(),
-        ));
-    }
-    Ok(())
 }

@@ -14,20 +14,17 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tunnel_proto::messages::{Handshake, HandshakeAck, TypedMessage};
-use tunnel_proto::{
-    CloseCode, Envelope, Format, MessageType, negotiate_capabilities, negotiate_version,
-};
+use tunnel_proto::messages::TypedMessage;
+use tunnel_proto::{CloseCode, Envelope, Format};
 
 use super::burst::{BurstReader, MessagesDone, OverCap, ReadBudget};
 use super::pump::{data_message, send_close, spawn_connection};
 use super::{HEADER_SYNC_TARGET, HEADER_WORKSPACE};
 use crate::admission::{AcceptPace, Admission, Admitted, HandshakeSlot, Handshakes};
-use crate::auth::{AgentId, AuthRequest};
+use crate::auth::AgentId;
 use crate::config::ServerConfig;
 use crate::connection::{Connection, ConnectionInfo, next_connection_id, unix_millis};
 use crate::error::AcceptError;
-use crate::sessions::SessionGrant;
 
 /// Accepts agents over WebSocket.
 ///
@@ -364,31 +361,14 @@ fn check_upgrade(req: &Request, config: &ServerConfig) -> Result<(AgentId, Forma
             format!("the {HEADER_WORKSPACE} and {HEADER_SYNC_TARGET} headers are required"),
         ));
     };
-    let agent = AgentId::parse(workspace, sync_target)
-        .map_err(|e| refuse(StatusCode::BAD_REQUEST, e.to_string()))?;
-    config
-        .authenticator
-        .authenticate(&AuthRequest {
-            token,
-            agent: &agent,
-        })
-        .map_err(|e| {
+    let agent = config
+        .admit(token, workspace, sync_target)
+        .map_err(|(status, message)| {
             refuse(
-                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED),
-                e.to_string(),
+                StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED),
+                message,
             )
         })?;
-    if let Some(allowed) = &config.allowed_workspaces
-        && !allowed.contains(&agent.workspace)
-    {
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
-            format!(
-                "workspace {:?} is not admitted by this hub",
-                agent.workspace
-            ),
-        ));
-    }
     Ok((agent, format))
 }
 
@@ -661,65 +641,32 @@ where
             return Err("malformed");
         }
     };
-    if env.kind != MessageType::Handshake {
-        reject(
-            &mut ws,
-            format,
-            CloseCode::HANDSHAKE_REQUIRED,
-            &format!("expected handshake, got {}", env.kind),
-            None,
-        )
-        .await;
-        return Err("handshake_required");
-    }
-    let hs = match Handshake::from_envelope(&env) {
-        Ok(hs) => hs,
-        Err(e) => {
+    let agreed = tunnel_proto::handshake::read_hello(&env).and_then(|hello| {
+        let agreed = tunnel_proto::handshake::agree(
+            &hello,
+            agent.authenticated(),
+            config.versions,
+            &config.capabilities,
+            Some(env.id),
+        )?;
+        Ok((hello, agreed))
+    });
+    let (hello, agreed) = match agreed {
+        Ok(agreed) => agreed,
+        Err(refusal) => {
             reject(
                 &mut ws,
                 format,
-                CloseCode::BAD_HANDSHAKE,
-                &e.to_string(),
-                None,
+                refusal.code,
+                &refusal.reason,
+                refusal.correlation,
             )
             .await;
-            return Err("bad_handshake");
+            return Err(refusal.label);
         }
     };
-    if hs.workspace != agent.workspace || hs.sync_target != agent.sync_target {
-        let reason = format!(
-            "handshake claims {}/{} but the upgrade authenticated {agent}",
-            hs.workspace, hs.sync_target
-        );
-        reject(&mut ws, format, CloseCode::BAD_HANDSHAKE, &reason, None).await;
-        return Err("identity_mismatch");
-    }
-    let version = match negotiate_version(config.versions, hs.versions) {
-        Ok(v) => v,
-        Err(e) => {
-            reject(
-                &mut ws,
-                format,
-                CloseCode::VERSION_MISMATCH,
-                &e.to_string(),
-                Some(env.id),
-            )
-            .await;
-            return Err("version_mismatch");
-        }
-    };
-    let capabilities = negotiate_capabilities(&config.capabilities, &hs.capabilities);
-    let grant = match &config.sessions {
-        Some(store) => store.open(&agent, hs.resume.as_ref()),
-        None => SessionGrant::new_session(),
-    };
-    let ack = HandshakeAck {
-        version,
-        session_id: grant.session_id.clone(),
-        capabilities: capabilities.clone(),
-        resumed: grant.resumed,
-        last_received: grant.last_received,
-    };
+    let grant = config.open_session(&agent, hello.resume.as_ref());
+    let ack = agreed.ack(&grant.session_id, grant.resumed, grant.last_received);
     let reply = match ack.to_envelope(0, unix_millis(), format) {
         Ok(reply) => reply.with_correlation(env.id),
         Err(_) => return Err("internal"),
@@ -732,10 +679,10 @@ where
         agent,
         session_id: grant.session_id,
         resumed: grant.resumed,
-        peer_last_received: hs.resume.filter(|_| grant.resumed).map(|r| r.last_received),
+        peer_last_received: agreed.peer_last_received(grant.resumed),
         session_lease: grant.lease,
-        version,
-        capabilities,
+        version: agreed.version,
+        capabilities: agreed.capabilities,
         format,
         peer_addr: Some(peer),
         connected_at: std::time::SystemTime::now(),
