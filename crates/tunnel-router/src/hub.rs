@@ -15,7 +15,7 @@ use tunnel_transport::{
     WsListener,
 };
 
-use crate::hub_sessions::{HubSessions, Store};
+use crate::hub_sessions::{HubSessions, SessionRegistry, Store};
 use crate::reliable::{Receipt, ReliableSendError};
 use crate::request::{Pending, Request, RequestError, Response};
 use crate::router::Router;
@@ -51,6 +51,7 @@ struct Inner {
     accepting: CancellationToken,
     tasks: TaskTracker,
     shutdown_timeout: Duration,
+    request_timeout: Duration,
     sessions: Option<Arc<Store>>,
     pending: Arc<Pending>,
     recorder: Arc<dyn tunnel_metrics::Recorder>,
@@ -141,6 +142,91 @@ impl Drain {
 
 /// How long [`Hub::request`] waits for a reply unless the request says otherwise.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Settings of a [`Hub`] that do not belong to its transport.
+///
+/// ```
+/// use std::time::Duration;
+/// use tunnel_router::{Hub, HubConfig, HubSessions, Router, SessionRegistry};
+/// use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig, memory};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// // Sessions over any transport: the registry decides each handshake's session.
+/// let sessions = SessionRegistry::new(HubSessions::default());
+/// let (connector, acceptor) = memory::listener(
+///     ClientConfig::new(AgentId::new("root:org", "cluster-1")),
+///     ServerConfig::new(AllowAll).sessions(sessions.hook()),
+/// );
+/// let config = HubConfig::default()
+///     .sessions(sessions)
+///     .request_timeout(Duration::from_secs(5));
+/// let hub = Hub::serve_with(acceptor, Router::new(), config);
+/// assert_eq!(hub.sessions(), 0);
+/// hub.shutdown().await;
+/// # });
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HubConfig {
+    /// Session resume: the registry the transport's handshakes consult (see
+    /// [`SessionRegistry`]). Default: none, connections carry no session.
+    pub sessions: Option<SessionRegistry>,
+    /// How long a request to an agent waits for its reply unless it says otherwise.
+    /// Default [`DEFAULT_REQUEST_TIMEOUT`].
+    pub request_timeout: Duration,
+    /// Requests to agents that may wait for replies at once; more fail at once with
+    /// [`RequestError::TooManyInFlight`]. Default 100,000.
+    pub max_pending_requests: usize,
+    /// How long [`Hub::shutdown`] waits for connections to close. Default 5 s.
+    pub shutdown_timeout: Duration,
+    /// Where the hub's request and session metrics go. Default: nowhere (a hub made
+    /// with [`Hub::bind`] uses its transport's recorder).
+    pub recorder: Option<Arc<dyn tunnel_metrics::Recorder>>,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            sessions: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_pending_requests: MAX_PENDING_REQUESTS,
+            shutdown_timeout: Duration::from_secs(5),
+            recorder: None,
+        }
+    }
+}
+
+impl HubConfig {
+    /// Sets [`HubConfig::sessions`].
+    pub fn sessions(mut self, sessions: SessionRegistry) -> Self {
+        self.sessions = Some(sessions);
+        self
+    }
+
+    /// Sets [`HubConfig::request_timeout`].
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets [`HubConfig::max_pending_requests`].
+    pub fn max_pending_requests(mut self, max: usize) -> Self {
+        self.max_pending_requests = max.max(1);
+        self
+    }
+
+    /// Sets [`HubConfig::shutdown_timeout`].
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Sets [`HubConfig::recorder`].
+    pub fn recorder(mut self, recorder: Arc<dyn tunnel_metrics::Recorder>) -> Self {
+        self.recorder = Some(recorder);
+        self
+    }
+}
 /// Requests a hub may have waiting for replies at once.
 const MAX_PENDING_REQUESTS: usize = 100_000;
 
@@ -177,11 +263,32 @@ impl Hub {
         config: ServerConfig,
         router: Router,
     ) -> Result<Hub, AcceptError> {
-        let recorder = config.connection.recorder.clone();
-        let scheme = config.scheme();
-        let listener = WsListener::bind(addr, config).await?;
+        Hub::bind_with(addr, config, router, HubConfig::default()).await
+    }
+
+    /// Listens for WebSocket agents on `addr`, with the hub's own settings: with
+    /// [`HubConfig::sessions`], the listener's handshakes consult its registry.
+    pub async fn bind_with(
+        addr: impl ToSocketAddrs,
+        server: ServerConfig,
+        router: Router,
+        mut config: HubConfig,
+    ) -> Result<Hub, AcceptError> {
+        let recorder = config
+            .recorder
+            .get_or_insert_with(|| server.connection.recorder.clone())
+            .clone();
+        let scheme = server.scheme();
+        let server = match &mut config.sessions {
+            Some(sessions) => {
+                sessions.set_recorder(recorder);
+                server.sessions(sessions.hook())
+            }
+            None => server,
+        };
+        let listener = WsListener::bind(addr, server).await?;
         let local_addr = listener.local_addr();
-        let mut hub = Hub::start(Box::new(listener), router, None, recorder);
+        let mut hub = Hub::start(Box::new(listener), router, config);
         hub.local_addr = Some(local_addr);
         hub.scheme = scheme;
         Ok(hub)
@@ -196,42 +303,39 @@ impl Hub {
         router: Router,
         sessions: HubSessions,
     ) -> Result<Hub, AcceptError> {
-        let recorder = config.connection.recorder.clone();
-        let scheme = config.scheme();
-        let store = Store::new(sessions, recorder.clone());
-        let listener = WsListener::bind(addr, config.sessions(store.clone())).await?;
-        let local_addr = listener.local_addr();
-        let mut hub = Hub::start(Box::new(listener), router, Some(store), recorder);
-        hub.local_addr = Some(local_addr);
-        hub.scheme = scheme;
-        Ok(hub)
+        let hub_config = HubConfig::default().sessions(SessionRegistry::new(sessions));
+        Hub::bind_with(addr, config, router, hub_config).await
     }
 
     /// Serves agents from any transport's acceptor.
     pub fn serve(acceptor: impl Acceptor + 'static, router: Router) -> Hub {
-        Hub::start(
-            Box::new(acceptor),
-            router,
-            None,
-            Arc::new(tunnel_metrics::NoopRecorder),
-        )
+        Hub::serve_with(acceptor, router, HubConfig::default())
     }
 
-    fn start(
-        acceptor: Box<dyn Acceptor>,
-        router: Router,
-        sessions: Option<Arc<Store>>,
-        recorder: Arc<dyn tunnel_metrics::Recorder>,
-    ) -> Hub {
+    /// Serves agents from any transport's acceptor, with the hub's own settings. With
+    /// [`HubConfig::sessions`], the acceptor's [`ServerConfig`] must consult the same
+    /// registry ([`SessionRegistry::hook`]), so that handshakes resume its sessions.
+    pub fn serve_with(acceptor: impl Acceptor + 'static, router: Router, mut config: HubConfig) -> Hub {
+        if let (Some(sessions), Some(recorder)) = (&mut config.sessions, &config.recorder) {
+            sessions.set_recorder(recorder.clone());
+        }
+        Hub::start(Box::new(acceptor), router, config)
+    }
+
+    fn start(acceptor: Box<dyn Acceptor>, router: Router, config: HubConfig) -> Hub {
+        let recorder = config
+            .recorder
+            .unwrap_or_else(|| Arc::new(tunnel_metrics::NoopRecorder));
         let shutdown = CancellationToken::new();
         let inner = Arc::new(Inner {
             agents: RwLock::new(HashMap::new()),
             accepting: shutdown.child_token(),
             shutdown,
             tasks: TaskTracker::new(),
-            shutdown_timeout: Duration::from_secs(5),
-            sessions,
-            pending: Arc::new(Pending::new(MAX_PENDING_REQUESTS, recorder.clone())),
+            shutdown_timeout: config.shutdown_timeout,
+            request_timeout: config.request_timeout,
+            sessions: config.sessions.map(|s| s.store()),
+            pending: Arc::new(Pending::new(config.max_pending_requests, recorder.clone())),
             recorder,
             joined: tokio::sync::Notify::new(),
         });
@@ -381,7 +485,7 @@ impl Hub {
     /// Sends `env` to `agent` (its id is assigned here). Pass it boxed where you can:
     /// it is handed on by value to the session, and a box moves for a pointer's cost.
     ///
-    /// On a hub with sessions ([`Hub::bind_resumable`]) the message goes into the
+    /// On a hub with sessions ([`HubConfig::sessions`]) the message goes into the
     /// agent's session: held until acknowledged, replayed after a reconnect, accepted
     /// while the agent is within its grace period; the receipt tells the outcome.
     /// Otherwise it goes on the agent's current connection and the receipt is untracked.
@@ -398,7 +502,7 @@ impl Hub {
     /// Sends a one-way message or a request to `agent` (see [`Request`]); a request's
     /// response is the agent's reply. Only `agent` can answer it. It fails like
     /// [`Agent::call`](crate::Agent::call): a remote error, a timeout (default
-    /// [`DEFAULT_REQUEST_TIMEOUT`]; a later reply is discarded and counted in
+    /// [`HubConfig::request_timeout`]; a later reply is discarded and counted in
     /// [`Hub::late_replies`]), or a lost reply (the agent's connection ended without a
     /// resumable session, or its session was reset).
     pub async fn request(
@@ -406,7 +510,7 @@ impl Hub {
         agent: &AgentId,
         request: Request,
     ) -> Result<Response, RequestError> {
-        let timeout = request.timeout_or(DEFAULT_REQUEST_TIMEOUT);
+        let timeout = request.timeout_or(self.inner.request_timeout);
         let mut env = request.envelope;
         env.timestamp = tunnel_transport::unix_millis();
         env.id = tunnel_transport::next_message_id();

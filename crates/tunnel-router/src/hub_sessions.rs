@@ -83,12 +83,49 @@ struct Maps {
     leases: u64,
 }
 
+/// A hub's sessions, connected or within their grace period: the registry the
+/// transport's handshakes consult ([`SessionRegistry::hook`]) to resume a session or
+/// start one, and the hub serves them from. Give the same registry to the acceptor's
+/// [`ServerConfig::sessions`](tunnel_transport::ServerConfig::sessions) and to
+/// [`HubConfig::sessions`](crate::HubConfig::sessions).
+#[derive(Debug, Clone)]
+pub struct SessionRegistry {
+    store: Arc<Store>,
+}
+
+impl SessionRegistry {
+    /// An empty registry with these settings.
+    pub fn new(config: HubSessions) -> Self {
+        SessionRegistry {
+            store: Store::new(config, Arc::new(tunnel_metrics::NoopRecorder)),
+        }
+    }
+
+    /// The hook for the transport's handshakes.
+    pub fn hook(&self) -> Arc<dyn SessionStore> {
+        self.store.clone()
+    }
+
+    /// Where session metrics go (the hub sets its own).
+    pub(crate) fn set_recorder(&mut self, recorder: Arc<dyn Recorder>) {
+        *self
+            .store
+            .recorder
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = recorder;
+    }
+
+    pub(crate) fn store(self) -> Arc<Store> {
+        self.store
+    }
+}
+
 /// Sessions by id, and each agent's current session.
 #[derive(Debug)]
 pub(crate) struct Store {
     config: HubSessions,
     maps: Mutex<Maps>,
-    recorder: Arc<dyn Recorder>,
+    recorder: std::sync::RwLock<Arc<dyn Recorder>>,
 }
 
 impl Store {
@@ -96,13 +133,16 @@ impl Store {
         Arc::new(Store {
             config,
             maps: Mutex::new(Maps::default()),
-            recorder,
+            recorder: std::sync::RwLock::new(recorder),
         })
     }
 
     /// Where session resets are recorded.
-    pub(crate) fn recorder(&self) -> &dyn Recorder {
-        &*self.recorder
+    pub(crate) fn recorder(&self) -> Arc<dyn Recorder> {
+        self.recorder
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
@@ -155,7 +195,7 @@ impl Store {
             )
         };
         for reliable in gone {
-            self.recorder.session_reset();
+            self.recorder().session_reset();
             reliable.shut_down(Undelivered::Reset(
                 "the agent did not come back within the grace period".into(),
             ));
@@ -233,7 +273,7 @@ impl SessionStore for Store {
             if maps.by_agent.get(&gone.agent) == Some(&oldest) {
                 maps.by_agent.remove(&gone.agent);
             }
-            self.recorder.session_reset();
+            self.recorder().session_reset();
             tokio::spawn(async move {
                 gone.reliable.shut_down(Undelivered::Reset(
                     "the hub holds too many sessions: the longest disconnected went".into(),
@@ -244,7 +284,7 @@ impl SessionStore for Store {
             id.clone(),
             Entry {
                 agent: agent.clone(),
-                reliable: Reliable::new(self.config.session.clone(), self.recorder.clone()),
+                reliable: Reliable::new(self.config.session.clone(), self.recorder()),
                 // Connected once its connection attaches (see above).
                 detached_at: Some(Instant::now()),
             },

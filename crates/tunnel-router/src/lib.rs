@@ -54,8 +54,10 @@ pub use agent::{
     Agent, AgentClient, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState,
     InvalidAgentConfig, ResponseFuture, SessionEvent,
 };
-pub use hub::{AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubSendError};
-pub use hub_sessions::HubSessions;
+pub use hub::{
+    AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubConfig, HubSendError,
+};
+pub use hub_sessions::{HubSessions, SessionRegistry};
 pub use pool::{Pool, PoolClient, PoolMode, Readiness};
 pub use reliable::{FullPolicy, Receipt, ReliableSendError, Undelivered, WhenFull};
 pub use request::{Request, RequestError, Response, error_code};
