@@ -315,7 +315,11 @@ impl Hub {
     /// Serves agents from any transport's acceptor, with the hub's own settings. With
     /// [`HubConfig::sessions`], the acceptor's [`ServerConfig`] must consult the same
     /// registry ([`SessionRegistry::hook`]), so that handshakes resume its sessions.
-    pub fn serve_with(acceptor: impl Acceptor + 'static, router: Router, mut config: HubConfig) -> Hub {
+    pub fn serve_with(
+        acceptor: impl Acceptor + 'static,
+        router: Router,
+        mut config: HubConfig,
+    ) -> Hub {
         if let (Some(sessions), Some(recorder)) = (&mut config.sessions, &config.recorder) {
             sessions.set_recorder(recorder.clone());
         }

@@ -2,7 +2,10 @@
 //!
 //! It carries encoded frames exactly like the WebSocket transport (so codecs, limits
 //! and metrics behave the same) but has no sockets, no HTTP upgrade and no keepalive
-//! pings. [`listener`] returns a connector and an acceptor wired to each other.
+//! pings. [`listener`] returns a connector and an acceptor wired to each other;
+//! [`listener_with_faults`] adds a [`Faults`] handle that cuts connections, refuses
+//! new ones, stalls one direction and adds latency, for simulation tests (with
+//! tokio's paused clock, every delay is simulated).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -40,15 +43,128 @@ use crate::error::{AcceptError, ConnectError};
 /// # }
 /// ```
 pub fn listener(client: ClientConfig, server: ServerConfig) -> (MemoryConnector, MemoryAcceptor) {
+    let (mut connector, acceptor) = listener_with_faults(client, server, Faults::default());
+    connector.faults = None;
+    (connector, acceptor)
+}
+
+/// [`listener`], with its connections subject to `faults`.
+pub fn listener_with_faults(
+    client: ClientConfig,
+    server: ServerConfig,
+    faults: Faults,
+) -> (MemoryConnector, MemoryAcceptor) {
     let (tx, rx) = mpsc::channel(server.accept_queue.max(1));
     (
         MemoryConnector {
             client,
             server: Arc::new(server),
             to_acceptor: tx,
+            faults: Some(faults),
         },
         MemoryAcceptor { incoming: rx },
     )
+}
+
+/// A direction of the memory connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Agent to hub.
+    ToHub,
+    /// Hub to agent.
+    ToAgent,
+}
+
+impl Direction {
+    fn index(self) -> usize {
+        match self {
+            Direction::ToHub => 0,
+            Direction::ToAgent => 1,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct FaultState {
+    refuse: std::sync::atomic::AtomicBool,
+    /// Per direction: frames are held back (not lost) while set.
+    stalled: [tokio::sync::watch::Sender<bool>; 2],
+    /// Added to every frame's delivery, per direction.
+    latency: [std::sync::Mutex<std::time::Duration>; 2],
+    /// Both ends of every live connection, to cut them.
+    live: std::sync::Mutex<Vec<(std::sync::Weak<Shared>, std::sync::Weak<Shared>)>>,
+}
+
+impl Default for FaultState {
+    fn default() -> Self {
+        FaultState {
+            refuse: Default::default(),
+            stalled: [
+                tokio::sync::watch::Sender::new(false),
+                tokio::sync::watch::Sender::new(false),
+            ],
+            latency: Default::default(),
+            live: Default::default(),
+        }
+    }
+}
+
+/// Faults for the connections of a [`listener_with_faults`], set from a test. Clones
+/// control the same connections.
+#[derive(Debug, Clone, Default)]
+pub struct Faults(Arc<FaultState>);
+
+impl Faults {
+    /// Drops every live connection at once, both ends, as a failed network does:
+    /// frames in flight are lost. Returns how many were cut.
+    pub fn cut_all(&self) -> usize {
+        let live = std::mem::take(&mut *self.0.live.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut cut = 0;
+        for (agent, hub) in live {
+            let ends: Vec<_> = [agent.upgrade(), hub.upgrade()]
+                .into_iter()
+                .flatten()
+                .collect();
+            if !ends.is_empty() {
+                cut += 1;
+            }
+            for end in ends {
+                end.end(crate::CloseReason::Io("connection cut".into()));
+            }
+        }
+        cut
+    }
+
+    /// While set, new connections fail as unreachable (a partition).
+    pub fn refuse(&self, refuse: bool) {
+        self.0
+            .refuse
+            .store(refuse, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// While set, frames in `direction` are held back (not lost): a one-way stall.
+    pub fn stall(&self, direction: Direction, stalled: bool) {
+        self.0.stalled[direction.index()].send_replace(stalled);
+    }
+
+    /// Delays every frame in `direction` by `latency` from now on.
+    pub fn latency(&self, direction: Direction, latency: std::time::Duration) {
+        *self.0.latency[direction.index()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = latency;
+    }
+
+    fn latency_of(&self, direction: Direction) -> std::time::Duration {
+        *self.0.latency[direction.index()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(&self, agent: &Arc<Shared>, hub: &Arc<Shared>) {
+        let mut live = self.0.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|(a, h)| a.strong_count() > 0 || h.strong_count() > 0);
+        live.push((Arc::downgrade(agent), Arc::downgrade(hub)));
+    }
 }
 
 /// The agent side of [`listener`].
@@ -57,6 +173,7 @@ pub struct MemoryConnector {
     client: ClientConfig,
     server: Arc<ServerConfig>,
     to_acceptor: mpsc::Sender<Connection>,
+    faults: Option<Faults>,
 }
 
 /// The hub side of [`listener`].
@@ -78,6 +195,16 @@ impl crate::Connector for MemoryConnector {
             body,
             retry_after: None,
         };
+        if self
+            .faults
+            .as_ref()
+            .is_some_and(|f| f.0.refuse.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(ConnectError::Unreachable {
+                url: "memory".into(),
+                reason: "refused by the fault controller".into(),
+            });
+        }
         if !server.formats.contains(&client.format) {
             return Err(refused(400, "codec not accepted".into()));
         }
@@ -125,7 +252,7 @@ impl crate::Connector for MemoryConnector {
             peer_addr: None,
             connected_at: std::time::SystemTime::now(),
         };
-        let (agent_side, hub_side) = pair(info, peers_last, client, server);
+        let (agent_side, hub_side) = pair(info, peers_last, client, server, self.faults.as_ref());
         self.to_acceptor
             .send(hub_side)
             .await
@@ -149,10 +276,14 @@ fn pair(
     (hub_received, agent_received): (Option<u64>, Option<u64>),
     client: &ClientConfig,
     server: &ServerConfig,
+    faults: Option<&Faults>,
 ) -> (Connection, Connection) {
     let mut agent_info = info.clone();
     agent_info.id = next_connection_id();
     agent_info.peer_last_received = hub_received;
+    // Leases order one hub's grants; an agent moving between hubs must not compare
+    // them (as over WebSocket, where the agent never learns them).
+    agent_info.session_lease = 0;
     let mut hub_info = info;
     hub_info.id = next_connection_id();
     hub_info.peer_last_received = agent_received;
@@ -164,32 +295,100 @@ fn pair(
     let (to_hub, hub_rx) = mpsc::channel(server.connection.outbound_queue.max(1));
     let (to_agent, agent_rx) = mpsc::channel(client.connection.outbound_queue.max(1));
     let kind = client.format.codec().frame_kind();
-    let agent_frames = MemFrames::new(agent_rx, kind, hub.clone());
-    let hub_frames = MemFrames::new(hub_rx, kind, agent.clone());
+    if let Some(faults) = faults {
+        faults.register(&agent, &hub);
+    }
+    let agent_frames = MemFrames::new(
+        agent_rx,
+        kind,
+        hub.clone(),
+        faults.cloned(),
+        Direction::ToAgent,
+    );
+    let hub_frames = MemFrames::new(
+        hub_rx,
+        kind,
+        agent.clone(),
+        faults.cloned(),
+        Direction::ToHub,
+    );
     (
         Connection::new(agent, to_hub, Box::pin(agent_frames)),
         Connection::new(hub, to_agent, Box::pin(hub_frames)),
     )
 }
 
-/// Frames from the peer's sender; ends when the peer's connection is over.
+/// Frames from the peer's sender, delayed and held back as the faults say; ends
+/// when the peer's connection is over.
 struct MemFrames {
     rx: mpsc::Receiver<Outgoing>,
     kind: FrameKind,
     peer: Arc<Shared>,
     peer_gone: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// `None`: frames go straight through.
+    faults: Option<Faults>,
+    direction: Direction,
+    /// Frames taken from the peer, with when each may be delivered.
+    in_flight: std::collections::VecDeque<(Incoming, tokio::time::Instant)>,
+    /// Armed while the front frame is not yet due.
+    due: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set while the direction is stalled: resolves when the stall lifts.
+    unstall: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// A close is queued in `in_flight`: nothing more is taken from the peer.
+    closing: bool,
     done: bool,
 }
 
 impl MemFrames {
-    fn new(rx: mpsc::Receiver<Outgoing>, kind: FrameKind, peer: Arc<Shared>) -> Self {
+    fn new(
+        rx: mpsc::Receiver<Outgoing>,
+        kind: FrameKind,
+        peer: Arc<Shared>,
+        faults: Option<Faults>,
+        direction: Direction,
+    ) -> Self {
         MemFrames {
             rx,
             kind,
             peer_gone: Box::pin(peer.shutdown.clone().cancelled_owned()),
             peer,
+            faults,
+            direction,
+            in_flight: std::collections::VecDeque::new(),
+            due: None,
+            unstall: None,
+            closing: false,
             done: false,
         }
+    }
+
+    /// The next frame that may be delivered now, if any; arms the wake-ups otherwise.
+    fn poll_due(&mut self, cx: &mut Context<'_>, faults: &Faults) -> Option<Incoming> {
+        let stalled = &faults.0.stalled[self.direction.index()];
+        if *stalled.borrow() {
+            let unstall = self.unstall.get_or_insert_with(|| {
+                let mut rx = stalled.subscribe();
+                Box::pin(async move {
+                    let _ = rx.wait_for(|s| !*s).await;
+                })
+            });
+            if unstall.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+        }
+        self.unstall = None;
+        let (_, at) = self.in_flight.front()?;
+        if *at > tokio::time::Instant::now() {
+            let at = *at;
+            let due = self
+                .due
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            due.as_mut().reset(at);
+            if due.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+        }
+        self.in_flight.pop_front().map(|(frame, _)| frame)
     }
 }
 
@@ -200,6 +399,72 @@ impl Stream for MemFrames {
         if self.done {
             return Poll::Ready(None);
         }
+        let Some(faults) = self.faults.clone() else {
+            return self.poll_plain(cx);
+        };
+        // Take everything the peer sent so far: its latency runs from now.
+        let at = tokio::time::Instant::now() + faults.latency_of(self.direction);
+        let mut closed = self.closing;
+        while !closed {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Outgoing::Data(bytes, _))) => {
+                    let kind = self.kind;
+                    self.in_flight.push_back((Incoming::Data(bytes, kind), at));
+                }
+                Poll::Ready(Some(Outgoing::Close(code, reason))) => {
+                    self.in_flight
+                        .push_back((Incoming::Closed(Some((code, reason))), at));
+                    closed = true;
+                    self.closing = true;
+                }
+                Poll::Ready(None) => {
+                    closed = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if !closed && self.peer_gone.as_mut().poll(cx).is_ready() {
+            match self.peer.final_close_frame() {
+                // An orderly close: what it sent first still arrives.
+                Some(frame) => {
+                    self.in_flight
+                        .push_back((Incoming::Closed(Some(frame)), at));
+                    closed = true;
+                }
+                // Cut or failed: what was in flight is lost.
+                None => {
+                    self.in_flight.clear();
+                    self.done = true;
+                    return Poll::Ready(Some(Incoming::Closed(None)));
+                }
+            }
+        }
+        if closed
+            && !self.closing
+            && !self
+                .in_flight
+                .iter()
+                .any(|(f, _)| matches!(f, Incoming::Closed(_)))
+        {
+            self.in_flight.push_back((Incoming::Closed(None), at));
+        }
+        self.closing = closed;
+        match self.poll_due(cx, &faults) {
+            Some(frame) => {
+                if matches!(frame, Incoming::Closed(_)) {
+                    self.done = true;
+                }
+                Poll::Ready(Some(frame))
+            }
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl MemFrames {
+    /// Without faults: straight from the peer's queue.
+    fn poll_plain(&mut self, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
         let item = match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Outgoing::Data(bytes, _))) => {
                 return Poll::Ready(Some(Incoming::Data(bytes, self.kind)));
