@@ -1,7 +1,9 @@
 //! Deterministic simulation: the real agent and hubs (drivers, routers, sessions,
 //! codecs) over the memory transport, on tokio's paused clock, under a seeded
 //! schedule of faults: cuts, partitions that heal, one-way stalls, latency, hub
-//! restarts, grace expiry, drains to the other hub. After every schedule:
+//! restarts, grace expiry, drains to the other hub; in half the schedules the hubs
+//! share a session store, so restarted and drained-to hubs resume sessions. After
+//! every schedule:
 //!
 //! - every message `send` accepted, either way, was delivered exactly once and in
 //!   order, or its receipt failed with a reason (and it was delivered at most once);
@@ -34,8 +36,8 @@ use tunnel_proto::session::SessionConfig;
 use tunnel_proto::{MessageType, Payload};
 use tunnel_reconnect::{BackoffConfig, BreakerConfig, ExponentialBackoff};
 use tunnel_router::{
-    Agent, AgentConfig, Drain, Hub, HubConfig, HubSessions, Inbound, Request, Router,
-    SessionRegistry,
+    Agent, AgentConfig, Drain, Hub, HubConfig, HubSessions, Inbound, MemoryStore, Request, Router,
+    SessionRegistry, SessionStore, StoreError,
 };
 use tunnel_transport::memory::{self, Direction, Faults, MemoryConnector};
 use tunnel_transport::{AgentId, AllowAll, ClientConfig, ConnectError, Connection, ServerConfig};
@@ -124,6 +126,9 @@ struct World {
     hubs: [Option<Hub>; 2],
     grace: Duration,
     hub_seen: Seen,
+    /// Shared by every hub of the schedule, if any: restarted and drained-to hubs
+    /// resume sessions from it.
+    store: Option<Arc<MemoryStore>>,
     verbose: bool,
 }
 
@@ -135,11 +140,13 @@ impl World {
     }
 
     fn start_hub(&mut self, slot: usize) {
-        let sessions = SessionRegistry::new(
-            HubSessions::default()
-                .grace(self.grace)
-                .session(session_config()),
-        );
+        let mut config = HubSessions::default()
+            .grace(self.grace)
+            .session(session_config());
+        if let Some(store) = &self.store {
+            config = config.store(store.clone());
+        }
+        let sessions = SessionRegistry::new(config);
         let (connector, acceptor) = memory::listener_with_faults(
             ClientConfig::new(self.agent_id.clone()),
             ServerConfig::new(AllowAll).sessions(sessions.hook()),
@@ -194,8 +201,12 @@ async fn scenario(seed: u64, verbose: bool) -> Result<Summary, String> {
         hubs: [None, None],
         grace: Duration::from_millis(rng.random_range(1_000..6_000)),
         hub_seen: Seen::default(),
+        store: None,
         verbose,
     };
+    if rng.random_bool(0.5) {
+        world.store = Some(Arc::new(MemoryStore::new(64)));
+    }
     world.start_hub(0);
     world.start_hub(1);
     let agent_seen = Seen::default();
@@ -528,4 +539,182 @@ fn seeded_schedules_deliver_exactly_once_or_fail_with_a_reason() {
         seeds.len(),
         failures.join("\n")
     );
+}
+
+/// A hub restarted with the same store resumes its predecessor's sessions: the agent
+/// sees `Resumed`, nothing is lost or repeated.
+#[tokio::test(start_paused = true)]
+async fn a_hub_restarted_on_the_same_store_resumes_its_sessions() {
+    let store = Arc::new(MemoryStore::new(16));
+    let mut world = World {
+        agent_id: AgentId::new("sim", "restart"),
+        faults: Faults::default(),
+        board: Switchboard::default(),
+        hubs: [None, None],
+        grace: Duration::from_secs(30),
+        hub_seen: Seen::default(),
+        store: Some(store.clone()),
+        verbose: false,
+    };
+    world.start_hub(0);
+    let agent = Agent::start(
+        world.board.clone(),
+        AgentConfig::new(SLOTS[0]).session(Some(session_config())),
+        router(Seen::default()),
+    )
+    .expect("valid");
+    agent
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .expect("connected");
+    let mut state = agent.state();
+    for n in 1..=5 {
+        agent
+            .send(MessageType::Event, &event(n))
+            .await
+            .expect("held");
+    }
+    let hub = world.hubs[0].take().expect("hub");
+    hub.shutdown().await;
+    assert_eq!(store.len(), 1, "saved at shutdown");
+    world.start_hub(0);
+    let resumed = tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| matches!(s, tunnel_router::ConnectionState::Resumed { .. })),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    assert!(resumed, "state {:?}", *agent.state().borrow());
+    for n in 6..=8 {
+        agent
+            .send(MessageType::Event, &event(n))
+            .await
+            .expect("held");
+    }
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while agent.held() != Some((0, 0)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("everything acknowledged");
+    assert_eq!(
+        *world.hub_seen.lock().expect("lock"),
+        (1..=8).collect::<Vec<_>>()
+    );
+    agent.shutdown().await;
+    for hub in world.hubs.iter_mut().filter_map(Option::take) {
+        hub.shutdown().await;
+    }
+}
+
+/// A store that fails refuses the handshake with `1013 try_again_later`; the agent
+/// keeps its session, comes back, and resumes once the store answers again.
+#[tokio::test(start_paused = true)]
+async fn a_failing_store_refuses_with_try_again_later_and_the_agent_resumes_later() {
+    #[derive(Debug)]
+    struct Flaky {
+        down: std::sync::atomic::AtomicBool,
+        inner: MemoryStore,
+    }
+    #[async_trait::async_trait]
+    impl SessionStore for Flaky {
+        async fn take(
+            &self,
+            agent: &AgentId,
+            id: &str,
+        ) -> Result<Option<tunnel_proto::session::SessionSnapshot>, StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError("store unreachable".into()));
+            }
+            self.inner.take(agent, id).await
+        }
+        async fn save(
+            &self,
+            agent: &AgentId,
+            id: &str,
+            snapshot: tunnel_proto::session::SessionSnapshot,
+            keep_for: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.save(agent, id, snapshot, keep_for).await
+        }
+        async fn remove(&self, agent: &AgentId, id: &str) -> Result<(), StoreError> {
+            self.inner.remove(agent, id).await
+        }
+    }
+    let flaky = Arc::new(Flaky {
+        down: Default::default(),
+        inner: MemoryStore::new(16),
+    });
+    let agent_id = AgentId::new("sim", "flaky");
+    let hub_seen = Seen::default();
+    let start = |store: Arc<Flaky>| {
+        let sessions = SessionRegistry::new(
+            HubSessions::default()
+                .session(session_config())
+                .store(store),
+        );
+        let (connector, acceptor) = memory::listener(
+            ClientConfig::new(agent_id.clone()),
+            ServerConfig::new(AllowAll).sessions(sessions.hook()),
+        );
+        let hub = Hub::serve_with(
+            acceptor,
+            router(hub_seen.clone()),
+            HubConfig::default().sessions(sessions),
+        );
+        (hub, connector)
+    };
+    let board = Switchboard::default();
+    let (hub, connector) = start(flaky.clone());
+    board
+        .0
+        .lock()
+        .expect("lock")
+        .insert(SLOTS[0].into(), connector);
+    let agent = Agent::start(
+        board.clone(),
+        AgentConfig::new(SLOTS[0])
+            .session(Some(session_config()))
+            .backoff(
+                BackoffConfig::default()
+                    .base(Duration::from_millis(100))
+                    .cap(Duration::from_millis(200)),
+            ),
+        router(Seen::default()),
+    )
+    .expect("valid");
+    agent
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .expect("connected");
+    agent
+        .send(MessageType::Event, &event(1))
+        .await
+        .expect("held");
+    hub.shutdown().await;
+    // The next hub's store is down: the resume is refused, not reset.
+    flaky.down.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (hub, connector) = start(flaky.clone());
+    board
+        .0
+        .lock()
+        .expect("lock")
+        .insert(SLOTS[0].into(), connector);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!agent.is_connected(), "refused while the store is down");
+    assert_eq!(agent.held().map(|h| h.0), Some(1), "kept for the resume");
+    flaky
+        .down
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut state = agent.state();
+    let resumed = tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| matches!(s, tunnel_router::ConnectionState::Resumed { .. })),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    assert!(resumed, "state {:?}", *agent.state().borrow());
+    agent.shutdown().await;
+    hub.shutdown().await;
 }

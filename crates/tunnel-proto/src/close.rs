@@ -27,6 +27,10 @@ impl CloseCode {
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);
     /// 1011: internal error on the closing side.
     pub const INTERNAL_ERROR: CloseCode = CloseCode(1011);
+    /// 1013: try again later: the hub could not decide the connection's session (its
+    /// session store failed). The agent keeps its session and reconnects after its
+    /// backoff, asking to resume again.
+    pub const TRY_AGAIN_LATER: CloseCode = CloseCode(1013);
     /// 4000: the handshake did not arrive within the handshake timeout.
     pub const HANDSHAKE_TIMEOUT: CloseCode = CloseCode(4000);
     /// 4001: a message arrived before the handshake completed.
@@ -57,6 +61,7 @@ impl CloseCode {
             1008 => "policy_violation",
             1009 => "message_too_big",
             1011 => "internal_error",
+            1013 => "try_again_later",
             4000 => "handshake_timeout",
             4001 => "handshake_required",
             4002 => "version_mismatch",

@@ -748,7 +748,9 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 && reliable.detach(&sender)
                 && let Some(store) = &inner2.sessions
             {
-                store.set_connected(&sender.info().session_id, false);
+                store
+                    .detached(&sender.info().agent, &sender.info().session_id, reliable)
+                    .await;
             }
             let mut agents = inner2.agents.write().unwrap_or_else(|e| e.into_inner());
             if agents

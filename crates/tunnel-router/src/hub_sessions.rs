@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tunnel_metrics::Recorder;
+use tunnel_proto::session::Session;
 use tunnel_proto::session::SessionConfig;
-use tunnel_transport::{AgentId, Resume, SessionGrant, SessionStore, new_session_id};
+use tunnel_transport::{AgentId, GrantError, Resume, SessionGrant, SessionGrants, new_session_id};
 
 use crate::reliable::{FullPolicy, Reliable, Undelivered};
+use crate::store::SessionStore;
 
 /// Session resume on a hub.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct HubSessions {
     /// Bounds and ack timing of each session.
@@ -27,6 +29,10 @@ pub struct HubSessions {
     /// ends the one disconnected longest (its agent will be reset); connected
     /// sessions are bounded by the listener's connection limit. Default 32,768.
     pub max_sessions: usize,
+    /// Where detached sessions are also kept, as snapshots, for a hub that does not
+    /// hold them live (this one restarted, or another sharing the store) to resume
+    /// them. Default: none, sessions live only in this hub's memory.
+    pub store: Option<Arc<dyn SessionStore>>,
 }
 
 impl Default for HubSessions {
@@ -36,6 +42,7 @@ impl Default for HubSessions {
             grace: Duration::from_secs(60),
             when_full: FullPolicy::default(),
             max_sessions: 32_768,
+            store: None,
         }
     }
 }
@@ -59,6 +66,12 @@ impl HubSessions {
         self
     }
 
+    /// Sets [`HubSessions::store`].
+    pub fn store(mut self, store: Arc<dyn SessionStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
     /// Sets [`HubSessions::grace`].
     pub fn grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
@@ -73,6 +86,9 @@ struct Entry {
     /// When its last connection ended, or it was granted to a connection that has not
     /// attached yet (None while a connection carries it).
     detached_at: Option<Instant>,
+    /// Saved to the store since it last resumed here: whether this copy is still the
+    /// session is then the store's to say (another hub may have taken it).
+    saved: bool,
 }
 
 #[derive(Debug, Default)]
@@ -102,7 +118,7 @@ impl SessionRegistry {
     }
 
     /// The hook for the transport's handshakes.
-    pub fn hook(&self) -> Arc<dyn SessionStore> {
+    pub fn hook(&self) -> Arc<dyn SessionGrants> {
         self.store.clone()
     }
 
@@ -194,6 +210,8 @@ impl Store {
                 gone,
             )
         };
+        // A stored copy expires by itself (it was saved for the grace period), and
+        // another hub may hold a newer one under the same id: it is left alone.
         for reliable in gone {
             self.recorder().session_reset();
             reliable.shut_down(Undelivered::Reset(
@@ -205,15 +223,71 @@ impl Store {
         }
     }
 
-    /// Ends every session (hub shutdown).
+    /// Ends every session (hub shutdown). With a store, each is saved once its
+    /// connection has stopped delivering, so that a hub sharing the store (this one,
+    /// restarted) resumes it.
     pub(crate) async fn close_all(&self) {
-        let all: Vec<Arc<Reliable>> = {
+        let all: Vec<(String, Entry)> = {
             let mut maps = self.maps();
             maps.by_agent.clear();
-            maps.sessions.drain().map(|(_, e)| e.reliable).collect()
+            maps.sessions.drain().collect()
         };
-        for reliable in all {
-            reliable.shut_down(Undelivered::ShutDown);
+        for (id, entry) in all {
+            if self.config.store.is_some() {
+                // Detached sessions were saved when their connection ended (and may
+                // have moved on since); a connection still attached once no reader
+                // delivers has not saved yet.
+                let _reading = entry.reliable.reader.lock().await;
+                if entry.reliable.is_attached() {
+                    self.save(&entry.agent, &id, &entry.reliable).await;
+                }
+            }
+            entry.reliable.shut_down(Undelivered::ShutDown);
+        }
+    }
+
+    /// A connection of session `id` ended and no other carries it: it is
+    /// disconnected from now on, and saved to the store, if any.
+    pub(crate) async fn detached(&self, agent: &AgentId, id: &str, reliable: &Reliable) {
+        self.set_connected(id, false);
+        if self.save(agent, id, reliable).await
+            && let Some(entry) = self.maps().sessions.get_mut(id)
+        {
+            entry.saved = true;
+        }
+    }
+
+    /// Saves the session to the store, if any; returns whether it was saved.
+    async fn save(&self, agent: &AgentId, id: &str, reliable: &Reliable) -> bool {
+        let Some(store) = &self.config.store else {
+            return false;
+        };
+        let saved = match reliable.snapshot() {
+            None => return false,
+            Some(Ok(snapshot)) => {
+                let generation = snapshot.generation;
+                match store.save(agent, id, snapshot, self.config.grace).await {
+                    Ok(()) => {
+                        reliable.set_generation(generation);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Some(Err(e)) => Err(e.to_string()),
+        };
+        if let Err(error) = &saved {
+            tracing::warn!(%agent, %error, "could not save the session: it resumes only on this hub");
+        }
+        saved.is_ok()
+    }
+
+    /// Removes session `id` from the store, if any.
+    async fn forget(&self, agent: &AgentId, id: &str) {
+        if let Some(store) = &self.config.store
+            && let Err(error) = store.remove(agent, id).await
+        {
+            tracing::warn!(%agent, %error, "could not remove a session from the store");
         }
     }
 
@@ -228,34 +302,113 @@ impl Store {
     }
 }
 
-impl SessionStore for Store {
-    fn open(&self, agent: &AgentId, resume: Option<&Resume>) -> SessionGrant {
+/// What a registry holds live of a session an agent asks to resume.
+enum Live {
+    /// Resumed.
+    Granted(SessionGrant),
+    /// A copy whose snapshot was saved, of this generation: the store says whether it
+    /// is still the session.
+    Saved(u64),
+    /// Nothing that can continue.
+    None,
+}
+
+impl Store {
+    /// The live session the agent asks to resume, if this hub holds it and it may
+    /// continue (a peer claiming more than was sent talks about state this hub does
+    /// not have: that is a reset).
+    ///
+    /// A copy saved to the store is resumed only once the store confirms it
+    /// (`confirmed`): [`Live::Saved`] asks for that first.
+    fn grant_live(&self, agent: &AgentId, resume: &Resume, confirmed: bool) -> Live {
         let mut maps = self.maps();
         maps.leases += 1;
         let lease = maps.leases;
-        if let Some(resume) = resume
-            && let Some(entry) = maps.sessions.get_mut(&resume.session_id)
-            && entry.agent == *agent
-        {
-            // An agent that reports more than was ever sent to it talks about state
-            // this hub does not have: that is a reset, not a resume.
-            if entry.reliable.may_resume(resume.last_received) {
-                // Counted as connected once the connection attaches: a grant whose
-                // connection never gets that far still ends after the grace period.
-                entry.detached_at = Some(Instant::now());
-                entry.reliable.supersede(lease);
-                return SessionGrant::resumed(
-                    resume.session_id.clone(),
-                    entry.reliable.last_received(),
-                )
-                .with_lease(lease);
+        let Some(entry) = maps.sessions.get_mut(&resume.session_id) else {
+            return Live::None;
+        };
+        if entry.agent != *agent || !entry.reliable.may_resume(resume.last_received) {
+            return Live::None;
+        }
+        if entry.saved && !confirmed {
+            return Live::Saved(entry.reliable.generation());
+        }
+        entry.saved = false;
+        // Counted as connected once the connection attaches: a grant whose
+        // connection never gets that far still ends after the grace period.
+        entry.detached_at = Some(Instant::now());
+        entry.reliable.supersede(lease);
+        Live::Granted(
+            SessionGrant::resumed(resume.session_id.clone(), entry.reliable.last_received())
+                .with_lease(lease),
+        )
+    }
+
+    /// Takes the stored snapshot of the session the agent asks to resume.
+    async fn take(
+        &self,
+        agent: &AgentId,
+        resume: &Resume,
+    ) -> Result<Option<tunnel_proto::session::SessionSnapshot>, GrantError> {
+        let Some(store) = &self.config.store else {
+            return Ok(None);
+        };
+        store
+            .take(agent, &resume.session_id)
+            .await
+            .map_err(|e| GrantError(e.to_string()))
+    }
+
+    /// `snapshot` restored, if the agent may resume it.
+    fn restore(
+        &self,
+        agent: &AgentId,
+        resume: &Resume,
+        snapshot: Option<tunnel_proto::session::SessionSnapshot>,
+    ) -> Option<Session> {
+        let snapshot = snapshot?;
+        let now = Instant::now().into_std();
+        match Session::restore(self.config.session.clone(), &snapshot, now) {
+            Ok(session) if session.may_resume(resume.last_received) => Some(session),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(%agent, error = %e, "a stored session could not be restored");
+                None
             }
         }
-        let id = new_session_id();
+    }
+
+    /// Registers `session` (restored, resumed under `resume`'s id) or a new session
+    /// for `agent`, ending the agent's earlier session here and, past the bound, the
+    /// one disconnected longest.
+    fn register(
+        &self,
+        agent: &AgentId,
+        restored: Option<(Session, &Resume)>,
+    ) -> (SessionGrant, Vec<(AgentId, String)>) {
+        let mut maps = self.maps();
+        maps.leases += 1;
+        let lease = maps.leases;
+        let mut forgotten = Vec::new();
+        let (id, reliable, grant) = match restored {
+            Some((session, resume)) => {
+                let reliable = Reliable::from_session(session, self.recorder());
+                let grant =
+                    SessionGrant::resumed(resume.session_id.clone(), reliable.last_received());
+                (resume.session_id.clone(), reliable, grant)
+            }
+            None => {
+                let id = new_session_id();
+                let reliable = Reliable::new(self.config.session.clone(), self.recorder());
+                (id.clone(), reliable, SessionGrant::fresh(id))
+            }
+        };
         if let Some(old_id) = maps.by_agent.insert(agent.clone(), id.clone())
+            && old_id != id
             && let Some(old) = maps.sessions.remove(&old_id)
         {
             // The agent started over: its old session's undelivered messages fail.
+            forgotten.push((agent.clone(), old_id));
             tokio::spawn(async move {
                 old.reliable
                     .shut_down(Undelivered::Reset("the agent started a new session".into()));
@@ -273,6 +426,7 @@ impl SessionStore for Store {
             if maps.by_agent.get(&gone.agent) == Some(&oldest) {
                 maps.by_agent.remove(&gone.agent);
             }
+            forgotten.push((gone.agent.clone(), oldest));
             self.recorder().session_reset();
             tokio::spawn(async move {
                 gone.reliable.shut_down(Undelivered::Reset(
@@ -280,16 +434,62 @@ impl SessionStore for Store {
                 ));
             });
         }
-        maps.sessions.insert(
-            id.clone(),
+        let displaced = maps.sessions.insert(
+            id,
             Entry {
                 agent: agent.clone(),
-                reliable: Reliable::new(self.config.session.clone(), self.recorder()),
-                // Connected once its connection attaches (see above).
+                reliable,
+                // Connected once its connection attaches (see `grant_live`).
                 detached_at: Some(Instant::now()),
+                saved: false,
             },
         );
-        SessionGrant::fresh(id).with_lease(lease)
+        if let Some(displaced) = displaced {
+            // A live copy that could not continue, replaced by the stored one.
+            tokio::spawn(async move {
+                displaced.reliable.shut_down(Undelivered::Reset(
+                    "the session continued from another copy".into(),
+                ));
+            });
+        }
+        (grant.with_lease(lease), forgotten)
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionGrants for Store {
+    async fn grant(
+        &self,
+        agent: &AgentId,
+        resume: Option<&Resume>,
+    ) -> Result<SessionGrant, GrantError> {
+        let restored = match resume {
+            None => None,
+            Some(resume) => match self.grant_live(agent, resume, false) {
+                Live::Granted(grant) => return Ok(grant),
+                Live::None => {
+                    let snapshot = self.take(agent, resume).await?;
+                    self.restore(agent, resume, snapshot).map(|s| (s, resume))
+                }
+                Live::Saved(generation) => {
+                    // This copy was saved: it is still the session only if the store
+                    // holds what it saved. A newer generation continued elsewhere and
+                    // replaces it; none means another hub holds the session now.
+                    let snapshot = self.take(agent, resume).await?;
+                    if snapshot.as_ref().map(|s| s.generation) == Some(generation)
+                        && let Live::Granted(grant) = self.grant_live(agent, resume, true)
+                    {
+                        return Ok(grant);
+                    }
+                    self.restore(agent, resume, snapshot).map(|s| (s, resume))
+                }
+            },
+        };
+        let (grant, forgotten) = self.register(agent, restored);
+        for (agent, id) in forgotten {
+            self.forget(&agent, &id).await;
+        }
+        Ok(grant)
     }
 }
 
@@ -308,12 +508,12 @@ mod tests {
             AgentId::new("w", "b"),
             AgentId::new("w", "c"),
         );
-        let first = store.open(&a, None);
-        let second = store.open(&b, None);
+        let first = store.grant(&a, None).await.expect("grant");
+        let second = store.grant(&b, None).await.expect("grant");
         store.set_connected(&first.session_id, false);
         tokio::time::sleep(Duration::from_millis(5)).await;
         store.set_connected(&second.session_id, false);
-        store.open(&c, None);
+        store.grant(&c, None).await.expect("grant");
         assert_eq!(store.len(), 2);
         assert!(
             store.get(&first.session_id).is_none(),
@@ -325,7 +525,7 @@ mod tests {
             session_id: first.session_id.clone(),
             last_received: 0,
         };
-        assert!(!store.open(&a, Some(&resume)).resumed);
+        assert!(!store.grant(&a, Some(&resume)).await.expect("grant").resumed);
     }
 
     #[tokio::test]
@@ -335,22 +535,149 @@ mod tests {
             Arc::new(tunnel_metrics::NoopRecorder),
         );
         let agent = AgentId::new("w", "a");
-        let first = store.open(&agent, None);
+        let first = store.grant(&agent, None).await.expect("grant");
         let ahead = Resume {
             session_id: first.session_id.clone(),
             last_received: 1,
         };
-        let grant = store.open(&agent, Some(&ahead));
+        let grant = store.grant(&agent, Some(&ahead)).await.expect("grant");
         assert!(!grant.resumed);
         assert_ne!(grant.session_id, first.session_id);
         let honest = Resume {
             session_id: grant.session_id.clone(),
             last_received: 0,
         };
-        let again = store.open(&agent, Some(&honest));
+        let again = store.grant(&agent, Some(&honest)).await.expect("grant");
         assert!(
             again.resumed && again.lease > grant.lease,
             "later grants lease higher"
+        );
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+    use crate::store::{MemoryStore, StoreError};
+    use tunnel_proto::{Envelope, MessageType};
+
+    fn noop() -> Arc<dyn Recorder> {
+        Arc::new(tunnel_metrics::NoopRecorder)
+    }
+
+    #[tokio::test]
+    async fn a_registry_sharing_the_store_resumes_what_another_saved() {
+        let store = Arc::new(MemoryStore::new(16));
+        let config = HubSessions::default().store(store.clone());
+        let first = Store::new(config.clone(), noop());
+        let agent = AgentId::new("w", "a");
+        let grant = first.grant(&agent, None).await.expect("grant");
+        let reliable = first.get(&grant.session_id).expect("held");
+        let env = Box::new(Envelope::new(7, MessageType::Event, 0));
+        assert!(matches!(
+            reliable.try_send(env, &crate::WhenFull::Reject),
+            crate::reliable::TrySend::Held(_)
+        ));
+        first.detached(&agent, &grant.session_id, &reliable).await;
+        assert_eq!(store.len(), 1, "saved when its connection ended");
+        // Another registry (a restarted hub) resumes it, with what it held.
+        let second = Store::new(config, noop());
+        let resume = Resume {
+            session_id: grant.session_id.clone(),
+            last_received: 0,
+        };
+        let again = second.grant(&agent, Some(&resume)).await.expect("grant");
+        assert!(again.resumed);
+        assert_eq!(again.session_id, grant.session_id);
+        let restored = second.get(&grant.session_id).expect("restored");
+        assert_eq!(restored.held().0, 1);
+        assert!(store.is_empty(), "taken: it resumes in one place");
+        // A third registry finds nothing: a new session.
+        let third = Store::new(HubSessions::default().store(store.clone()), noop());
+        assert!(
+            !third
+                .grant(&agent, Some(&resume))
+                .await
+                .expect("grant")
+                .resumed
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stored_session_the_agent_claims_to_be_ahead_of_is_not_restored() {
+        let store = Arc::new(MemoryStore::new(16));
+        let config = HubSessions::default().store(store.clone());
+        let first = Store::new(config.clone(), noop());
+        let agent = AgentId::new("w", "a");
+        let grant = first.grant(&agent, None).await.expect("grant");
+        let reliable = first.get(&grant.session_id).expect("held");
+        first.detached(&agent, &grant.session_id, &reliable).await;
+        let ahead = Resume {
+            session_id: grant.session_id.clone(),
+            last_received: 3,
+        };
+        let second = Store::new(config, noop());
+        assert!(
+            !second
+                .grant(&agent, Some(&ahead))
+                .await
+                .expect("grant")
+                .resumed
+        );
+    }
+
+    #[derive(Debug)]
+    struct Down;
+
+    #[async_trait::async_trait]
+    impl SessionStore for Down {
+        async fn take(
+            &self,
+            _: &AgentId,
+            _: &str,
+        ) -> Result<Option<tunnel_proto::session::SessionSnapshot>, StoreError> {
+            Err(StoreError("unreachable".into()))
+        }
+        async fn save(
+            &self,
+            _: &AgentId,
+            _: &str,
+            _: tunnel_proto::session::SessionSnapshot,
+            _: Duration,
+        ) -> Result<(), StoreError> {
+            Err(StoreError("unreachable".into()))
+        }
+        async fn remove(&self, _: &AgentId, _: &str) -> Result<(), StoreError> {
+            Err(StoreError("unreachable".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_store_fails_the_grant_of_a_session_it_would_hold() {
+        let registry = Store::new(HubSessions::default().store(Arc::new(Down)), noop());
+        let agent = AgentId::new("w", "a");
+        // A new session needs no store; a resume of one not held live does.
+        let grant = registry.grant(&agent, None).await.expect("grant");
+        let reliable = registry.get(&grant.session_id).expect("held");
+        registry
+            .detached(&agent, &grant.session_id, &reliable)
+            .await;
+        let elsewhere = Resume {
+            session_id: "not-held-here".into(),
+            last_received: 0,
+        };
+        assert!(registry.grant(&agent, Some(&elsewhere)).await.is_err());
+        // The live one still resumes.
+        let live = Resume {
+            session_id: grant.session_id.clone(),
+            last_received: 0,
+        };
+        assert!(
+            registry
+                .grant(&agent, Some(&live))
+                .await
+                .expect("grant")
+                .resumed
         );
     }
 }

@@ -49,6 +49,7 @@ mod reliable;
 mod request;
 mod router;
 mod session;
+mod store;
 
 pub use agent::{
     Agent, AgentClient, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState,
@@ -62,6 +63,7 @@ pub use pool::{Pool, PoolClient, PoolMode, Readiness};
 pub use reliable::{FullPolicy, Receipt, ReliableSendError, Undelivered, WhenFull};
 pub use request::{Request, RequestError, Response, error_code};
 pub use router::{Dispatched, Handler, Inbound, IntoReply, Router};
+pub use store::{MemoryStore, SessionStore, StoreError};
 pub use tunnel_reconnect::Redirects;
 
 /// The README's examples, compiled as doc tests.

@@ -221,10 +221,20 @@ fn count(n: usize) -> i64 {
 
 impl Reliable {
     pub(crate) fn new(config: SessionConfig, recorder: Arc<dyn Recorder>) -> Arc<Self> {
+        Self::from_session(Session::new(config), recorder)
+    }
+
+    /// Drives `session` (a restored one, say); what it holds counts in the replay
+    /// metrics from now on.
+    pub(crate) fn from_session(session: Session, recorder: Arc<dyn Recorder>) -> Arc<Self> {
+        let (messages, bytes) = session.held();
+        if messages > 0 {
+            recorder.replay_changed(count(messages), count(bytes));
+        }
         Arc::new(Reliable {
             recorder,
             state: Mutex::new(State {
-                session: Session::new(config),
+                session,
                 conn: None,
             }),
             drain: tokio::sync::Mutex::new(()),
@@ -541,5 +551,28 @@ impl Reliable {
     /// Messages and bytes held for replay.
     pub(crate) fn held(&self) -> (usize, usize) {
         self.state().session.held()
+    }
+
+    /// The generation of this copy (see `Session::generation`).
+    pub(crate) fn generation(&self) -> u64 {
+        self.state().session.generation()
+    }
+
+    /// Records that this copy's snapshot of `generation` was saved.
+    pub(crate) fn set_generation(&self, generation: u64) {
+        self.state().session.set_generation(generation);
+    }
+
+    /// Whether a connection carries the session.
+    pub(crate) fn is_attached(&self) -> bool {
+        self.state().session.link().is_some()
+    }
+
+    /// The session's state now, unless it was shut down (nothing left to resume).
+    pub(crate) fn snapshot(
+        &self,
+    ) -> Option<Result<session::SessionSnapshot, session::SnapshotError>> {
+        let st = self.state();
+        (!st.session.is_shut_down()).then(|| st.session.snapshot(Instant::now().into_std()))
     }
 }

@@ -144,7 +144,7 @@ pub struct ServerConfig {
     pub accept_queue: usize,
     /// Decides which session each connection belongs to. Default: none, every
     /// connection is a new session and `resume` is not offered.
-    pub sessions: Option<Arc<dyn crate::SessionStore>>,
+    pub sessions: Option<Arc<dyn crate::SessionGrants>>,
     /// Most authenticated connections held at once: an agent whose upgrade
     /// authenticates over it is answered `503 Service Unavailable` with `Retry-After`.
     /// Connections that have not authenticated never take a place (they are bounded by
@@ -241,15 +241,15 @@ impl ServerConfig {
         Ok(agent)
     }
 
-    /// The session store's decision for `agent` (a new session without a store).
-    pub(crate) fn open_session(
+    /// The session registry's decision for `agent` (a new session without one).
+    pub(crate) async fn open_session(
         &self,
         agent: &crate::AgentId,
         resume: Option<&crate::Resume>,
-    ) -> crate::SessionGrant {
+    ) -> Result<crate::SessionGrant, crate::GrantError> {
         match &self.sessions {
-            Some(store) => store.open(agent, resume),
-            None => crate::SessionGrant::new_session(),
+            Some(grants) => grants.grant(agent, resume).await,
+            None => Ok(crate::SessionGrant::new_session()),
         }
     }
 
@@ -303,9 +303,10 @@ impl ServerConfig {
         self
     }
 
-    /// Resumes sessions through `store`, and offers the `resume` capability.
-    pub fn sessions(mut self, store: Arc<dyn crate::SessionStore>) -> Self {
-        self.sessions = Some(store);
+    /// Grants sessions through `grants` (a hub's session registry), and offers the
+    /// `resume` capability.
+    pub fn sessions(mut self, grants: Arc<dyn crate::SessionGrants>) -> Self {
+        self.sessions = Some(grants);
         if !self.capabilities.iter().any(|c| c == capability::RESUME) {
             self.capabilities.push(capability::RESUME.to_string());
         }

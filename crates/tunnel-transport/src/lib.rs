@@ -72,7 +72,7 @@ pub use connection::{
     next_message_id, unix_millis,
 };
 pub use error::{AcceptError, CloseReason, ConnectError, RecvError, SendError};
-pub use sessions::{SessionGrant, SessionStore, new_session_id};
+pub use sessions::{GrantError, SessionGrant, SessionGrants, new_session_id};
 pub use tunnel_proto::messages::Resume;
 pub use ws::{HEADER_SYNC_TARGET, HEADER_WORKSPACE, WsConnector, WsListener};
 

@@ -6,7 +6,7 @@ use tunnel_proto::messages::Resume;
 
 use crate::AgentId;
 
-/// What a [`SessionStore`] decided for one handshake.
+/// What a [`SessionGrants`] decided for one handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SessionGrant {
@@ -62,10 +62,22 @@ pub fn new_session_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// Decides, during each handshake, which session the connection belongs to. Called
-/// with the authenticated identity and the agent's resume request, if any. It must not
-/// block: it runs inside the handshake.
-pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
+/// Why no session could be granted (the store behind the decision failed): the
+/// handshake is refused with `1013 try_again_later`, and the agent tries again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no session could be granted: {0}")]
+pub struct GrantError(pub String);
+
+/// Decides, during each handshake, which session the connection belongs to: a hub's
+/// session registry. Called with the authenticated identity and the agent's resume
+/// request, if any, before the `handshake_ack` is sent (the handshake's deadline
+/// applies to it).
+#[async_trait::async_trait]
+pub trait SessionGrants: Send + Sync + fmt::Debug + 'static {
     /// The session for this connection.
-    fn open(&self, agent: &AgentId, resume: Option<&Resume>) -> SessionGrant;
+    async fn grant(
+        &self,
+        agent: &AgentId,
+        resume: Option<&Resume>,
+    ) -> Result<SessionGrant, GrantError>;
 }

@@ -82,6 +82,9 @@ pub struct Session {
     pub(super) changed: bool,
     /// Resets so far.
     pub(super) epoch: u64,
+    /// The generation of the last snapshot saved of this copy (see
+    /// [`SessionSnapshot::generation`](super::SessionSnapshot::generation)).
+    pub(super) generation: u64,
 }
 
 /// What [`Session::send`] did with a message.
@@ -187,6 +190,7 @@ impl Session {
             outcomes: Outcomes::default(),
             changed: false,
             epoch: 0,
+            generation: 0,
         }
     }
 
@@ -337,12 +341,23 @@ impl Session {
         self.lease = lease;
         let mut reset = None;
         if resumed {
-            // A peer whose direction has not started yet reports 0: it has everything
-            // acknowledged before (by it or a drained hub).
-            let peer_received = peer_received.unwrap_or(0).max(self.out.acked());
-            match self.out.resume(peer_received).map(|_| ()) {
-                Err(e) => reset = Some(e.to_string()),
-                Ok(()) => self.publish_acked(),
+            let reported = peer_received.unwrap_or(0);
+            if reported != 0 && reported < self.out.acked() {
+                // The peer acknowledged more than it now reports: it resumed from an
+                // older copy of the session, and what it acknowledged since can be
+                // neither replayed (it is released) nor trusted as received.
+                reset = Some(format!(
+                    "the peer resumed from an older state: it reports {reported} but acknowledged {}",
+                    self.out.acked()
+                ));
+            } else {
+                // A peer whose direction has not started yet reports 0: it has
+                // everything acknowledged before (by it or a drained hub).
+                let peer_received = reported.max(self.out.acked());
+                match self.out.resume(peer_received).map(|_| ()) {
+                    Err(e) => reset = Some(e.to_string()),
+                    Ok(()) => self.publish_acked(),
+                }
             }
         } else if self.clean_handover {
             // Everything sent before was acknowledged by the drained hub: the new
@@ -610,6 +625,17 @@ impl Session {
     /// Resets so far.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The generation of this copy: of the snapshot it was restored from, or of the
+    /// last one saved of it ([`Session::set_generation`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Records that the snapshot of `generation` was saved: this copy is that one.
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
     }
 
     /// Whether the session was shut down.

@@ -1,8 +1,9 @@
 //! A session's complete state as a serializable value, and a session rebuilt from it.
 //!
 //! A snapshot holds both directions (the numbering, the unacknowledged messages, what
-//! was received and what acknowledgement is owed), the conflation index, the lease and
-//! the epoch. It holds no connection: a restored session waits for its next
+//! was received and what acknowledgement is owed), the conflation index and the
+//! epoch. Not the lease, which orders the grants of the registry that holds the
+//! session: a restored session takes its new registry's. It holds no connection: a restored session waits for its next
 //! [`Session::handle_attach`], as after a disconnect. Instants are kept as ages
 //! relative to the time of the snapshot, so a session restored elsewhere (another
 //! process, another clock) keeps its timing. Per-message outcomes are not kept: they
@@ -53,14 +54,16 @@ pub struct SessionSnapshot {
     pub ack_owed: bool,
     /// Whether a connection ever carried the session.
     pub attached_before: bool,
-    /// The newest lease seen.
-    pub lease: u64,
     /// Whether the last connection ended after a drain with everything acknowledged.
     pub clean_handover: bool,
     /// Whether the session was shut down.
     pub shut: bool,
     /// Resets so far.
     pub epoch: u64,
+    /// One more than the generation of the copy it was taken from. A holder of a
+    /// live copy that saved generation `g` and finds another generation stored knows
+    /// its copy is stale: the session continued elsewhere.
+    pub generation: u64,
 }
 
 /// A time before or after the snapshot.
@@ -179,10 +182,10 @@ impl Session {
             ack_due: self.inb.ack_at.map(|at| Offset::of(at, now)),
             ack_owed: self.owed,
             attached_before: self.attached_before,
-            lease: self.lease,
             clean_handover: self.clean_handover,
             shut: self.shut,
             epoch: self.epoch,
+            generation: self.generation + 1,
         })
     }
 
@@ -269,13 +272,15 @@ impl Session {
             backlog_from: None,
             latest: snapshot.latest.iter().cloned().collect::<HashMap<_, _>>(),
             attached_before: snapshot.attached_before,
-            lease: snapshot.lease,
+            // Leases order one registry's grants: the restoring one counts afresh.
+            lease: 0,
             shut: snapshot.shut,
             clean_handover: snapshot.clean_handover,
             owed: snapshot.ack_owed,
             outcomes,
             changed: false,
             epoch: snapshot.epoch,
+            generation: snapshot.generation,
         })
     }
 }

@@ -209,6 +209,30 @@ fn a_resume_claiming_more_than_was_sent_resets() {
 }
 
 #[test]
+fn a_resume_from_older_state_than_the_peer_acknowledged_resets() {
+    let t = Instant::now();
+    let mut s = Session::new(config());
+    attached(&mut s, 1);
+    for id in 1..=3 {
+        send(&mut s, event(id), t);
+    }
+    s.handle_inbound(&ack(3), || t);
+    s.detach(1);
+    // It acknowledged 3, and now claims to have only 1: a stale copy of the session.
+    let Attach::Attached(Some(reset)) = s.handle_attach(2, 0, true, Some(1)) else {
+        panic!("expected a reset");
+    };
+    assert!(reset.reason.contains("older state"), "{}", reset.reason);
+    // A peer whose direction has not started reports 0, and resumes.
+    let mut s = Session::new(config());
+    attached(&mut s, 1);
+    send(&mut s, event(1), t);
+    s.handle_inbound(&ack(1), || t);
+    s.detach(1);
+    assert_eq!(s.handle_attach(2, 0, true, Some(0)), Attach::Attached(None));
+}
+
+#[test]
 fn a_reset_fails_what_the_peer_may_have_and_carries_the_rest_over() {
     let t = Instant::now();
     let mut s = Session::new(config());
@@ -426,7 +450,16 @@ fn a_snapshot_restores_the_same_state_and_bad_ones_are_refused() {
     // Restored elsewhere, at another time: the same state, relative to that time.
     let elsewhere = later + Duration::from_secs(100);
     let restored = Session::restore(config(), &back, elsewhere).expect("restores");
-    assert_eq!(restored.snapshot(elsewhere).expect("encodes"), snapshot);
+    assert_eq!(restored.generation(), 1);
+    let again = restored.snapshot(elsewhere).expect("encodes");
+    assert_eq!(again.generation, 2, "one more than the copy it came from");
+    assert_eq!(
+        SessionSnapshot {
+            generation: 1,
+            ..again
+        },
+        snapshot
+    );
     assert_eq!(restored.held(), s.held());
     assert_eq!(restored.last_received(), 1);
     let mut bad = snapshot.clone();

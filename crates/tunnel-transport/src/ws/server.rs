@@ -665,7 +665,21 @@ where
             return Err(refusal.label);
         }
     };
-    let grant = config.open_session(&agent, hello.resume.as_ref());
+    let grant = match config.open_session(&agent, hello.resume.as_ref()).await {
+        Ok(grant) => grant,
+        Err(e) => {
+            tracing::warn!(%agent, error = %e, "no session could be granted");
+            reject(
+                &mut ws,
+                format,
+                CloseCode::TRY_AGAIN_LATER,
+                &e.to_string(),
+                Some(env.id),
+            )
+            .await;
+            return Err("session_store");
+        }
+    };
     let ack = agreed.ack(&grant.session_id, grant.resumed, grant.last_received);
     let reply = match ack.to_envelope(0, unix_millis(), format) {
         Ok(reply) => reply.with_correlation(env.id),
