@@ -15,15 +15,15 @@ use tunnel_transport::{
     WsListener,
 };
 
-use crate::hub_sessions::{HubSessions, SessionRegistry, Store};
-use crate::reliable::{Receipt, ReliableSendError};
+use crate::delivery::{Receipt, ReliableSendError};
+use crate::registry::{HubSessions, SessionRegistry, Store};
 use crate::request::{Pending, Request, RequestError, Response};
 use crate::router::Router;
 
 /// How often a hub with sessions expires old messages and ends sessions past their
 /// grace period.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
-use crate::session::{self, SessionEnd};
+use crate::connection_loop::{self, SessionEnd};
 
 /// Why the hub could not send to an agent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -561,7 +561,7 @@ impl Hub {
         mut env: Box<Envelope>,
     ) -> Result<Receipt, HubSendError> {
         if env.content_encoding().is_some() {
-            session::fit_encoding(&mut env, self.sender(agent).as_ref());
+            connection_loop::fit_encoding(&mut env, self.sender(agent).as_ref());
         }
         if let Some(store) = &self.inner.sessions
             && let Some(reliable) = store.of_agent(agent)
@@ -706,7 +706,7 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 {
                     store.set_connected(&info.session_id, true);
                 }
-                if let Some(crate::reliable::Reset { reason, carried, .. }) = reset {
+                if let Some(crate::delivery::Reset { reason, carried, .. }) = reset {
                     inner2.pending.reset(Some(&info.agent), &carried, "the session was reset");
                     if let Some(store) = &inner2.sessions {
                         store.recorder().session_reset();
@@ -720,13 +720,13 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 None => None,
             };
             let mut hint = None;
-            let link = session::Link::new(
+            let link = connection_loop::Link::new(
                 reliable.as_ref(),
                 &inner2.pending,
                 &*inner2.recorder,
                 false,
             );
-            let session = session::run(receiver, sender.clone(), &mut router, &mut hint, &link);
+            let session = connection_loop::run(receiver, sender.clone(), &mut router, &mut hint, &link);
             tokio::pin!(session);
             let end = tokio::select! {
                 end = &mut session => end,

@@ -41,26 +41,26 @@
 #[cfg(feature = "admin")]
 pub mod admin;
 mod agent;
+mod connection_loop;
+mod delivery;
 mod hub;
-mod hub_sessions;
 pub mod layer;
 mod pool;
-mod reliable;
+mod registry;
 mod request;
 mod router;
-mod session;
 mod store;
 
 pub use agent::{
     Agent, AgentClient, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState,
     InvalidAgentConfig, ResponseFuture, SessionEvent,
 };
+pub use delivery::{FullPolicy, Receipt, ReliableSendError, Undelivered, WhenFull};
 pub use hub::{
     AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubConfig, HubSendError,
 };
-pub use hub_sessions::{HubSessions, SessionRegistry};
 pub use pool::{Pool, PoolClient, PoolMode, Readiness};
-pub use reliable::{FullPolicy, Receipt, ReliableSendError, Undelivered, WhenFull};
+pub use registry::{HubSessions, SessionRegistry};
 pub use request::{Request, RequestError, Response, error_code};
 pub use router::{Dispatched, Handler, Inbound, IntoReply, Router};
 pub use store::{MemoryStore, SessionStore, StoreError};

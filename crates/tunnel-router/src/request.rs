@@ -11,7 +11,7 @@ use tunnel_metrics::Recorder;
 use tunnel_proto::{Envelope, ErrorBody, Format, MessageType, Payload};
 use tunnel_transport::AgentId;
 
-use crate::reliable::{Receipt, ReliableSendError};
+use crate::delivery::{Receipt, ReliableSendError};
 
 /// Error codes this implementation puts in a failed reply's `error.code`.
 pub use tunnel_proto::session::error_code;

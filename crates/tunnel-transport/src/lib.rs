@@ -56,8 +56,8 @@ mod connection;
 mod error;
 #[cfg(feature = "fault")]
 pub mod fault;
+mod grants;
 pub mod memory;
-mod sessions;
 #[cfg(feature = "tls")]
 pub mod tls;
 mod ws;
@@ -72,7 +72,7 @@ pub use connection::{
     next_message_id, unix_millis,
 };
 pub use error::{AcceptError, CloseReason, ConnectError, RecvError, SendError};
-pub use sessions::{GrantError, SessionGrant, SessionGrants, new_session_id};
+pub use grants::{GrantError, SessionGrant, SessionGrants, new_session_id};
 pub use tunnel_proto::messages::Resume;
 pub use ws::{HEADER_SYNC_TARGET, HEADER_WORKSPACE, WsConnector, WsListener};
 

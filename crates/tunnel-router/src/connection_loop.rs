@@ -9,7 +9,7 @@ use tunnel_proto::messages::{Close, ReconnectHint, TypedMessage};
 use tunnel_proto::{CloseCode, Envelope, ErrorBody, MessageType};
 use tunnel_transport::{ConnectionReceiver, ConnectionSender, RecvError};
 
-use crate::reliable::{Reliable, Verdict, WhenFull};
+use crate::delivery::{Reliable, Verdict, WhenFull};
 use crate::request::{Pending, error_code};
 use crate::router::{Dispatched, Inbound, Router};
 
@@ -234,7 +234,7 @@ pub(crate) async fn run(
                 // The peer refused a one-way message: its receipt says so (the session
                 // noted it), and nobody waits for this reply.
                 if let Some(error) = &env.error
-                    && crate::reliable::is_rejection(&error.code)
+                    && crate::delivery::is_rejection(&error.code)
                     && env.correlation.is_none_or(|id| !link.pending.waits_for(id))
                 {
                     tracing::debug!(agent = %sender.info().agent, code = %tunnel_proto::text::Untrusted(&error.code), reason = %tunnel_proto::text::Untrusted(&error.message), "the peer refused a message");

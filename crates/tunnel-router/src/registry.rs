@@ -1,4 +1,4 @@
-//! The hub's session store: sessions outlive connections for a grace period, so an
+//! The hub's session registry: sessions outlive connections for a grace period, so an
 //! agent that reconnects in time resumes where it left off.
 
 use std::collections::HashMap;
@@ -11,7 +11,7 @@ use tunnel_proto::session::Session;
 use tunnel_proto::session::SessionConfig;
 use tunnel_transport::{AgentId, GrantError, Resume, SessionGrant, SessionGrants, new_session_id};
 
-use crate::reliable::{FullPolicy, Reliable, Undelivered};
+use crate::delivery::{FullPolicy, Reliable, Undelivered};
 use crate::store::SessionStore;
 
 /// Session resume on a hub.
@@ -576,7 +576,7 @@ mod store_tests {
         let env = Box::new(Envelope::new(7, MessageType::Event, 0));
         assert!(matches!(
             reliable.try_send(env, &crate::WhenFull::Reject),
-            crate::reliable::TrySend::Held(_)
+            crate::delivery::TrySend::Held(_)
         ));
         first.detached(&agent, &grant.session_id, &reliable).await;
         assert_eq!(store.len(), 1, "saved when its connection ended");
