@@ -15,8 +15,8 @@
 //! only seed `s`, to reproduce a failure with its schedule printed:
 //!
 //! ```text
-//! SIM_SEEDS=20000 cargo test --release -p tunnel-tests --test simulation
-//! SIM_SEED=1234 cargo test -p tunnel-tests --test simulation -- --nocapture
+//! cargo xtask sim --seeds 20000     # SIM_SEEDS=20000 cargo test --release ...
+//! cargo xtask sim --seed 1234       # SIM_SEED=1234, with the schedule and the logs
 //! ```
 //!
 //! The fault schedule and the agent's backoff jitter come from the seed; tokio's own

@@ -4,6 +4,8 @@
 //! - `cargo xtask deps`: the dependency rules of ARCHITECTURE.md, checked against
 //!   `cargo metadata`.
 //! - `cargo xtask bench`: the benchmarks, printing figures.
+//! - `cargo xtask sim [--seeds N | --seed S]`: the deterministic simulation with more
+//!   seeds than CI runs (release build), or one seed replayed with its log.
 //! - `cargo xtask fuzz <target> --seconds N`: a cargo-fuzz target for N seconds
 //!   (needs a nightly toolchain and cargo-fuzz; not part of CI).
 
@@ -19,6 +21,8 @@ commands:
   ci      fmt check, clippy, tests, docs and dependency rules (what CI runs)
   deps    check the crate layering written in ARCHITECTURE.md
   bench   run the benchmarks and print their figures (extra arguments go to `tunnel bench`)
+  sim     sim [--seeds N | --seed S]: the simulation suite with N seeds (default 20,000,
+          release build), or seed S alone with its fault log
   fuzz    fuzz <target> [--seconds N]: run a cargo-fuzz target (decode_json, decode_msgpack,
           handshake, inflate) for N seconds (default 60); needs nightly and cargo-fuzz
 ";
@@ -31,6 +35,7 @@ fn main() -> ExitCode {
         Some("deps") => deps::check(&root),
         Some("bench") => bench(&root, &args[1..]),
         Some("fuzz") => fuzz(&root, &args[1..]),
+        Some("sim") => sim(&root, &args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())
@@ -130,6 +135,37 @@ fn bench(root: &Path, extra: &[String]) -> Result<(), String> {
     let mut args = vec!["run", "--release", "-p", "tunnel-cli", "--", "bench"];
     args.extend(extra.iter().map(String::as_str));
     run(root, "cargo", &args, &[])
+}
+
+/// The simulation suite (`tests/tests/simulation.rs`) with more seeds, or one seed.
+fn sim(root: &Path, args: &[String]) -> Result<(), String> {
+    let number = |s: Option<&String>| {
+        s.and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| "a number is needed".to_owned())
+    };
+    let (var, value) = match args.first().map(String::as_str) {
+        None => ("SIM_SEEDS", 20_000),
+        Some("--seeds") => ("SIM_SEEDS", number(args.get(1))?),
+        Some("--seed") => ("SIM_SEED", number(args.get(1))?),
+        Some(other) => return Err(format!("unexpected argument {other}")),
+    };
+    let value = value.to_string();
+    run(
+        root,
+        "cargo",
+        &[
+            "test",
+            "--release",
+            "-p",
+            "tunnel-tests",
+            "--test",
+            "simulation",
+            "--",
+            "seeded_schedules",
+            "--nocapture",
+        ],
+        &[(var, &value)],
+    )
 }
 
 /// Runs one cargo-fuzz target for a bounded time. Crash inputs land in
