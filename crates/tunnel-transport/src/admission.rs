@@ -77,10 +77,8 @@ impl Admission {
 /// back at the hub's chosen rate whatever their number.
 #[derive(Debug)]
 pub(crate) struct AcceptPace {
-    interval: Duration,
-    burst: Duration,
-    /// When the next accept would be due if none had been saved up.
-    due: Instant,
+    /// One token per connection, one second's worth saved up at most.
+    bucket: crate::rate::TokenBucket,
 }
 
 impl AcceptPace {
@@ -88,23 +86,18 @@ impl AcceptPace {
     pub(crate) fn new(per_second: Option<f64>, now: Instant) -> Option<AcceptPace> {
         let rate = per_second.filter(|r| r.is_finite() && *r > 0.0)?;
         Some(AcceptPace {
-            interval: Duration::from_secs_f64(1.0 / rate.max(1e-3)),
-            burst: Duration::from_secs(1),
-            due: now,
+            bucket: crate::rate::TokenBucket::new(rate.max(1e-3), Duration::from_secs(1), now),
         })
     }
 
     /// When the next connection may be accepted (`now` or later).
-    pub(crate) fn next_at(&self, now: Instant) -> Instant {
-        // One second's worth may be saved up: `burst / interval` accepts at once.
-        (self.due + self.interval)
-            .checked_sub(self.burst)
-            .map_or(now, |earliest| earliest.max(now))
+    pub(crate) fn next_at(&mut self, now: Instant) -> Instant {
+        self.bucket.available_at(1.0, now)
     }
 
     /// Records an accept at `now`.
     pub(crate) fn accepted(&mut self, now: Instant) {
-        self.due = self.due.max(now) + self.interval;
+        self.bucket.spend(1.0, now);
     }
 }
 

@@ -58,6 +58,7 @@ mod error;
 pub mod fault;
 mod grants;
 pub mod memory;
+mod rate;
 #[cfg(feature = "tls")]
 pub mod tls;
 mod ws;

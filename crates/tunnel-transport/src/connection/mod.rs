@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -25,6 +25,13 @@ use tunnel_proto::{CloseCode, Codec, Envelope, Format, FrameKind, Limits, Messag
 use crate::AgentId;
 use crate::config::ConnectionConfig;
 use crate::error::{CloseReason, RecvError, SendError};
+
+mod clock;
+mod keepalive;
+
+pub(crate) use clock::next_connection_id;
+pub use clock::{next_message_id, unix_millis};
+pub(crate) use keepalive::KeepaliveCheck;
 
 /// What is known about an established connection.
 #[derive(Debug, Clone)]
@@ -80,119 +87,6 @@ pub struct ConnectionStats {
     pub bytes_out: u64,
     /// The last keepalive round trip, once measured.
     pub rtt: Option<Duration>,
-}
-
-static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
-
-/// Ids handed to a thread at a time by [`next_message_id`].
-const ID_BLOCK: u64 = 4096;
-
-/// A fresh message id, unique within the process: every envelope a sender sends, on
-/// any connection and whatever made it (data, replies, pongs, acks), has its own id,
-/// so ids stay unique within a connection even when a session replays messages first
-/// sent on an earlier one (PROTOCOL.md, section 2). Ids start at 1; each thread takes
-/// them from the shared counter in blocks, so they are not dense or in order across
-/// threads, and taking one costs no shared write.
-pub fn next_message_id() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    thread_local! {
-        static BLOCK: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
-    }
-    BLOCK.with(|block| {
-        let (mut next, mut end) = block.get();
-        if next == end {
-            next = NEXT.fetch_add(ID_BLOCK, Ordering::Relaxed);
-            end = next + ID_BLOCK;
-        }
-        block.set((next + 1, end));
-        next
-    })
-}
-
-pub(crate) fn next_connection_id() -> u64 {
-    NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Milliseconds since the Unix epoch, for envelope timestamps.
-///
-/// Every message reads it, and the system clock costs about 30 ns here: this reads the
-/// CPU's time stamp counter (quanta, about 9 ns) and adds an offset to the system clock,
-/// taken again every second, so it follows clock adjustments within a second.
-pub fn unix_millis() -> u64 {
-    let clock = wall_clock();
-    clock.millis(
-        || u64::try_from(clock.base.elapsed().as_millis()).unwrap_or(u64::MAX),
-        system_millis,
-    )
-}
-
-/// The clock behind [`unix_millis`], set up on first use. quanta calibrates the time
-/// stamp counter then (up to 200 ms, once per process): the connector and the listener
-/// read `unix_millis` once when they are made, so no message waits for it.
-fn wall_clock() -> &'static WallClock {
-    static CLOCK: std::sync::OnceLock<WallClock> = std::sync::OnceLock::new();
-    CLOCK.get_or_init(|| WallClock::new(quanta::Instant::now(), system_millis()))
-}
-
-fn system_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// How often [`unix_millis`] reads the system clock again, in milliseconds.
-const RECALIBRATE_MS: u64 = 1_000;
-
-/// Longest a calibration may take between its two readings of the monotonic clock, in
-/// milliseconds; a slower one (the thread was preempted) is dropped and tried again.
-const CALIBRATION_SLACK_MS: u64 = 2;
-
-/// The system clock as an offset to a monotonic base.
-struct WallClock {
-    base: quanta::Instant,
-    /// System clock minus the time elapsed since `base`, at the last calibration.
-    offset: AtomicU64,
-    /// Milliseconds after `base` of the last calibration.
-    calibrated: AtomicU64,
-}
-
-impl WallClock {
-    fn new(base: quanta::Instant, system_ms: u64) -> Self {
-        WallClock {
-            base,
-            offset: AtomicU64::new(system_ms),
-            calibrated: AtomicU64::new(0),
-        }
-    }
-
-    /// The wall clock now: `elapsed` reads the milliseconds since `base`, `system` the
-    /// system clock, which is read only when a calibration is due. One thread calibrates
-    /// (it wins the exchange on `calibrated`), between two readings of `elapsed` that
-    /// must lie within [`CALIBRATION_SLACK_MS`] of each other, so a thread preempted in
-    /// the middle does not shift everyone's timestamps by its delay.
-    fn millis(&self, elapsed: impl Fn() -> u64, system: impl FnOnce() -> u64) -> u64 {
-        let now = elapsed();
-        let last = self.calibrated.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= RECALIBRATE_MS
-            && self
-                .calibrated
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let system_ms = system();
-            let after = elapsed();
-            if after.saturating_sub(now) <= CALIBRATION_SLACK_MS {
-                let at = now + (after - now) / 2;
-                self.offset
-                    .store(system_ms.saturating_sub(at), Ordering::Relaxed);
-                return system_ms.saturating_add(after - at);
-            }
-            // Too slow to trust: the next call tries again.
-            self.calibrated.store(last, Ordering::Relaxed);
-        }
-        self.offset.load(Ordering::Relaxed).saturating_add(now)
-    }
 }
 
 /// Queued for a transport's writer.
@@ -559,66 +453,9 @@ pub struct ConnectionReceiver {
     quiet_periods: u32,
     done: bool,
     /// The inbound rate limit's budget, when there is one.
-    budget: Option<Budget>,
+    budget: Option<crate::rate::InboundBudget>,
     /// Over budget: wait this long before reading again.
     throttle: Option<Duration>,
-}
-
-/// A token bucket per unit (messages, bytes), each holding up to one second's worth.
-#[derive(Debug)]
-struct Budget {
-    rate: crate::config::InboundRate,
-    messages: f64,
-    bytes: f64,
-    refilled: Instant,
-}
-
-impl Budget {
-    fn new(rate: crate::config::InboundRate) -> Self {
-        Budget {
-            rate,
-            messages: rate.messages_per_second,
-            bytes: rate.bytes_per_second,
-            refilled: Instant::now(),
-        }
-    }
-
-    /// Spends one message of `bytes`; returns how long to wait before reading more.
-    fn spend(&mut self, bytes: usize) -> Option<Duration> {
-        let now = Instant::now();
-        let elapsed = (now - self.refilled).as_secs_f64();
-        self.refilled = now;
-        let rate = self.rate;
-        self.messages = (self.messages + elapsed * rate.messages_per_second)
-            .min(rate.messages_per_second)
-            - 1.0;
-        self.bytes = (self.bytes + elapsed * rate.bytes_per_second).min(rate.bytes_per_second)
-            - bytes as f64;
-        let wait =
-            (-self.messages / rate.messages_per_second).max(-self.bytes / rate.bytes_per_second);
-        (wait > 0.0).then(|| Duration::from_secs_f64(wait.min(60.0)))
-    }
-}
-
-/// How the receiver checks the dead-peer deadline: every `period`, declaring the peer
-/// dead after `quiet_limit` periods in a row without a frame.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct KeepaliveCheck {
-    period: Duration,
-    quiet_limit: u32,
-}
-
-impl KeepaliveCheck {
-    /// Checks every half pong timeout, so detection is at most that late.
-    fn new(config: &ConnectionConfig) -> Self {
-        let dead_after = config.dead_after().max(Duration::from_millis(1));
-        let period = (config.pong_timeout / 2).clamp(Duration::from_millis(1), dead_after);
-        let quiet_limit = dead_after.as_nanos().div_ceil(period.as_nanos().max(1));
-        KeepaliveCheck {
-            period,
-            quiet_limit: u32::try_from(quiet_limit).unwrap_or(u32::MAX),
-        }
-    }
 }
 
 impl std::fmt::Debug for ConnectionReceiver {
@@ -775,7 +612,7 @@ impl ConnectionReceiver {
                         .message(Direction::Inbound, &env.kind, frame.len());
                 }
                 if let Some(budget) = &mut self.budget
-                    && let Some(wait) = budget.spend(frame.len())
+                    && let Some(wait) = budget.spend(frame.len(), Instant::now())
                 {
                     self.throttle = Some(wait);
                 }
@@ -835,7 +672,9 @@ impl Connection {
             keepalive: Box::pin(tokio::time::sleep_until(now + shared.keepalive.period)),
             seen: false,
             quiet_periods: 0,
-            budget: shared.inbound_rate.map(Budget::new),
+            budget: shared
+                .inbound_rate
+                .map(|rate| crate::rate::InboundBudget::new(rate, Instant::now())),
             throttle: None,
             shared: shared.clone(),
             done: false,
@@ -893,70 +732,5 @@ impl Drop for ConnectionReceiver {
         self.shared
             .recorder
             .connection_closed(self.shared.epoch.elapsed());
-    }
-}
-
-#[cfg(test)]
-mod wall_clock_tests {
-    use super::*;
-
-    /// Readings of the monotonic clock, one per call.
-    fn readings(values: &[u64]) -> impl Fn() -> u64 + '_ {
-        let next = std::cell::Cell::new(0);
-        move || {
-            let i = next.get();
-            next.set(i + 1);
-            values[i.min(values.len() - 1)]
-        }
-    }
-
-    #[test]
-    fn follows_the_system_clock_and_takes_it_again_every_second() {
-        let clock = WallClock::new(quanta::Instant::now(), 1_000_000);
-        let unread = || -> u64 { panic!("the system clock is read only once a second") };
-        assert_eq!(clock.millis(|| 0, unread), 1_000_000);
-        assert_eq!(clock.millis(|| 999, unread), 1_000_999);
-        // The system clock was stepped by an hour: followed at the next calibration.
-        assert_eq!(
-            clock.millis(readings(&[1_000, 1_000]), || 1_001_000 + 3_600_000),
-            4_601_000
-        );
-        assert_eq!(clock.millis(|| 1_500, unread), 4_601_500);
-        // And back.
-        assert_eq!(
-            clock.millis(readings(&[2_500, 2_500]), || 1_002_500),
-            1_002_500
-        );
-    }
-
-    #[test]
-    fn a_calibration_interrupted_for_long_is_dropped_and_tried_again() {
-        let clock = WallClock::new(quanta::Instant::now(), 1_000_000);
-        // Preempted for 50 ms between its readings: the offset stays as it was.
-        assert_eq!(
-            clock.millis(readings(&[1_000, 1_050]), || 1_001_000 + 7),
-            1_001_000
-        );
-        assert_eq!(
-            clock.millis(|| 1_100, || 1_001_100 + 7),
-            1_001_107,
-            "tried again"
-        );
-        let unread = || -> u64 { panic!("calibrated a moment ago") };
-        assert_eq!(clock.millis(|| 1_200, unread), 1_001_207);
-    }
-
-    #[test]
-    fn unix_millis_is_close_to_the_system_clock() {
-        for _ in 0..3 {
-            let before = system_millis();
-            let ours = unix_millis();
-            let after = system_millis();
-            // Within the calibration interval, whatever the TSC's drift.
-            assert!(
-                ours + RECALIBRATE_MS >= before && ours <= after + RECALIBRATE_MS,
-                "{before} <= {ours} <= {after}, give or take {RECALIBRATE_MS} ms"
-            );
-        }
     }
 }
