@@ -209,9 +209,8 @@ pub(crate) struct Reliable {
 
 impl std::fmt::Debug for Reliable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reliable")
-            .field("config", self.state().session.config())
-            .finish()
+        // No lock: formatting must never wait for (or deadlock on) the session.
+        f.debug_struct("Reliable").finish_non_exhaustive()
     }
 }
 
@@ -426,13 +425,14 @@ impl Reliable {
     /// Makes `conn` the session's connection. `resumed` and `peer_received` come from
     /// the handshake; a session that cannot continue is reset (the messages the peer
     /// may have had fail) and the reset returned. Everything held is then sent, in
-    /// order, before any new message.
+    /// order, before any new message. `Err`: the peer resumed a session this side had
+    /// to reset: `conn` carries nothing (see [`Attach::Restart`]).
     pub(crate) async fn attach(
         &self,
         conn: ConnectionSender,
         resumed: bool,
         peer_received: Option<u64>,
-    ) -> Option<Reset> {
+    ) -> Result<Option<Reset>, Reset> {
         let attached = self.with(|st| {
             let info = conn.info();
             match st
@@ -441,16 +441,22 @@ impl Reliable {
             {
                 // A newer connection of this session attached first: this one is
                 // superseded and carries nothing (it is being closed with 4004).
-                Attach::Superseded => None,
+                Attach::Superseded => Ok(None),
+                Attach::Restart(reset) => Err(reset),
                 Attach::Attached(reset) => {
                     st.conn = Some(conn);
-                    Some(reset)
+                    Ok(Some(reset))
                 }
             }
         });
-        let reset = attached?;
-        self.drain().await;
-        reset
+        match attached {
+            Ok(Some(reset)) => {
+                self.drain().await;
+                Ok(reset)
+            }
+            Ok(None) => Ok(None),
+            Err(reset) => Err(reset),
+        }
     }
 
     /// Whether the peer has stopped acknowledging: the oldest message it was sent has

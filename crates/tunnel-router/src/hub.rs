@@ -706,7 +706,17 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 {
                     store.set_connected(&info.session_id, true);
                 }
-                if let Some(crate::delivery::Reset { reason, carried, .. }) = reset {
+                let restart = reset.is_err();
+                if restart {
+                    // The agent resumed a session this hub had to reset: its next
+                    // connection starts a new one, which continues from the reset.
+                    if let Some(store) = &inner2.sessions {
+                        store.restart(&info.session_id);
+                    }
+                    // Nobody reads this connection yet: end it at once, with the code.
+                    sender.abort_with(CloseCode::NORMAL, "session reset: starting a new session");
+                }
+                if let Some(crate::delivery::Reset { reason, carried, .. }) = reset.unwrap_or_else(Some) {
                     inner2.pending.reset(Some(&info.agent), &carried, "the session was reset");
                     if let Some(store) = &inner2.sessions {
                         store.recorder().session_reset();

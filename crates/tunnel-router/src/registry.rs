@@ -89,6 +89,9 @@ struct Entry {
     /// Saved to the store since it last resumed here: whether this copy is still the
     /// session is then the store's to say (another hub may have taken it).
     saved: bool,
+    /// Reset while its agent resumed it: not resumable; the agent's next (new)
+    /// session takes it over, with what it carried.
+    restart: bool,
 }
 
 #[derive(Debug, Default)]
@@ -250,10 +253,27 @@ impl Store {
     /// disconnected from now on, and saved to the store, if any.
     pub(crate) async fn detached(&self, agent: &AgentId, id: &str, reliable: &Reliable) {
         self.set_connected(id, false);
-        if self.save(agent, id, reliable).await
-            && let Some(entry) = self.maps().sessions.get_mut(id)
-        {
-            entry.saved = true;
+        if self.config.store.is_none() {
+            return;
+        }
+        // Marked before saving: a resume arriving meanwhile asks the store first, so
+        // this copy never resumes live while an older snapshot of it is stored.
+        self.mark_saved(id, true);
+        if !self.save(agent, id, reliable).await {
+            self.mark_saved(id, false);
+        }
+    }
+
+    /// Session `id` was reset while its agent resumed it (see `Attach::Restart`).
+    pub(crate) fn restart(&self, id: &str) {
+        if let Some(entry) = self.maps().sessions.get_mut(id) {
+            entry.restart = true;
+        }
+    }
+
+    fn mark_saved(&self, id: &str, saved: bool) {
+        if let Some(entry) = self.maps().sessions.get_mut(id) {
+            entry.saved = saved;
         }
     }
 
@@ -327,7 +347,10 @@ impl Store {
         let Some(entry) = maps.sessions.get_mut(&resume.session_id) else {
             return Live::None;
         };
-        if entry.agent != *agent || !entry.reliable.may_resume(resume.last_received) {
+        if entry.agent != *agent
+            || entry.restart
+            || !entry.reliable.may_resume(resume.last_received)
+        {
             return Live::None;
         }
         if entry.saved && !confirmed {
@@ -399,7 +422,17 @@ impl Store {
             }
             None => {
                 let id = new_session_id();
-                let reliable = Reliable::new(self.config.session.clone(), self.recorder());
+                // A session reset while its agent resumed it goes on as the new one.
+                let restarted = maps
+                    .by_agent
+                    .get(agent)
+                    .filter(|old| maps.sessions.get(*old).is_some_and(|e| e.restart))
+                    .cloned()
+                    .and_then(|old| maps.sessions.remove(&old));
+                let reliable = match restarted {
+                    Some(entry) => entry.reliable,
+                    None => Reliable::new(self.config.session.clone(), self.recorder()),
+                };
                 (id.clone(), reliable, SessionGrant::fresh(id))
             }
         };
@@ -442,6 +475,7 @@ impl Store {
                 // Connected once its connection attaches (see `grant_live`).
                 detached_at: Some(Instant::now()),
                 saved: false,
+                restart: false,
             },
         );
         if let Some(displaced) = displaced {

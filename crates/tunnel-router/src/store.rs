@@ -12,7 +12,8 @@ use tunnel_transport::AgentId;
 
 /// A store operation failed (the store may be on the network). A failed `take`
 /// refuses the handshake with `1013 try_again_later` (the agent comes back); a failed
-/// `save` means that session can only be resumed where it is held live.
+/// `save` means that session can only be resumed where it is held live; a failed
+/// `remove` is logged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("session store: {0}")]
 pub struct StoreError(pub String);
@@ -22,8 +23,11 @@ pub struct StoreError(pub String);
 /// session id.
 ///
 /// A hub saves a session's snapshot when its connection ends and when the hub shuts
-/// down, takes it when an agent asks to resume a session the hub does not hold live,
-/// and removes it when the session ends (reset, grace expired, replaced by a new one).
+/// down (for the grace period: an older snapshot is never returned), takes it when an
+/// agent asks to resume a session the hub does not hold live, and removes it when the
+/// agent starts a new session. Every call is bounded by the handshake timeout when a
+/// handshake waits for it (past it the handshake is refused with `1013`); a store that
+/// hangs or fails therefore delays or refuses resumes and new sessions alike.
 ///
 /// ```
 /// use tunnel_router::{MemoryStore, SessionStore};

@@ -70,8 +70,8 @@ pub struct GrantError(pub String);
 
 /// Decides, during each handshake, which session the connection belongs to: a hub's
 /// session registry. Called with the authenticated identity and the agent's resume
-/// request, if any, before the `handshake_ack` is sent (the handshake's deadline
-/// applies to it).
+/// request, if any, before the `handshake_ack` is sent; past the handshake's deadline
+/// the handshake is refused with `1013` as for an error.
 #[async_trait::async_trait]
 pub trait SessionGrants: Send + Sync + fmt::Debug + 'static {
     /// The session for this connection.

@@ -140,6 +140,10 @@ pub enum Attach {
     /// The connection carries the session now; everything held goes out first
     /// ([`Session::poll_backlog`]). With a reset, the session could not continue.
     Attached(Option<Reset>),
+    /// The peer resumed the session, but this side cannot continue it: it was reset,
+    /// and the connection carries nothing. Close it; the next connection starts a new
+    /// session (without a resume), in which what was never sent goes on.
+    Restart(Reset),
 }
 
 /// A session reset.
@@ -277,6 +281,10 @@ impl Session {
     /// go out through the backlog ([`Session::poll_backlog`]).
     pub fn on_link_full(&mut self, seq: u64) {
         self.backlog_from = Some(seq);
+        // The acknowledgement it carried was not sent: the backlog carries it again.
+        if self.out.get(seq).is_some_and(|m| m.item.ack.is_some()) {
+            self.owed = true;
+        }
     }
 
     /// The connection is gone (a write failed).
@@ -316,6 +324,11 @@ impl Session {
             return false;
         }
         self.transmitted_through = self.transmitted_through.max(seq);
+        if self.link != Some(link) {
+            // Written on a connection that no longer carries the session: the one that
+            // does now has its own backlog, from the oldest held message.
+            return false;
+        }
         if self.backlog_from.is_some() {
             self.backlog_from = (seq < self.out.highest_sent()).then_some(seq + 1);
         }
@@ -376,8 +389,17 @@ impl Session {
                 epoch: self.epoch,
             }
         });
-        self.link = Some(link);
         self.attached_before = true;
+        if resumed && let Some(reset) = reset {
+            // The peer believes the session continues and would take what follows for
+            // a gap: this connection carries nothing, and the next one starts a new
+            // session, which continues from this reset without another.
+            self.clean_handover = true;
+            self.link = None;
+            self.backlog_from = None;
+            return Attach::Restart(reset);
+        }
+        self.link = Some(link);
         self.backlog_from = self.out.iter().next().map(|m| m.seq);
         Attach::Attached(reset)
     }

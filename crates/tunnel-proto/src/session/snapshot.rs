@@ -85,7 +85,7 @@ impl Offset {
 
     fn at(self, now: Instant) -> Instant {
         match self {
-            Offset::After(d) => now + d,
+            Offset::After(d) => now.checked_add(d).unwrap_or(now),
             Offset::Before(d) => before(now, d),
         }
     }

@@ -197,7 +197,7 @@ fn a_resume_claiming_more_than_was_sent_resets() {
     // The agent side, told by a hub that it received more than was ever sent, resets.
     let mut agent = Session::new(config());
     attached(&mut agent, 1);
-    let Attach::Attached(Some(reset)) = agent.handle_attach(2, 0, true, Some(5)) else {
+    let Attach::Restart(reset) = agent.handle_attach(2, 0, true, Some(5)) else {
         panic!("expected a reset");
     };
     assert_eq!(reset.epoch, 1);
@@ -219,7 +219,7 @@ fn a_resume_from_older_state_than_the_peer_acknowledged_resets() {
     s.handle_inbound(&ack(3), || t);
     s.detach(1);
     // It acknowledged 3, and now claims to have only 1: a stale copy of the session.
-    let Attach::Attached(Some(reset)) = s.handle_attach(2, 0, true, Some(1)) else {
+    let Attach::Restart(reset) = s.handle_attach(2, 0, true, Some(1)) else {
         panic!("expected a reset");
     };
     assert!(reset.reason.contains("older state"), "{}", reset.reason);
@@ -364,10 +364,14 @@ fn held_messages_expire_and_a_later_resume_is_a_reset() {
     assert_eq!(s.poll_timeout(), Some(t + Duration::from_secs(60)));
     s.handle_timeout(t + Duration::from_secs(61));
     assert_eq!(s.outcomes().outcome(1), Some(Err(Undelivered::Expired)));
-    let Attach::Attached(Some(reset)) = s.handle_attach(2, 0, true, Some(0)) else {
+    let Attach::Restart(reset) = s.handle_attach(2, 0, true, Some(0)) else {
         panic!("expected a reset");
     };
     assert!(reset.reason.contains("no longer held"), "{}", reset.reason);
+    // Nothing goes on that connection; the next one, a new session, carries on
+    // without a second reset.
+    assert!(s.poll_backlog().is_none());
+    assert_eq!(s.handle_attach(3, 0, false, None), Attach::Attached(None));
 }
 
 #[test]
@@ -630,11 +634,37 @@ impl Pair {
         let hub = self.sides[HUB].handle_attach(self.link, self.link, resumed, Some(asked));
         let agent =
             self.sides[AGENT].handle_attach(self.link, 0, resumed, resumed.then_some(hub_received));
+        let mut restart = false;
+        let hub_restarted = matches!(hub, Attach::Restart(_));
         for attach in [hub, agent] {
             match attach {
                 Attach::Attached(Some(_)) => self.resets += 1,
                 Attach::Attached(None) => {}
+                Attach::Restart(_) => {
+                    self.resets += 1;
+                    restart = true;
+                }
                 Attach::Superseded => panic!("superseded"),
+            }
+        }
+        if restart {
+            // One side could not continue what the other resumed: both start a new
+            // session on the next connection, which continues from the reset.
+            for side in &mut self.sides {
+                side.detach(self.link);
+            }
+            if !hub_restarted {
+                // As a hub's registry does: a connection without a resume gets a new
+                // session (a session it reset itself goes on as the new one).
+                self.sides[HUB] = Session::new(self.sides[HUB].config().clone());
+            }
+            self.link += 1;
+            self.sides[HUB].supersede(self.link);
+            for (side, lease) in [(HUB, self.link), (AGENT, 0)] {
+                match self.sides[side].handle_attach(self.link, lease, false, None) {
+                    Attach::Attached(None) => {}
+                    other => panic!("a second reset after a restart: {other:?}"),
+                }
             }
         }
         self.connected = true;

@@ -100,7 +100,13 @@ pub(super) async fn supervise(
                 ))
                 .await;
                 session_id = Some(info.session_id.clone());
-                match reset {
+                let restart = reset.is_err();
+                if restart {
+                    // The hub resumed a session this agent had to reset: start a new
+                    // one on the next connection, which continues from the reset.
+                    session_id = None;
+                }
+                match reset.unwrap_or_else(Some) {
                     Some(crate::delivery::Reset {
                         reason,
                         carried,
@@ -113,6 +119,16 @@ pub(super) async fn supervise(
                             reason: reason.clone(),
                             epoch,
                         });
+                        if restart {
+                            inner.state.send_replace(ConnectionState::Reset { reason });
+                            // Nobody reads this connection yet: end it at once, with the code.
+                            sender.abort_with(
+                                CloseCode::NORMAL,
+                                "session reset: starting a new session",
+                            );
+                            redial.on_disconnected(Instant::now().into_std(), Disconnect::closed());
+                            continue;
+                        }
                         ConnectionState::Reset { reason }
                     }
                     None if info.resumed => ConnectionState::Resumed {

@@ -665,7 +665,15 @@ where
             return Err(refusal.label);
         }
     };
-    let grant = match config.open_session(&agent, hello.resume.as_ref()).await {
+    let granted =
+        tokio::time::timeout_at(deadline, config.open_session(&agent, hello.resume.as_ref()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::GrantError(
+                    "the session registry did not answer within the handshake timeout".into(),
+                ))
+            });
+    let grant = match granted {
         Ok(grant) => grant,
         Err(e) => {
             tracing::warn!(%agent, error = %e, "no session could be granted");
