@@ -311,6 +311,10 @@ impl Session {
             return None;
         };
         held.item.ack = ack;
+        // Counted as handed over from now on, though it is written outside the lock:
+        // a status on its way must not be conflated with a newer one that would then
+        // never be sent.
+        self.transmitted_through = self.transmitted_through.max(first);
         Some((first, &held.item))
     }
 

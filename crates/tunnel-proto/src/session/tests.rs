@@ -352,6 +352,20 @@ fn a_full_buffer_refuses_or_keeps_only_the_latest_unsent_status() {
         Some(3),
         "the replacement went under seq 1"
     );
+    // A status taken by the backlog (being written) is not replaced either.
+    let mut s = Session::new(config().max_replay_messages(1));
+    let mut key = conflation_key(&status("a", 1));
+    s.send(status("a", 1), &mut key, t).expect("room");
+    s.handle_attach(1, 0, false, None);
+    let (seq, _) = s.poll_backlog().expect("the backlog");
+    let mut key = conflation_key(&status("a", 2));
+    assert!(
+        matches!(
+            s.send(status("a", 2), &mut key, t),
+            Err(Refused::Full { .. })
+        ),
+        "seq {seq} is on its way"
+    );
 }
 
 #[test]
