@@ -68,5 +68,5 @@ pub use tunnel_reconnect::Redirects;
 
 /// The README's examples, compiled as doc tests.
 #[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
+#[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;

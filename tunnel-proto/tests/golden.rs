@@ -10,7 +10,7 @@ use tunnel_proto::messages::{
 use tunnel_proto::{DecodeError, Envelope, Format, Limits, MessageType};
 
 fn examples() -> Vec<String> {
-    let doc = include_str!("../../../PROTOCOL.md");
+    let doc = include_str!("../../PROTOCOL.md");
     let mut out = Vec::new();
     let mut lines = doc.lines();
     while let Some(line) = lines.next() {
