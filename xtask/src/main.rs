@@ -3,6 +3,8 @@
 //! - `cargo xtask ci`: everything CI checks, in order, failing fast.
 //! - `cargo xtask deps`: the dependency rules of ARCHITECTURE.md, checked against
 //!   `cargo metadata`.
+//! - `cargo xtask tidy`: source checks (every file opens with `//!`; no wall-clock
+//!   reads in tunnel-proto, tunnel-reconnect and the session driver).
 //! - `cargo xtask bench`: the benchmarks, printing figures.
 //! - `cargo xtask sim [--seeds N | --seed S]`: the deterministic simulation with more
 //!   seeds than CI runs (release build), or one seed replayed with its log.
@@ -10,6 +12,7 @@
 //!   (needs a nightly toolchain and cargo-fuzz; not part of CI).
 
 mod deps;
+mod tidy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -20,6 +23,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   ci      fmt check, clippy, tests, docs and dependency rules (what CI runs)
   deps    check the crate layering written in ARCHITECTURE.md
+  tidy    source checks: module docs, no wall-clock reads on the session path
   bench   run the benchmarks and print their figures (extra arguments go to `tunnel bench`)
   sim     sim [--seeds N | --seed S]: the simulation suite with N seeds (default 20,000,
           release build), or seed S alone with its fault log
@@ -33,6 +37,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(&root),
         Some("deps") => deps::check(&root),
+        Some("tidy") => tidy::check(&root),
         Some("bench") => bench(&root, &args[1..]),
         Some("fuzz") => fuzz(&root, &args[1..]),
         Some("sim") => sim(&root, &args[1..]),
@@ -89,6 +94,7 @@ fn ci(root: &Path) -> Result<(), String> {
     let started = Instant::now();
     run(root, "cargo", &["fmt", "--all", "--check"], &[])?;
     deps::check(root)?;
+    tidy::check(root)?;
     run(
         root,
         "cargo",
