@@ -1010,12 +1010,13 @@ pub(crate) async fn chaos(seconds: u64, seed: u64) -> Result<(), String> {
         thousands(agent_seen.distinct),
         failed_up + failed_down
     );
+    let correct = lost == 0 && duplicated == 0 && out_of_order == 0;
     println!(
         "  lost {lost}, duplicated {duplicated}, out of order {out_of_order} ({})",
-        if lost == 0 && duplicated == 0 && out_of_order == 0 {
+        if correct {
             "as it must be"
         } else {
-            "WRONG: both must be 0"
+            "WRONG: all three must be 0"
         }
     );
     figure("chaos", "cuts", cuts as f64, "cuts");
@@ -1031,7 +1032,14 @@ pub(crate) async fn chaos(seconds: u64, seed: u64) -> Result<(), String> {
     );
     agent.shutdown().await;
     hub.shutdown().await;
-    Ok(())
+    if correct {
+        Ok(())
+    } else {
+        // A benchmark whose correctness check fails exits non-zero.
+        Err(format!(
+            "chaos: lost {lost}, duplicated {duplicated}, out of order {out_of_order}: all three must be 0"
+        ))
+    }
 }
 
 /// A router that checks every numbered event it is given into the returned [`Seen`].
