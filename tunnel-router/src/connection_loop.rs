@@ -9,7 +9,9 @@ use tunnel_proto::messages::{Close, ReconnectHint, TypedMessage};
 use tunnel_proto::{CloseCode, Envelope, ErrorBody, MessageType};
 use tunnel_transport::{ConnectionReceiver, ConnectionSender, RecvError};
 
-use crate::delivery::{Reliable, Verdict, WhenFull};
+use tunnel_proto::session::Verdict;
+
+use crate::delivery::{Reliable, WhenFull};
 use crate::request::{Pending, error_code};
 use crate::router::{Dispatched, Inbound, Router};
 
@@ -165,10 +167,15 @@ pub(crate) async fn run(
             Err(e) => return SessionEnd::Failed(e),
         };
         if let Some(reliable) = reliable {
-            match reliable.on_inbound(&env, &sender) {
+            match reliable.on_inbound(&env) {
                 Verdict::Deliver => {}
                 Verdict::DeliverThenAck => ack_now = true,
                 Verdict::Drop => continue,
+                Verdict::DropThenAck => {
+                    // A replay of what arrived: tell the peer at once so it stops.
+                    reliable.send_ack_now(&sender);
+                    continue;
+                }
                 Verdict::Violation(reason) => {
                     link.recorder.error("session_violation");
                     tracing::warn!(connection = sender.info().id, %reason, "session rule broken");

@@ -77,21 +77,6 @@ impl Receipt {
     }
 }
 
-/// What the session loop should do with an arriving envelope.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Hand it to the router.
-    Deliver,
-    /// Hand it to the router, then send the acknowledgement owed at once
-    /// ([`Reliable::send_ack_now`]): after the message is handled or refused, so that
-    /// a refusal goes out before the ack that covers its message.
-    DeliverThenAck,
-    /// Consumed by the session (an ack, a duplicate).
-    Drop,
-    /// The peer broke the session rules; close the connection (the next one resumes).
-    Violation(String),
-}
-
 /// What [`Reliable::try_send`] did with a message.
 pub(crate) enum TrySend {
     /// Held (and on the connection if there is one).
@@ -492,20 +477,10 @@ impl Reliable {
         current
     }
 
-    /// Applies an arriving envelope's `seq` and `ack`. A duplicate is acknowledged on
-    /// `conn` at once, so the peer stops replaying.
-    pub(crate) fn on_inbound(&self, env: &Envelope, conn: &ConnectionSender) -> Verdict {
-        let verdict = self.with(|st| st.session.handle_inbound(env, || Instant::now().into_std()));
-        match verdict {
-            session::Verdict::Deliver => Verdict::Deliver,
-            session::Verdict::DeliverThenAck => Verdict::DeliverThenAck,
-            session::Verdict::Drop => Verdict::Drop,
-            session::Verdict::DropThenAck => {
-                self.send_ack_now(conn);
-                Verdict::Drop
-            }
-            session::Verdict::Violation(reason) => Verdict::Violation(reason),
-        }
+    /// Applies an arriving envelope's `seq` and `ack`: what to do with it is the
+    /// session's [`Verdict`](session::Verdict).
+    pub(crate) fn on_inbound(&self, env: &Envelope) -> session::Verdict {
+        self.with(|st| st.session.handle_inbound(env, || Instant::now().into_std()))
     }
 
     /// When a standalone acknowledgement is due, if one is owed.

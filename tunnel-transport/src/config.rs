@@ -241,16 +241,24 @@ impl ServerConfig {
         Ok(agent)
     }
 
-    /// The session registry's decision for `agent` (a new session without one).
+    /// The session registry's decision for `agent` (a new session without one), by
+    /// `deadline` (the handshake's): a registry that does not answer in time fails.
     pub(crate) async fn open_session(
         &self,
         agent: &crate::AgentId,
         resume: Option<&crate::Resume>,
+        deadline: tokio::time::Instant,
     ) -> Result<crate::SessionGrant, crate::GrantError> {
-        match &self.sessions {
-            Some(grants) => grants.grant(agent, resume).await,
-            None => Ok(crate::SessionGrant::new_session()),
-        }
+        let Some(grants) = &self.sessions else {
+            return Ok(crate::SessionGrant::new_session());
+        };
+        tokio::time::timeout_at(deadline, grants.grant(agent, resume))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::GrantError(
+                    "the session registry did not answer within the handshake timeout".into(),
+                ))
+            })
     }
 
     /// A listener configuration with the given authenticator and defaults otherwise.

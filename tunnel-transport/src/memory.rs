@@ -233,20 +233,14 @@ impl crate::Connector for MemoryConnector {
             code: refusal.code,
             reason: refusal.reason,
         })?;
-        let grant = tokio::time::timeout(
-            server.handshake_timeout,
-            server.open_session(&agent, hello.resume.as_ref()),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(crate::GrantError(
-                "the session registry did not answer within the handshake timeout".into(),
-            ))
-        })
-        .map_err(|e| ConnectError::Closed {
-            code: tunnel_proto::CloseCode::TRY_AGAIN_LATER,
-            reason: e.to_string(),
-        })?;
+        let deadline = tokio::time::Instant::now() + server.handshake_timeout;
+        let grant = server
+            .open_session(&agent, hello.resume.as_ref(), deadline)
+            .await
+            .map_err(|e| ConnectError::Closed {
+                code: tunnel_proto::CloseCode::TRY_AGAIN_LATER,
+                reason: e.to_string(),
+            })?;
         let hub_knows = agreed.peer_last_received(grant.resumed);
         let ack = agreed.ack(&grant.session_id, grant.resumed, grant.last_received);
         let accepted = handshake::check_ack(ack, &hello).map_err(ConnectError::Handshake)?;

@@ -665,14 +665,9 @@ where
             return Err(refusal.label);
         }
     };
-    let granted =
-        tokio::time::timeout_at(deadline, config.open_session(&agent, hello.resume.as_ref()))
-            .await
-            .unwrap_or_else(|_| {
-                Err(crate::GrantError(
-                    "the session registry did not answer within the handshake timeout".into(),
-                ))
-            });
+    let granted = config
+        .open_session(&agent, hello.resume.as_ref(), deadline)
+        .await;
     let grant = match granted {
         Ok(grant) => grant,
         Err(e) => {
