@@ -241,29 +241,26 @@ async fn scenario(seed: u64, verbose: bool) -> Result<Summary, String> {
         let roll = rng.random_range(0..100);
         match roll {
             // Messages, most of the time.
-            0..=39 => {
-                let n = next_id[0];
-                if let Ok(receipt) = agent.send(MessageType::Event, &event(n)).await {
-                    next_id[0] += 1;
-                    summary.sent[0] += 1;
+            0..=64 => {
+                // Agent to hub (0), or hub to agent (1) through the hub holding it.
+                let direction = usize::from(roll >= 40);
+                let n = next_id[direction];
+                let accepted = if direction == 0 {
+                    agent.send(MessageType::Event, &event(n)).await.ok()
+                } else if let Some(hub) = world.holder().cloned() {
+                    hub.send(&agent_id, MessageType::Event, &event(n))
+                        .await
+                        .ok()
+                } else {
+                    None
+                };
+                if let Some(receipt) = accepted {
+                    next_id[direction] += 1;
+                    summary.sent[direction] += 1;
                     let outcomes = outcomes.clone();
                     receipts.spawn(async move {
                         let r = receipt.delivered().await.map_err(|e| e.to_string());
-                        outcomes.lock().expect("lock")[0].push((n, r));
-                    });
-                }
-            }
-            40..=64 => {
-                let n = next_id[1];
-                if let Some(hub) = world.holder().cloned()
-                    && let Ok(receipt) = hub.send(&agent_id, MessageType::Event, &event(n)).await
-                {
-                    next_id[1] += 1;
-                    summary.sent[1] += 1;
-                    let outcomes = outcomes.clone();
-                    receipts.spawn(async move {
-                        let r = receipt.delivered().await.map_err(|e| e.to_string());
-                        outcomes.lock().expect("lock")[1].push((n, r));
+                        outcomes.lock().expect("lock")[direction].push((n, r));
                     });
                 }
             }
