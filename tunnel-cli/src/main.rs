@@ -1,12 +1,9 @@
-//! The `tunnel` command: runs a hub, an agent, the demo and the benchmarks.
+//! The `tunnel` command: runs a hub, an agent, the demo, `status` and `conformance`.
+//! The benchmarks are the separate `tunnel-bench` binary.
 
-mod bench;
 mod conformance;
 mod demo;
-mod load_bench;
 mod run;
-mod session_bench;
-mod stack_bench;
 mod status;
 mod telemetry;
 
@@ -51,8 +48,6 @@ enum Command {
     /// Run an embedded hub and a few agents on loopback, exchange messages, cut one
     /// agent's TCP connection half-way, and print a summary.
     Demo(demo::DemoArgs),
-    /// Measure throughput, latency and memory on loopback, printing figures.
-    Bench(bench::BenchArgs),
     /// Show a hub's connected agents (from its admin server's `/agents`).
     Status(status::StatusArgs),
     /// Check a hub (ours or another implementation) against every client-observable
@@ -101,8 +96,6 @@ pub(crate) fn read_token(path: &PathBuf) -> Result<String, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
-        // Figures only; connection cuts are part of the scenarios.
-        Command::Bench(_) => "error",
         Command::Demo(_) | Command::Conformance(_) => "warn",
         _ => "info",
     };
@@ -131,7 +124,6 @@ fn main() -> ExitCode {
             Command::Hub(args) => run::hub(args).await,
             Command::Agent(args) => run::agent(args).await,
             Command::Demo(args) => demo::run(args).await,
-            Command::Bench(args) => bench::run(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Conformance(args) => conformance::run(args).await,
         };

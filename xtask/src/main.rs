@@ -24,7 +24,7 @@ commands:
   ci      fmt check, clippy, tests, docs and dependency rules (what CI runs)
   deps    check the crate layering written in ARCHITECTURE.md
   tidy    source checks: module docs, no wall-clock reads on the session path
-  bench   run the benchmarks and print their figures (extra arguments go to `tunnel bench`)
+  bench   run the benchmarks and print their figures (extra arguments go to `tunnel-bench`)
   sim     sim [--seeds N | --seed S]: the simulation suite with N seeds (default 20,000,
           release build), or seed S alone with its fault log
   fuzz    fuzz <target> [--seconds N]: run a cargo-fuzz target (decode_json, decode_msgpack,
@@ -128,9 +128,10 @@ fn ci(root: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The codec micro-benchmarks (criterion), then `tunnel bench` (throughput, latency and
-/// idle memory on loopback, each beside a raw tokio-tungstenite baseline). Extra
-/// arguments go to `tunnel bench`, for example `cargo xtask bench throughput`.
+/// The codec micro-benchmarks (criterion), then the load tool `tunnel-bench` (every
+/// scenario on loopback, each beside a raw tokio-tungstenite baseline). Extra arguments
+/// go to `tunnel-bench`, for example `cargo xtask bench throughput`. The `tunnel` binary
+/// is built first: the hub-process scenarios start it as `tunnel hub`.
 fn bench(root: &Path, extra: &[String]) -> Result<(), String> {
     run(
         root,
@@ -138,7 +139,13 @@ fn bench(root: &Path, extra: &[String]) -> Result<(), String> {
         &["bench", "-p", "tunnel-proto", "--bench", "codec"],
         &[],
     )?;
-    let mut args = vec!["run", "--release", "-p", "tunnel-cli", "--", "bench"];
+    run(
+        root,
+        "cargo",
+        &["build", "--release", "-p", "tunnel-cli", "-p", "tunnel-bench"],
+        &[],
+    )?;
+    let mut args = vec!["run", "--release", "-p", "tunnel-bench", "--"];
     args.extend(extra.iter().map(String::as_str));
     run(root, "cargo", &args, &[])
 }

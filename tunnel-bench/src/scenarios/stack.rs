@@ -1,104 +1,28 @@
-//! `tunnel bench stack`: the router's tower stack (timeout, tracing and metrics
-//! layers) beside the bare agent client and the hand-written baseline; request/reply
-//! through the stack beside a raw echo; failover time of a pool when its hub dies.
+//! `stack`: the router's tower stack (timeout, tracing and metrics layers) beside the
+//! bare agent client and the baseline; request/reply through the stack beside a raw
+//! echo; failover time of a pool when its hub dies.
 
-use std::sync::Arc;
+use crate::baseline::{raw_echo_client, raw_echo_server, raw_throughput};
+use crate::harness::{
+    THROUGHPUT_PLACEMENT, counting_router, drive, drive_layered, latency_placements, layered,
+    otel_recorder, resumable_hub, serve_until_counted, start_agent, two_sided,
+};
+use crate::report::{figure, median, percentile, thousands, us};
 use std::time::{Duration, Instant};
-
-use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry_sdk::metrics::{ManualReader, SdkMeterProvider};
 use tokio::sync::mpsc;
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt, service_fn};
-use tunnel_metrics::OtelRecorder;
+use tower::{BoxError, Service, ServiceExt, service_fn};
 use tunnel_proto::messages::Command;
 use tunnel_proto::{Format, MessageType};
 use tunnel_reconnect::{BackoffConfig, BreakerConfig};
 use tunnel_router::layer::metrics::MetricsLayer;
-use tunnel_router::layer::timeout::TimeoutLayer;
 use tunnel_router::layer::trace::TraceLayer;
-use tunnel_router::{Agent, AgentConfig, Hub, Inbound, Pool, PoolMode, Request, Response, Router};
+use tunnel_router::{AgentConfig, Hub, Inbound, Pool, PoolMode, Request, Router};
 use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig, WsConnector};
-
-use crate::bench::{
-    THROUGHPUT_PLACEMENT, counting_router, latency_placements, median, percentile, raw_echo_client,
-    raw_echo_server, raw_throughput, sample_event, serve_until_counted, two_sided, us,
-};
-use crate::demo::thousands;
-
-/// An OpenTelemetry recorder on a real SDK meter provider (aggregating in memory, as
-/// it would before an exporter collects).
-pub(crate) fn otel_recorder() -> (Arc<OtelRecorder>, SdkMeterProvider) {
-    let provider = SdkMeterProvider::builder()
-        .with_reader(ManualReader::builder().build())
-        .build();
-    let recorder = Arc::new(OtelRecorder::new(&provider.meter("tunnel-bench")));
-    (recorder, provider)
-}
 
 /// A MessagePack client config for agent `bench/<name>`.
 fn client(name: &str) -> ClientConfig {
     ClientConfig::new(AgentId::new("bench", name)).format(Format::MsgPack)
-}
-
-/// Starts an agent on `url` and waits until it is connected.
-pub(crate) async fn start_agent(url: &str, config: ClientConfig) -> Result<Agent, String> {
-    let agent = Agent::start(
-        WsConnector::new(config),
-        AgentConfig::new(url),
-        Router::new(),
-    )
-    .map_err(|e| e.to_string())?;
-    agent
-        .wait_connected(Duration::from_secs(10))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(agent)
-}
-
-/// Sends `n` one-way events through the agent's client behind the metrics (recording
-/// into `recorder`), timeout and tracing layers: the full stack of the benchmarks.
-pub(crate) async fn drive_layered(
-    agent: &Agent,
-    recorder: Arc<OtelRecorder>,
-    n: u64,
-) -> Result<Instant, String> {
-    drive(layered(agent, recorder), agent.format(), n).await
-}
-
-/// The agent's client behind the metrics (recording into `recorder`), timeout and
-/// tracing layers: the benchmarks' full client stack.
-fn layered(
-    agent: &Agent,
-    recorder: Arc<OtelRecorder>,
-) -> impl Service<Request, Response = Response, Error = BoxError> {
-    ServiceBuilder::new()
-        .layer(MetricsLayer::new(recorder))
-        .layer(TimeoutLayer::new(Duration::from_secs(5)))
-        .layer(TraceLayer::new())
-        .service(agent.client())
-}
-
-/// Sends `n` one-way events through `svc`, one call at a time, their payloads encoded
-/// in the connection's `format` (as `Request::send_as` advises).
-pub(crate) async fn drive<S>(mut svc: S, format: Format, n: u64) -> Result<Instant, String>
-where
-    S: Service<Request, Response = Response>,
-    S::Error: std::fmt::Display,
-{
-    let event = sample_event();
-    let started = Instant::now();
-    for _ in 0..n {
-        let request =
-            Request::send_as(format, MessageType::Event, &event).map_err(|e| e.to_string())?;
-        svc.ready()
-            .await
-            .map_err(|e| e.to_string())?
-            .call(request)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(started)
 }
 
 fn agent_throughput(n: u64, layers: bool) -> Result<f64, String> {
@@ -151,9 +75,9 @@ pub(crate) fn throughput(n: u64, runs: usize) -> Result<(), String> {
     }
     let (baseline, bare, stack) = (median(baseline), median(bare), median(stack));
     let ratio = stack / bare;
-    crate::bench::figure("stack", "agent_client_rate", bare, "msg/s");
-    crate::bench::figure("stack", "layers_rate", stack, "msg/s");
-    crate::bench::figure("stack", "layers_vs_bare", ratio, "x");
+    figure("stack", "agent_client_rate", bare, "msg/s");
+    figure("stack", "layers_rate", stack, "msg/s");
+    figure("stack", "layers_vs_bare", ratio, "x");
     println!(
         "  hand-written tokio-tungstenite baseline (typed) {:>12} msg/s",
         thousands(baseline as u64)
@@ -249,7 +173,7 @@ pub(crate) fn latency(n: usize) -> Result<(), String> {
         let name = placement.name.replace(' ', "_");
         for (what, samples) in [("raw", &raw), ("stack", &ours)] {
             for (p, label) in [(0.5, "p50"), (0.99, "p99")] {
-                crate::bench::figure(
+                figure(
                     "stack_latency",
                     &format!("{name}_{what}_{label}"),
                     us(percentile(samples, p)),
@@ -289,7 +213,7 @@ pub(crate) async fn failover(trials: usize) -> Result<(), String> {
     let mut hubs = Vec::new();
     let mut proxies = Vec::new();
     for _ in 0..2 {
-        let hub = crate::bench::resumable_hub(router.clone()).await?;
+        let hub = resumable_hub(router.clone()).await?;
         let addr = hub.local_addr().ok_or("no address")?;
         proxies.push(FaultProxy::start(addr).await.map_err(|e| e.to_string())?);
         hubs.push(hub);
@@ -339,8 +263,8 @@ pub(crate) async fn failover(trials: usize) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     samples.sort();
-    crate::bench::figure("failover", "p50", us(percentile(&samples, 0.5)) / 1e3, "ms");
-    crate::bench::figure(
+    figure("failover", "p50", us(percentile(&samples, 0.5)) / 1e3, "ms");
+    figure(
         "failover",
         "p99",
         us(percentile(&samples, 0.99)) / 1e3,

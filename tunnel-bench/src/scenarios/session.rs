@@ -1,19 +1,17 @@
-//! `tunnel bench session`: what resumable sessions cost and how fast they recover.
+//! `session`: what resumable sessions cost and how fast they recover.
 
+use crate::harness::{
+    THROUGHPUT_PLACEMENT, counting_router, resumable_hub, sample_event, serve_until_counted,
+    tunnel_throughput, two_sided,
+};
+use crate::report::{figure, median, percentile, thousands, us};
 use std::time::{Duration, Instant};
-
 use tokio::sync::mpsc;
 use tunnel_proto::{Envelope, Format, MessageType, Payload};
 use tunnel_reconnect::BackoffConfig;
 use tunnel_router::{Agent, AgentConfig, ConnectionState, Router};
 use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{AgentId, ClientConfig, WsConnector};
-
-use crate::bench::{
-    THROUGHPUT_PLACEMENT, counting_router, median, percentile, sample_event, serve_until_counted,
-    tunnel_throughput, two_sided, us,
-};
-use crate::demo::thousands;
 
 /// One-way MessagePack throughput through an agent's session into a resumable hub,
 /// beside the transport-only figure, same placement, same run.
@@ -33,9 +31,9 @@ pub(crate) fn throughput(n: u64, runs: usize) -> Result<(), String> {
     }
     let (plain, sessions) = (median(plain), median(with_sessions));
     let ratio = sessions / plain;
-    crate::bench::figure("session", "transport_only_rate", plain, "msg/s");
-    crate::bench::figure("session", "sessions_rate", sessions, "msg/s");
-    crate::bench::figure("session", "sessions_vs_transport_only", ratio, "x");
+    figure("session", "transport_only_rate", plain, "msg/s");
+    figure("session", "sessions_rate", sessions, "msg/s");
+    figure("session", "sessions_vs_transport_only", ratio, "x");
     let verdict = if ratio >= 0.8 { "meets" } else { "BELOW" };
     println!(
         "  {:<44} {:>10} msg/s",
@@ -66,7 +64,7 @@ fn session_throughput(n: u64) -> Result<(f64, (usize, usize)), String> {
 
 async fn sink(url_tx: mpsc::Sender<String>, done: tokio::sync::oneshot::Sender<Instant>, n: u64) {
     let (router, all_in) = counting_router(n);
-    let Ok(hub) = crate::bench::resumable_hub(router).await else {
+    let Ok(hub) = resumable_hub(router).await else {
         return;
     };
     serve_until_counted(hub, url_tx, done, all_in).await;
@@ -113,7 +111,7 @@ pub(crate) async fn resume_time(cuts: usize) -> Result<(), String> {
     let backoff = BackoffConfig::default()
         .base(Duration::from_millis(10))
         .cap(Duration::from_millis(100));
-    let hub = crate::bench::resumable_hub(Router::new()).await?;
+    let hub = resumable_hub(Router::new()).await?;
     let proxy = FaultProxy::start(hub.local_addr().ok_or("no address")?)
         .await
         .map_err(|e| e.to_string())?;
@@ -157,13 +155,13 @@ pub(crate) async fn resume_time(cuts: usize) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     samples.sort();
-    crate::bench::figure(
+    figure(
         "session",
         "resume_p50",
         us(percentile(&samples, 0.5)) / 1e3,
         "ms",
     );
-    crate::bench::figure(
+    figure(
         "session",
         "resume_p99",
         us(percentile(&samples, 0.99)) / 1e3,
