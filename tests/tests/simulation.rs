@@ -36,8 +36,8 @@ use tunnel_proto::session::SessionConfig;
 use tunnel_proto::{MessageType, Payload};
 use tunnel_reconnect::{BackoffConfig, BreakerConfig, ExponentialBackoff};
 use tunnel_router::{
-    Agent, AgentConfig, Drain, Hub, HubConfig, HubSessions, Inbound, MemoryStore, Request, Router,
-    SessionRegistry, SessionStore, StoreError,
+    Agent, AgentConfig, Drain, Held, Hub, HubConfig, HubSessions, Inbound, MemoryStore, Request,
+    Router, SessionRegistry, SessionStore, StoreError,
 };
 use tunnel_transport::memory::{self, Direction, Faults, MemoryConnector};
 use tunnel_transport::{AgentId, AllowAll, ClientConfig, ConnectError, Connection, ServerConfig};
@@ -269,8 +269,9 @@ async fn scenario(seed: u64, verbose: bool) -> Result<Summary, String> {
                 let agent = agent.clone();
                 summary.requests += 1;
                 requests.spawn(async move {
-                    let request = Request::call(MessageType::Command, &event(n))
+                    let request = Request::new(MessageType::Command, &event(n))
                         .map_err(|e| e.to_string())?
+                        .expect_reply()
                         .timeout(Duration::from_secs(2));
                     match agent.call(request).await {
                         Ok(reply) => check_echo(&reply, n),
@@ -284,10 +285,11 @@ async fn scenario(seed: u64, verbose: bool) -> Result<Summary, String> {
                     let agent_id = agent_id.clone();
                     summary.requests += 1;
                     requests.spawn(async move {
-                        let request = Request::call(MessageType::Command, &event(n))
+                        let request = Request::new(MessageType::Command, &event(n))
                             .map_err(|e| e.to_string())?
+                            .expect_reply()
                             .timeout(Duration::from_secs(2));
-                        match hub.request(&agent_id, request).await {
+                        match hub.call(&agent_id, request).await {
                             Ok(reply) => check_echo(&reply, n),
                             Err(_) => Ok(()),
                         }
@@ -436,7 +438,7 @@ async fn scenario(seed: u64, verbose: bool) -> Result<Summary, String> {
     let connected = agent.wait_connected(Duration::from_secs(10)).await;
     if connected.is_ok() {
         let settled = tokio::time::timeout(Duration::from_secs(5), async {
-            while agent.held() != Some((0, 0)) {
+            while agent.held() != Some(Held::default()) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
@@ -589,7 +591,7 @@ async fn a_hub_restarted_on_the_same_store_resumes_its_sessions() {
             .expect("held");
     }
     tokio::time::timeout(Duration::from_secs(5), async {
-        while agent.held() != Some((0, 0)) {
+        while agent.held() != Some(Held::default()) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -700,7 +702,11 @@ async fn a_failing_store_refuses_with_try_again_later_and_the_agent_resumes_late
         .insert(SLOTS[0].into(), connector);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!agent.is_connected(), "refused while the store is down");
-    assert_eq!(agent.held().map(|h| h.0), Some(1), "kept for the resume");
+    assert_eq!(
+        agent.held().map(|h| h.messages),
+        Some(1),
+        "kept for the resume"
+    );
     flaky
         .down
         .store(false, std::sync::atomic::Ordering::Relaxed);

@@ -574,7 +574,7 @@ pub(crate) fn layered(
 }
 
 /// Sends `n` one-way events through `svc`, one call at a time, their payloads encoded
-/// in the connection's `format` (as `Request::send_as` advises).
+/// in the connection's `format` (as `Request::encoded` advises).
 pub(crate) async fn drive<S>(mut svc: S, format: Format, n: u64) -> Result<Instant, String>
 where
     S: Service<Request, Response = Response>,
@@ -583,8 +583,10 @@ where
     let event = sample_event();
     let started = Instant::now();
     for _ in 0..n {
-        let request =
-            Request::send_as(format, MessageType::Event, &event).map_err(|e| e.to_string())?;
+        let request = Request::encoded(
+            MessageType::Event,
+            Payload::encode(format, &event).map_err(|e| e.to_string())?,
+        );
         svc.ready()
             .await
             .map_err(|e| e.to_string())?

@@ -449,7 +449,7 @@ async fn hub_traffic(hub: Hub, agents: Vec<AgentId>, stats: Arc<Stats>, stop: Ar
             stats.sent_to_agents.fetch_add(1, Ordering::Relaxed);
             let (hub, id, stats) = (hub.clone(), id.clone(), stats.clone());
             tokio::spawn(async move {
-                match hub.request(&id, request).await {
+                match hub.call(&id, request).await {
                     Ok(_) => stats.replies_received.fetch_add(1, Ordering::Relaxed),
                     Err(_) => stats.send_errors.fetch_add(1, Ordering::Relaxed),
                 };

@@ -452,7 +452,7 @@ pub(crate) async fn agent(args: AgentArgs) -> Result<(), String> {
                 // Held and replayed by the session while the hub is unreachable (in
                 // spread mode, sent through a connection that is up).
                 // Encoded in the connection's codec: not transcoded on the way.
-                let sent = match Request::send_as(format, MessageType::Status, &status) {
+                let sent = match tunnel_proto::Payload::encode(format, &status).map(|p| Request::encoded(MessageType::Status, p)) {
                     Ok(request) => match tokio::time::timeout(Duration::from_secs(5), client.ready()).await {
                         Ok(Ok(ready)) => ready.call(request).await.map(drop).map_err(|e| e.to_string()),
                         Ok(Err(e)) => Err(e.to_string()),

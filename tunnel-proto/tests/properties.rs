@@ -125,7 +125,7 @@ mod session_model {
     use std::time::{Duration, Instant};
 
     use proptest::prelude::*;
-    use tunnel_proto::session::{Accept, Inbound, Outbound, SessionConfig};
+    use tunnel_proto::session::{Accept, ReceiveWindow, ReplayBuffer, SessionConfig};
 
     #[derive(Debug, Clone)]
     enum Op {
@@ -160,13 +160,13 @@ mod session_model {
             let config = SessionConfig::default().ack_every(ack_every).ack_delay(Duration::from_millis(5));
             let start = Instant::now();
             let mut now = start;
-            let mut tx: Outbound<u64> = Outbound::new(config.clone());
-            let mut rx = Inbound::new(config);
+            let mut tx: ReplayBuffer<u64> = ReplayBuffer::new(config.clone());
+            let mut rx = ReceiveWindow::new(config);
             let mut link: VecDeque<(u64, u64)> = VecDeque::new();
             let mut next_value = 1u64;
             let mut delivered = Vec::new();
 
-            let deliver = |link: &mut VecDeque<(u64, u64)>, rx: &mut Inbound, now: Instant, delivered: &mut Vec<u64>| {
+            let deliver = |link: &mut VecDeque<(u64, u64)>, rx: &mut ReceiveWindow, now: Instant, delivered: &mut Vec<u64>| {
                 if let Some((seq, value)) = link.pop_front() {
                     match rx.on_data(seq, || now) {
                         Accept::Deliver => delivered.push(value),

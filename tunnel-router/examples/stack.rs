@@ -77,7 +77,7 @@ async fn main() -> Result<(), BoxError> {
         .service(agent.client());
 
     for name in ["web-0", "web-1", "web-2"] {
-        let request = Request::call(MessageType::Command, &Command::new(name))?;
+        let request = Request::new(MessageType::Command, &Command::new(name))?.expect_reply();
         let reply = client.ready().await?.call(request).await?;
         println!("{}", reply.decode::<String>()?);
     }

@@ -65,11 +65,11 @@ impl Link<'_> {
             Some(reliable) if !self.draining.load(Ordering::Acquire) => {
                 match reliable.send(reply, WhenFull::Reject).await {
                     Ok(_) => Ok(()),
-                    Err(crate::ReliableSendError::Full(_)) if !reliable.peer_stalled() => {
+                    Err(crate::Error::Full(_)) if !reliable.peer_stalled() => {
                         self.recorder.error("reply_dropped");
                         Err("replay buffer full".to_owned())
                     }
-                    Err(crate::ReliableSendError::Full(_)) => {
+                    Err(crate::Error::Full(_)) => {
                         tracing::warn!(agent = %sender.info().agent, "closing: the peer does not acknowledge what it is sent");
                         self.recorder.error("unacknowledged");
                         sender.abort_with(

@@ -8,24 +8,14 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tunnel_metrics::Recorder;
-use tunnel_proto::session::{self, Attach, Bound, Next, Pushed, Refused, Session, SessionConfig};
+
+use crate::Error;
+use tunnel_proto::session::{self, Attach, Next, Pushed, Refused, Session, SessionConfig};
 use tunnel_proto::{Envelope, MessageType};
 use tunnel_transport::ConnectionSender;
 
-pub use tunnel_proto::session::{FullPolicy, Undelivered, WhenFull};
+pub use tunnel_proto::session::{FullPolicy, Held, Undelivered, WhenFull};
 pub(crate) use tunnel_proto::session::{Reset, is_rejection};
-
-/// A message could not be accepted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ReliableSendError {
-    /// The replay buffer is full.
-    #[error("replay buffer full ({0:?} bound)")]
-    Full(Bound),
-    /// The session is shut down.
-    #[error("session shut down")]
-    ShutDown,
-}
 
 /// Resolves once the peer acknowledged the message, or with the reason it never will.
 #[derive(Debug)]
@@ -86,16 +76,13 @@ pub(crate) enum TrySend {
     /// The buffer is full and the policy says to wait: the message, back.
     Wait(Box<Waiting>),
     /// Refused.
-    Failed(ReliableSendError),
+    Failed(Error),
 }
 
 impl TrySend {
     /// Waits for whatever the message still needs: the backlog drained, or room in the
     /// buffer. Its future is large: box it on paths every message takes.
-    pub(crate) async fn finish(
-        self,
-        reliable: &Arc<Reliable>,
-    ) -> Result<Receipt, ReliableSendError> {
+    pub(crate) async fn finish(self, reliable: &Arc<Reliable>) -> Result<Receipt, Error> {
         match self {
             TrySend::Held(receipt) => Ok(receipt),
             TrySend::Backlog(receipt) => {
@@ -211,9 +198,9 @@ impl Reliable {
     /// Drives `session` (a restored one, say); what it holds counts in the replay
     /// metrics from now on.
     pub(crate) fn from_session(session: Session, recorder: Arc<dyn Recorder>) -> Arc<Self> {
-        let (messages, bytes) = session.held();
-        if messages > 0 {
-            recorder.replay_changed(count(messages), count(bytes));
+        let held = session.held();
+        if held.messages > 0 {
+            recorder.replay_changed(count(held.messages), count(held.bytes));
         }
         Arc::new(Reliable {
             recorder,
@@ -247,8 +234,8 @@ impl Reliable {
         };
         if after != before {
             self.recorder.replay_changed(
-                count(after.0) - count(before.0),
-                count(after.1) - count(before.1),
+                count(after.messages) - count(before.messages),
+                count(after.bytes) - count(before.bytes),
             );
         }
         if changed {
@@ -298,7 +285,7 @@ impl Reliable {
         self: &Arc<Self>,
         env: Box<Envelope>,
         when_full: WhenFull,
-    ) -> Result<Receipt, ReliableSendError> {
+    ) -> Result<Receipt, Error> {
         match self.try_send(env, &when_full) {
             TrySend::Held(receipt) => {
                 // A producer that never has to wait would starve the tasks on its thread
@@ -328,18 +315,15 @@ impl Reliable {
                 WhenFull::Wait(wait) | WhenFull::KeepLatest(wait) => {
                     TrySend::Wait(Box::new(Waiting { env, key, wait }))
                 }
-                _ => TrySend::Failed(ReliableSendError::Full(bound)),
+                _ => TrySend::Failed(Error::Full(bound)),
             },
-            Err(Refused::ShutDown(_)) => TrySend::Failed(ReliableSendError::ShutDown),
+            Err(Refused::ShutDown(_)) => TrySend::Failed(Error::ShutDown),
         }
     }
 
     /// The rest of [`Reliable::send`] once the buffer was full: waits for room up to
     /// the policy's deadline.
-    async fn send_waiting(
-        self: &Arc<Self>,
-        waiting: Box<Waiting>,
-    ) -> Result<Receipt, ReliableSendError> {
+    async fn send_waiting(self: &Arc<Self>, waiting: Box<Waiting>) -> Result<Receipt, Error> {
         let Waiting {
             mut env,
             mut key,
@@ -366,11 +350,11 @@ impl Reliable {
                     }
                     return Ok(Receipt::held(seq, self));
                 }
-                Err(Refused::ShutDown(_)) => return Err(ReliableSendError::ShutDown),
+                Err(Refused::ShutDown(_)) => return Err(Error::ShutDown),
                 Err(Refused::Full { env: back, bound }) => {
                     env = back;
                     if tokio::time::timeout_at(deadline, room).await.is_err() {
-                        return Err(ReliableSendError::Full(bound));
+                        return Err(Error::Full(bound));
                     }
                 }
             }
@@ -530,7 +514,7 @@ impl Reliable {
     }
 
     /// Messages and bytes held for replay.
-    pub(crate) fn held(&self) -> (usize, usize) {
+    pub(crate) fn held(&self) -> Held {
         self.state().session.held()
     }
 

@@ -11,37 +11,20 @@ use tokio_util::task::TaskTracker;
 use tunnel_proto::messages::{Close, ReconnectHint, TypedMessage};
 use tunnel_proto::{CloseCode, Envelope, MessageType, capability};
 use tunnel_transport::{
-    AcceptError, Acceptor, AgentId, ConnectionInfo, ConnectionSender, SendError, ServerConfig,
-    WsListener,
+    AcceptError, Acceptor, AgentId, ConnectionInfo, ConnectionSender, ServerConfig, WsListener,
 };
 
-use crate::delivery::{Receipt, ReliableSendError};
+use crate::Error;
+use crate::delivery::Receipt;
 use crate::registry::{HubSessions, SessionRegistry, Store};
-use crate::request::{Pending, Request, RequestError, Response};
+use crate::request::{Pending, Request, Response};
 use crate::router::Router;
+use tunnel_proto::session::Held;
 
 /// How often a hub with sessions expires old messages and ends sessions past their
 /// grace period.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 use crate::connection_loop::{self, SessionEnd};
-
-/// Why the hub could not send to an agent.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum HubSendError {
-    /// No agent with this identity is connected.
-    #[error("agent {0} is not connected")]
-    NotConnected(AgentId),
-    /// The payload could not be encoded.
-    #[error(transparent)]
-    Encode(#[from] tunnel_proto::EncodeError),
-    /// The connection refused the message.
-    #[error(transparent)]
-    Send(#[from] SendError),
-    /// The agent's session did not accept the message (buffer full, shut down).
-    #[error(transparent)]
-    Session(#[from] ReliableSendError),
-}
 
 #[derive(Debug)]
 struct Inner {
@@ -140,7 +123,7 @@ impl Drain {
     }
 }
 
-/// How long [`Hub::request`] waits for a reply unless the request says otherwise.
+/// How long [`Hub::call`] waits for a reply unless the request says otherwise.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Settings of a [`Hub`] that do not belong to its transport.
@@ -175,7 +158,7 @@ pub struct HubConfig {
     /// Default [`DEFAULT_REQUEST_TIMEOUT`].
     pub request_timeout: Duration,
     /// Requests to agents that may wait for replies at once; more fail at once with
-    /// [`RequestError::TooManyInFlight`]. Default 100,000.
+    /// [`Error::TooManyInFlight`]. Default 100,000.
     pub max_pending_requests: usize,
     /// How long [`Hub::shutdown`] waits for connections to close. Default 5 s.
     pub shutdown_timeout: Duration,
@@ -394,12 +377,13 @@ impl Hub {
             .map(|sender| {
                 let info = sender.info();
                 let stats = sender.stats();
-                let (replay_messages, replay_bytes) = self
+                let held = self
                     .inner
                     .sessions
                     .as_ref()
                     .and_then(|store| store.of_agent(&info.agent))
-                    .map_or((0, 0), |reliable| reliable.held());
+                    .map_or_else(Held::default, |reliable| reliable.held());
+                let (replay_messages, replay_bytes) = (held.messages, held.bytes);
                 let since = info
                     .connected_at
                     .duration_since(std::time::UNIX_EPOCH)
@@ -476,7 +460,7 @@ impl Hub {
         agent: &AgentId,
         kind: MessageType,
         payload: &T,
-    ) -> Result<Receipt, HubSendError> {
+    ) -> Result<Receipt, Error> {
         let format = self
             .sender(agent)
             .map_or(tunnel_proto::Format::MsgPack, |s| s.info().format);
@@ -497,7 +481,7 @@ impl Hub {
         &self,
         agent: &AgentId,
         env: impl Into<Box<Envelope>>,
-    ) -> Result<Receipt, HubSendError> {
+    ) -> Result<Receipt, Error> {
         let mut env = env.into();
         env.id = tunnel_transport::next_message_id();
         self.transmit(agent, env).await
@@ -509,11 +493,7 @@ impl Hub {
     /// [`HubConfig::request_timeout`]; a later reply is discarded and counted in
     /// [`Hub::late_replies`]), or a lost reply (the agent's connection ended without a
     /// resumable session, or its session was reset).
-    pub async fn request(
-        &self,
-        agent: &AgentId,
-        request: Request,
-    ) -> Result<Response, RequestError> {
+    pub async fn call(&self, agent: &AgentId, request: Request) -> Result<Response, Error> {
         let timeout = request.timeout_or(self.inner.request_timeout);
         let mut env = request.envelope;
         env.timestamp = tunnel_transport::unix_millis();
@@ -532,7 +512,7 @@ impl Hub {
         &self,
         kind: MessageType,
         payload: &T,
-    ) -> Vec<(AgentId, Result<Receipt, HubSendError>)> {
+    ) -> Vec<(AgentId, Result<Receipt, Error>)> {
         let agents: Vec<AgentId> = self.read_agents().keys().cloned().collect();
         let mut outcomes = Vec::with_capacity(agents.len());
         for agent in agents {
@@ -555,11 +535,7 @@ impl Hub {
         self.inner.pending.late()
     }
 
-    async fn transmit(
-        &self,
-        agent: &AgentId,
-        mut env: Box<Envelope>,
-    ) -> Result<Receipt, HubSendError> {
+    async fn transmit(&self, agent: &AgentId, mut env: Box<Envelope>) -> Result<Receipt, Error> {
         if env.content_encoding().is_some() {
             connection_loop::fit_encoding(&mut env, self.sender(agent).as_ref());
         }
@@ -567,11 +543,9 @@ impl Hub {
             && let Some(reliable) = store.of_agent(agent)
         {
             let policy = store.when_full().for_type(&env.kind);
-            return Ok(reliable.send(env, policy).await?);
+            return reliable.send(env, policy).await;
         }
-        let sender = self
-            .sender(agent)
-            .ok_or_else(|| HubSendError::NotConnected(agent.clone()))?;
+        let sender = self.sender(agent).ok_or(Error::NotConnected)?;
         sender.send(&env).await?;
         Ok(Receipt::untracked())
     }
@@ -778,16 +752,6 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
     // Dropping the acceptor stops the listener.
 }
 
-impl From<HubSendError> for RequestError {
-    fn from(e: HubSendError) -> Self {
-        match e {
-            HubSendError::NotConnected(_) => RequestError::NotConnected,
-            HubSendError::Session(e) => RequestError::Session(e),
-            other => RequestError::Send(other.to_string()),
-        }
-    }
-}
-
 /// A tower [`Service`](tower::Service) that sends [`Request`]s to one agent through a
 /// [`Hub`] (from [`Hub::client`]).
 #[derive(Debug, Clone)]
@@ -798,18 +762,18 @@ pub struct HubClient {
 
 impl tower::Service<Request> for HubClient {
     type Response = Response;
-    type Error = RequestError;
-    type Future = futures_util::future::BoxFuture<'static, Result<Response, RequestError>>;
+    type Error = Error;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response, Error>>;
 
     fn poll_ready(
         &mut self,
         _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), RequestError>> {
+    ) -> std::task::Poll<Result<(), Error>> {
         std::task::Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
         let (hub, agent) = (self.hub.clone(), self.agent.clone());
-        Box::pin(async move { hub.request(&agent, request).await })
+        Box::pin(async move { hub.call(&agent, request).await })
     }
 }

@@ -43,6 +43,7 @@ pub mod admin;
 mod agent;
 mod connection_loop;
 mod delivery;
+mod error;
 mod hub;
 pub mod layer;
 mod pool;
@@ -52,16 +53,15 @@ mod router;
 mod store;
 
 pub use agent::{
-    Agent, AgentClient, AgentConfig, AgentSendError, ConnectTimeout, ConnectionState,
-    InvalidAgentConfig, ResponseFuture, SessionEvent,
+    Agent, AgentClient, AgentConfig, ConnectTimeout, ConnectionState, InvalidAgentConfig,
+    ResponseFuture, SessionEvent,
 };
-pub use delivery::{FullPolicy, Receipt, ReliableSendError, Undelivered, WhenFull};
-pub use hub::{
-    AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubConfig, HubSendError,
-};
+pub use delivery::{FullPolicy, Held, Receipt, Undelivered, WhenFull};
+pub use error::Error;
+pub use hub::{AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubConfig};
 pub use pool::{Pool, PoolClient, PoolMode, Readiness};
 pub use registry::{HubSessions, SessionRegistry};
-pub use request::{Request, RequestError, Response, error_code};
+pub use request::{Request, Response, error_code};
 pub use router::{Dispatched, Handler, Inbound, IntoReply, Router};
 pub use store::{MemoryStore, SessionStore, StoreError};
 pub use tunnel_reconnect::Redirects;

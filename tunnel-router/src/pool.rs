@@ -16,8 +16,9 @@ use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
 use tunnel_transport::Connector;
 
+use crate::Error;
 use crate::agent::{Agent, AgentClient, AgentConfig, InvalidAgentConfig, ResponseFuture};
-use crate::request::{Request, RequestError, Response};
+use crate::request::{Request, Response};
 use crate::router::Router;
 
 /// How a [`Pool`] uses its endpoints.
@@ -96,7 +97,7 @@ struct Inner {
 /// let config = AgentConfig::with_endpoints(["ws://hub-a:7070/", "ws://hub-b:7070/", "ws://hub-c:7070/"]);
 /// let pool = Pool::start(PoolMode::Spread, connector, config, Router::new())?;
 /// let mut client = pool.client();
-/// let reply = client.ready().await?.call(Request::call(MessageType::Command, &Command::new("sync"))?).await?;
+/// let reply = client.ready().await?.call(Request::new(MessageType::Command, &Command::new("sync"))?.expect_reply()).await?;
 /// println!("{} connected", pool.readiness()); // for example 3/3
 /// pool.shutdown().await;
 /// # Ok(()) }
@@ -324,10 +325,10 @@ struct Member {
 
 impl Service<Request> for Member {
     type Response = Response;
-    type Error = RequestError;
+    type Error = Error;
     type Future = <AgentClient as Service<Request>>::Future;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RequestError>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
             if self.agent.is_connected() {
                 self.changed = None;
@@ -349,7 +350,7 @@ impl Service<Request> for Member {
             let alive = std::task::ready!(fut.poll(cx));
             self.changed = None;
             if !alive {
-                return Poll::Ready(Err(RequestError::ShutDown));
+                return Poll::Ready(Err(Error::ShutDown));
             }
         }
     }
@@ -446,19 +447,21 @@ impl Clone for PoolClient {
     }
 }
 
-fn from_box(e: tower::BoxError) -> RequestError {
-    match e.downcast::<RequestError>() {
+fn from_box(e: tower::BoxError) -> Error {
+    match e.downcast::<Error>() {
         Ok(e) => *e,
-        Err(e) => RequestError::Send(e.to_string()),
+        // tower's balancer adds no errors of its own for a discover stream that cannot
+        // fail: whatever else arrives means no member could take the request.
+        Err(_) => Error::NotConnected,
     }
 }
 
 impl Service<Request> for PoolClient {
     type Response = Response;
-    type Error = RequestError;
+    type Error = Error;
     type Future = ResponseFuture;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RequestError>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         match &mut self.kind {
             ClientKind::Single(client) => client.poll_ready(cx),
             ClientKind::Spread(balance) => balance.poll_ready(cx).map_err(from_box),

@@ -624,7 +624,7 @@ mod store_tests {
         assert!(again.resumed);
         assert_eq!(again.session_id, grant.session_id);
         let restored = second.get(&grant.session_id).expect("restored");
-        assert_eq!(restored.held().0, 1);
+        assert_eq!(restored.held().messages, 1);
         assert!(store.is_empty(), "taken: it resumes in one place");
         // A third registry finds nothing: a new session.
         let third = Store::new(HubSessions::default().store(store.clone()), noop());

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tunnel_metrics::Recorder;
-use tunnel_proto::{Envelope, ErrorBody, Format, MessageType, Payload};
+use tunnel_proto::{Envelope, Format, MessageType, Payload};
 use tunnel_transport::AgentId;
 
-use crate::delivery::{Receipt, ReliableSendError};
+use crate::Error;
+use crate::delivery::Receipt;
 
 /// Error codes this implementation puts in a failed reply's `error.code`.
 pub use tunnel_proto::session::error_code;
@@ -24,7 +25,7 @@ pub use tunnel_proto::session::error_code;
 /// use tunnel_proto::{MessageType, messages::Command};
 /// use tunnel_router::Request;
 ///
-/// let restart = Request::call(MessageType::Command, &Command::new("restart"))?
+/// let restart = Request::new(MessageType::Command, &Command::new("restart"))?.expect_reply()
 ///     .timeout(Duration::from_secs(2));
 /// assert!(restart.expects_reply());
 /// # Ok::<(), tunnel_proto::EncodeError>(())
@@ -39,58 +40,54 @@ pub struct Request {
 }
 
 impl Request {
-    /// A request of `kind` whose payload is `value` (MessagePack, transcoded if the
-    /// connection uses JSON; see [`Request::call_as`]): the response is the peer's
-    /// reply.
-    pub fn call<T: serde::Serialize + ?Sized>(
-        kind: MessageType,
-        value: &T,
-    ) -> Result<Self, tunnel_proto::EncodeError> {
-        Request::call_as(Format::MsgPack, kind, value)
-    }
-
-    /// [`Request::call`] with the payload encoded in `format`: pass the connection's
-    /// ([`Agent::format`](crate::Agent::format)) and it is not transcoded on the way.
-    pub fn call_as<T: serde::Serialize + ?Sized>(
-        format: Format,
-        kind: MessageType,
-        value: &T,
-    ) -> Result<Self, tunnel_proto::EncodeError> {
-        let mut request = Request::send_as(format, kind, value)?;
-        request.envelope.set_expecting_reply();
-        Ok(request)
-    }
-
-    /// A one-way message of `kind`: the response is its [`Receipt`]. The payload is
-    /// MessagePack, transcoded if the connection uses JSON (see [`Request::send_as`]).
-    pub fn send<T: serde::Serialize + ?Sized>(
-        kind: MessageType,
-        value: &T,
-    ) -> Result<Self, tunnel_proto::EncodeError> {
-        Request::send_as(Format::MsgPack, kind, value)
-    }
-
-    /// [`Request::send`] with the payload encoded in `format`: pass the connection's
-    /// ([`Agent::format`](crate::Agent::format)) and it is not transcoded on the way.
+    /// A one-way message of `kind` whose payload is `value`, in MessagePack (transcoded
+    /// on a JSON connection; [`Request::encoded`] avoids that). Sent through
+    /// [`Agent::call`](crate::Agent::call) or a client service, its response is the
+    /// message's [`Receipt`]; [`Request::expect_reply`] makes it a request instead.
     ///
     /// ```
-    /// use tunnel_proto::{Format, MessageType, messages::Command};
+    /// use tunnel_proto::{MessageType, messages::Command};
     /// use tunnel_router::Request;
     ///
-    /// let request = Request::send_as(Format::Json, MessageType::Command, &Command::new("sync"))?;
+    /// let one_way = Request::new(MessageType::Command, &Command::new("sync"))?;
+    /// assert!(!one_way.expects_reply());
+    /// # Ok::<(), tunnel_proto::EncodeError>(())
+    /// ```
+    pub fn new<T: serde::Serialize + ?Sized>(
+        kind: MessageType,
+        value: &T,
+    ) -> Result<Self, tunnel_proto::EncodeError> {
+        Ok(Request::encoded(
+            kind,
+            Payload::encode(Format::MsgPack, value)?,
+        ))
+    }
+
+    /// A one-way message of `kind` with a payload already encoded, in any format: encode
+    /// it in the connection's ([`Agent::format`](crate::Agent::format)) and it goes on
+    /// the wire as it is.
+    ///
+    /// ```
+    /// use tunnel_proto::{Format, MessageType, Payload, messages::Command};
+    /// use tunnel_router::Request;
+    ///
+    /// let payload = Payload::encode(Format::Json, &Command::new("sync"))?;
+    /// let request = Request::encoded(MessageType::Command, payload).expect_reply();
     /// assert_eq!(request.envelope.payload.as_ref().map(|p| p.format()), Some(Format::Json));
     /// # Ok::<(), tunnel_proto::EncodeError>(())
     /// ```
-    pub fn send_as<T: serde::Serialize + ?Sized>(
-        format: Format,
-        kind: MessageType,
-        value: &T,
-    ) -> Result<Self, tunnel_proto::EncodeError> {
-        let payload = Payload::encode(format, value)?;
+    pub fn encoded(kind: MessageType, payload: Payload) -> Self {
         // Boxed before the payload goes in: one envelope-sized move, not two.
         let mut envelope = Box::new(Envelope::new(0, kind, 0));
         envelope.payload = Some(payload);
-        Ok(Request::from_envelope(envelope))
+        Request::from_envelope(envelope)
+    }
+
+    /// Makes this a request: the response is the peer's reply (or the reason there is
+    /// none, [`Error::Timeout`], [`Error::Remote`], [`Error::Lost`]).
+    pub fn expect_reply(mut self) -> Self {
+        self.envelope.set_expecting_reply();
+        self
     }
 
     /// Sends `envelope` as it is: a request if it carries `expect: reply`
@@ -145,65 +142,10 @@ impl Response {
     }
 
     /// Decodes the reply's payload.
-    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, RequestError> {
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
         match self {
-            Response::Reply(env) => env
-                .decode_payload()
-                .map_err(|e| RequestError::BadReply(e.to_string())),
-            Response::Accepted(_) => Err(RequestError::BadReply(
-                "a one-way message has no reply".into(),
-            )),
-        }
-    }
-}
-
-/// Why a request or message failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum RequestError {
-    /// Not connected, and the message could not be held for a later connection.
-    #[error("not connected")]
-    NotConnected,
-    /// The message could not be sent.
-    #[error("could not send: {0}")]
-    Send(String),
-    /// The session did not accept the message (buffer full, shut down).
-    #[error(transparent)]
-    Session(#[from] ReliableSendError),
-    /// No reply within the deadline. A reply arriving later is discarded and counted.
-    #[error("no reply within {0:?}")]
-    Timeout(Duration),
-    /// The peer's handler failed; its error as the reply carried it.
-    #[error("the peer answered with an error: {} ({})", .0.message, .0.code)]
-    Remote(ErrorBody),
-    /// The reply can no longer arrive: the connection ended without a resumable
-    /// session, or the session was reset.
-    #[error("the reply was lost: {0}")]
-    Lost(String),
-    /// Too many requests are waiting for replies (the bound of the pending table).
-    #[error("too many requests in flight (limit {0})")]
-    TooManyInFlight(usize),
-    /// The reply could not be decoded.
-    #[error("bad reply: {0}")]
-    BadReply(String),
-    /// The agent or hub is shutting down.
-    #[error("shut down")]
-    ShutDown,
-}
-
-impl RequestError {
-    /// A short label for metrics: `timeout`, `remote`, `lost`, ...
-    pub fn kind(&self) -> &'static str {
-        match self {
-            RequestError::NotConnected => "not_connected",
-            RequestError::Send(_) => "send",
-            RequestError::Session(_) => "session",
-            RequestError::Timeout(_) => "timeout",
-            RequestError::Remote(_) => "remote",
-            RequestError::Lost(_) => "lost",
-            RequestError::TooManyInFlight(_) => "too_many_in_flight",
-            RequestError::BadReply(_) => "bad_reply",
-            RequestError::ShutDown => "shut_down",
+            Response::Reply(env) => env.decode_payload().map_err(Error::BadReply),
+            Response::Accepted(_) => Err(Error::NoReply),
         }
     }
 }
@@ -211,7 +153,7 @@ impl RequestError {
 struct Waiter {
     /// Who must answer: a reply from anyone else is not accepted.
     peer: Option<AgentId>,
-    tx: oneshot::Sender<Result<Box<Envelope>, RequestError>>,
+    tx: oneshot::Sender<Result<Box<Envelope>, Error>>,
 }
 
 /// Requests waiting for their reply, keyed by request id. Bounded: registering past
@@ -237,7 +179,7 @@ impl std::fmt::Debug for Pending {
 pub(crate) struct Ticket {
     pending: Arc<Pending>,
     id: u64,
-    rx: oneshot::Receiver<Result<Box<Envelope>, RequestError>>,
+    rx: oneshot::Receiver<Result<Box<Envelope>, Error>>,
 }
 
 impl Pending {
@@ -285,11 +227,11 @@ impl Pending {
         self: &Arc<Self>,
         id: u64,
         peer: Option<AgentId>,
-    ) -> Result<Ticket, RequestError> {
+    ) -> Result<Ticket, Error> {
         let (tx, rx) = oneshot::channel();
         let mut waiters = self.lock();
         if waiters.len() >= self.max {
-            return Err(RequestError::TooManyInFlight(self.max));
+            return Err(Error::TooManyInFlight(self.max));
         }
         waiters.insert(id, Waiter { peer, tx });
         drop(waiters);
@@ -324,7 +266,7 @@ impl Pending {
             return false;
         };
         let outcome = match reply.error.clone() {
-            Some(error) => Err(RequestError::Remote(error)),
+            Some(error) => Err(Error::Remote(error)),
             None => Ok(reply),
         };
         if waiter.tx.send(outcome).is_err() {
@@ -369,18 +311,18 @@ impl Pending {
             ids.iter().filter_map(|id| waiters.remove(id)).collect()
         };
         for waiter in failed {
-            let _ = waiter.tx.send(Err(RequestError::Lost(reason.to_owned())));
+            let _ = waiter.tx.send(Err(Error::Lost(reason.to_owned())));
         }
     }
 }
 
 impl Ticket {
     /// Waits for the reply at most `timeout`.
-    pub(crate) async fn wait(mut self, timeout: Duration) -> Result<Box<Envelope>, RequestError> {
+    pub(crate) async fn wait(mut self, timeout: Duration) -> Result<Box<Envelope>, Error> {
         match tokio::time::timeout(timeout, &mut self.rx).await {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(RequestError::ShutDown),
-            Err(_) => Err(RequestError::Timeout(timeout)),
+            Ok(Err(_)) => Err(Error::ShutDown),
+            Err(_) => Err(Error::Timeout(timeout)),
         }
     }
 }
@@ -395,6 +337,7 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tunnel_proto::ErrorBody;
 
     fn reply_to(id: u64) -> Envelope {
         Envelope::new(100, MessageType::Reply, 0).with_correlation(id)
@@ -422,10 +365,7 @@ mod tests {
         let failed = reply_to(7).with_error(ErrorBody::new("handler_error", "boom"));
         assert!(pending.complete(failed.into(), &agent("a")));
         let err = ticket.wait(Duration::from_secs(1)).await.unwrap_err();
-        assert_eq!(
-            err,
-            RequestError::Remote(ErrorBody::new("handler_error", "boom"))
-        );
+        assert_eq!(err, Error::Remote(ErrorBody::new("handler_error", "boom")));
     }
 
     #[tokio::test(start_paused = true)]
@@ -433,7 +373,7 @@ mod tests {
         let pending = Arc::new(Pending::new(8, Arc::new(tunnel_metrics::NoopRecorder)));
         let ticket = pending.register(7, None).unwrap();
         let err = ticket.wait(Duration::from_millis(50)).await.unwrap_err();
-        assert_eq!(err, RequestError::Timeout(Duration::from_millis(50)));
+        assert_eq!(err, Error::Timeout(Duration::from_millis(50)));
         assert_eq!(pending.len(), 0, "a timed out request leaves no entry");
         assert!(!pending.complete(reply_to(7).into(), &agent("a")));
         assert_eq!(pending.late(), 1);
@@ -468,7 +408,7 @@ mod tests {
         let _b = pending.register(2, None).unwrap();
         assert!(matches!(
             pending.register(3, None),
-            Err(RequestError::TooManyInFlight(2))
+            Err(Error::TooManyInFlight(2))
         ));
     }
 
@@ -480,13 +420,13 @@ mod tests {
         pending.peer_gone(&agent("a"), "session ended");
         assert!(matches!(
             to_a.wait(Duration::from_secs(1)).await,
-            Err(RequestError::Lost(_))
+            Err(Error::Lost(_))
         ));
         assert_eq!(pending.len(), 1);
         pending.fail_all("reset");
         assert!(matches!(
             to_b.wait(Duration::from_secs(1)).await,
-            Err(RequestError::Lost(_))
+            Err(Error::Lost(_))
         ));
     }
 }

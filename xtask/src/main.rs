@@ -142,7 +142,14 @@ fn bench(root: &Path, extra: &[String]) -> Result<(), String> {
     run(
         root,
         "cargo",
-        &["build", "--release", "-p", "tunnel-cli", "-p", "tunnel-bench"],
+        &[
+            "build",
+            "--release",
+            "-p",
+            "tunnel-cli",
+            "-p",
+            "tunnel-bench",
+        ],
         &[],
     )?;
     let mut args = vec!["run", "--release", "-p", "tunnel-bench", "--"];

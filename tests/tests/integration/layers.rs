@@ -18,7 +18,7 @@ use tunnel_router::layer::compression::CompressionLayer;
 use tunnel_router::layer::metrics::MetricsLayer;
 use tunnel_router::layer::trace::TraceLayer;
 use tunnel_router::{
-    Agent, AgentConfig, Hub, HubSessions, Inbound, Request, RequestError, Router, error_code,
+    Agent, AgentConfig, Error, Hub, HubSessions, Inbound, Request, Router, error_code,
 };
 use tunnel_transport::{AgentId, ConnectionConfig, WsConnector};
 
@@ -86,7 +86,11 @@ async fn compressed_requests_arrive_inflated_in_both_codecs() {
             .ready()
             .await
             .expect("ready")
-            .call(Request::call(MessageType::Command, &command).expect("encode"))
+            .call(
+                Request::new(MessageType::Command, &command)
+                    .expect("encode")
+                    .expect_reply(),
+            )
             .await
             .expect("reply");
         assert_eq!(wire.recv().await.flatten().as_deref(), Some("deflate"));
@@ -173,7 +177,9 @@ async fn a_trace_started_in_the_agent_continues_in_the_hubs_handler() {
     let mut client = ServiceBuilder::new()
         .layer(TraceLayer::new())
         .service(agent.client());
-    let request = Request::call(MessageType::Command, &Command::new("traced")).expect("encode");
+    let request = Request::new(MessageType::Command, &Command::new("traced"))
+        .expect("encode")
+        .expect_reply();
     async {
         client
             .ready()
@@ -247,20 +253,21 @@ async fn the_metrics_layer_records_latency_errors_in_flight_and_late_replies() {
         .layer(MetricsLayer::new(meter.recorder()))
         .service(agent.client());
     let mut call = |name: &str, timeout: Duration| {
-        let request = Request::call(MessageType::Command, &Command::new(name))
+        let request = Request::new(MessageType::Command, &Command::new(name))
             .expect("encode")
+            .expect_reply()
             .timeout(timeout);
         client.call(request)
     };
     call("ok", SOON).await.expect("reply");
     call("ok", SOON).await.expect("reply");
     let err = call("fail", SOON).await.unwrap_err();
-    assert!(matches!(err, RequestError::Remote(_)), "{err:?}");
+    assert!(matches!(err, Error::Remote(_)), "{err:?}");
     let err = call("slow", Duration::from_millis(20)).await.unwrap_err();
-    assert!(matches!(err, RequestError::Timeout(_)), "{err:?}");
+    assert!(matches!(err, Error::Timeout(_)), "{err:?}");
     // One one-way message too.
     client
-        .call(Request::send(MessageType::Event, &json!({"n": 1})).expect("encode"))
+        .call(Request::new(MessageType::Event, &json!({"n": 1})).expect("encode"))
         .await
         .expect("accepted");
 
@@ -290,8 +297,9 @@ async fn the_metrics_layer_records_latency_errors_in_flight_and_late_replies() {
     // A request in flight is counted while it waits.
     let slow = tokio::spawn(
         client.call(
-            Request::call(MessageType::Command, &Command::new("slow"))
+            Request::new(MessageType::Command, &Command::new("slow"))
                 .expect("encode")
+                .expect_reply()
                 .timeout(SOON),
         ),
     );

@@ -113,7 +113,11 @@ async fn a_hub_under_known_traffic_is_scraped_over_http() {
     }
     for _ in 0..5 {
         agent_a
-            .call(Request::call(MessageType::Command, &Command::new("x")).expect("encode"))
+            .call(
+                Request::new(MessageType::Command, &Command::new("x"))
+                    .expect("encode")
+                    .expect_reply(),
+            )
             .await
             .expect("reply");
     }

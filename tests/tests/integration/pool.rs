@@ -89,7 +89,7 @@ async fn readiness_becomes(pool: &Pool, want: Readiness) {
 }
 
 async fn send_event(client: &mut PoolClient, n: u64) -> Receipt {
-    let request = Request::send(MessageType::Event, &json!({"n": n})).expect("encode");
+    let request = Request::new(MessageType::Event, &json!({"n": n})).expect("encode");
     match client.ready().await.expect("ready").call(request).await {
         Ok(Response::Accepted(receipt)) => receipt,
         other => panic!("message {n} not accepted: {other:?}"),
@@ -97,7 +97,9 @@ async fn send_event(client: &mut PoolClient, n: u64) -> Receipt {
 }
 
 async fn ask(client: &mut PoolClient) -> usize {
-    let request = Request::call(MessageType::Command, &Command::new("which")).expect("encode");
+    let request = Request::new(MessageType::Command, &Command::new("which"))
+        .expect("encode")
+        .expect_reply();
     let reply = tokio::time::timeout(SOON, async {
         client.ready().await.expect("ready").call(request).await
     })

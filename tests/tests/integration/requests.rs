@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tower::{BoxError, Service, ServiceExt, service_fn};
 use tunnel_proto::messages::Command;
-use tunnel_proto::{Format, MessageType};
-use tunnel_router::{Inbound, Request, RequestError, Response, Router, error_code};
+use tunnel_proto::{Format, MessageType, Payload};
+use tunnel_router::{Error, Inbound, Request, Response, Router, error_code};
 use tunnel_transport::AgentId;
 
 use crate::support::*;
@@ -32,7 +32,9 @@ fn command_router() -> Router {
 }
 
 fn command(name: &str) -> Request {
-    Request::call(MessageType::Command, &Command::new(name)).expect("encode")
+    Request::new(MessageType::Command, &Command::new(name))
+        .expect("encode")
+        .expect_reply()
 }
 
 #[tokio::test]
@@ -60,12 +62,8 @@ async fn an_agent_request_gets_the_hub_handlers_reply_in_both_codecs() {
         assert!(env.seq.is_some(), "replies go through the session");
         // Encoded in the connection's codec up front (for JSON, no transcoding on the
         // way): the same reply.
-        let request = Request::call_as(
-            agent.format(),
-            MessageType::Command,
-            &Command::new("native"),
-        )
-        .expect("encode");
+        let payload = Payload::encode(agent.format(), &Command::new("native")).expect("encode");
+        let request = Request::encoded(MessageType::Command, payload).expect_reply();
         let reply = agent.call(request).await.expect("reply");
         assert_eq!(
             reply.decode::<Value>().expect("decode"),
@@ -89,18 +87,22 @@ async fn a_failing_handler_answers_with_an_error_and_keeps_the_connection() {
     let info = agent.wait_connected(SOON).await.expect("connected");
 
     let err = agent.call(command("boom")).await.unwrap_err();
-    let RequestError::Remote(body) = err else {
+    let Error::Remote(body) = err else {
         panic!("expected a remote error, got {err:?}")
     };
     assert_eq!(body.code, error_code::HANDLER_ERROR);
     assert_eq!(body.message, "no pod named web-9");
 
     let err = agent
-        .call(Request::call(MessageType::Event, &json!({})).expect("encode"))
+        .call(
+            Request::new(MessageType::Event, &json!({}))
+                .expect("encode")
+                .expect_reply(),
+        )
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, RequestError::Remote(b) if b.code == error_code::NO_HANDLER),
+        matches!(&err, Error::Remote(b) if b.code == error_code::NO_HANDLER),
         "{err:?}"
     );
 
@@ -122,7 +124,7 @@ async fn the_hub_can_ask_one_agent_and_broadcast_to_all() {
     registered(&hub, &a).await;
     registered(&hub, &b).await;
 
-    let reply = hub.request(&a, command("from-hub")).await.expect("reply");
+    let reply = hub.call(&a, command("from-hub")).await.expect("reply");
     assert_eq!(
         reply.decode::<Value>().expect("decode"),
         json!({"echo": "from-hub"})
@@ -151,10 +153,10 @@ async fn the_hub_can_ask_one_agent_and_broadcast_to_all() {
 
     // Only the asked agent may answer: a missing one is an error at once.
     let err = hub
-        .request(&AgentId::new("ws", "nobody"), command("x"))
+        .call(&AgentId::new("ws", "nobody"), command("x"))
         .await
         .unwrap_err();
-    assert_eq!(err, RequestError::NotConnected);
+    assert_eq!(err, Error::NotConnected);
     agent_a.shutdown().await;
     agent_b.shutdown().await;
     hub.shutdown().await;
@@ -175,7 +177,7 @@ async fn a_late_reply_is_discarded_and_counted_and_a_dropped_wait_leaves_nothing
         .call(command("slow").timeout(Duration::from_millis(20)))
         .await
         .unwrap_err();
-    assert_eq!(err, RequestError::Timeout(Duration::from_millis(20)));
+    assert_eq!(err, Error::Timeout(Duration::from_millis(20)));
     assert_eq!(agent.requests_in_flight(), 0);
     eventually("the late reply is counted", || agent.late_replies() == 1).await;
 
@@ -254,7 +256,7 @@ async fn a_request_without_a_session_fails_when_its_connection_ends() {
         .expect("fails promptly")
         .expect("task")
         .unwrap_err();
-    assert!(matches!(err, RequestError::Lost(_)), "{err:?}");
+    assert!(matches!(err, Error::Lost(_)), "{err:?}");
     agent.shutdown().await;
     hub.shutdown().await;
 }
@@ -282,10 +284,10 @@ async fn one_way_messages_through_the_client_are_held_in_call_and_the_sender_sti
     let mut client = agent.client();
     let n = 600;
     for i in 0..n {
-        let (held_before, _) = agent.held().expect("sessions");
-        let request = Request::send(MessageType::Event, &json!({"n": i})).expect("encode");
+        let held_before = agent.held().expect("sessions").messages;
+        let request = Request::new(MessageType::Event, &json!({"n": i})).expect("encode");
         let response = client.ready().await.expect("ready").call(request);
-        let (held_after, _) = agent.held().expect("sessions");
+        let held_after = agent.held().expect("sessions").messages;
         // Nothing else ran between the two reads, so no ack can have released one.
         assert_eq!(
             held_after,
@@ -344,7 +346,7 @@ async fn calls_through_the_client_go_on_the_wire_in_the_order_they_are_made() {
     // in the reverse one: the wire follows the calls, not the polls.
     let mut client = agent.client();
     let first = client.ready().await.expect("ready").call(command("first"));
-    let event = Request::send(MessageType::Event, &json!({"n": 1})).expect("encode");
+    let event = Request::new(MessageType::Event, &json!({"n": 1})).expect("encode");
     let second = client.ready().await.expect("ready").call(event);
     let third = client.ready().await.expect("ready").call(command("third"));
     third.await.expect("third answered");

@@ -120,7 +120,7 @@ async fn a_cut_connection_resumes_without_loss_or_duplicates() {
         "the same session throughout"
     );
     assert!(info.resumed);
-    assert_eq!(agent.held(), Some((0, 0)));
+    assert_eq!(agent.held(), Some(tunnel_router::Held::default()));
     agent.shutdown().await;
     hub.shutdown().await;
 }
@@ -145,7 +145,7 @@ async fn messages_sent_while_disconnected_are_delivered_after_reconnecting() {
                 .expect("accepted offline"),
         );
     }
-    assert_eq!(agent.held().map(|(m, _)| m), Some(10));
+    assert_eq!(agent.held().map(|h| h.messages), Some(10));
     proxy.set_refuse(false);
     expect_numbers(&mut at_hub, 10).await;
     for r in receipts {
@@ -438,13 +438,10 @@ async fn offline_statuses_keep_only_the_latest_per_resource_and_full_buffers_fol
         .send(MessageType::Event, &json!({"n": 1}))
         .await
         .expect("held");
-    assert_eq!(agent.held().map(|(m, _)| m), Some(3));
+    assert_eq!(agent.held().map(|h| h.messages), Some(3));
     // Full: an event is rejected at once (its policy)...
     let e2 = agent.send(MessageType::Event, &json!({"n": 2})).await;
-    assert!(
-        matches!(e2, Err(tunnel_router::AgentSendError::Session(_))),
-        "{e2:?}"
-    );
+    assert!(matches!(e2, Err(tunnel_router::Error::Full(_))), "{e2:?}");
     // ...while a newer status for a waiting resource replaces the older one in place.
     let a2 = agent
         .send(MessageType::Status, &status("a", 2))
@@ -459,7 +456,7 @@ async fn offline_statuses_keep_only_the_latest_per_resource_and_full_buffers_fol
         (a3.seq(), a3.seq()),
         "replaced in place"
     );
-    assert_eq!(agent.held().map(|(m, _)| m), Some(3));
+    assert_eq!(agent.held().map(|h| h.messages), Some(3));
 
     proxy.set_refuse(false);
     let mut got = Vec::new();

@@ -74,7 +74,11 @@ pub(crate) async fn run(agents: usize, seconds: u64) -> Result<(), String> {
             // Received first: `sent` read afterwards is never behind it.
             let received = hub.received("status").await?;
             let sent_now = sent.load(Ordering::Relaxed);
-            let held: usize = crowd.iter().filter_map(|a| a.held()).map(|(m, _)| m).sum();
+            let held: usize = crowd
+                .iter()
+                .filter_map(|a| a.held())
+                .map(|h| h.messages)
+                .sum();
             let rss = hub.rss_kib()?;
             samples.push(Sample {
                 at: send_started.elapsed().as_secs_f64(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tunnel_proto::{Envelope, Format, MessageType, Payload};
 use tunnel_reconnect::BackoffConfig;
-use tunnel_router::{Agent, AgentConfig, ConnectionState, Router};
+use tunnel_router::{Agent, AgentConfig, ConnectionState, Held, Router};
 use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{AgentId, ClientConfig, WsConnector};
 
@@ -22,7 +22,7 @@ pub(crate) fn throughput(n: u64, runs: usize) -> Result<(), String> {
     );
     let mut plain = Vec::new();
     let mut with_sessions = Vec::new();
-    let mut held = (0usize, 0usize);
+    let mut held = Held::default();
     for _ in 0..runs.max(1) {
         plain.push(tunnel_throughput(n, Format::MsgPack)?);
         let (rate, max_held) = session_throughput(n)?;
@@ -47,13 +47,13 @@ pub(crate) fn throughput(n: u64, runs: usize) -> Result<(), String> {
     );
     println!(
         "  replay buffer under this load: at most {} messages, {} KiB held (bounds: 10,000 messages, 16 MiB, 5 min)",
-        thousands(held.0 as u64),
-        thousands(held.1 as u64 / 1024)
+        thousands(held.messages as u64),
+        thousands(held.bytes as u64 / 1024)
     );
     Ok(())
 }
 
-fn session_throughput(n: u64) -> Result<(f64, (usize, usize)), String> {
+fn session_throughput(n: u64) -> Result<(f64, Held), String> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     two_sided(
         &THROUGHPUT_PLACEMENT,
@@ -74,7 +74,7 @@ async fn source(
     url: String,
     done: tokio::sync::oneshot::Receiver<Instant>,
     n: u64,
-) -> Result<(f64, (usize, usize)), String> {
+) -> Result<(f64, Held), String> {
     let connector = WsConnector::new(ClientConfig::new(AgentId::new("bench", "session")));
     let agent =
         Agent::start(connector, AgentConfig::new(url), Router::new()).map_err(|e| e.to_string())?;
@@ -83,7 +83,7 @@ async fn source(
         .await
         .map_err(|e| e.to_string())?;
     let event = sample_event();
-    let mut held = (0usize, 0usize);
+    let mut held = Held::default();
     let started = Instant::now();
     for i in 0..n {
         let payload = Payload::encode(Format::MsgPack, &event).map_err(|e| e.to_string())?;

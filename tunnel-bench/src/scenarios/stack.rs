@@ -129,8 +129,9 @@ async fn stack_echo_client(
     let mut samples = Vec::with_capacity(n);
     for i in 0..n + n / 10 {
         let start = Instant::now();
-        let request = Request::call(MessageType::Command, &Command::new("echo"))
-            .map_err(|e| e.to_string())?;
+        let request = Request::new(MessageType::Command, &Command::new("echo"))
+            .map_err(|e| e.to_string())?
+            .expect_reply();
         stack
             .ready()
             .await
@@ -242,8 +243,9 @@ pub(crate) async fn failover(trials: usize) -> Result<(), String> {
         let killed = Instant::now();
         proxies[active].cut_all();
         loop {
-            let request = Request::call(MessageType::Command, &Command::new("ping"))
+            let request = Request::new(MessageType::Command, &Command::new("ping"))
                 .map_err(|e| e.to_string())?
+                .expect_reply()
                 .timeout(Duration::from_millis(250));
             let answered = client
                 .ready()

@@ -1,4 +1,4 @@
-//! The two halves of a session direction: [`Outbound`] numbers and holds, [`Inbound`]
+//! The two halves of a session direction: [`ReplayBuffer`] numbers and holds, [`ReceiveWindow`]
 //! orders and acknowledges.
 
 use std::collections::VecDeque;
@@ -161,7 +161,7 @@ pub enum ResumeError {
 
 /// The sending side of one direction.
 #[derive(Debug, Clone)]
-pub struct Outbound<T> {
+pub struct ReplayBuffer<T> {
     pub(super) config: SessionConfig,
     pub(super) next_seq: u64,
     pub(super) acked: u64,
@@ -171,10 +171,10 @@ pub struct Outbound<T> {
     pub(super) bytes: usize,
 }
 
-impl<T> Outbound<T> {
+impl<T> ReplayBuffer<T> {
     /// A new direction: the first message gets sequence number 1.
     pub fn new(config: SessionConfig) -> Self {
-        Outbound {
+        ReplayBuffer {
             config,
             next_seq: 1,
             acked: 0,
@@ -384,7 +384,7 @@ pub enum Accept {
 
 /// The receiving side of one direction.
 #[derive(Debug, Clone)]
-pub struct Inbound {
+pub struct ReceiveWindow {
     pub(super) config: SessionConfig,
     pub(super) received: u64,
     /// Whether the base is known. A new direction takes the first data message's
@@ -397,11 +397,11 @@ pub struct Inbound {
     pub(super) ack_at: Option<Instant>,
 }
 
-impl Inbound {
+impl ReceiveWindow {
     /// A new direction. Its first data message fixes the base: normally 1, but a
     /// peer that moved here from a drained hub continues its own numbering.
     pub fn new(config: SessionConfig) -> Self {
-        Inbound {
+        ReceiveWindow {
             started: false,
             ..Self::resumed(config, 0)
         }
@@ -409,7 +409,7 @@ impl Inbound {
 
     /// A direction that has already received everything up to `received`.
     pub fn resumed(config: SessionConfig, received: u64) -> Self {
-        Inbound {
+        ReceiveWindow {
             config,
             received,
             started: true,
@@ -513,7 +513,7 @@ mod tests {
     #[test]
     fn sequence_numbers_start_at_one_and_acks_release_the_buffer() {
         let t = Instant::now();
-        let mut tx = Outbound::new(config());
+        let mut tx = ReplayBuffer::new(config());
         assert_eq!(tx.push('a', 10, t), Ok(1));
         assert_eq!(tx.push('b', 10, t), Ok(2));
         assert_eq!(tx.push('c', 10, t), Ok(3));
@@ -541,7 +541,7 @@ mod tests {
     #[test]
     fn the_buffer_is_bounded_by_count_and_bytes() {
         let t = Instant::now();
-        let mut tx = Outbound::new(config());
+        let mut tx = ReplayBuffer::new(config());
         for i in 0..4 {
             tx.push(i, 1, t).expect("room");
         }
@@ -552,7 +552,7 @@ mod tests {
                 bound: Bound::Messages
             })
         );
-        let mut tx = Outbound::new(config());
+        let mut tx = ReplayBuffer::new(config());
         tx.push(0, 60, t).expect("room");
         assert_eq!(
             tx.push(1, 60, t),
@@ -562,14 +562,14 @@ mod tests {
             })
         );
         // One oversized message alone is accepted rather than refused forever.
-        let mut tx = Outbound::new(config());
+        let mut tx = ReplayBuffer::new(config());
         assert!(tx.push(0, 500, t).is_ok());
     }
 
     #[test]
     fn resume_replays_what_the_peer_lacks_and_acks_the_rest() {
         let t = Instant::now();
-        let mut tx = Outbound::new(config());
+        let mut tx = ReplayBuffer::new(config());
         for c in ['a', 'b', 'c'] {
             tx.push(c, 1, t).expect("room");
         }
@@ -592,7 +592,7 @@ mod tests {
     #[test]
     fn expired_messages_make_a_later_resume_a_gap() {
         let t = Instant::now();
-        let mut tx = Outbound::new(config());
+        let mut tx = ReplayBuffer::new(config());
         tx.push('a', 1, t).expect("room");
         tx.push('b', 1, t + Duration::from_secs(30)).expect("room");
         assert_eq!(tx.next_expiry(), Some(t + Duration::from_secs(60)));
@@ -617,7 +617,7 @@ mod tests {
     #[test]
     fn reset_returns_everything_and_starts_over() {
         let t = Instant::now();
-        let mut tx = Outbound::new(config());
+        let mut tx = ReplayBuffer::new(config());
         tx.push('a', 1, t).expect("room");
         tx.push('b', 1, t).expect("room");
         let dropped: Vec<_> = tx.reset().into_iter().map(|m| m.item).collect();
@@ -629,7 +629,7 @@ mod tests {
     #[test]
     fn inbound_delivers_in_order_once_and_detects_gaps() {
         let t = Instant::now();
-        let mut rx = Inbound::new(config());
+        let mut rx = ReceiveWindow::new(config());
         assert_eq!(rx.on_data(1, || t), Accept::Deliver);
         assert_eq!(rx.on_data(1, || t), Accept::Duplicate);
         assert_eq!(
@@ -646,7 +646,7 @@ mod tests {
     #[test]
     fn a_new_direction_takes_its_base_from_the_first_message() {
         let t = Instant::now();
-        let mut rx = Inbound::new(config());
+        let mut rx = ReceiveWindow::new(config());
         assert_eq!(rx.on_data(101, || t), Accept::Deliver);
         assert_eq!(rx.last_received(), 101);
         assert_eq!(
@@ -657,7 +657,7 @@ mod tests {
             }
         );
         // A resumed direction knows its base.
-        let mut resumed = Inbound::resumed(config(), 0);
+        let mut resumed = ReceiveWindow::resumed(config(), 0);
         assert_eq!(
             resumed.on_data(5, || t),
             Accept::Gap {
@@ -670,7 +670,7 @@ mod tests {
     #[test]
     fn acks_are_due_after_n_messages_or_the_delay() {
         let t = Instant::now();
-        let mut rx = Inbound::new(config());
+        let mut rx = ReceiveWindow::new(config());
         assert!(!rx.ack_due(t));
         assert_eq!(rx.ack_due_at(), None);
         rx.on_data(1, || t);

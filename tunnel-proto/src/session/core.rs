@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::{Envelope, ErrorBody, MessageType};
 
 use super::policy::{held_size, is_rejection};
-use super::{Accept, Bound, Inbound, Outbound, Outcomes, SessionConfig, Undelivered};
+use super::{Accept, Bound, Outcomes, ReceiveWindow, ReplayBuffer, SessionConfig, Undelivered};
 
 /// One side of a session (an agent's, or the hub's for one agent): both directions,
 /// the replay buffer, the per-message outcomes, and the rules that tie them to the
@@ -54,8 +54,8 @@ pub struct Session {
     pub(super) config: SessionConfig,
     /// Boxed messages: pushing one into the buffer, and taking it back out on a reset,
     /// moves a pointer instead of a 224-byte envelope.
-    pub(super) out: Outbound<Box<Envelope>>,
-    pub(super) inb: Inbound,
+    pub(super) out: ReplayBuffer<Box<Envelope>>,
+    pub(super) inb: ReceiveWindow,
     /// The connection carrying the session.
     pub(super) link: Option<u64>,
     /// The highest sequence number ever handed to a connection. Only messages above it
@@ -179,8 +179,8 @@ impl Session {
     /// A new session: nothing sent, nothing received.
     pub fn new(config: SessionConfig) -> Self {
         Session {
-            out: Outbound::new(config.clone()),
-            inb: Inbound::new(config.clone()),
+            out: ReplayBuffer::new(config.clone()),
+            inb: ReceiveWindow::new(config.clone()),
             config,
             link: None,
             transmitted_through: 0,
@@ -379,7 +379,7 @@ impl Session {
         } else if self.clean_handover {
             // Everything sent before was acknowledged by the drained hub: the new
             // session takes over the numbering, and starts its inbound afresh.
-            self.inb = Inbound::new(self.config.clone());
+            self.inb = ReceiveWindow::new(self.config.clone());
         } else if self.attached_before {
             reset = Some("the peer started a new session".to_owned());
         }
@@ -442,7 +442,7 @@ impl Session {
         self.backlog_from = None;
         self.transmitted_through = through;
         self.latest.retain(|_, seq| *seq > through);
-        self.inb = Inbound::new(self.config.clone());
+        self.inb = ReceiveWindow::new(self.config.clone());
         self.outcomes.set_acked(self.out.acked());
         self.changed = true;
         self.out.iter().map(|m| m.item.id).collect()
@@ -455,7 +455,7 @@ impl Session {
     }
 
     /// Applies an arriving envelope's `seq` and `ack`, and says what to do with it.
-    /// `now` is asked only when the time matters (see [`Inbound::on_data`]).
+    /// `now` is asked only when the time matters (see [`ReceiveWindow::on_data`]).
     pub fn handle_inbound(&mut self, env: &Envelope, now: impl FnOnce() -> Instant) -> Verdict {
         // A rejection is noted before the ack it carries releases the message, so its
         // outcome is the rejection, not a delivery.
@@ -629,8 +629,11 @@ impl Session {
     }
 
     /// Messages and bytes held for replay.
-    pub fn held(&self) -> (usize, usize) {
-        (self.out.len(), self.out.bytes())
+    pub fn held(&self) -> Held {
+        Held {
+            messages: self.out.len(),
+            bytes: self.out.bytes(),
+        }
     }
 
     /// Whether `size` more bytes fit in the replay buffer now.
@@ -668,4 +671,13 @@ impl Session {
     pub fn is_shut_down(&self) -> bool {
         self.shut
     }
+}
+
+/// What a session holds for replay until the peer acknowledges it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Held {
+    /// Messages held.
+    pub messages: usize,
+    /// Their encoded size, in bytes.
+    pub bytes: usize,
 }

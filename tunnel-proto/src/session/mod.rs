@@ -6,11 +6,11 @@
 //! conflation, drain handover), driven by a caller that owns the connection. It is
 //! built from the two halves of each direction:
 //!
-//! - [`Outbound`] numbers data messages `1, 2, 3, ...`, keeps every message the peer has
+//! - [`ReplayBuffer`] numbers data messages `1, 2, 3, ...`, keeps every message the peer has
 //!   not acknowledged in a replay buffer bounded by count, bytes and age, drops what a
 //!   cumulative `ack` covers, and after a reconnect replays what the peer reports it has
 //!   not received, or says plainly that it cannot ([`ResumeError`]).
-//! - [`Inbound`] delivers each sequence number once and in order, suppresses duplicates
+//! - [`ReceiveWindow`] delivers each sequence number once and in order, suppresses duplicates
 //!   (replays of what was already delivered), and decides when an acknowledgement is due:
 //!   after `ack_every` messages or `ack_delay` of quiet, whichever comes first.
 //!
@@ -20,12 +20,12 @@
 //!
 //! ```
 //! use std::time::{Duration, Instant};
-//! use tunnel_proto::session::{Accept, Inbound, Outbound, SessionConfig};
+//! use tunnel_proto::session::{Accept, ReceiveWindow, ReplayBuffer, SessionConfig};
 //!
 //! let config = SessionConfig::default();
 //! let now = Instant::now();
-//! let mut tx: Outbound<&str> = Outbound::new(config.clone());
-//! let mut rx = Inbound::new(config);
+//! let mut tx: ReplayBuffer<&str> = ReplayBuffer::new(config.clone());
+//! let mut rx = ReceiveWindow::new(config);
 //!
 //! let one = tx.push("one", 3, now)?;
 //! let two = tx.push("two", 3, now)?;
@@ -48,7 +48,7 @@ mod policy;
 mod snapshot;
 
 pub use buffers::*;
-pub use core::{Attach, Next, Pushed, Refused, Reset, Session, Verdict};
+pub use core::{Attach, Held, Next, Pushed, Refused, Reset, Session, Verdict};
 pub use outcome::{Outcomes, REJECT_HISTORY, RESET_HISTORY};
 pub use policy::{
     FullPolicy, Undelivered, WhenFull, conflation_key, error_code, held_size, is_rejection,

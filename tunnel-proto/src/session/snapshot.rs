@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Envelope, Format, Limits};
 
-use super::{Inbound, Outbound, Outcomes, Sent, Session, SessionConfig};
+use super::{Outcomes, ReceiveWindow, ReplayBuffer, Sent, Session, SessionConfig};
 
 /// The snapshot format's version; [`Session::restore`] refuses others.
 pub const SNAPSHOT_VERSION: u32 = 1;
@@ -245,7 +245,7 @@ impl Session {
                 at: before(now, held.age),
             });
         }
-        let out = Outbound {
+        let out = ReplayBuffer {
             config: config.clone(),
             next_seq: snapshot.next_seq,
             acked: snapshot.acked,
@@ -253,7 +253,7 @@ impl Session {
             pending,
             bytes,
         };
-        let inb = Inbound {
+        let inb = ReceiveWindow {
             config: config.clone(),
             received: snapshot.received,
             started: snapshot.started,

@@ -91,7 +91,7 @@ fn an_ack_releases_messages_and_resolves_their_outcomes() {
     assert!(s.take_changed());
     assert_eq!(s.outcomes().outcome(1), Some(Ok(())));
     assert_eq!(s.outcomes().outcome(2), None);
-    assert_eq!(s.held().0, 1);
+    assert_eq!(s.held().messages, 1);
     // An ack of something never sent breaks the rules.
     assert!(matches!(
         s.handle_inbound(&ack(9), || t),

@@ -18,7 +18,7 @@ use super::*;
 ///     .layer(TimeoutLayer::new(Duration::from_secs(5)))
 ///     .concurrency_limit(64)
 ///     .service(agent.client());
-/// let reply = client.ready().await?.call(Request::call(MessageType::Command, &Command::new("sync"))?).await?;
+/// let reply = client.ready().await?.call(Request::new(MessageType::Command, &Command::new("sync"))?.expect_reply()).await?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
@@ -35,13 +35,13 @@ impl AgentClient {
 
 impl tower::Service<Request> for AgentClient {
     type Response = Response;
-    type Error = RequestError;
+    type Error = Error;
     type Future = ResponseFuture;
 
     fn poll_ready(
         &mut self,
         _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), RequestError>> {
+    ) -> std::task::Poll<Result<(), Error>> {
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -62,7 +62,7 @@ impl tower::Service<Request> for AgentClient {
             let env = self.agent.stamp(request.envelope);
             return match self.agent.try_transmit(env) {
                 Transmit::Done(receipt) => ResponseFuture::ready(Ok(Response::Accepted(receipt))),
-                Transmit::Failed(e) => ResponseFuture::ready(Err(e.into())),
+                Transmit::Failed(e) => ResponseFuture::ready(Err(e)),
                 waiting => {
                     ResponseFuture::boxed(
                         async move { Ok(Response::Accepted(waiting.finish().await?)) },
@@ -85,19 +85,19 @@ pub struct ResponseFuture {
 }
 
 enum ResponseState {
-    Ready(Option<Result<Response, RequestError>>),
-    Waiting(futures_util::future::BoxFuture<'static, Result<Response, RequestError>>),
+    Ready(Option<Result<Response, Error>>),
+    Waiting(futures_util::future::BoxFuture<'static, Result<Response, Error>>),
 }
 
 impl ResponseFuture {
-    pub(crate) fn ready(result: Result<Response, RequestError>) -> Self {
+    pub(crate) fn ready(result: Result<Response, Error>) -> Self {
         ResponseFuture {
             state: ResponseState::Ready(Some(result)),
         }
     }
 
     pub(crate) fn boxed(
-        future: impl std::future::Future<Output = Result<Response, RequestError>> + Send + 'static,
+        future: impl std::future::Future<Output = Result<Response, Error>> + Send + 'static,
     ) -> Self {
         ResponseFuture {
             state: ResponseState::Waiting(Box::pin(future)),
@@ -118,7 +118,7 @@ impl std::fmt::Debug for ResponseFuture {
 }
 
 impl std::future::Future for ResponseFuture {
-    type Output = Result<Response, RequestError>;
+    type Output = Result<Response, Error>;
 
     fn poll(
         self: std::pin::Pin<&mut Self>,
@@ -134,7 +134,7 @@ impl std::future::Future for ResponseFuture {
                 std::task::Poll::Ready(
                     result
                         .take()
-                        .unwrap_or(Err(RequestError::Send("polled after completion".into()))),
+                        .unwrap_or(Err(Error::Lost("response polled after completion".into()))),
                 )
             }
         }

@@ -48,7 +48,7 @@ pub struct AgentConfig {
     /// How long a request waits for its reply unless it says otherwise. Default 30 s.
     pub request_timeout: Duration,
     /// Requests that may wait for replies at once; more fail at once with
-    /// [`RequestError::TooManyInFlight`]. Default 10,000.
+    /// [`Error::TooManyInFlight`]. Default 10,000.
     pub max_pending_requests: usize,
 }
 

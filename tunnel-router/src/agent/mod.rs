@@ -18,10 +18,12 @@ use tunnel_reconnect::{
 };
 use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, Resume, SendError};
 
+use crate::Error;
 use crate::connection_loop::{self, SessionEnd};
-use crate::delivery::{FullPolicy, Receipt, Reliable, ReliableSendError, TrySend};
-use crate::request::{Pending, Request, RequestError, Response, Ticket};
+use crate::delivery::{FullPolicy, Receipt, Reliable, TrySend};
+use crate::request::{Pending, Request, Response, Ticket};
 use crate::router::Router;
+use tunnel_proto::session::Held;
 
 mod client;
 mod config;
@@ -68,25 +70,6 @@ pub enum ConnectionState {
     },
     /// Shut down; no more attempts.
     Closed,
-}
-
-/// Why an agent could not send.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum AgentSendError {
-    /// The agent is between connections. (Buffering while disconnected arrives with
-    /// session resume.)
-    #[error("not connected to the hub")]
-    NotConnected,
-    /// The payload could not be encoded.
-    #[error(transparent)]
-    Encode(#[from] tunnel_proto::EncodeError),
-    /// The connection refused the message.
-    #[error(transparent)]
-    Send(#[from] SendError),
-    /// The session did not accept the message (buffer full, shut down).
-    #[error(transparent)]
-    Session(#[from] ReliableSendError),
 }
 
 #[derive(Debug)]
@@ -311,7 +294,7 @@ impl Agent {
         &self,
         kind: MessageType,
         payload: &T,
-    ) -> Result<Receipt, AgentSendError> {
+    ) -> Result<Receipt, Error> {
         let payload = tunnel_proto::Payload::encode(self.format(), payload)?;
         let mut env = Box::new(Envelope::new(0, kind, tunnel_transport::unix_millis()));
         env.payload = Some(payload);
@@ -327,27 +310,24 @@ impl Agent {
     /// replay buffer's bounds ([`AgentConfig::when_full`] says what happens when they
     /// are reached). The receipt resolves when the hub has it, or with the reason it
     /// never will. Without one, the message goes on the current connection (failing with
-    /// [`AgentSendError::NotConnected`] between connections) and the receipt says it is
+    /// [`Error::NotConnected`] between connections) and the receipt says it is
     /// untracked.
-    pub async fn send_envelope(
-        &self,
-        env: impl Into<Box<Envelope>>,
-    ) -> Result<Receipt, AgentSendError> {
+    pub async fn send_envelope(&self, env: impl Into<Box<Envelope>>) -> Result<Receipt, Error> {
         let mut env = env.into();
         env.id = tunnel_transport::next_message_id();
         self.transmit(env).await
     }
 
     /// Sends a one-way message or a request (see [`Request`]). A request's response is
-    /// the hub's reply; it fails with [`RequestError::Remote`] when the hub's handler
-    /// failed, [`RequestError::Timeout`] past its deadline (a reply arriving later is
-    /// discarded and counted in [`Agent::late_replies`]), and [`RequestError::Lost`]
+    /// the hub's reply; it fails with [`Error::Remote`] when the hub's handler
+    /// failed, [`Error::Timeout`] past its deadline (a reply arriving later is
+    /// discarded and counted in [`Agent::late_replies`]), and [`Error::Lost`]
     /// when the reply can no longer come (the connection ended without a resumable
     /// session, or the session was reset). Dropping the future stops the wait.
     ///
     /// With a resumable session a request survives reconnects: it is replayed if
     /// needed, and so is the hub's reply.
-    pub async fn call(&self, request: Request) -> Result<Response, RequestError> {
+    pub async fn call(&self, request: Request) -> Result<Response, Error> {
         match self.begin(request)?.now() {
             Ok(response) => {
                 // A caller sending in a loop never waits here: yield now and then.
@@ -362,7 +342,7 @@ impl Agent {
     /// Hands `request` over as far as it can go without waiting: stamps it, registers a
     /// request's reply, and gives the message to the session or connection if there is
     /// room. Calls are thus sent in the order they are made, unless one has to wait.
-    fn begin(&self, request: Request) -> Result<Started, RequestError> {
+    fn begin(&self, request: Request) -> Result<Started, Error> {
         let timeout = request.timeout_or(self.inner.request_timeout);
         let env = self.stamp(request.envelope);
         // Registered before sending: the reply may arrive before the send returns.
@@ -402,7 +382,7 @@ impl Agent {
         self.inner.pending.len()
     }
 
-    async fn transmit(&self, env: Box<Envelope>) -> Result<Receipt, AgentSendError> {
+    async fn transmit(&self, env: Box<Envelope>) -> Result<Receipt, Error> {
         match self.try_transmit(env) {
             Transmit::Done(receipt) => {
                 // A producer that never has to wait would starve the tasks on its thread
@@ -435,12 +415,12 @@ impl Agent {
             let policy = self.inner.when_full.for_type(&env.kind);
             return match reliable.try_send(env, &policy) {
                 TrySend::Held(receipt) => Transmit::Done(receipt),
-                TrySend::Failed(e) => Transmit::Failed(e.into()),
+                TrySend::Failed(e) => Transmit::Failed(e),
                 waiting => Transmit::Session(reliable.clone(), waiting),
             };
         }
         let Some(sender) = current else {
-            return Transmit::Failed(AgentSendError::NotConnected);
+            return Transmit::Failed(Error::NotConnected);
         };
         match sender.try_send(&env) {
             Ok(()) => Transmit::Done(Receipt::untracked()),
@@ -451,7 +431,7 @@ impl Agent {
 
     /// The payload format of the agent's connections: the current one's, else the last
     /// one's (MessagePack before the first). Encode payloads in it
-    /// ([`Request::send_as`]) and they go on the wire as they are; a payload in the
+    /// ([`Request::encoded`]) and they go on the wire as they are; a payload in the
     /// other format is transcoded for every send.
     pub fn format(&self) -> tunnel_proto::Format {
         match self.sender() {
@@ -463,7 +443,7 @@ impl Agent {
 
     /// Messages and bytes held until the hub acknowledges them (`None` without
     /// sessions).
-    pub fn held(&self) -> Option<(usize, usize)> {
+    pub fn held(&self) -> Option<Held> {
         self.inner.reliable.as_ref().map(|reliable| reliable.held())
     }
 
@@ -481,16 +461,6 @@ impl Agent {
     }
 }
 
-impl From<AgentSendError> for RequestError {
-    fn from(e: AgentSendError) -> Self {
-        match e {
-            AgentSendError::NotConnected => RequestError::NotConnected,
-            AgentSendError::Session(e) => RequestError::Session(e),
-            other => RequestError::Send(other.to_string()),
-        }
-    }
-}
-
 /// Where [`Agent::try_transmit`] left a message.
 enum Transmit {
     /// Held by the session or queued on the connection.
@@ -501,7 +471,7 @@ enum Transmit {
     /// No session, and the connection's queue is full: wait for room on it.
     Queue(ConnectionSender, Box<Envelope>),
     /// Refused.
-    Failed(AgentSendError),
+    Failed(Error),
 }
 
 /// A call after [`Agent::begin`]: what its message still needs, and a request's reply.
@@ -513,16 +483,16 @@ struct Started {
 
 impl Started {
     /// The response, if nothing is left to wait for; else the call back.
-    fn now(self) -> Result<Result<Response, RequestError>, Started> {
+    fn now(self) -> Result<Result<Response, Error>, Started> {
         match (self.transmit, self.reply) {
             (Transmit::Done(receipt), None) => Ok(Ok(Response::Accepted(receipt))),
-            (Transmit::Failed(e), _) => Ok(Err(e.into())),
+            (Transmit::Failed(e), _) => Ok(Err(e)),
             (transmit, reply) => Err(Started { transmit, reply }),
         }
     }
 
     /// Waits for the send to finish and, for a request, for the reply.
-    async fn finish(self) -> Result<Response, RequestError> {
+    async fn finish(self) -> Result<Response, Error> {
         let receipt = self.transmit.finish().await?;
         match self.reply {
             None => Ok(Response::Accepted(receipt)),
@@ -533,7 +503,7 @@ impl Started {
 
 impl Transmit {
     /// Waits for whatever the message still needs.
-    async fn finish(self) -> Result<Receipt, AgentSendError> {
+    async fn finish(self) -> Result<Receipt, Error> {
         match self {
             Transmit::Done(receipt) => Ok(receipt),
             Transmit::Session(reliable, waiting) => Ok(waiting.finish(&reliable).await?),

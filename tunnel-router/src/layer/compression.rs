@@ -83,8 +83,8 @@ mod tests {
             Ok::<_, std::convert::Infallible>(r.envelope.content_encoding().map(str::to_owned))
         });
         let mut svc = CompressionLayer::new(100).layer(seen);
-        let big = Request::send(MessageType::Event, &vec!["same words"; 100]).unwrap();
-        let small = Request::send(MessageType::Event, &"tiny").unwrap();
+        let big = Request::new(MessageType::Event, &vec!["same words"; 100]).unwrap();
+        let small = Request::new(MessageType::Event, &"tiny").unwrap();
         assert_eq!(
             svc.ready()
                 .await

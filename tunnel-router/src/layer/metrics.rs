@@ -162,7 +162,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Request, RequestError};
+    use crate::{Error, Request};
     use std::sync::Mutex;
     use std::time::Duration;
     use tower::{ServiceExt, service_fn};
@@ -193,14 +193,16 @@ mod tests {
         let inner = service_fn(|r: Request| async move {
             match r.envelope.kind {
                 MessageType::Event => Ok(()),
-                MessageType::Command => Err(RequestError::Timeout(Duration::from_secs(1))),
+                MessageType::Command => Err(Error::Timeout(Duration::from_secs(1))),
                 _ => std::future::pending().await,
             }
         });
         let mut svc = MetricsLayer::new(log.clone()).layer(inner);
-        let event = Request::send(MessageType::Event, &1).unwrap();
-        let command = Request::call(MessageType::Command, &1).unwrap();
-        let stuck = Request::send(MessageType::Status, &1).unwrap();
+        let event = Request::new(MessageType::Event, &1).unwrap();
+        let command = Request::new(MessageType::Command, &1)
+            .unwrap()
+            .expect_reply();
+        let stuck = Request::new(MessageType::Status, &1).unwrap();
         svc.ready().await.unwrap().call(event).await.unwrap();
         svc.ready().await.unwrap().call(command).await.unwrap_err();
         drop(svc.ready().await.unwrap().call(stuck));
@@ -258,14 +260,14 @@ mod tests {
             let wait = (r.envelope.kind == MessageType::Command).then(|| rx.take());
             async move {
                 match wait {
-                    Some(Some(rx)) => rx.await.map_err(|_| RequestError::ShutDown),
+                    Some(Some(rx)) => rx.await.map_err(|_| Error::ShutDown),
                     Some(None) => std::future::pending().await,
                     None => Ok(()),
                 }
             }
         });
         let mut svc = MetricsLayer::new(log.clone()).layer(inner);
-        let send = |kind| Request::send(kind, &1).unwrap();
+        let send = |kind| Request::new(kind, &1).unwrap();
         let event = svc.ready().await.unwrap().call(send(MessageType::Event));
         event.await.unwrap();
         // Never polled, then dropped: cancelled, never in flight.

@@ -26,7 +26,7 @@
 //! use tunnel_router::layer::timeout::TimeoutLayer;
 //! # use tunnel_router::Request;
 //! # fn stack<S>(client: S)
-//! # where S: tower::Service<Request, Response = tunnel_router::Response, Error = tunnel_router::RequestError> + Clone {
+//! # where S: tower::Service<Request, Response = tunnel_router::Response, Error = tunnel_router::Error> + Clone {
 //! let client = ServiceBuilder::new()
 //!     .layer(tunnel_router::layer::metrics::MetricsLayer::new(Arc::new(NoopRecorder)))
 //!     .layer(TimeoutLayer::new(Duration::from_secs(5)))
@@ -101,7 +101,7 @@ pub trait ErrorKind {
     fn error_kind(&self) -> &'static str;
 }
 
-impl ErrorKind for crate::RequestError {
+impl ErrorKind for crate::Error {
     fn error_kind(&self) -> &'static str {
         self.kind()
     }
@@ -109,7 +109,7 @@ impl ErrorKind for crate::RequestError {
 
 impl ErrorKind for tower::BoxError {
     fn error_kind(&self) -> &'static str {
-        if let Some(e) = self.downcast_ref::<crate::RequestError>() {
+        if let Some(e) = self.downcast_ref::<crate::Error>() {
             e.kind()
         } else if self.is::<tower::timeout::error::Elapsed>() {
             "timeout"
