@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tower::{BoxError, service_fn};
-use tunnel_router::{Hub, HubSessions, Inbound, Router};
+use tunnel_router::{Hub, Inbound, Router};
 
 #[path = "integration/support.rs"]
 #[allow(dead_code)]
@@ -23,7 +23,7 @@ async fn our_hub_passes_the_conformance_kit() {
         tunnel_transport::SharedToken::new(TOKEN).allow_workspaces(["conformance"]),
     )
     .handshake_timeout(handshake_timeout);
-    let hub = Hub::bind_resumable("127.0.0.1:0", config, router, HubSessions::default())
+    let hub = Hub::bind("127.0.0.1:0", config, router)
         .await
         .expect("bind");
     let kit = tunnel_conformance::Config::new(hub.url().expect("url"))

@@ -393,14 +393,9 @@ pub(crate) fn counter(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
 
 /// A hub with resumable sessions on an ephemeral loopback port, open to any agent.
 pub(crate) async fn resumable_hub(router: Router) -> Result<Hub, String> {
-    Hub::bind_resumable(
-        "127.0.0.1:0",
-        ServerConfig::new(AllowAll),
-        router,
-        tunnel_router::HubSessions::default(),
-    )
-    .await
-    .map_err(|e| e.to_string())
+    Hub::bind("127.0.0.1:0", ServerConfig::new(AllowAll), router)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// A router that counts events and notifies once `n` have arrived.
@@ -485,7 +480,14 @@ pub(crate) async fn tunnel_sink_server(
     let (router, all_in) = counting_router(n);
     let (connection, _metrics) = connection_metrics(metrics);
     let config = ServerConfig::new(AllowAll).connection(connection);
-    let Ok(hub) = Hub::bind("127.0.0.1:0", config, router).await else {
+    let Ok(hub) = Hub::bind_with(
+        "127.0.0.1:0",
+        config,
+        router,
+        tunnel_router::HubConfig::default().without_sessions(),
+    )
+    .await
+    else {
         return;
     };
     serve_until_counted(hub, url_tx, done, all_in).await;

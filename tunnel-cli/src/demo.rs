@@ -10,7 +10,7 @@ use tunnel_metrics::prometheus::PrometheusMetrics;
 use tunnel_proto::messages::{Command, Event, Gvr, Resource, ResourceOp, Status};
 use tunnel_proto::{Format, MessageType, Payload};
 use tunnel_reconnect::BackoffConfig;
-use tunnel_router::{Agent, AgentConfig, Hub, HubSessions, Inbound, Request, Router};
+use tunnel_router::{Agent, AgentConfig, Hub, Inbound, Request, Router};
 use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{
     AgentId, ClientConfig, ConnectionConfig, ServerConfig, SharedToken, WsConnector,
@@ -145,12 +145,11 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
         );
         std::future::ready(Ok::<_, BoxError>(()))
     }));
-    let hub = Hub::bind_resumable(
+    let hub = Hub::bind(
         "127.0.0.1:0",
         ServerConfig::new(SharedToken::new(token.clone()))
             .connection(keepalive.clone().recorder(hub_metrics.recorder())),
         hub_router,
-        HubSessions::default(),
     )
     .await
     .map_err(|e| e.to_string())?;

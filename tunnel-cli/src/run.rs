@@ -336,11 +336,24 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
         config = config.allow_workspaces(args.allow_workspaces.clone());
     }
     let hub = if args.no_sessions {
-        Hub::bind(args.listen, config, router).await
+        Hub::bind_with(
+            args.listen,
+            config,
+            router,
+            tunnel_router::HubConfig::default().without_sessions(),
+        )
+        .await
     } else {
         let grace = Duration::from_secs(args.session_grace.unwrap_or(60));
         let sessions = HubSessions::default().grace(grace);
-        Hub::bind_resumable(args.listen, config, router, sessions).await
+        Hub::bind_with(
+            args.listen,
+            config,
+            router,
+            tunnel_router::HubConfig::default()
+                .sessions(tunnel_router::SessionRegistry::new(sessions)),
+        )
+        .await
     }
     .map_err(|e| e.to_string())?;
     tracing::info!(url = %hub.url().unwrap_or_default(), "hub listening");

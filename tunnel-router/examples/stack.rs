@@ -17,7 +17,7 @@ use tunnel_router::layer::compression::CompressionLayer;
 use tunnel_router::layer::metrics::MetricsLayer;
 use tunnel_router::layer::timeout::TimeoutLayer;
 use tunnel_router::layer::trace::TraceLayer;
-use tunnel_router::{Agent, AgentConfig, Hub, HubSessions, Inbound, Request, Router};
+use tunnel_router::{Agent, AgentConfig, Hub, Inbound, Request, Router};
 use tunnel_transport::{AgentId, ClientConfig, ServerConfig, SharedToken, WsConnector};
 
 /// Counts finished requests and sums their latency.
@@ -60,7 +60,7 @@ async fn main() -> Result<(), BoxError> {
         .layer(TraceLayer::new())
         .layer(MetricsLayer::new(tally.clone()));
     let config = ServerConfig::new(SharedToken::new("t0k3n"));
-    let hub = Hub::bind_resumable("127.0.0.1:0", config, router, HubSessions::default()).await?;
+    let hub = Hub::bind("127.0.0.1:0", config, router).await?;
 
     // The agent and its client stack.
     let id = AgentId::new("root:org", "cluster-1");

@@ -152,7 +152,11 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 #[non_exhaustive]
 pub struct HubConfig {
     /// Session resume: the registry the transport's handshakes consult (see
-    /// [`SessionRegistry`]). Default: none, connections carry no session.
+    /// [`SessionRegistry`]). Default: a registry with [`HubSessions::default`], so
+    /// that what an agent sends survives its reconnects, as the agent's own default
+    /// expects; `None` ([`HubConfig::without_sessions`]) leaves connections without a
+    /// session (no numbering, acks or replay: a message in flight at a disconnect is
+    /// lost), for peers that speak the transport alone.
     pub sessions: Option<SessionRegistry>,
     /// How long a request to an agent waits for its reply unless it says otherwise.
     /// Default [`DEFAULT_REQUEST_TIMEOUT`].
@@ -170,7 +174,7 @@ pub struct HubConfig {
 impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
-            sessions: None,
+            sessions: Some(SessionRegistry::new(HubSessions::default())),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_pending_requests: MAX_PENDING_REQUESTS,
             shutdown_timeout: Duration::from_secs(5),
@@ -183,6 +187,12 @@ impl HubConfig {
     /// Sets [`HubConfig::sessions`].
     pub fn sessions(mut self, sessions: SessionRegistry) -> Self {
         self.sessions = Some(sessions);
+        self
+    }
+
+    /// No sessions: see [`HubConfig::sessions`].
+    pub fn without_sessions(mut self) -> Self {
+        self.sessions = None;
         self
     }
 
@@ -240,7 +250,8 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Listens for WebSocket agents on `addr`.
+    /// Listens for WebSocket agents on `addr`, with resumable sessions
+    /// ([`HubConfig::default`]).
     pub async fn bind(
         addr: impl ToSocketAddrs,
         config: ServerConfig,
@@ -277,22 +288,11 @@ impl Hub {
         Ok(hub)
     }
 
-    /// Listens for WebSocket agents on `addr`, keeping their sessions so that an agent
-    /// that reconnects within the grace period resumes without losing or repeating a
-    /// message (see [`HubSessions`]).
-    pub async fn bind_resumable(
-        addr: impl ToSocketAddrs,
-        config: ServerConfig,
-        router: Router,
-        sessions: HubSessions,
-    ) -> Result<Hub, AcceptError> {
-        let hub_config = HubConfig::default().sessions(SessionRegistry::new(sessions));
-        Hub::bind_with(addr, config, router, hub_config).await
-    }
-
-    /// Serves agents from any transport's acceptor.
+    /// Serves agents from any transport's acceptor, without sessions: the acceptor was
+    /// configured before the hub, so its handshakes cannot consult the hub's registry.
+    /// For sessions over another transport, see [`Hub::serve_with`].
     pub fn serve(acceptor: impl Acceptor + 'static, router: Router) -> Hub {
-        Hub::serve_with(acceptor, router, HubConfig::default())
+        Hub::serve_with(acceptor, router, HubConfig::default().without_sessions())
     }
 
     /// Serves agents from any transport's acceptor, with the hub's own settings. With

@@ -8,6 +8,21 @@
 //! drops. On both sides, each connection's inbound messages go through a [`Router`],
 //! one at a time and in order.
 //!
+//! # Which crate to depend on
+//!
+//! | you are writing | depend on |
+//! |---|---|
+//! | an agent or a hub in Rust (most users) | `tunnel-router`, plus `tunnel-transport` for `ClientConfig`/`ServerConfig` and `tunnel-proto` for message types |
+//! | a client or server in another runtime, or your own IO | `tunnel-proto` alone: envelope, codecs, handshake rules, the session state machine |
+//! | a server or client on the raw connection, without routing or sessions | `tunnel-transport` |
+//! | your own reconnect loop | `tunnel-reconnect` (backoff, breaker, the `Redial` machine) |
+//! | metrics export | `tunnel-metrics` (the `Recorder` trait; `otel`, `prometheus` features) |
+//! | a check of a hub written in another language | `tunnel-conformance` (or `tunnel conformance`) |
+//!
+//! Errors: sending and calling fail with [`Error`], whose variants say what the caller
+//! should do; an accepted message's [`Receipt`] resolves to `Ok` or an [`Undelivered`]
+//! reason.
+//!
 //! # Example
 //! ```
 //! use std::time::Duration;

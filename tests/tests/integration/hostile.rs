@@ -380,10 +380,11 @@ async fn refused_upgrades_and_credential_stuffing_leave_the_healthy_agent_alone(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accept_rate_paces_new_connections_without_refusing_them() {
     // Two per second: two at once (one second of burst), then one every 500 ms.
-    let hub = Hub::bind(
+    let hub = Hub::bind_with(
         "127.0.0.1:0",
         server_config().accept_rate(Some(2.0)),
         Router::new(),
+        tunnel_router::HubConfig::default().without_sessions(),
     )
     .await
     .expect("bind");

@@ -17,9 +17,7 @@ use tunnel_proto::{Envelope, Format, Limits, MessageType, Payload, capability};
 use tunnel_router::layer::compression::CompressionLayer;
 use tunnel_router::layer::metrics::MetricsLayer;
 use tunnel_router::layer::trace::TraceLayer;
-use tunnel_router::{
-    Agent, AgentConfig, Error, Hub, HubSessions, Inbound, Request, Router, error_code,
-};
+use tunnel_router::{Agent, AgentConfig, Error, Hub, Inbound, Request, Router, error_code};
 use tunnel_transport::{AgentId, ConnectionConfig, WsConnector};
 
 use crate::support::*;
@@ -231,14 +229,9 @@ async fn a_trace_started_in_the_agent_continues_in_the_hubs_handler() {
 async fn the_metrics_layer_records_latency_errors_in_flight_and_late_replies() {
     let meter = TestMeter::new();
     let (router, _seen) = echo_router();
-    let hub = Hub::bind_resumable(
-        "127.0.0.1:0",
-        server_config(),
-        router,
-        HubSessions::default(),
-    )
-    .await
-    .expect("bind");
+    let hub = Hub::bind("127.0.0.1:0", server_config(), router)
+        .await
+        .expect("bind");
     let id = AgentId::new("root:org", "measured");
     let agent = Agent::start(
         WsConnector::new(client_config(&id, Format::MsgPack)),

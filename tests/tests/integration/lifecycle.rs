@@ -247,7 +247,12 @@ async fn full_lifecycle_and_reconnect_after_hub_restart() {
 
     // A new hub on the same port: the agent comes back with a new session.
     let second = rebind("rebind", || {
-        tunnel_router::Hub::bind(addr, server_config(), router.clone())
+        tunnel_router::Hub::bind_with(
+            addr,
+            server_config(),
+            router.clone(),
+            tunnel_router::HubConfig::default().without_sessions(),
+        )
     })
     .await;
     let again = agent.wait_connected(SOON).await.expect("reconnected");

@@ -16,8 +16,8 @@ use tunnel_proto::{Format, MessageType};
 use tunnel_router::admin::Admin;
 use tunnel_router::layer::metrics::MetricsLayer;
 use tunnel_router::{
-    Agent, AgentConfig, AgentStatus, Drain, Hub, HubSessions, Inbound, Pool, PoolMode, Readiness,
-    Request, Router,
+    Agent, AgentConfig, AgentStatus, Drain, Hub, Inbound, Pool, PoolMode, Readiness, Request,
+    Router,
 };
 use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{AgentId, ConnectionConfig, WsConnector};
@@ -69,7 +69,7 @@ async fn a_hub_under_known_traffic_is_scraped_over_http() {
         .layer(MetricsLayer::new(metrics.recorder()));
     let config =
         server_config().connection(ConnectionConfig::default().recorder(metrics.recorder()));
-    let hub = Hub::bind_resumable("127.0.0.1:0", config, router, HubSessions::default())
+    let hub = Hub::bind("127.0.0.1:0", config, router)
         .await
         .expect("bind");
     let render = metrics.clone();
@@ -205,22 +205,12 @@ async fn a_hub_under_known_traffic_is_scraped_over_http() {
 async fn an_agents_readyz_follows_its_pool_and_instruments_count_exactly() {
     let meter = TestMeter::new();
     let hubs = [
-        Hub::bind_resumable(
-            "127.0.0.1:0",
-            server_config(),
-            Router::new(),
-            HubSessions::default(),
-        )
-        .await
-        .expect("bind"),
-        Hub::bind_resumable(
-            "127.0.0.1:0",
-            server_config(),
-            Router::new(),
-            HubSessions::default(),
-        )
-        .await
-        .expect("bind"),
+        Hub::bind("127.0.0.1:0", server_config(), Router::new())
+            .await
+            .expect("bind"),
+        Hub::bind("127.0.0.1:0", server_config(), Router::new())
+            .await
+            .expect("bind"),
     ];
     let proxies = [
         FaultProxy::start(hubs[0].local_addr().expect("addr"))

@@ -11,8 +11,8 @@ use tunnel_proto::messages::Command;
 use tunnel_proto::{Format, MessageType};
 use tunnel_reconnect::BreakerConfig;
 use tunnel_router::{
-    AgentConfig, ConnectionState, Drain, Hub, HubSessions, Inbound, Pool, PoolClient, PoolMode,
-    Readiness, Receipt, Request, Response, Router,
+    AgentConfig, ConnectionState, Drain, Hub, Inbound, Pool, PoolClient, PoolMode, Readiness,
+    Receipt, Request, Response, Router,
 };
 use tunnel_transport::fault::FaultProxy;
 use tunnel_transport::{AgentId, WsConnector};
@@ -47,14 +47,9 @@ fn hub_router(index: usize, seen: Seen) -> Router {
 }
 
 async fn start_hub(addr: SocketAddr, index: usize, seen: Seen) -> Hub {
-    Hub::bind_resumable(
-        addr,
-        server_config(),
-        hub_router(index, seen),
-        HubSessions::default(),
-    )
-    .await
-    .expect("bind")
+    Hub::bind(addr, server_config(), hub_router(index, seen))
+        .await
+        .expect("bind")
 }
 
 /// Three hubs, each behind a proxy that can cut it off instantly.
@@ -201,12 +196,7 @@ async fn spread_pool_survives_a_hub_killed_under_load() {
     // The hub comes back on the same address; the pool recovers.
     let addr = hubs[1].local_addr().expect("addr");
     hubs[1] = rebind("restart hub 1", || {
-        Hub::bind_resumable(
-            addr,
-            server_config(),
-            hub_router(1, seen_tx.clone()),
-            HubSessions::default(),
-        )
+        Hub::bind(addr, server_config(), hub_router(1, seen_tx.clone()))
     })
     .await;
     proxies[1].set_refuse(false);

@@ -73,9 +73,14 @@ async fn the_circuit_opens_after_failed_connects_and_probes_after_the_cooldown()
     assert_eq!(circuit(), Some(2), "open, in the metrics too");
 
     // The hub comes up: the next probe after the cooldown connects.
-    let hub = tunnel_router::Hub::bind(addr, server_config(), Router::new())
-        .await
-        .expect("bind the port");
+    let hub = tunnel_router::Hub::bind_with(
+        addr,
+        server_config(),
+        Router::new(),
+        tunnel_router::HubConfig::default().without_sessions(),
+    )
+    .await
+    .expect("bind the port");
     agent
         .wait_connected(SOON)
         .await

@@ -339,9 +339,14 @@ async fn a_peer_that_never_acknowledges_replies_is_closed_not_ignored() {
             .stall_timeout(Duration::from_millis(200)),
     );
     let (router, _seen) = collecting_router();
-    let hub = Hub::bind_resumable("127.0.0.1:0", server_config(), router, sessions)
-        .await
-        .expect("bind");
+    let hub = Hub::bind_with(
+        "127.0.0.1:0",
+        server_config(),
+        router,
+        tunnel_router::HubConfig::default().sessions(tunnel_router::SessionRegistry::new(sessions)),
+    )
+    .await
+    .expect("bind");
     let url = hub.url().expect("url");
     let id = AgentId::new("ws", "never-acks");
     let (mut ws, _) = open(&url, &id, None).await;

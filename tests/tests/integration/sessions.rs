@@ -35,9 +35,14 @@ fn numbers() -> (Router, mpsc::UnboundedReceiver<u64>) {
 }
 
 async fn resumable_hub(router: Router, sessions: HubSessions) -> Hub {
-    Hub::bind_resumable("127.0.0.1:0", server_config(), router, sessions)
-        .await
-        .expect("bind")
+    Hub::bind_with(
+        "127.0.0.1:0",
+        server_config(),
+        router,
+        tunnel_router::HubConfig::default().sessions(tunnel_router::SessionRegistry::new(sessions)),
+    )
+    .await
+    .expect("bind")
 }
 
 fn session_agent(url: &str, id: &AgentId, router: Router) -> Agent {
@@ -359,10 +364,7 @@ async fn a_restarted_hub_cannot_resume_and_the_agent_is_told() {
     let before = agent.wait_connected(SOON).await.expect("connected");
     first.shutdown().await;
     // The new hub handles what it gets: a message nobody handles is refused.
-    let second = rebind("rebind", || {
-        Hub::bind_resumable(addr, server_config(), numbers().0, HubSessions::default())
-    })
-    .await;
+    let second = rebind("rebind", || Hub::bind(addr, server_config(), numbers().0)).await;
     let event = tokio::time::timeout(SOON, events.recv())
         .await
         .expect("event")

@@ -39,9 +39,14 @@ pub(crate) fn server_config() -> ServerConfig {
 }
 
 pub(crate) async fn hub(config: ServerConfig, router: Router) -> Hub {
-    Hub::bind("127.0.0.1:0", config, router)
-        .await
-        .expect("bind hub")
+    Hub::bind_with(
+        "127.0.0.1:0",
+        config,
+        router,
+        tunnel_router::HubConfig::default().without_sessions(),
+    )
+    .await
+    .expect("bind hub")
 }
 
 pub(crate) fn client_config(agent: &AgentId, format: Format) -> ClientConfig {
@@ -279,14 +284,9 @@ pub(crate) fn status_of(result: Result<RawWs, WsError>) -> u16 {
 
 /// A hub with sessions (default settings) on an ephemeral loopback port.
 pub(crate) async fn resumable(router: Router) -> Hub {
-    Hub::bind_resumable(
-        "127.0.0.1:0",
-        server_config(),
-        router,
-        tunnel_router::HubSessions::default(),
-    )
-    .await
-    .expect("bind")
+    Hub::bind("127.0.0.1:0", server_config(), router)
+        .await
+        .expect("bind")
 }
 
 /// A resumable hub with `router` and a healthy agent `ws/healthy` registered on it: the
@@ -300,14 +300,9 @@ pub(crate) async fn hub_with_healthy_agent_config(
     router: Router,
     config: ServerConfig,
 ) -> (Hub, String, Agent, AgentId) {
-    let hub = Hub::bind_resumable(
-        "127.0.0.1:0",
-        config,
-        router,
-        tunnel_router::HubSessions::default(),
-    )
-    .await
-    .expect("bind");
+    let hub = Hub::bind("127.0.0.1:0", config, router)
+        .await
+        .expect("bind");
     let url = hub.url().expect("url");
     let healthy_id = AgentId::new("ws", "healthy");
     let healthy = agent(

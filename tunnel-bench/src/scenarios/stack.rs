@@ -32,7 +32,13 @@ fn agent_throughput(n: u64, layers: bool) -> Result<f64, String> {
         move |url_tx| {
             Box::pin(async move {
                 let (router, all_in) = counting_router(n);
-                let Ok(hub) = Hub::bind("127.0.0.1:0", ServerConfig::new(AllowAll), router).await
+                let Ok(hub) = Hub::bind_with(
+                    "127.0.0.1:0",
+                    ServerConfig::new(AllowAll),
+                    router,
+                    tunnel_router::HubConfig::default().without_sessions(),
+                )
+                .await
                 else {
                     return;
                 };
@@ -109,7 +115,14 @@ async fn stack_echo_server(url_tx: mpsc::Sender<String>, done: tokio::sync::ones
         )
         .layer(TraceLayer::new())
         .layer(MetricsLayer::new(recorder));
-    let Ok(hub) = Hub::bind("127.0.0.1:0", ServerConfig::new(AllowAll), router).await else {
+    let Ok(hub) = Hub::bind_with(
+        "127.0.0.1:0",
+        ServerConfig::new(AllowAll),
+        router,
+        tunnel_router::HubConfig::default().without_sessions(),
+    )
+    .await
+    else {
         return;
     };
     let _ = url_tx.send(hub.url().unwrap_or_default()).await;

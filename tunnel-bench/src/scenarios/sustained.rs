@@ -8,7 +8,7 @@ use crate::report::{figure, median, thousands};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tunnel_proto::Format;
-use tunnel_router::{Hub, HubSessions};
+use tunnel_router::Hub;
 use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig};
 
 /// One-way events through the whole stack: a resumable hub, an agent with sessions (and
@@ -72,9 +72,15 @@ fn full_stack_run(n: u64, format: Format, sessions: bool) -> Result<(f64, u64), 
                 let mut config = ServerConfig::new(AllowAll);
                 config.connection = config.connection.recorder(recorder);
                 let hub = if sessions {
-                    Hub::bind_resumable("127.0.0.1:0", config, router, HubSessions::default()).await
-                } else {
                     Hub::bind("127.0.0.1:0", config, router).await
+                } else {
+                    Hub::bind_with(
+                        "127.0.0.1:0",
+                        config,
+                        router,
+                        tunnel_router::HubConfig::default().without_sessions(),
+                    )
+                    .await
                 };
                 let Ok(hub) = hub else {
                     return;
