@@ -1,6 +1,8 @@
 //! Source checks (`cargo xtask tidy`, part of `cargo xtask ci`, and tests of this
 //! crate): rules that are cheaper to enforce than to review. Each failure names the
-//! file, the line and what to do.
+//! file, the line and what to do. The rules: every source file opens with `//!`; no
+//! wall-clock reads on the session path; no `unwrap`/`expect` outside tests without a
+//! comment saying why it cannot fail.
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +31,13 @@ pub(crate) fn check(root: &Path) -> Result<(), String> {
             || shown.components().any(|c| c.as_os_str() == "tests");
         if !test_file && NO_WALL_CLOCK.iter().any(|prefix| shown.starts_with(prefix)) {
             problems.extend(wall_clock(shown, &text));
+        }
+        let example = shown.components().any(|c| {
+            let c = c.as_os_str();
+            c == "examples" || c == "benches"
+        });
+        if !test_file && !example {
+            problems.extend(unexplained_unwraps(shown, &text));
         }
     }
     if problems.is_empty() {
@@ -79,6 +88,68 @@ fn wall_clock(file: &Path, text: &str) -> Vec<String> {
     found
 }
 
+/// How many lines above an `unwrap`/`expect` its explaining comment may sit (a
+/// statement split over a few lines).
+const EXPLAINED_WITHIN: usize = 3;
+
+/// No `.unwrap()` or `.expect(..)` outside tests without a `//` comment (on its line or
+/// just above it) saying why it cannot fail. Clippy's `unwrap_used` already refuses
+/// `unwrap`; this also covers `expect` and says what to do.
+fn unexplained_unwraps(file: &Path, text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found = Vec::new();
+    for (n, line) in lines.iter().enumerate() {
+        let code = line.trim_start();
+        if code.starts_with("#[cfg(test)]") {
+            break; // tests live at the end of a file
+        }
+        if code.starts_with("//") {
+            continue;
+        }
+        let code = without_strings(code);
+        let Some(at) = code.find(".unwrap()").or_else(|| code.find(".expect(")) else {
+            continue;
+        };
+        let same_line = code[at..].contains("//");
+        let above = lines[n.saturating_sub(EXPLAINED_WITHIN)..n].iter().any(|l| {
+            let l = l.trim_start();
+            l.starts_with("//") && !l.starts_with("///") && !l.starts_with("//!")
+        });
+        if !(same_line || above) {
+            found.push(format!(
+                "{}:{}: `unwrap`/`expect` outside tests: return the error, or say in a `//` comment why it cannot fail",
+                file.display(),
+                n + 1
+            ));
+        }
+    }
+    found
+}
+
+/// `code` with the contents of its string literals blanked out (escapes honoured;
+/// enough for one line of ordinary Rust).
+fn without_strings(code: &str) -> String {
+    let mut out = String::with_capacity(code.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in code.chars() {
+        match (in_string, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (true, false, '"') => {
+                in_string = false;
+                out.push(c);
+            }
+            (true, false, _) => {}
+            (false, _, '"') => {
+                in_string = true;
+                out.push(c);
+            }
+            (false, _, _) => out.push(c),
+        }
+    }
+    out
+}
+
 /// The workspace's Rust sources: every crate's `src`, `tests`, `benches` and
 /// `examples`, not `target` or the fuzz workspace. Test files (`tests.rs`, anything
 /// under `tests/`) are held to the module-doc rule only.
@@ -123,6 +194,16 @@ mod tests {
         let problem = module_doc(Path::new("a/b.rs"), "use std::fmt;\n").expect("found");
         assert!(problem.starts_with("a/b.rs:1: "), "{problem}");
         assert!(module_doc(Path::new("a/b.rs"), "//! B.\n").is_none());
+    }
+
+    #[test]
+    fn unwraps_and_expects_need_a_comment_outside_tests() {
+        let text = "//! X.\nfn a() { x.unwrap(); }\nfn b() {\n    // Checked above: never empty.\n    v.first().expect(\"one\");\n}\nfn c() { y.expect(\"z\"); // the map holds every key\n}\n/// doc: z.unwrap()\nfn d() { w.unwrap_or(1); r.expect_reply(); }\n#[cfg(test)]\nmod tests { fn e() { q.unwrap(); } }\n";
+        let found = unexplained_unwraps(Path::new("p.rs"), text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("p.rs:2: "), "{found:?}");
+        let quoted = "//! X.\nfn f() { s.find(\".unwrap()\"); }\n";
+        assert!(unexplained_unwraps(Path::new("p.rs"), quoted).is_empty());
     }
 
     #[test]
