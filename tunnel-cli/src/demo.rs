@@ -1,5 +1,6 @@
 //! `tunnel demo`: an embedded hub and a few agents on loopback.
 
+use crate::telemetry::CapturedLog;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -103,6 +104,18 @@ pub(crate) fn thousands(n: u64) -> String {
     out
 }
 
+/// Prints the log lines captured since the last call as lines of the table.
+fn print_log(log: &CapturedLog, started: Instant) {
+    let (lines, dropped) = log.take();
+    let at = started.elapsed().as_secs_f64();
+    for line in lines {
+        println!("[{at:>4.1}s] log: {}", line.trim());
+    }
+    if dropped > 0 {
+        println!("[{at:>4.1}s] log: ({dropped} more lines dropped)");
+    }
+}
+
 /// A handler that counts the messages it gets in one of the stats' counters.
 fn counting(
     stats: Arc<Stats>,
@@ -122,7 +135,8 @@ fn counting(
     })
 }
 
-pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
+/// Runs the demo; log lines written to `log` are shown as lines of its table.
+pub(crate) async fn run(args: DemoArgs, log: CapturedLog) -> Result<(), String> {
     if !(1..=100).contains(&args.agents)
         || !(2..=600).contains(&args.seconds)
         || !(1..=1_000_000).contains(&args.rate)
@@ -256,6 +270,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
                     thousands(Stats::get(&stats.send_errors)),
                 );
                 last_to_hub = to_hub;
+                print_log(&log, started);
             }
             () = tokio::time::sleep(cut_at.saturating_sub(started.elapsed())), if !cut_done => {
                 cut_done = true;
@@ -264,6 +279,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
             }
         }
     }
+    print_log(&log, started);
     stop.stop();
     for w in workers {
         let _ = w.await;

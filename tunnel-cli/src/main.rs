@@ -115,15 +115,22 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let telemetry = match telemetry::init(&filter, cli.log_format, cli.otlp_endpoint.as_deref())
-        {
+        // The demo prints a table on stdout; its log lines become lines of the table.
+        let captured =
+            matches!(cli.command, Command::Demo(_)).then(telemetry::CapturedLog::default);
+        let telemetry = match telemetry::init(
+            &filter,
+            cli.log_format,
+            cli.otlp_endpoint.as_deref(),
+            captured.as_ref(),
+        ) {
             Ok(telemetry) => telemetry,
             Err(e) => return Err(e),
         };
         let result = match cli.command {
             Command::Hub(args) => run::hub(args).await,
             Command::Agent(args) => run::agent(args).await,
-            Command::Demo(args) => demo::run(args).await,
+            Command::Demo(args) => demo::run(args, captured.unwrap_or_default()).await,
             Command::Status(args) => status::run(args).await,
             Command::Conformance(args) => conformance::run(args).await,
         };

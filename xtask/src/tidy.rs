@@ -111,10 +111,12 @@ fn unexplained_unwraps(file: &Path, text: &str) -> Vec<String> {
             continue;
         };
         let same_line = code[at..].contains("//");
-        let above = lines[n.saturating_sub(EXPLAINED_WITHIN)..n].iter().any(|l| {
-            let l = l.trim_start();
-            l.starts_with("//") && !l.starts_with("///") && !l.starts_with("//!")
-        });
+        let above = lines[n.saturating_sub(EXPLAINED_WITHIN)..n]
+            .iter()
+            .any(|l| {
+                let l = l.trim_start();
+                l.starts_with("//") && !l.starts_with("///") && !l.starts_with("//!")
+            });
         if !(same_line || above) {
             found.push(format!(
                 "{}:{}: `unwrap`/`expect` outside tests: return the error, or say in a `//` comment why it cannot fail",
