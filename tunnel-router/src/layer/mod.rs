@@ -14,8 +14,8 @@
 //!
 //! [`timeout::TimeoutLayer`] stands in for tower's `TimeoutLayer` (the same
 //! [`Elapsed`](tower::timeout::error::Elapsed) error) but starts its timer only for a
-//! call that has to wait, and counts the deadline from then, which saves a tenth of the cost of a one-way message through
-//! the full stack. Concurrency limits are tower's own (`ConcurrencyLimitLayer`). A
+//! call that has to wait, and counts the deadline from then: most calls never wait, so
+//! most never build a timer. Concurrency limits are tower's own (`ConcurrencyLimitLayer`). A
 //! dropped request future stops waiting for its reply.
 //!
 //! ```

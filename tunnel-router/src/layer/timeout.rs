@@ -3,7 +3,7 @@
 //!
 //! tower's `Timeout` reads the clock and builds a timer for every call. A tunnel client
 //! answers most calls on their first poll (a one-way message is accepted at once), so
-//! that timer was a tenth of the cost of sending a message through the full stack.
+//! on most calls that timer is built for nothing.
 //! [`Timeout`] polls the inner future first and starts the timer only when it is not
 //! ready: the deadline counts from the first poll that had to wait, not from `call`
 //! (a future is normally polled right after `call`, so the difference is the time the
