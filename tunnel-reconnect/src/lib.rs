@@ -56,6 +56,18 @@ pub trait Backoff: Send + fmt::Debug {
 }
 
 /// Settings of [`ExponentialBackoff`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tunnel_reconnect::{Backoff, BackoffConfig, ExponentialBackoff};
+///
+/// let config = BackoffConfig::default().base(Duration::from_millis(100)).cap(Duration::from_secs(30));
+/// let mut backoff = ExponentialBackoff::new(config)?;
+/// // Full jitter: each delay is anywhere between zero and the current ceiling.
+/// assert!(backoff.next_delay() <= Duration::from_millis(100));
+/// assert!(backoff.next_delay() <= Duration::from_millis(200));
+/// # Ok::<(), tunnel_reconnect::InvalidBackoff>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BackoffConfig {

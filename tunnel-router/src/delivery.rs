@@ -18,6 +18,23 @@ pub use tunnel_proto::session::{FullPolicy, Held, Undelivered, WhenFull};
 pub(crate) use tunnel_proto::session::{Reset, is_rejection};
 
 /// Resolves once the peer acknowledged the message, or with the reason it never will.
+///
+/// Awaiting it is optional: a receipt dropped unawaited costs nothing, and the message
+/// is delivered all the same.
+///
+/// ```no_run
+/// # async fn f(agent: tunnel_router::Agent) -> Result<(), Box<dyn std::error::Error>> {
+/// use tunnel_proto::MessageType;
+/// use tunnel_router::Undelivered;
+///
+/// let receipt = agent.send(MessageType::Event, &"scaled to 3").await?; // accepted
+/// match receipt.delivered().await {
+///     Ok(()) => {}                                   // the hub has it, exactly once
+///     Err(Undelivered::Reset(reason)) => eprintln!("session reset: {reason}; resync"),
+///     Err(other) => eprintln!("not delivered: {other}"),
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Receipt {
     seq: u64,

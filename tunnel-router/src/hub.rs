@@ -81,6 +81,19 @@ pub struct AgentStatus {
 }
 
 /// How a hub drains (see [`Hub::drain`]).
+///
+/// ```no_run
+/// # async fn f(hub: tunnel_router::Hub) {
+/// use std::time::Duration;
+/// use tunnel_router::Drain;
+///
+/// // Agents get 15 s to finish what is in flight, and are pointed at another hub.
+/// let drain = Drain::default()
+///     .timeout(Duration::from_secs(15))
+///     .endpoints(vec!["wss://hub-b:7070/".into()]);
+/// hub.drain(drain).await;
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Drain {

@@ -14,7 +14,21 @@ use tunnel_transport::{AgentId, GrantError, Resume, SessionGrant, SessionGrants,
 use crate::delivery::{FullPolicy, Reliable, Undelivered};
 use crate::store::SessionStore;
 
-/// Session resume on a hub.
+/// Session resume on a hub: how long a disconnected agent's session is kept, how many,
+/// what a full buffer does, and where snapshots are stored.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use tunnel_router::{HubConfig, HubSessions, MemoryStore, SessionRegistry};
+///
+/// let sessions = HubSessions::default()
+///     .grace(Duration::from_secs(300)) // agents away up to 5 min resume
+///     .max_sessions(20_000)
+///     .store(Arc::new(MemoryStore::new(20_000))); // a hub restarted on it resumes them
+/// let config = HubConfig::default().sessions(SessionRegistry::new(sessions));
+/// assert!(config.sessions.is_some());
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct HubSessions {

@@ -124,6 +124,16 @@ impl ConnectionConfig {
 }
 
 /// Settings of a hub's listener.
+///
+/// ```
+/// use std::time::Duration;
+/// use tunnel_transport::{ServerConfig, SharedToken};
+///
+/// let config = ServerConfig::new(SharedToken::new("s3cret"))
+///     .allow_workspaces(["root:org"]) // agents of other workspaces are refused
+///     .handshake_timeout(Duration::from_secs(5));
+/// assert_eq!(config.allowed_workspaces, Some(vec!["root:org".to_string()]));
+/// ```
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct ServerConfig {
@@ -363,6 +373,19 @@ fn default_capabilities() -> Vec<String> {
 pub type TokenSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// Settings of an agent's connector.
+///
+/// ```
+/// use std::time::Duration;
+/// use tunnel_proto::Format;
+/// use tunnel_transport::{AgentId, ClientConfig, WsConnector};
+///
+/// let config = ClientConfig::new(AgentId::new("root:org", "cluster-1"))
+///     .token(Some("s3cret".into()))
+///     .format(Format::Json) // text frames; MessagePack (binary) is the default
+///     .connect_timeout(Duration::from_secs(5));
+/// let connector = WsConnector::new(config); // hand it to `tunnel_router::Agent::start`
+/// # drop(connector);
+/// ```
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct ClientConfig {

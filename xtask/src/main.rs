@@ -4,7 +4,10 @@
 //! - `cargo xtask deps`: the dependency rules of ARCHITECTURE.md, checked against
 //!   `cargo metadata`.
 //! - `cargo xtask tidy`: source checks (every file opens with `//!`; no wall-clock
-//!   reads in tunnel-proto, tunnel-reconnect and the session driver).
+//!   reads in tunnel-proto, tunnel-reconnect and the session driver; no unexplained
+//!   `unwrap`/`expect`).
+//! - `cargo xtask coverage`: line coverage of the workspace's tests (cargo-tarpaulin;
+//!   not part of CI).
 //! - `cargo xtask bench`: the benchmarks, printing figures.
 //! - `cargo xtask sim [--seeds N | --seed S]`: the deterministic simulation with more
 //!   seeds than CI runs (release build), or one seed replayed with its log.
@@ -24,6 +27,7 @@ commands:
   ci      fmt check, clippy, tests, docs and dependency rules (what CI runs)
   deps    check the crate layering written in ARCHITECTURE.md
   tidy    source checks: module docs, no wall-clock reads on the session path
+  coverage  line coverage of every test, with cargo-tarpaulin (not part of ci)
   bench   run the benchmarks and print their figures (extra arguments go to `tunnel-bench`)
   sim     sim [--seeds N | --seed S]: the simulation suite with N seeds (default 20,000,
           release build), or seed S alone with its fault log
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
         Some("deps") => deps::check(&root),
         Some("tidy") => tidy::check(&root),
         Some("bench") => bench(&root, &args[1..]),
+        Some("coverage") => coverage(&root, &args[1..]),
         Some("fuzz") => fuzz(&root, &args[1..]),
         Some("sim") => sim(&root, &args[1..]),
         Some("-h" | "--help" | "help") => {
@@ -153,6 +158,42 @@ fn bench(root: &Path, extra: &[String]) -> Result<(), String> {
         &[],
     )?;
     let mut args = vec!["run", "--release", "-p", "tunnel-bench", "--"];
+    args.extend(extra.iter().map(String::as_str));
+    run(root, "cargo", &args, &[])
+}
+
+/// Line coverage of the workspace's tests (unit, integration, doc, the binary's
+/// end-to-end tests), measured by cargo-tarpaulin with its LLVM engine, in its own
+/// target directory; prints each file's figure and the total. Extra arguments go to
+/// tarpaulin (for example `--out Html`).
+fn coverage(root: &Path, extra: &[String]) -> Result<(), String> {
+    let installed = Command::new("cargo")
+        .args(["tarpaulin", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        return Err(
+            "cargo-tarpaulin is not installed: `cargo install cargo-tarpaulin` (it needs nothing else)"
+                .into(),
+        );
+    }
+    let mut args = vec![
+        "tarpaulin",
+        "--engine",
+        "llvm",
+        "--workspace",
+        "--exclude",
+        "xtask",
+        "--exclude-files",
+        "fuzz/*",
+        "--target-dir",
+        "target/coverage",
+        "--skip-clean",
+        "--timeout",
+        "900",
+        "--out",
+        "Stdout",
+    ];
     args.extend(extra.iter().map(String::as_str));
     run(root, "cargo", &args, &[])
 }

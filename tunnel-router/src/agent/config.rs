@@ -3,6 +3,21 @@
 use super::*;
 
 /// Settings of an [`Agent`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tunnel_proto::MessageType;
+/// use tunnel_reconnect::BackoffConfig;
+/// use tunnel_router::{AgentConfig, FullPolicy, WhenFull};
+///
+/// // Two hubs in order of preference, a gentler backoff, and events that fail at once
+/// // (instead of waiting) when the replay buffer is full.
+/// let config = AgentConfig::with_endpoints(["wss://hub-a:7070/", "wss://hub-b:7070/"])
+///     .backoff(BackoffConfig::default().base(Duration::from_millis(500)).cap(Duration::from_secs(60)))
+///     .when_full(FullPolicy::default().set(MessageType::Event, WhenFull::Reject))
+///     .request_timeout(Duration::from_secs(10));
+/// assert_eq!(config.endpoints.len(), 2);
+/// ```
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct AgentConfig {

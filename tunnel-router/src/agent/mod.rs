@@ -33,7 +33,23 @@ pub use client::{AgentClient, ResponseFuture};
 pub use config::AgentConfig;
 use driver::supervise;
 
-/// Where an agent's connection stands.
+/// Where an agent's connection stands ([`Agent::state`], a `watch` receiver).
+///
+/// ```no_run
+/// # async fn f(agent: tunnel_router::Agent) {
+/// use tunnel_router::ConnectionState;
+///
+/// let mut state = agent.state();
+/// while state.changed().await.is_ok() {
+///     match &*state.borrow() {
+///         ConnectionState::Resumed { .. } => println!("back, nothing lost"),
+///         ConnectionState::Reset { .. } => println!("back with a new session: resync"),
+///         ConnectionState::Closed => break,
+///         other => println!("{other:?}"),
+///     }
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConnectionState {
