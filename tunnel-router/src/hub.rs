@@ -40,7 +40,34 @@ struct Inner {
     recorder: Arc<dyn tunnel_metrics::Recorder>,
     /// Woken whenever an agent is registered.
     joined: tokio::sync::Notify,
+    /// Agents coming and going, for [`Hub::events`].
+    events: tokio::sync::broadcast::Sender<HubEvent>,
 }
+
+/// An agent connecting to or leaving a hub ([`Hub::events`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HubEvent {
+    /// `agent`'s connection `connection` is registered: the hub sends to it from now on.
+    Connected {
+        /// Who.
+        agent: AgentId,
+        /// The connection's id ([`ConnectionInfo::id`]).
+        connection: u64,
+    },
+    /// That connection ended (a newer one of the same agent may already be
+    /// registered: compare `connection`).
+    Disconnected {
+        /// Who.
+        agent: AgentId,
+        /// The connection's id.
+        connection: u64,
+    },
+}
+
+/// Events a slow [`Hub::events`] subscriber may fall behind by before it sees a lag
+/// error (and should read [`Hub::agents`] afresh).
+const EVENTS_BUFFERED: usize = 1024;
 
 /// One connected agent as a hub sees it ([`Hub::agent_statuses`], `/agents`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -338,6 +365,7 @@ impl Hub {
             pending: Arc::new(Pending::new(config.max_pending_requests, recorder.clone())),
             recorder,
             joined: tokio::sync::Notify::new(),
+            events: tokio::sync::broadcast::channel(EVENTS_BUFFERED).0,
         });
         inner
             .tasks
@@ -360,6 +388,13 @@ impl Hub {
             local_addr: None,
             scheme: "ws",
         }
+    }
+
+    /// Agents connecting and leaving, from now on (those connected already are in
+    /// [`Hub::agents`]). At most 1,024 events wait for a slow subscriber; past that it
+    /// gets `RecvError::Lagged` and should read [`Hub::agents`] afresh.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<HubEvent> {
+        self.inner.events.subscribe()
     }
 
     /// The listening address, for a hub made with [`Hub::bind`].
@@ -660,6 +695,10 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
             agents.insert(agent.clone(), sender.clone())
         };
         inner.joined.notify_waiters();
+        let _ = inner.events.send(HubEvent::Connected {
+            agent: agent.clone(),
+            connection: sender.info().id,
+        });
         if let Some(old) = replaced {
             tracing::info!(%agent, "newer connection replaces the registered one");
             if inner.sessions.is_some() {
@@ -755,6 +794,10 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 .is_some_and(|s| s.info().id == sender.info().id)
             {
                 agents.remove(&sender.info().agent);
+                let _ = inner2.events.send(HubEvent::Disconnected {
+                    agent: sender.info().agent.clone(),
+                    connection: sender.info().id,
+                });
                 if reliable.is_none() {
                     // Without a session, replies cannot outlive the connection.
                     inner2.pending.peer_gone(&sender.info().agent, "the connection ended before the reply");
