@@ -114,6 +114,22 @@ pub(crate) enum SessionEnd {
 /// reconnect hint of a `close` message in `hint`, and handing everything else to
 /// `router`, one message at a time.
 pub(crate) async fn run(
+    receiver: ConnectionReceiver,
+    sender: ConnectionSender,
+    router: &mut Router,
+    hint: &mut Option<ReconnectHint>,
+    link: &Link<'_>,
+) -> SessionEnd {
+    let end = read(receiver, sender, router, hint, link).await;
+    // The last message's handler has returned (or it was rewound): a snapshot or the
+    // next connection counts it as received.
+    if let Some(reliable) = link.reliable {
+        reliable.release_held();
+    }
+    end
+}
+
+async fn read(
     mut receiver: ConnectionReceiver,
     sender: ConnectionSender,
     router: &mut Router,
@@ -288,6 +304,21 @@ pub(crate) async fn run(
                     continue;
                 }
                 ErrorBody::new(error_code::NO_HANDLER, why)
+            }
+            Err(e) if e.is::<crate::Unavailable>() => {
+                // Not taken: unacknowledged, and replayed by the peer's session on its
+                // next connection.
+                link.recorder.error("unavailable");
+                tracing::warn!(agent = %sender.info().agent, kind = %tunnel_proto::text::Untrusted(kind.as_str()), reason = %tunnel_proto::text::Untrusted(&e.to_string()), "handler unavailable: closing so that the message is replayed");
+                if let Some(reliable) = reliable {
+                    reliable.rewind_held();
+                }
+                let reason = e.to_string();
+                sender.abort_with(
+                    CloseCode::TRY_AGAIN_LATER,
+                    tunnel_proto::text::truncate(&reason, 100),
+                );
+                return SessionEnd::Failed(RecvError::Io(reason));
             }
             Err(e) => {
                 link.recorder.error("handler");

@@ -480,19 +480,61 @@ impl Reliable {
 
     /// Applies an arriving envelope's `seq` and `ack`: what to do with it is the
     /// session's [`Verdict`](session::Verdict).
+    ///
+    /// The connection's reader calls it once the previous message was handled, so it
+    /// also releases that one (see [`Reliable::hold`]); a data message delivered now is
+    /// held until its handler is done.
     pub(crate) fn on_inbound(&self, env: &Envelope) -> session::Verdict {
-        self.with(|st| st.session.handle_inbound(env, || Instant::now().into_std()))
+        self.with(|st| {
+            // The clock is read at most once, and only if a rule needs the time.
+            let read = std::cell::Cell::new(None);
+            let now = || {
+                read.get().unwrap_or_else(|| {
+                    let t = Instant::now().into_std();
+                    read.set(Some(t));
+                    t
+                })
+            };
+            st.session.release_held(now);
+            let verdict = st.session.handle_inbound(env, now);
+            if let (Some(seq), session::Verdict::Deliver | session::Verdict::DeliverThenAck) =
+                (env.seq, &verdict)
+            {
+                // No acknowledgement covers it while its handler runs (another task's
+                // outgoing message would otherwise carry one).
+                st.session.hold(seq);
+            }
+            verdict
+        })
     }
 
-    /// When a standalone acknowledgement is due, if one is owed.
+    /// The message being handled was handled: acknowledgements may cover it.
+    pub(crate) fn release_held(&self) {
+        self.with(|st| st.session.release_held(|| Instant::now().into_std()));
+    }
+
+    /// The message being handled could not be taken ([`crate::Unavailable`]): it
+    /// counts as never received, and the peer replays it on its next connection.
+    pub(crate) fn rewind_held(&self) {
+        self.state().session.rewind_held();
+    }
+
+    /// When a standalone acknowledgement is due, if one is owed. The reader asks
+    /// between messages, so this also releases the one it last handled.
     pub(crate) fn ack_due_at(&self) -> Option<Instant> {
-        self.state().session.ack_due_at().map(Instant::from_std)
+        let mut st = self.state();
+        st.session.release_held(|| Instant::now().into_std());
+        st.session.ack_due_at().map(Instant::from_std)
     }
 
     /// Sends the acknowledgement owed now as a standalone `ack`, unless session
     /// messages wait in the backlog: then it rides on them.
     pub(crate) fn send_ack_now(&self, conn: &ConnectionSender) {
-        let ack = self.state().session.take_standalone_ack();
+        let ack = {
+            let mut st = self.state();
+            st.session.release_held(|| Instant::now().into_std());
+            st.session.take_standalone_ack()
+        };
         if let Some(ack) = ack {
             let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
         }
@@ -501,7 +543,11 @@ impl Reliable {
     /// Sends a standalone acknowledgement on `conn` if one is due.
     pub(crate) fn send_ack_if_due(&self, conn: &ConnectionSender) {
         let now = Instant::now().into_std();
-        let ack = self.state().session.poll_ack(now);
+        let ack = {
+            let mut st = self.state();
+            st.session.release_held(|| now);
+            st.session.poll_ack(now)
+        };
         if let Some(ack) = ack {
             let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
         }

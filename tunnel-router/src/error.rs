@@ -110,3 +110,42 @@ impl From<tunnel_transport::SendError> for Error {
         }
     }
 }
+
+/// What a handler returns as its error when it cannot take a message now because what
+/// stands behind it is down (a hub that stores every message in NATS, say): the message
+/// is not acknowledged, the connection closes with `1013 try_again_later`, and the
+/// sender's session replays it on its next connection. Any other handler error counts
+/// the message as handled (a failed reply for a request).
+///
+/// ```
+/// use tower::{BoxError, service_fn};
+/// use tunnel_router::{Inbound, Unavailable};
+///
+/// let store_down = true;
+/// let handler = service_fn(move |_msg: Inbound| async move {
+///     if store_down {
+///         return Err::<(), BoxError>(Unavailable::new("the store is down").into());
+///     }
+///     Ok(())
+/// });
+/// # drop(handler);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unavailable: {reason}")]
+pub struct Unavailable {
+    reason: String,
+}
+
+impl Unavailable {
+    /// Unavailable for `reason` (sent to the peer in the close frame, truncated to fit).
+    pub fn new(reason: impl Into<String>) -> Self {
+        Unavailable {
+            reason: reason.into(),
+        }
+    }
+
+    /// Why.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}

@@ -72,7 +72,7 @@ pub use agent::{
     ResponseFuture, SessionEvent,
 };
 pub use delivery::{FullPolicy, Held, Receipt, Undelivered, WhenFull};
-pub use error::Error;
+pub use error::{Error, Unavailable};
 pub use hub::{AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubConfig, HubEvent};
 pub use pool::{Pool, PoolClient, PoolMode, Readiness};
 pub use registry::{HubSessions, SessionRegistry};

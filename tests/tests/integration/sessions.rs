@@ -481,3 +481,91 @@ async fn offline_statuses_keep_only_the_latest_per_resource_and_full_buffers_fol
     agent.shutdown().await;
     hub.shutdown().await;
 }
+
+/// A hub handler that has not finished with a message (storing it, say) is not
+/// acknowledged for it, not even by an ack riding on a message the hub sends meanwhile;
+/// one that answers `Unavailable` gets the message again on the agent's next
+/// connection, and nothing is lost or delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ack_covers_a_message_until_its_handler_is_done_and_unavailable_replays_it() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let refusals = Arc::new(AtomicU64::new(0));
+    let refused = refusals.clone();
+    let router = Router::new().fallback(service_fn(move |msg: Inbound| {
+        let (mut gate, seen, refused) = (gate_rx.clone(), seen_tx.clone(), refused.clone());
+        async move {
+            let n = msg.envelope.decode_payload::<serde_json::Value>()?["n"]
+                .as_u64()
+                .unwrap_or_default();
+            if n == 1 {
+                // Held until the test opens the gate.
+                let _ = gate.wait_for(|open| *open).await;
+            }
+            if n == 2 && refused.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err::<(), BoxError>(tunnel_router::Unavailable::new("store down").into());
+            }
+            let _ = seen.send(n);
+            Ok(())
+        }
+    }));
+    let hub = resumable_hub(router, HubSessions::default()).await;
+    let id = AgentId::new("ws", "held");
+    let takes_all =
+        Router::new().fallback(service_fn(|_: Inbound| async { Ok::<_, BoxError>(()) }));
+    let agent = session_agent(&hub.url().expect("url"), &id, takes_all);
+    agent
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .expect("up");
+    registered(&hub, &id).await;
+
+    let first = agent
+        .send(MessageType::Event, &json!({"n": 1}))
+        .await
+        .expect("held");
+    // While the hub's handler holds 1, the hub sends to the agent: its messages may
+    // carry acks, but none that covers 1.
+    for _ in 0..20 {
+        hub.send(&id, MessageType::Event, &json!({"down": true}))
+            .await
+            .expect("sent");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        agent.held().map(|h| h.messages),
+        Some(1),
+        "1 is not acknowledged yet"
+    );
+    gate_tx.send(true).expect("open");
+    first.delivered().await.expect("acknowledged once handled");
+    assert_eq!(recv_soon(&mut seen).await, 1);
+
+    // 2 is refused as unavailable: the connection closes with 1013, the agent
+    // reconnects and resumes, and 2 then 3 arrive once each, in order.
+    let two = agent
+        .send(MessageType::Event, &json!({"n": 2}))
+        .await
+        .expect("held");
+    let three = agent
+        .send(MessageType::Event, &json!({"n": 3}))
+        .await
+        .expect("held");
+    two.delivered()
+        .await
+        .expect("delivered on the next connection");
+    three.delivered().await.expect("delivered");
+    assert_eq!(recv_soon(&mut seen).await, 2);
+    assert_eq!(recv_soon(&mut seen).await, 3);
+    assert_eq!(
+        refusals.load(Ordering::SeqCst),
+        2,
+        "refused once, taken the second time"
+    );
+    assert!(agent.reconnects() >= 1, "the refusal closed the connection");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(seen.try_recv().is_err(), "nothing twice");
+    agent.shutdown().await;
+    hub.shutdown().await;
+}

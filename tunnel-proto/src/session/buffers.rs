@@ -395,6 +395,11 @@ pub struct ReceiveWindow {
     /// When the first message not yet acknowledged arrived.
     pub(super) first_at: Option<Instant>,
     pub(super) ack_at: Option<Instant>,
+    /// The message being handled (see [`ReceiveWindow::hold`]): acknowledgements stop
+    /// below it until it is released.
+    pub(super) held: Option<u64>,
+    /// The last acknowledgement taken.
+    pub(super) acked: u64,
 }
 
 impl ReceiveWindow {
@@ -416,6 +421,8 @@ impl ReceiveWindow {
             unacked: 0,
             first_at: None,
             ack_at: None,
+            held: None,
+            acked: received,
         }
     }
 
@@ -483,17 +490,47 @@ impl ReceiveWindow {
     }
 
     /// The cumulative acknowledgement to send now (standalone or riding on an outgoing
-    /// message); clears what was owed.
+    /// message); clears what was owed. It never covers a message being handled.
     pub fn take_ack(&mut self) -> u64 {
         self.unacked = 0;
         self.first_at = None;
         self.ack_at = None;
-        self.received
+        self.acked = self.last_received();
+        self.acked
     }
 
-    /// The highest sequence number received in order.
+    /// The highest sequence number received in order and handled: what an
+    /// acknowledgement covers and what a resume reports.
     pub fn last_received(&self) -> u64 {
-        self.received
+        self.held.map_or(self.received, |seq| {
+            self.received.min(seq.saturating_sub(1))
+        })
+    }
+
+    /// Message `seq` (delivered just now) is being handled: no acknowledgement covers
+    /// it until [`ReceiveWindow::release`], so that the peer lets go of it only once
+    /// the receiver is done with it (a hub has stored it, say).
+    pub fn hold(&mut self, seq: u64) {
+        self.held = Some(seq);
+    }
+
+    /// The held message was handled: acknowledgements may cover it. If one was taken
+    /// while it was held, another is owed, due an ack delay after `now` (asked only
+    /// then).
+    pub fn release(&mut self, now: impl FnOnce() -> Instant) {
+        if self.held.take().is_some() && self.received > self.acked && self.ack_at.is_none() {
+            let now = now();
+            self.first_at = Some(now);
+            self.ack_at = Some(now + self.config.ack_delay);
+        }
+    }
+
+    /// The held message was not taken: it counts as never received, so the peer's
+    /// replay delivers it again.
+    pub fn rewind(&mut self) {
+        if let Some(seq) = self.held.take() {
+            self.received = self.received.min(seq.saturating_sub(1));
+        }
     }
 }
 

@@ -641,9 +641,34 @@ impl Session {
         self.out.has_room(size)
     }
 
-    /// The highest sequence number received in order (for a resume request or grant).
+    /// The highest sequence number received in order and handled (for a resume
+    /// request or grant).
     pub fn last_received(&self) -> u64 {
         self.inb.last_received()
+    }
+
+    /// Data message `seq`, just delivered by [`Session::handle_inbound`], is being
+    /// handled: acknowledgements (standalone or riding on outgoing messages) do not
+    /// cover it until [`Session::release_held`]. A hub that must store a message before
+    /// the agent lets go of it holds it while it stores.
+    pub fn hold(&mut self, seq: u64) {
+        self.inb.hold(seq);
+    }
+
+    /// The held message was handled (see [`Session::hold`]). `now` is asked only if an
+    /// acknowledgement becomes owed.
+    pub fn release_held(&mut self, now: impl FnOnce() -> Instant) {
+        let before = self.inb.last_received();
+        self.inb.release(now);
+        if self.inb.last_received() > before {
+            self.owed = true;
+        }
+    }
+
+    /// The held message could not be taken (the store is down): it counts as never
+    /// received, and the peer's replay on its next connection brings it again.
+    pub fn rewind_held(&mut self) {
+        self.inb.rewind();
     }
 
     /// The highest sequence number handed out to a message of this session.

@@ -172,7 +172,9 @@ impl Session {
             held,
             transmitted_through: self.transmitted_through,
             latest,
-            received: self.inb.received,
+            // A message still being handled is not in the snapshot's past: a restored
+            // copy receives it again.
+            received: self.inb.last_received(),
             started: self.inb.started,
             unacked: self.inb.unacked,
             first_unacked_age: self
@@ -260,6 +262,8 @@ impl Session {
             unacked: snapshot.unacked,
             first_at: snapshot.first_unacked_age.map(|age| before(now, age)),
             ack_at: snapshot.ack_due.map(|offset| offset.at(now)),
+            held: None,
+            acked: snapshot.received,
         };
         let mut outcomes = Outcomes::default();
         outcomes.set_acked(snapshot.acked);

@@ -147,6 +147,54 @@ fn acks_are_due_after_ack_every_messages_or_the_delay() {
 }
 
 #[test]
+fn a_held_message_is_acknowledged_only_once_released_and_a_rewound_one_is_received_again() {
+    let t = Instant::now();
+    let mut s = Session::new(config());
+    attached(&mut s, 1);
+    assert_eq!(
+        s.handle_inbound(&event(1).with_seq(1), || t),
+        Verdict::Deliver
+    );
+    assert_eq!(
+        s.handle_inbound(&event(2).with_seq(2), || t),
+        Verdict::Deliver
+    );
+    s.hold(2);
+    // While 2 is being handled, nothing acknowledges it: not an outgoing message...
+    let (_, frame) = send(&mut s, event(10), t);
+    assert_eq!(
+        frame.expect("sent").ack,
+        Some(1),
+        "1 was handled, 2 is held"
+    );
+    // ...nor a standalone ack, nor a resume.
+    assert_eq!(s.take_standalone_ack(), Some(1));
+    assert_eq!(s.last_received(), 1);
+    // Released: an ack is owed again, an ack delay later, and covers it.
+    s.release_held(|| t);
+    assert_eq!(s.ack_due_at(), Some(t + Duration::from_millis(20)));
+    assert_eq!(s.poll_ack(t + Duration::from_millis(20)), Some(2));
+
+    // Held and then not taken (the store was down): 3 counts as never received, so
+    // the peer's replay of 3 is delivered, not dropped as a duplicate.
+    assert_eq!(
+        s.handle_inbound(&event(3).with_seq(3), || t),
+        Verdict::Deliver
+    );
+    s.hold(3);
+    s.rewind_held();
+    assert_eq!(s.last_received(), 2);
+    assert_eq!(
+        s.handle_inbound(&event(3).with_seq(3), || t),
+        Verdict::Deliver
+    );
+    // A snapshot taken while a message is held does not count it as received.
+    s.hold(3);
+    let copy = Session::restore(config(), &s.snapshot(t).expect("snapshot"), t).expect("restore");
+    assert_eq!(copy.last_received(), 2);
+}
+
+#[test]
 fn a_backlog_carries_the_ack_instead_of_a_standalone_one() {
     let t = Instant::now();
     let mut s = Session::new(config());

@@ -1,0 +1,5 @@
+//! Hubs joined through NATS.
+//!
+//! (Work in progress: the subject scheme first.)
+
+pub mod subject;

@@ -1,0 +1,201 @@
+//! The NATS subjects, streams, buckets and headers of a tunnel cluster, as PROTOCOL.md
+//! §11 specifies them: the one place their names are spelled.
+//!
+//! A subject token holds an agent's workspace, its sync target or a message type,
+//! escaped ([`escape`]) so that what NATS gives a meaning (`.` separates tokens, `*`
+//! and `>` are wildcards, whitespace ends a subject) and the escape character itself
+//! become `%XX`. Escaping is reversible ([`unescape`]) and one-to-one: two identities
+//! never share a subject.
+
+use std::fmt::Write as _;
+
+use tunnel_transport::AgentId;
+
+/// The first tokens of every subject: the scheme's version.
+pub const PREFIX: &str = "tunnel.v1";
+
+/// The JetStream stream of what agents send: subjects `tunnel.v1.up.>`.
+pub const UP_STREAM: &str = "TUNNEL_UP";
+/// The JetStream stream of what backends send to agents: subjects `tunnel.v1.down.>`.
+pub const DOWN_STREAM: &str = "TUNNEL_DOWN";
+/// The KV bucket of presence: one key per connected agent.
+pub const PRESENCE_BUCKET: &str = "tunnel_presence";
+
+/// Header: the envelope's id, as the agent assigned it (decimal).
+pub const HEADER_ID: &str = "Tunnel-Id";
+/// Header: the envelope's sequence number in its session (decimal).
+pub const HEADER_SEQ: &str = "Tunnel-Seq";
+/// Header: the message type.
+pub const HEADER_TYPE: &str = "Tunnel-Type";
+/// Header: the session id.
+pub const HEADER_SESSION: &str = "Tunnel-Session";
+/// Header: the payload's codec, `json` or `msgpack`.
+pub const HEADER_CODEC: &str = "Tunnel-Codec";
+/// Header: the agent's workspace (unescaped).
+pub const HEADER_WORKSPACE: &str = "Tunnel-Workspace";
+/// Header: the agent's sync target (unescaped).
+pub const HEADER_SYNC_TARGET: &str = "Tunnel-Sync-Target";
+/// Header: W3C trace context, as the envelope carried it.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// Header: an error reply's code (a call answered with an error).
+pub const HEADER_ERROR: &str = "Tunnel-Error";
+
+/// Whether `b` stands for itself in a token.
+fn plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b':' | b'@' | b'+' | b'=' | b'/')
+}
+
+/// `value` as one subject token: bytes other than ASCII letters, digits and
+/// `- _ : @ + = /` become `%XX` (upper-case hex). An empty value becomes `%`, which no
+/// escaped value otherwise is.
+///
+/// ```
+/// use tunnel_cluster::subject::{escape, unescape};
+///
+/// assert_eq!(escape("root:org"), "root:org");
+/// assert_eq!(escape("a.b*c>"), "a%2Eb%2Ac%3E");
+/// assert_eq!(unescape("a%2Eb%2Ac%3E").as_deref(), Some("a.b*c>"));
+/// ```
+pub fn escape(value: &str) -> String {
+    if value.is_empty() {
+        return "%".into();
+    }
+    let mut out = String::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        if plain(b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// The value [`escape`] made `token` from; `None` if `token` is not one it makes.
+pub fn unescape(token: &str) -> Option<String> {
+    if token == "%" {
+        return Some(String::new());
+    }
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = token.get(i + 1..i + 3)?;
+                let b = u8::from_str_radix(hex, 16).ok()?;
+                if plain(b) || hex.bytes().any(|h| h.is_ascii_lowercase()) {
+                    return None; // not how escape writes it: one value, one token
+                }
+                out.push(b);
+                i += 3;
+            }
+            b if plain(b) => {
+                out.push(b);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `tunnel.v1.up.<workspace>.<sync_target>.<type>`: what `agent` sent, of `kind`.
+pub fn up(agent: &AgentId, kind: &str) -> String {
+    format!("{PREFIX}.up.{}.{}", agent_tokens(agent), escape(kind))
+}
+
+/// `tunnel.v1.up.<workspace>.<sync_target>.>`: everything `agent` sent.
+pub fn up_all(agent: &AgentId) -> String {
+    format!("{PREFIX}.up.{}.>", agent_tokens(agent))
+}
+
+/// `tunnel.v1.down.<workspace>.<sync_target>.<type>`: what a backend sends `agent`.
+pub fn down(agent: &AgentId, kind: &str) -> String {
+    format!("{PREFIX}.down.{}.{}", agent_tokens(agent), escape(kind))
+}
+
+/// `tunnel.v1.down.<workspace>.<sync_target>.>`: everything waiting for `agent`.
+pub fn down_all(agent: &AgentId) -> String {
+    format!("{PREFIX}.down.{}.>", agent_tokens(agent))
+}
+
+/// `tunnel.v1.call.<workspace>.<sync_target>`: requests to `agent` (core NATS
+/// request/reply, answered by the hub that holds it).
+pub fn call(agent: &AgentId) -> String {
+    format!("{PREFIX}.call.{}", agent_tokens(agent))
+}
+
+/// The presence bucket's key of `agent`: `<workspace>.<sync_target>`, escaped.
+pub fn presence_key(agent: &AgentId) -> String {
+    agent_tokens(agent)
+}
+
+/// The agent a presence key names.
+pub fn agent_of_key(key: &str) -> Option<AgentId> {
+    let (workspace, sync_target) = key.split_once('.')?;
+    Some(AgentId::new(unescape(workspace)?, unescape(sync_target)?))
+}
+
+/// `Nats-Msg-Id` of message `seq` of `session` from `agent`: the stream drops a second
+/// publish with the same id (a replay after a hub died before acknowledging).
+pub fn message_id(agent: &AgentId, session: &str, seq: u64) -> String {
+    format!("{}.{}.{seq}", agent_tokens(agent), escape(session))
+}
+
+/// The type token of an up or down subject, unescaped.
+pub fn kind_of(subject: &str) -> Option<String> {
+    unescape(subject.rsplit('.').next()?)
+}
+
+fn agent_tokens(agent: &AgentId) -> String {
+    format!(
+        "{}.{}",
+        escape(&agent.workspace),
+        escape(&agent.sync_target)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_hold_no_separator_wildcard_or_space_and_come_back_unchanged() {
+        for value in [
+            "root:org", "a.b", "*", ">", "a b", "50%", "ünï", "", "%", "x/y=z",
+        ] {
+            let token = escape(value);
+            assert!(
+                !token.contains(['.', '*', '>', ' ', '\t']),
+                "{value:?} -> {token:?}"
+            );
+            assert_eq!(unescape(&token).as_deref(), Some(value), "{token}");
+        }
+    }
+
+    #[test]
+    fn tokens_not_made_by_escape_are_refused_so_that_each_value_has_one_token() {
+        for token in ["a.b", "%2e", "%41", "%4", "%ZZ", "a b", "%FF"] {
+            assert_eq!(unescape(token), None, "{token}");
+        }
+    }
+
+    #[test]
+    fn subjects_follow_the_scheme() {
+        let agent = AgentId::new("root:org", "cluster.1");
+        assert_eq!(
+            up(&agent, "status"),
+            "tunnel.v1.up.root:org.cluster%2E1.status"
+        );
+        assert_eq!(up_all(&agent), "tunnel.v1.up.root:org.cluster%2E1.>");
+        assert_eq!(
+            down(&agent, "command"),
+            "tunnel.v1.down.root:org.cluster%2E1.command"
+        );
+        assert_eq!(call(&agent), "tunnel.v1.call.root:org.cluster%2E1");
+        assert_eq!(agent_of_key(&presence_key(&agent)), Some(agent.clone()));
+        assert_eq!(message_id(&agent, "s-1", 7), "root:org.cluster%2E1.s-1.7");
+        assert_eq!(kind_of(&up(&agent, "my.type")).as_deref(), Some("my.type"));
+    }
+}
