@@ -16,6 +16,7 @@ use tunnel_router::{
 };
 use tunnel_transport::{AgentId, ClientConfig, ServerConfig, SharedToken, TokenFile, WsConnector};
 
+use tunnel_cluster::{Cluster, ClusterConfig};
 use tunnel_router::admin::{Admin, AdminServer};
 use tunnel_router::layer::metrics::MetricsLayer;
 use tunnel_router::layer::trace::TraceLayer;
@@ -67,6 +68,14 @@ pub(crate) struct HubArgs {
     /// Serve /metrics, /healthz, /readyz and /agents over HTTP on this address.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
+    /// Join a hub cluster on this NATS server (`nats://host:port`): agents' messages go
+    /// to the TUNNEL_UP stream, backends reach agents through TUNNEL_DOWN and calls
+    /// (PROTOCOL.md section 10).
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// This hub's name in the cluster, unique in it (default: `hub-<listen address>`).
+    #[arg(long, value_name = "NAME", requires = "nats")]
+    hub_id: Option<String>,
     /// Serve wss:// with this certificate chain (PEM); needs --tls-key.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -290,6 +299,16 @@ fn check_agent_args(args: &AgentArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// A hub's default name in a cluster: its listen address, unique on one machine.
+/// (On an ephemeral port, the process id stands in for the port.)
+fn default_hub_id(listen: SocketAddr) -> String {
+    if listen.port() == 0 {
+        format!("hub-{}-pid{}", listen.ip(), std::process::id())
+    } else {
+        format!("hub-{listen}")
+    }
+}
+
 pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     check_hub_args(&args)?;
     let open_files = rlimit::increase_nofile_limit(u64::MAX)
@@ -307,13 +326,33 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
     let metrics = crate::telemetry::metrics()?;
-    // A span per handled message (continuing the agent's trace) and its latency.
+    let cluster = match &args.nats {
+        Some(url) => {
+            let id = args
+                .hub_id
+                .clone()
+                .unwrap_or_else(|| default_hub_id(args.listen));
+            let cluster = Cluster::connect(ClusterConfig::new(url.clone(), id))
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(nats = %url, hub_id = %cluster.hub_id(), "joined the cluster");
+            Some(cluster)
+        }
+        None => None,
+    };
+    let store = cluster.clone();
+    // A span per handled message (continuing the agent's trace) and its latency. In a
+    // cluster every message goes to the up stream; alone, it is counted and dropped.
     let router = Router::new()
         .fallback(service_fn(move |msg: Inbound| {
             counter.fetch_add(1, Ordering::Relaxed);
+            let store = store.clone();
             async move {
                 tracing::debug!(agent = %msg.agent(), kind = %tunnel_proto::text::Untrusted(msg.envelope.kind.as_str()), "message");
-                Ok::<_, BoxError>(())
+                match store {
+                    Some(cluster) => cluster.store(&msg).await,
+                    None => Ok::<_, BoxError>(()),
+                }
             }
         }))
         .layer(TraceLayer::new())
@@ -357,6 +396,7 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     }
     .map_err(|e| e.to_string())?;
     tracing::info!(url = %hub.url().unwrap_or_default(), "hub listening");
+    let serving = cluster.as_ref().map(|c| c.serve(&hub));
     let admin = Admin::new()
         .hub(hub.clone())
         .max_connections(ADMIN_CONNECTIONS);
@@ -375,6 +415,9 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
                 last = now;
             }
         }
+    }
+    if let Some(serving) = serving {
+        serving.stop().await;
     }
     if args.drain_timeout > 0 {
         tracing::info!(

@@ -1,11 +1,11 @@
 //! The NATS subjects, streams, buckets and headers of a tunnel cluster, as PROTOCOL.md
 //! §11 specifies them: the one place their names are spelled.
 //!
-//! A subject token holds an agent's workspace, its sync target or a message type,
-//! escaped ([`escape`]) so that what NATS gives a meaning (`.` separates tokens, `*`
-//! and `>` are wildcards, whitespace ends a subject) and the escape character itself
-//! become `%XX`. Escaping is reversible ([`unescape`]) and one-to-one: two identities
-//! never share a subject.
+//! A subject token (and a KV key part) holds an agent's workspace, its sync target or
+//! a message type, escaped ([`escape`]) so that it is valid in both: every byte but
+//! ASCII letters, digits, `-`, `_` and `/` becomes `=XX` (what NATS gives a meaning,
+//! `.` `*` `>` and whitespace, and what KV keys refuse, such as `:`). Escaping is
+//! reversible ([`unescape`]) and one-to-one: two identities never share a subject.
 
 use std::fmt::Write as _;
 
@@ -37,35 +37,40 @@ pub const HEADER_WORKSPACE: &str = "Tunnel-Workspace";
 pub const HEADER_SYNC_TARGET: &str = "Tunnel-Sync-Target";
 /// Header: W3C trace context, as the envelope carried it.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
-/// Header: an error reply's code (a call answered with an error).
+/// Header: an error reply's code (a call answered with an error); the payload is then
+/// the error's message.
 pub const HEADER_ERROR: &str = "Tunnel-Error";
+/// Header: how long a call may wait for the agent's reply, in milliseconds (at most
+/// 30,000; default 30,000).
+pub const HEADER_TIMEOUT_MS: &str = "Tunnel-Timeout-Ms";
 
 /// Whether `b` stands for itself in a token.
 fn plain(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b':' | b'@' | b'+' | b'=' | b'/')
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'/')
 }
 
-/// `value` as one subject token: bytes other than ASCII letters, digits and
-/// `- _ : @ + = /` become `%XX` (upper-case hex). An empty value becomes `%`, which no
-/// escaped value otherwise is.
+/// `value` as one subject token: bytes other than ASCII letters, digits and `- _ /`
+/// become `=XX` (upper-case hex). An empty value becomes `=`, which no escaped value
+/// otherwise is.
 ///
 /// ```
 /// use tunnel_cluster::subject::{escape, unescape};
 ///
-/// assert_eq!(escape("root:org"), "root:org");
-/// assert_eq!(escape("a.b*c>"), "a%2Eb%2Ac%3E");
-/// assert_eq!(unescape("a%2Eb%2Ac%3E").as_deref(), Some("a.b*c>"));
+/// assert_eq!(escape("cluster-1"), "cluster-1");
+/// assert_eq!(escape("root:org"), "root=3Aorg");
+/// assert_eq!(escape("a.b*c>"), "a=2Eb=2Ac=3E");
+/// assert_eq!(unescape("a=2Eb=2Ac=3E").as_deref(), Some("a.b*c>"));
 /// ```
 pub fn escape(value: &str) -> String {
     if value.is_empty() {
-        return "%".into();
+        return "=".into();
     }
     let mut out = String::with_capacity(value.len());
     for &b in value.as_bytes() {
         if plain(b) {
             out.push(b as char);
         } else {
-            let _ = write!(out, "%{b:02X}");
+            let _ = write!(out, "={b:02X}");
         }
     }
     out
@@ -73,7 +78,7 @@ pub fn escape(value: &str) -> String {
 
 /// The value [`escape`] made `token` from; `None` if `token` is not one it makes.
 pub fn unescape(token: &str) -> Option<String> {
-    if token == "%" {
+    if token == "=" {
         return Some(String::new());
     }
     let bytes = token.as_bytes();
@@ -81,7 +86,7 @@ pub fn unescape(token: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'%' => {
+            b'=' => {
                 let hex = token.get(i + 1..i + 3)?;
                 let b = u8::from_str_radix(hex, 16).ok()?;
                 if plain(b) || hex.bytes().any(|h| h.is_ascii_lowercase()) {
@@ -163,11 +168,14 @@ mod tests {
     #[test]
     fn tokens_hold_no_separator_wildcard_or_space_and_come_back_unchanged() {
         for value in [
-            "root:org", "a.b", "*", ">", "a b", "50%", "ünï", "", "%", "x/y=z",
+            "root:org", "a.b", "*", ">", "a b", "50%", "ünï", "", "=", "x/y=z",
         ] {
             let token = escape(value);
+            // Valid as a subject token and as a KV key part.
             assert!(
-                !token.contains(['.', '*', '>', ' ', '\t']),
+                token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_/=".contains(&b)),
                 "{value:?} -> {token:?}"
             );
             assert_eq!(unescape(&token).as_deref(), Some(value), "{token}");
@@ -176,7 +184,7 @@ mod tests {
 
     #[test]
     fn tokens_not_made_by_escape_are_refused_so_that_each_value_has_one_token() {
-        for token in ["a.b", "%2e", "%41", "%4", "%ZZ", "a b", "%FF"] {
+        for token in ["a.b", "=2e", "=41", "=4", "=ZZ", "a b", "=FF", "a:b"] {
             assert_eq!(unescape(token), None, "{token}");
         }
     }
@@ -186,16 +194,17 @@ mod tests {
         let agent = AgentId::new("root:org", "cluster.1");
         assert_eq!(
             up(&agent, "status"),
-            "tunnel.v1.up.root:org.cluster%2E1.status"
+            "tunnel.v1.up.root=3Aorg.cluster=2E1.status"
         );
-        assert_eq!(up_all(&agent), "tunnel.v1.up.root:org.cluster%2E1.>");
+        assert_eq!(up_all(&agent), "tunnel.v1.up.root=3Aorg.cluster=2E1.>");
         assert_eq!(
             down(&agent, "command"),
-            "tunnel.v1.down.root:org.cluster%2E1.command"
+            "tunnel.v1.down.root=3Aorg.cluster=2E1.command"
         );
-        assert_eq!(call(&agent), "tunnel.v1.call.root:org.cluster%2E1");
+        assert_eq!(call(&agent), "tunnel.v1.call.root=3Aorg.cluster=2E1");
+        assert_eq!(presence_key(&agent), "root=3Aorg.cluster=2E1");
         assert_eq!(agent_of_key(&presence_key(&agent)), Some(agent.clone()));
-        assert_eq!(message_id(&agent, "s-1", 7), "root:org.cluster%2E1.s-1.7");
+        assert_eq!(message_id(&agent, "s-1", 7), "root=3Aorg.cluster=2E1.s-1.7");
         assert_eq!(kind_of(&up(&agent, "my.type")).as_deref(), Some("my.type"));
     }
 }

@@ -95,11 +95,37 @@ fn run(root: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Resul
     }
 }
 
+/// The cluster tests start their own `nats-server`: say what to install before the
+/// build, not after it.
+fn nats_server() -> Result<(), String> {
+    let given = std::env::var_os("NATS_SERVER").map(PathBuf::from);
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("nats-server"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let found = given
+        .into_iter()
+        .chain(on_path)
+        .chain([PathBuf::from("/usr/sbin/nats-server")])
+        .find(|p| p.is_file());
+    match found {
+        Some(path) => {
+            eprintln!("==> nats-server: {}", path.display());
+            Ok(())
+        }
+        None => Err("the cluster tests need nats-server (2.9.10 or newer): `apt-get install -y nats-server`, or set NATS_SERVER to its path".into()),
+    }
+}
+
 fn ci(root: &Path) -> Result<(), String> {
     let started = Instant::now();
     run(root, "cargo", &["fmt", "--all", "--check"], &[])?;
     deps::check(root)?;
     tidy::check(root)?;
+    nats_server()?;
     run(
         root,
         "cargo",

@@ -1,0 +1,174 @@
+//! Two `tunnel hub --nats` processes and a `tunnel agent` on a real nats-server: a
+//! backend finds the agent in presence, calls it through its hub, and reads what it
+//! sent from the up stream.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use tunnel_cluster::Backend;
+use tunnel_cluster::testing::Nats;
+use tunnel_proto::MessageType;
+use tunnel_transport::AgentId;
+
+const SOON: Duration = Duration::from_secs(20);
+
+/// A `tunnel` process, killed when dropped; its JSON log lines are read on a thread.
+struct Process {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Process {
+    fn spawn(args: &[&str]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tunnel"))
+            .args(["--log", "info", "--log-format", "json"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tunnel");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Process { child, lines }
+    }
+
+    /// The fields of the first log line with `message`.
+    fn wait_for(&self, message: &str) -> serde_json::Value {
+        let deadline = Instant::now() + SOON;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {message:?} logged in time"));
+            let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if value["fields"]["message"] == message {
+                return value["fields"].clone();
+            }
+        }
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + SOON;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "did not exit in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_reaches_an_agent_of_a_two_hub_cluster_and_reads_what_it_sent() {
+    let nats = Nats::start("cli");
+    let dir = std::env::temp_dir().join(format!("tunnel-cli-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let token = dir.join("token");
+    std::fs::write(&token, "cluster-token").expect("token");
+    let token = token.to_str().expect("utf-8");
+    let url = nats.url();
+    let hub = |name: &str| {
+        Process::spawn(&[
+            "hub",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            token,
+            "--nats",
+            &url,
+            "--hub-id",
+            name,
+            "--drain-timeout",
+            "1",
+        ])
+    };
+    let (hub_a, hub_b) = (hub("hub-a"), hub("hub-b"));
+    for h in [&hub_a, &hub_b] {
+        h.wait_for("joined the cluster");
+    }
+    let _ = hub_a.wait_for("hub listening");
+    let b_url = hub_b.wait_for("hub listening")["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let agent = Process::spawn(&[
+        "agent",
+        "--url",
+        &b_url,
+        "--workspace",
+        "root:e2e",
+        "--sync-target",
+        "c1",
+        "--token-file",
+        token,
+        "--status-interval",
+        "1",
+    ]);
+    agent.wait_for("connected");
+
+    let backend = Backend::connect(&url).await.expect("backend");
+    let id = AgentId::new("root:e2e", "c1");
+    let presence = tokio::time::timeout(SOON, async {
+        loop {
+            let all = backend.presence().await.expect("presence");
+            if let Some((_, p)) = all.into_iter().find(|(a, _)| *a == id) {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the agent appears in presence");
+    assert_eq!(presence.hub, "hub-b");
+
+    // A call through NATS, answered by the agent through hub-b.
+    let reply = backend
+        .call(
+            &id,
+            MessageType::Command,
+            &serde_json::json!({"name": "ping"}),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(reply.is_ok(), "{reply:?}");
+
+    // The agent's status heartbeats are in the up stream.
+    let mut up = Box::pin(backend.messages("e2e", Some(&id)).await.expect("consumer"));
+    let first = tokio::time::timeout(SOON, up.next())
+        .await
+        .expect("a status in time")
+        .expect("stream")
+        .expect("message");
+    assert_eq!(
+        (first.agent.clone(), first.kind.clone()),
+        (id.clone(), MessageType::Status)
+    );
+    first.ack().await.expect("ack");
+
+    assert!(agent.terminate().success());
+    assert!(hub_a.terminate().success());
+    assert!(hub_b.terminate().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

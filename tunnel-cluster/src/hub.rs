@@ -1,0 +1,600 @@
+//! A hub's side of the cluster: what its agents send goes into the up stream (and is
+//! acknowledged to them only once stored), what backends send them comes from the down
+//! stream, backends' calls are forwarded, and presence is kept in KV.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, stream};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use tokio::sync::{Semaphore, broadcast};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower::{BoxError, service_fn};
+use tunnel_proto::{CloseCode, Envelope, Format, MessageType, Payload};
+use tunnel_router::{Hub, HubEvent, Inbound, Request, Router, Unavailable};
+use tunnel_transport::AgentId;
+
+use crate::subject::{self, HEADER_CODEC, HEADER_ERROR, HEADER_TRACEPARENT, HEADER_TYPE};
+use crate::{ClusterConfig, ClusterError};
+
+/// A hub's membership in a cluster: its NATS connection, streams and presence bucket.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClusterConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    down: stream::Stream,
+    presence: kv::Store,
+    calls: Arc<Semaphore>,
+}
+
+/// What a presence entry says (JSON in the bucket's value).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Presence {
+    /// The hub that holds the agent.
+    pub hub: String,
+    /// The agent's session on it.
+    pub session: String,
+    /// When the connection was registered, in milliseconds since the Unix epoch.
+    pub since_ms: u64,
+}
+
+impl Cluster {
+    /// Connects to NATS and makes sure the streams and the presence bucket exist
+    /// (creating them with `config`'s bounds if they do not).
+    pub async fn connect(config: ClusterConfig) -> Result<Cluster, ClusterError> {
+        config.check()?;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("tunnel-hub {}", config.hub_id))
+            .connect(config.url.as_str())
+            .await
+            .map_err(|source| ClusterError::Connect {
+                url: config.url.clone(),
+                source,
+            })?;
+        let js = jetstream::new(client.clone());
+        let (_, down) = crate::streams::ensure(&js, &config).await?;
+        let presence = crate::streams::presence(&js).await?;
+        Ok(Cluster {
+            inner: Arc::new(Inner {
+                calls: Arc::new(Semaphore::new(config.max_calls)),
+                config,
+                client,
+                js,
+                down,
+                presence,
+            }),
+        })
+    }
+
+    /// This hub's name in the cluster.
+    pub fn hub_id(&self) -> &str {
+        &self.inner.config.hub_id
+    }
+
+    /// Whether the NATS connection is up (a hub reports not ready without it).
+    pub fn is_connected(&self) -> bool {
+        self.inner.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// A router whose fallback publishes every data message an agent sends into the up
+    /// stream: the agent's session acknowledges it only once the stream stored it, and a
+    /// message the stream cannot take now (NATS down, no ack in time) is answered with
+    /// [`Unavailable`], so the agent keeps it and replays it. Routes already in
+    /// `router` keep their messages in this hub.
+    pub fn router(&self, router: Router) -> Router {
+        let cluster = self.clone();
+        router.fallback(service_fn(move |msg: Inbound| {
+            let cluster = cluster.clone();
+            async move { cluster.store(&msg).await }
+        }))
+    }
+
+    /// Stores one agent message in the up stream and waits for the stream's ack: what
+    /// [`Cluster::router`]'s fallback does, for a handler of one's own. Fails with
+    /// [`Unavailable`] when the stream cannot take it now.
+    pub async fn store(&self, msg: &Inbound) -> Result<(), BoxError> {
+        publish_up(&self.inner, msg).await
+    }
+
+    /// Serves `hub`'s agents to the cluster until the returned handle is stopped: for
+    /// each agent it holds, the hub claims its presence entry, delivers what waits for
+    /// it in the down stream, and answers backends' calls to it. An agent whose entry
+    /// another hub takes over is closed here with `4004`.
+    pub fn serve(&self, hub: &Hub) -> Serving {
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(serve(self.inner.clone(), hub.clone(), cancel.clone()));
+        Serving { cancel, task }
+    }
+}
+
+/// The cluster work of one hub ([`Cluster::serve`]).
+#[derive(Debug)]
+pub struct Serving {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    /// Stops serving: per-agent work ends and this hub's presence entries are removed.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Publishes one agent message into the up stream and waits for the stream's ack.
+async fn publish_up(inner: &Inner, msg: &Inbound) -> Result<(), BoxError> {
+    let env = &msg.envelope;
+    let info = msg.sender().info();
+    let subject = subject::up(&info.agent, env.kind.as_str());
+    let mut headers = HeaderMap::new();
+    headers.insert(subject::HEADER_ID, env.id.to_string().as_str());
+    headers.insert(HEADER_TYPE, env.kind.as_str());
+    headers.insert(subject::HEADER_SESSION, info.session_id.as_str());
+    headers.insert(subject::HEADER_WORKSPACE, info.agent.workspace.as_str());
+    headers.insert(subject::HEADER_SYNC_TARGET, info.agent.sync_target.as_str());
+    if let Some(seq) = env.seq {
+        headers.insert(subject::HEADER_SEQ, seq.to_string().as_str());
+        // A replay of a message the stream has (a hub died before acknowledging it) is
+        // dropped by the stream.
+        let id = subject::message_id(&info.agent, &info.session_id, seq);
+        headers.insert("Nats-Msg-Id", id.as_str());
+    }
+    if let Some(trace) = env.headers.get(tunnel_proto::header::TRACEPARENT) {
+        headers.insert(HEADER_TRACEPARENT, trace);
+    }
+    let payload = match &env.payload {
+        Some(p) => {
+            headers.insert(HEADER_CODEC, p.format().name());
+            p.bytes().clone()
+        }
+        None => Bytes::new(),
+    };
+    let publish = PublishMessage::build().payload(payload).headers(headers);
+    let stored = tokio::time::timeout(inner.config.publish_timeout, async {
+        inner.js.send_publish(subject, publish).await?.await
+    })
+    .await;
+    match stored {
+        Ok(Ok(_ack)) => Ok(()),
+        Ok(Err(e)) => Err(Unavailable::new(format!("the up stream did not store it: {e}")).into()),
+        Err(_) => Err(Unavailable::new("the up stream did not acknowledge in time").into()),
+    }
+}
+
+/// Per agent: the work that lasts while this hub holds it.
+struct Held {
+    connection: u64,
+    cancel: CancellationToken,
+}
+
+async fn serve(inner: Arc<Inner>, hub: Hub, cancel: CancellationToken) {
+    let mut events = hub.events();
+    let held: Arc<Mutex<HashMap<AgentId, Held>>> = Arc::default();
+    let mut tasks = JoinSet::new();
+    // Agents already connected when serving starts.
+    for info in hub.agents() {
+        start_agent(
+            &inner,
+            &hub,
+            &held,
+            &mut tasks,
+            info.agent.clone(),
+            info.id,
+            &info.session_id,
+        );
+    }
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            event = events.recv() => match event {
+                Ok(HubEvent::Connected { agent, connection }) => {
+                    let session = hub
+                        .sender(&agent)
+                        .map(|s| s.info().session_id.clone())
+                        .unwrap_or_default();
+                    start_agent(&inner, &hub, &held, &mut tasks, agent, connection, &session);
+                }
+                Ok(HubEvent::Disconnected { agent, connection }) => {
+                    stop_agent(&held, &agent, connection);
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed events: compare with who is connected now.
+                    let now: HashMap<AgentId, u64> =
+                        hub.agents().into_iter().map(|i| (i.agent.clone(), i.id)).collect();
+                    let gone: Vec<(AgentId, u64)> = held
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .filter(|(a, h)| now.get(*a) != Some(&h.connection))
+                        .map(|(a, h)| (a.clone(), h.connection))
+                        .collect();
+                    for (agent, connection) in gone {
+                        stop_agent(&held, &agent, connection);
+                    }
+                    for info in hub.agents() {
+                        start_agent(&inner, &hub, &held, &mut tasks, info.agent.clone(), info.id, &info.session_id);
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+                Ok(_) => {}
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    for (_, h) in held.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        h.cancel.cancel();
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+fn start_agent(
+    inner: &Arc<Inner>,
+    hub: &Hub,
+    held: &Arc<Mutex<HashMap<AgentId, Held>>>,
+    tasks: &mut JoinSet<()>,
+    agent: AgentId,
+    connection: u64,
+    session: &str,
+) {
+    let cancel = CancellationToken::new();
+    {
+        let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.get(&agent).is_some_and(|h| h.connection == connection) {
+            return;
+        }
+        if let Some(old) = held.insert(
+            agent.clone(),
+            Held {
+                connection,
+                cancel: cancel.clone(),
+            },
+        ) {
+            old.cancel.cancel();
+        }
+    }
+    let presence = Presence {
+        hub: inner.config.hub_id.clone(),
+        session: session.to_owned(),
+        since_ms: tunnel_transport::unix_millis(),
+    };
+    tasks.spawn(agent_work(
+        inner.clone(),
+        hub.clone(),
+        agent,
+        connection,
+        presence,
+        cancel,
+    ));
+}
+
+fn stop_agent(held: &Mutex<HashMap<AgentId, Held>>, agent: &AgentId, connection: u64) {
+    let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+    if held.get(agent).is_some_and(|h| h.connection == connection)
+        && let Some(h) = held.remove(agent)
+    {
+        h.cancel.cancel();
+    }
+}
+
+/// Everything this hub does for one connected agent, until `cancel`.
+async fn agent_work(
+    inner: Arc<Inner>,
+    hub: Hub,
+    agent: AgentId,
+    connection: u64,
+    presence: Presence,
+    cancel: CancellationToken,
+) {
+    let key = subject::presence_key(&agent);
+    let revision = match claim(&inner.presence, &key, &presence).await {
+        Ok(revision) => Some(revision),
+        Err(e) => {
+            tracing::warn!(%agent, error = %e, "presence entry not written");
+            None
+        }
+    };
+    let work = async {
+        tokio::join!(
+            watch_owner(&inner, &hub, &agent, connection, revision),
+            deliver_down(&inner, &hub, &agent),
+            answer_calls(&inner, &hub, &agent),
+        )
+    };
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        _ = work => {}
+    }
+    // Still ours: the agent left this hub. Removed only at our revision, so an entry
+    // another hub wrote meanwhile stays.
+    if let Some(revision) = revision {
+        let current = inner.presence.entry(&key).await.ok().flatten();
+        if current.is_some_and(|e| e.revision == revision) {
+            let _ = inner
+                .presence
+                .delete_expect_revision(&key, Some(revision))
+                .await;
+        }
+    }
+}
+
+/// Writes this hub's presence entry for an agent, taking it from whichever hub had it
+/// (the newest connection wins, as within one hub); returns the entry's revision, this
+/// hub's fencing token.
+async fn claim(presence: &kv::Store, key: &str, value: &Presence) -> Result<u64, ClusterError> {
+    let bytes =
+        Bytes::from(serde_json::to_vec(value).map_err(|e| ClusterError::Payload(e.to_string()))?);
+    for _ in 0..8 {
+        let current = presence
+            .entry(key)
+            .await
+            .map_err(|e| ClusterError::JetStream(e.to_string()))?;
+        let written = match current {
+            Some(entry) if entry.operation == kv::Operation::Put => presence
+                .update(key, bytes.clone(), entry.revision)
+                .await
+                .map_err(|e| e.to_string()),
+            _ => presence
+                .create(key, bytes.clone())
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        if let Ok(revision) = written {
+            return Ok(revision);
+        }
+        // Someone wrote in between: read again.
+    }
+    Err(ClusterError::JetStream(format!(
+        "presence entry {key} kept changing"
+    )))
+}
+
+/// Closes the agent here once another hub has taken its presence entry.
+async fn watch_owner(
+    inner: &Inner,
+    hub: &Hub,
+    agent: &AgentId,
+    connection: u64,
+    revision: Option<u64>,
+) {
+    let Some(revision) = revision else {
+        return std::future::pending().await;
+    };
+    let key = subject::presence_key(agent);
+    let Ok(mut watch) = inner.presence.watch(&key).await else {
+        return std::future::pending().await;
+    };
+    while let Some(Ok(entry)) = watch.next().await {
+        if entry.revision <= revision || entry.operation != kv::Operation::Put {
+            continue;
+        }
+        let other = serde_json::from_slice::<Presence>(&entry.value).ok();
+        if other.as_ref().is_some_and(|p| p.hub != inner.config.hub_id) {
+            tracing::info!(%agent, hub = %other.map(|p| p.hub).unwrap_or_default(), "the agent moved to another hub: closing it here");
+            if let Some(sender) = hub.sender(agent).filter(|s| s.info().id == connection) {
+                sender.abort_with(
+                    CloseCode::SESSION_REPLACED,
+                    "the agent connected to another hub",
+                );
+            }
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Delivers what waits for the agent in the down stream, acknowledging each message in
+/// JetStream once the agent acknowledged it (a message whose delivery failed is
+/// redelivered, on whichever hub then holds the agent).
+async fn deliver_down(inner: &Inner, hub: &Hub, agent: &AgentId) {
+    let name = consumer_name(agent);
+    let config = consumer::pull::Config {
+        durable_name: Some(name.clone()),
+        filter_subject: subject::down_all(agent),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: inner.config.down_in_flight,
+        ..Default::default()
+    };
+    let consumer = match inner.down.get_or_create_consumer(&name, config).await {
+        Ok(consumer) => consumer,
+        Err(e) => {
+            tracing::warn!(%agent, error = %e, "cannot read the agent's down messages");
+            return std::future::pending().await;
+        }
+    };
+    let Ok(mut messages) = consumer.messages().await else {
+        return std::future::pending().await;
+    };
+    let mut acks = JoinSet::new();
+    loop {
+        tokio::select! {
+            next = messages.next() => {
+                let Some(Ok(msg)) = next else {
+                    break;
+                };
+                let env = match down_envelope(&msg.message) {
+                    Ok(env) => env,
+                    Err(e) => {
+                        // Never deliverable: terminate it rather than redeliver forever.
+                        tracing::warn!(%agent, error = %e, "dropping an undecodable down message");
+                        let _ = msg.ack_with(jetstream::AckKind::Term).await;
+                        continue;
+                    }
+                };
+                match hub.send_envelope(agent, env).await {
+                    Ok(receipt) => {
+                        acks.spawn(async move {
+                            let kind = match receipt.delivered().await {
+                                Ok(()) => jetstream::AckKind::Ack,
+                                Err(_) => jetstream::AckKind::Nak(None),
+                            };
+                            let _ = msg.ack_with(kind).await;
+                        });
+                    }
+                    Err(_) => {
+                        let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+                        break;
+                    }
+                }
+            }
+            Some(_) = acks.join_next(), if !acks.is_empty() => {}
+        }
+    }
+    std::future::pending().await
+}
+
+/// The durable consumer of one agent's down messages: a name NATS accepts, the same on
+/// every hub.
+fn consumer_name(agent: &AgentId) -> String {
+    // FNV-1a over the presence key: stable across processes and versions.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in subject::presence_key(agent).bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("down-{hash:016x}")
+}
+
+/// The envelope a down message stands for: its type from the subject, its payload in
+/// the codec its header names (JSON by default), validated.
+fn down_envelope(msg: &async_nats::Message) -> Result<Box<Envelope>, String> {
+    let kind = subject::kind_of(msg.subject.as_str()).ok_or("a subject without a type")?;
+    let headers = msg.headers.as_ref();
+    let format = codec(
+        headers
+            .and_then(|h| h.get(HEADER_CODEC))
+            .map(|v| v.as_str()),
+    )?;
+    let mut env = Box::new(Envelope::new(0, MessageType::from_wire(&kind), 0));
+    if !msg.payload.is_empty() {
+        env.payload =
+            Some(Payload::from_encoded(format, msg.payload.clone()).map_err(|e| e.to_string())?);
+    }
+    if let Some(trace) = headers.and_then(|h| h.get(HEADER_TRACEPARENT)) {
+        env.headers
+            .insert(tunnel_proto::header::TRACEPARENT, trace.as_str());
+    }
+    Ok(env)
+}
+
+fn codec(name: Option<&str>) -> Result<Format, String> {
+    match name {
+        None | Some("json") => Ok(Format::Json),
+        Some("msgpack") => Ok(Format::MsgPack),
+        Some(other) => Err(format!(
+            "unknown codec {}",
+            tunnel_proto::text::Untrusted(other)
+        )),
+    }
+}
+
+/// Answers backends' calls to the agent: each becomes a tunnel request, and the
+/// agent's reply (or the reason there is none) goes back to the caller.
+async fn answer_calls(inner: &Inner, hub: &Hub, agent: &AgentId) {
+    let Ok(mut calls) = inner.client.subscribe(subject::call(agent)).await else {
+        return std::future::pending().await;
+    };
+    let mut running = JoinSet::new();
+    loop {
+        tokio::select! {
+            next = calls.next() => {
+                let Some(call) = next else { break };
+                let Some(reply_to) = call.reply.clone() else { continue };
+                let client = inner.client.clone();
+                let Ok(permit) = inner.calls.clone().try_acquire_owned() else {
+                    let _ = respond_error(&client, reply_to, "busy", "too many calls in flight").await;
+                    continue;
+                };
+                let (hub, agent) = (hub.clone(), agent.clone());
+                running.spawn(async move {
+                    let answer = forward_call(&hub, &agent, &call).await;
+                    let _ = match answer {
+                        Ok(reply) => respond(&client, reply_to, &reply).await,
+                        Err((code, message)) => respond_error(&client, reply_to, &code, &message).await,
+                    };
+                    drop(permit);
+                });
+            }
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+        }
+    }
+    std::future::pending().await
+}
+
+/// Longest a forwarded call waits for the agent unless the caller asks for less.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn forward_call(
+    hub: &Hub,
+    agent: &AgentId,
+    call: &async_nats::Message,
+) -> Result<Envelope, (String, String)> {
+    let mut env = down_envelope(call).map_err(|e| ("bad_request".to_string(), e))?;
+    if let Some(kind) = call.headers.as_ref().and_then(|h| h.get(HEADER_TYPE)) {
+        env.kind = MessageType::from_wire(kind.as_str());
+    } else {
+        env.kind = MessageType::Command;
+    }
+    let timeout = call
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(subject::HEADER_TIMEOUT_MS))
+        .and_then(|v| v.as_str().parse::<u64>().ok())
+        .map_or(CALL_TIMEOUT, |ms| {
+            Duration::from_millis(ms).min(CALL_TIMEOUT)
+        });
+    let request = Request::from_envelope(env).expect_reply().timeout(timeout);
+    match hub.call(agent, request).await {
+        Ok(response) => response.into_reply().ok_or_else(|| {
+            (
+                "no_reply".to_string(),
+                "the agent sent no reply".to_string(),
+            )
+        }),
+        Err(e) => Err((e.kind().to_string(), e.to_string())),
+    }
+}
+
+async fn respond(
+    client: &async_nats::Client,
+    to: async_nats::Subject,
+    reply: &Envelope,
+) -> Result<(), String> {
+    let mut headers = HeaderMap::new();
+    let payload = match &reply.payload {
+        Some(p) => {
+            headers.insert(HEADER_CODEC, p.format().name());
+            p.bytes().clone()
+        }
+        None => Bytes::new(),
+    };
+    client
+        .publish_with_headers(to, headers, payload)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn respond_error(
+    client: &async_nats::Client,
+    to: async_nats::Subject,
+    code: &str,
+    message: &str,
+) -> Result<(), String> {
+    let mut headers = HeaderMap::new();
+    headers.insert(HEADER_ERROR, code);
+    client
+        .publish_with_headers(to, headers, Bytes::from(message.to_owned()))
+        .await
+        .map_err(|e| e.to_string())
+}

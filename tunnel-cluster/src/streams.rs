@@ -1,0 +1,72 @@
+//! The up and down streams and the presence bucket: created with the configured bounds
+//! when missing, used as they are when present.
+
+use async_nats::jetstream::{self, kv, stream};
+
+use crate::subject::{DOWN_STREAM, PREFIX, PRESENCE_BUCKET, UP_STREAM};
+use crate::{ClusterConfig, ClusterError};
+
+/// The up and down streams.
+pub(crate) async fn ensure(
+    js: &jetstream::Context,
+    config: &ClusterConfig,
+) -> Result<(stream::Stream, stream::Stream), ClusterError> {
+    let up = js
+        .get_or_create_stream(stream::Config {
+            name: UP_STREAM.into(),
+            subjects: vec![format!("{PREFIX}.up.>")],
+            max_age: config.up_max_age,
+            max_bytes: config.up_max_bytes,
+            // Old messages go first: agents are never refused for a backend's backlog.
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: config.duplicate_window,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ClusterError::JetStream(format!("stream {UP_STREAM}: {e}")))?;
+    let down = js
+        .get_or_create_stream(stream::Config {
+            name: DOWN_STREAM.into(),
+            subjects: vec![format!("{PREFIX}.down.>")],
+            // A message leaves once the agent has it; what waits is bounded per agent
+            // and type, and in all, and a full stream refuses the backend's publish.
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_age: config.down_max_age,
+            max_bytes: config.down_max_bytes,
+            max_messages_per_subject: config.down_per_subject,
+            discard: stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
+            duplicate_window: config.duplicate_window,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ClusterError::JetStream(format!("stream {DOWN_STREAM}: {e}")))?;
+    Ok((up, down))
+}
+
+/// The presence bucket: one entry per connected agent, no history.
+///
+/// Its stream is made here, as any KV client makes a bucket's (`KV_<bucket>` on
+/// `$KV.<bucket>.>`), rather than by async-nats's `create_key_value`, whose account
+/// query does not parse a 2.9 server's answer.
+pub(crate) async fn presence(js: &jetstream::Context) -> Result<kv::Store, ClusterError> {
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{PRESENCE_BUCKET}"),
+        subjects: vec![format!("$KV.{PRESENCE_BUCKET}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        storage: stream::StorageType::File,
+        duplicate_window: std::time::Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| ClusterError::JetStream(format!("bucket {PRESENCE_BUCKET}: {e}")))?;
+    js.get_key_value(PRESENCE_BUCKET)
+        .await
+        .map_err(|e| ClusterError::JetStream(format!("bucket {PRESENCE_BUCKET}: {e}")))
+}

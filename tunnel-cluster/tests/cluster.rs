@@ -1,0 +1,369 @@
+//! Hubs on a real `nats-server` (JetStream in a temporary directory, an ephemeral
+//! loopback port), started and killed by the tests themselves.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tower::{BoxError, service_fn};
+use tunnel_cluster::testing::Nats;
+use tunnel_cluster::{Backend, Cluster, ClusterConfig, ClusterError, Serving};
+use tunnel_proto::{CloseCode, Format, MessageType};
+use tunnel_reconnect::BackoffConfig;
+use tunnel_router::{Agent, AgentConfig, Hub, Inbound, Router};
+use tunnel_transport::{
+    AgentId, AllowAll, ClientConfig, CloseReason, Connector as _, ServerConfig, WsConnector,
+};
+
+const SOON: Duration = Duration::from_secs(20);
+
+/// A hub in the cluster, with `router`'s routes kept local.
+async fn cluster_hub(nats: &Nats, name: &str, router: Router) -> (Hub, Cluster, Serving) {
+    let cluster = Cluster::connect(
+        ClusterConfig::new(nats.url(), name).publish_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .expect("join the cluster");
+    let hub = Hub::bind(
+        "127.0.0.1:0",
+        ServerConfig::new(AllowAll),
+        cluster.router(router),
+    )
+    .await
+    .expect("bind");
+    let serving = cluster.serve(&hub);
+    (hub, cluster, serving)
+}
+
+fn agent(url: &str, id: &AgentId, router: Router) -> Agent {
+    Agent::start(
+        WsConnector::new(ClientConfig::new(id.clone()).format(Format::MsgPack)),
+        AgentConfig::new(url).backoff(
+            BackoffConfig::default()
+                .base(Duration::from_millis(20))
+                .cap(Duration::from_millis(200)),
+        ),
+        router,
+    )
+    .expect("agent")
+}
+
+/// An agent router that forwards the `n` of each command into a channel and answers
+/// calls with `{"echo": n}`.
+fn agent_router() -> (Router, mpsc::UnboundedReceiver<u64>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let router = Router::new().route(
+        MessageType::Command,
+        service_fn(move |msg: Inbound| {
+            let tx = tx.clone();
+            async move {
+                let v: serde_json::Value = msg.envelope.decode_payload()?;
+                let n = v["n"].as_u64().unwrap_or_default();
+                let _ = tx.send(n);
+                Ok::<_, BoxError>(tunnel_proto::Payload::json(&json!({"echo": n}))?)
+            }
+        }),
+    );
+    (router, rx)
+}
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(SOON, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {SOON:?}"))
+}
+
+/// Reads `n` messages of `agent` from the up stream through a new durable consumer.
+async fn read_up(
+    backend: &Backend,
+    durable: &str,
+    agent: &AgentId,
+    n: usize,
+) -> Vec<tunnel_cluster::UpMessage> {
+    let mut messages = Box::pin(
+        backend
+            .messages(durable, Some(agent))
+            .await
+            .expect("consumer"),
+    );
+    let mut out = Vec::new();
+    while out.len() < n {
+        let msg = within("up messages", messages.next())
+            .await
+            .expect("stream")
+            .expect("message");
+        msg.ack().await.expect("ack");
+        out.push(msg);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_messages_land_in_the_up_stream_in_order_once_each_with_their_headers() {
+    let nats = Nats::start("up");
+    let (hub, _cluster, serving) = cluster_hub(&nats, "hub-a", Router::new()).await;
+    let id = AgentId::new("root:org", "cluster.1");
+    let agent = agent(&hub.url().expect("url"), &id, Router::new());
+    within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    let mut receipts = Vec::new();
+    for n in 1..=200u64 {
+        receipts.push(
+            agent
+                .send(MessageType::Status, &json!({"n": n}))
+                .await
+                .expect("accepted"),
+        );
+    }
+    for r in receipts {
+        within("receipt", r.delivered())
+            .await
+            .expect("stored, then acknowledged");
+    }
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+    let got = read_up(&backend, "reader", &id, 200).await;
+    let numbers: Vec<u64> = got
+        .iter()
+        .map(|m| {
+            m.decode::<serde_json::Value>().expect("payload")["n"]
+                .as_u64()
+                .expect("n")
+        })
+        .collect();
+    assert_eq!(numbers, (1..=200).collect::<Vec<_>>());
+    assert!(
+        got.iter()
+            .all(|m| m.agent == id && m.kind == MessageType::Status)
+    );
+    let seqs: Vec<u64> = got.iter().map(|m| m.seq.expect("seq")).collect();
+    assert_eq!(
+        seqs,
+        (1..=200).collect::<Vec<_>>(),
+        "the agent's own numbering"
+    );
+    serving.stop().await;
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_sent_while_an_agent_is_offline_arrive_in_order_when_it_connects() {
+    let nats = Nats::start("down");
+    let (hub, _cluster, serving) = cluster_hub(&nats, "hub-a", Router::new()).await;
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+    let id = AgentId::new("root:org", "offline");
+    for n in 1..=20u64 {
+        backend
+            .send(&id, MessageType::Command, &json!({"n": n}))
+            .await
+            .expect("stored");
+    }
+    let (router, mut commands) = agent_router();
+    let agent = agent(&hub.url().expect("url"), &id, router);
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        got.push(within("commands", commands.recv()).await.expect("command"));
+    }
+    assert_eq!(got, (1..=20).collect::<Vec<_>>());
+    // And once more while connected.
+    backend
+        .send(&id, MessageType::Command, &json!({"n": 21}))
+        .await
+        .expect("stored");
+    assert_eq!(within("live", commands.recv()).await, Some(21));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(commands.try_recv().is_err(), "nothing twice");
+    serving.stop().await;
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_calls_an_agent_on_another_hub_and_fails_at_once_when_no_hub_holds_it() {
+    let nats = Nats::start("call");
+    let (hub_a, _a, serving_a) = cluster_hub(&nats, "hub-a", Router::new()).await;
+    let (hub_b, _b, serving_b) = cluster_hub(&nats, "hub-b", Router::new()).await;
+    let id = AgentId::new("root:org", "callee");
+    let (router, _commands) = agent_router();
+    let agent = agent(&hub_b.url().expect("url"), &id, router);
+    within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+    // The hub subscribes to the agent's call subject just after it registers it.
+    let reply = within("call", async {
+        loop {
+            match backend
+                .call(
+                    &id,
+                    MessageType::Command,
+                    &json!({"n": 7}),
+                    Duration::from_secs(5),
+                )
+                .await
+            {
+                Err(ClusterError::NoHub(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("reply");
+    assert_eq!(
+        reply.decode::<serde_json::Value>().expect("json"),
+        json!({"echo": 7})
+    );
+    let started = Instant::now();
+    let nobody = backend
+        .call(
+            &AgentId::new("root:org", "nobody"),
+            MessageType::Command,
+            &json!({}),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(matches!(nobody, Err(ClusterError::NoHub(_))), "{nobody:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "no waiting for a timeout"
+    );
+    serving_a.stop().await;
+    serving_b.stop().await;
+    agent.shutdown().await;
+    hub_a.shutdown().await;
+    hub_b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_names_the_hub_and_an_agent_that_appears_on_a_second_hub_leaves_the_first() {
+    let nats = Nats::start("presence");
+    let (hub_a, _a, serving_a) = cluster_hub(&nats, "hub-a", Router::new()).await;
+    let (hub_b, _b, serving_b) = cluster_hub(&nats, "hub-b", Router::new()).await;
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+    let id = AgentId::new("root:org", "mover");
+    // The first connection is a bare one, which does not redial once closed.
+    let first = WsConnector::new(ClientConfig::new(id.clone()))
+        .connect(&hub_a.url().expect("url"))
+        .await
+        .expect("connected to hub-a");
+    let (first_tx, mut first_rx) = first.split();
+    let owner = |want: &'static str| {
+        let backend = backend.clone();
+        let id = id.clone();
+        async move {
+            loop {
+                let presence = backend.presence().await.expect("presence");
+                if presence.iter().any(|(a, p)| *a == id && p.hub == want) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    within("presence on hub-a", owner("hub-a")).await;
+    // The same identity connects to hub-b: hub-b takes the entry, and hub-a closes its
+    // connection at once with 4004.
+    let second = agent(&hub_b.url().expect("url"), &id, Router::new());
+    within("connect", second.wait_connected(SOON))
+        .await
+        .expect("up");
+    within("presence on hub-b", owner("hub-b")).await;
+    within("hub-a closes its connection", async {
+        while let Ok(Some(_)) = first_rx.recv().await {}
+    })
+    .await;
+    assert!(
+        matches!(
+            first_tx.close_reason(),
+            Some(CloseReason::Remote(CloseCode::SESSION_REPLACED, _))
+        ),
+        "{:?}",
+        first_tx.close_reason()
+    );
+    within("hub-a lets go", async {
+        while hub_a.agents().iter().any(|i| i.agent == id) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Exactly one owner, and it is hub-b.
+    let presence = backend.presence().await.expect("presence");
+    let owners: Vec<_> = presence.iter().filter(|(a, _)| *a == id).collect();
+    assert_eq!(owners.len(), 1, "{presence:?}");
+    assert_eq!(owners[0].1.hub, "hub-b");
+    // The agent leaves: its entry goes.
+    second.shutdown().await;
+    within("presence removed", async {
+        while backend
+            .presence()
+            .await
+            .expect("presence")
+            .iter()
+            .any(|(a, _)| *a == id)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    serving_a.stop().await;
+    serving_b.stop().await;
+    hub_a.shutdown().await;
+    hub_b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_nats_is_down_the_agent_keeps_its_messages_and_the_stream_gets_each_once_after() {
+    let mut nats = Nats::start("outage");
+    let (hub, _cluster, serving) = cluster_hub(&nats, "hub-a", Router::new()).await;
+    let id = AgentId::new("root:org", "patient");
+    let agent = agent(&hub.url().expect("url"), &id, Router::new());
+    within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    let mut receipts = Vec::new();
+    for n in 1..=30u64 {
+        let r = agent
+            .send(MessageType::Event, &json!({"n": n}))
+            .await
+            .expect("accepted");
+        within("receipt", r.delivered()).await.expect("stored");
+    }
+    nats.kill();
+    // Accepted by the agent's session, not acknowledged by the hub (it cannot store
+    // them): they wait in the agent's replay buffer.
+    for n in 31..=60u64 {
+        receipts.push(
+            agent
+                .send(MessageType::Event, &json!({"n": n}))
+                .await
+                .expect("accepted"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        agent.held().expect("sessions").messages > 0,
+        "held while NATS is down"
+    );
+    nats.restart();
+    for r in receipts {
+        within("receipt after the outage", r.delivered())
+            .await
+            .expect("stored once NATS is back");
+    }
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+    let got = read_up(&backend, "after", &id, 60).await;
+    let numbers: Vec<u64> = got
+        .iter()
+        .map(|m| {
+            m.decode::<serde_json::Value>().expect("payload")["n"]
+                .as_u64()
+                .expect("n")
+        })
+        .collect();
+    assert_eq!(numbers, (1..=60).collect::<Vec<_>>(), "each once, in order");
+    serving.stop().await;
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
