@@ -114,6 +114,12 @@ struct BenchArgs {
     /// Seed of the chaos scenario's cut intervals.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Events per run of the cluster scenario.
+    #[arg(long, default_value_t = 200_000)]
+    cluster_messages: u64,
+    /// Calls the cluster scenario times (one in flight).
+    #[arg(long, default_value_t = 2_000)]
+    calls: usize,
     /// Events per run of the sustained scenario.
     #[arg(long, default_value_t = 5_000_000)]
     sustained_messages: u64,
@@ -165,7 +171,11 @@ enum Scenario {
     Chaos,
     /// One connection through the full stack for longer runs, MessagePack and JSON.
     Sustained,
-    /// Every scenario except the long `load` (run that one by name).
+    /// A hub on a nats-server it starts: agent to stream beside a plain JetStream
+    /// publisher, backend calls beside plain NATS requests (needs nats-server; run it
+    /// by name).
+    Cluster,
+    /// Every scenario except the long `load` and `cluster` (run those by name).
     All,
 }
 
@@ -215,6 +225,9 @@ async fn run_scenarios(args: &BenchArgs) -> Result<(), String> {
     }
     if all || args.scenario == Scenario::Storm {
         scenarios::storm::run(args.agents, args.accept_rate).await?;
+    }
+    if args.scenario == Scenario::Cluster {
+        scenarios::cluster::run(args.cluster_messages, args.runs, args.calls).await?;
     }
     if args.scenario == Scenario::Load {
         scenarios::load::run(args.agents, args.seconds).await?;

@@ -2,6 +2,7 @@
 //! correctness check fails (which makes the run exit non-zero).
 
 pub(crate) mod chaos;
+pub(crate) mod cluster;
 pub(crate) mod fanout;
 pub(crate) mod idle;
 pub(crate) mod latency;

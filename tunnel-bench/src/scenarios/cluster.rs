@@ -1,0 +1,261 @@
+//! `cluster`: a hub on a real nats-server (started here, JetStream in a temporary
+//! directory). Agent to stream through the hub beside a plain async-nats JetStream
+//! publisher with pipelined acks, same server, same payload, same run; a backend's call
+//! to an agent through NATS and the hub beside a plain NATS request to a local
+//! responder.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use tunnel_cluster::testing::Nats;
+use tunnel_cluster::{Backend, Cluster, ClusterConfig};
+use tunnel_proto::{Format, MessageType, Payload};
+use tunnel_router::{Hub, Inbound, Router};
+use tunnel_transport::{AgentId, AllowAll, ClientConfig, ServerConfig};
+
+use crate::harness::{sample_event, start_agent};
+use crate::report::{figure, median, percentile, thousands, us};
+
+/// Acks a plain publisher keeps in flight (as async-nats's default window allows).
+const WINDOW: usize = 1024;
+
+pub(crate) async fn run(n: u64, runs: usize, calls: usize) -> Result<(), String> {
+    let mut nats = Nats::start("bench");
+    let payload = Payload::encode(Format::MsgPack, &sample_event()).map_err(|e| e.to_string())?;
+    println!(
+        "\ncluster: nats-server {} (JetStream, file storage), {} events of {} B per run, median of {runs} runs",
+        nats.url(),
+        thousands(n),
+        payload.len()
+    );
+    let (mut plain, mut through) = (Vec::new(), Vec::new());
+    for run in 0..runs.max(1) {
+        plain.push(plain_publisher(&nats, &payload, n, run).await?);
+        through.push(through_hub(&nats, n, run).await?);
+    }
+    let (plain, through) = (median(plain), median(through));
+    let ratio = through / plain;
+    figure("cluster", "plain_publisher_rate", plain, "msg/s");
+    figure("cluster", "agent_to_stream_rate", through, "msg/s");
+    figure("cluster", "agent_to_stream_vs_plain", ratio, "x");
+    println!(
+        "  {:<58} {:>10} msg/s",
+        format!("plain async-nats JetStream publisher, {WINDOW} acks in flight"),
+        thousands(plain as u64)
+    );
+    println!(
+        "  {:<58} {:>10} msg/s  {ratio:.2}x plain ({} the 0.8x bar)",
+        "one agent -> hub -> TUNNEL_UP, acknowledged once stored",
+        thousands(through as u64),
+        if ratio >= 0.8 { "meets" } else { "BELOW" }
+    );
+    call_latency(&nats, calls).await?;
+    nats.kill();
+    Ok(())
+}
+
+/// A plain JetStream publisher: `n` publishes to one subject of its own stream, at most
+/// [`WINDOW`] acks outstanding.
+async fn plain_publisher(
+    nats: &Nats,
+    payload: &Payload,
+    n: u64,
+    run: usize,
+) -> Result<f64, String> {
+    let client = async_nats::connect(nats.url())
+        .await
+        .map_err(|e| e.to_string())?;
+    let js = async_nats::jetstream::new(client);
+    let name = format!("PLAIN_{run}");
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("plain.{run}")],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut acks = std::collections::VecDeque::with_capacity(WINDOW);
+    for _ in 0..n {
+        if acks.len() == WINDOW
+            && let Some(ack) = acks.pop_front()
+        {
+            let ack: async_nats::jetstream::context::PublishAckFuture = ack;
+            ack.await.map_err(|e| e.to_string())?;
+        }
+        let ack = js
+            .publish(format!("plain.{run}"), payload.bytes().clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        acks.push_back(ack);
+    }
+    for ack in acks {
+        ack.await.map_err(|e| e.to_string())?;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let _ = js.delete_stream(&name).await;
+    Ok(rate)
+}
+
+/// One agent sending `n` events to a cluster hub as fast as they are accepted, timed
+/// until the last receipt resolves (every message stored in the up stream).
+async fn through_hub(nats: &Nats, n: u64, run: usize) -> Result<f64, String> {
+    let cluster = Cluster::connect(ClusterConfig::new(nats.url(), format!("bench-{run}")))
+        .await
+        .map_err(|e| e.to_string())?;
+    let hub = Hub::bind(
+        "127.0.0.1:0",
+        ServerConfig::new(AllowAll),
+        cluster.router(Router::new()),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let serving = cluster.serve(&hub);
+    let id = AgentId::new("bench", format!("up-{run}"));
+    let agent = start_agent(
+        &hub.url().unwrap_or_default(),
+        ClientConfig::new(id).format(Format::MsgPack),
+    )
+    .await?;
+    let event = sample_event();
+    let started = Instant::now();
+    let mut last = None;
+    for _ in 0..n {
+        last = Some(
+            agent
+                .send(MessageType::Event, &event)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    if let Some(last) = last {
+        tokio::time::timeout(Duration::from_secs(300), last.delivered())
+            .await
+            .map_err(|_| "not every message was stored in time".to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    agent.shutdown().await;
+    serving.stop().await;
+    hub.shutdown().await;
+    Ok(rate)
+}
+
+/// Backend calls to an agent (one in flight) through NATS and its hub, beside plain NATS
+/// requests to a responder in this process.
+async fn call_latency(nats: &Nats, n: usize) -> Result<(), String> {
+    let client = async_nats::connect(nats.url())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut responder = client
+        .subscribe("plain.echo")
+        .await
+        .map_err(|e| e.to_string())?;
+    let echo = client.clone();
+    let responding = tokio::spawn(async move {
+        while let Some(msg) = responder.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = echo.publish(reply, msg.payload).await;
+            }
+        }
+    });
+    let mut plain = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let started = Instant::now();
+        client
+            .request("plain.echo", bytes::Bytes::from_static(b"{}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        if i >= n / 10 {
+            plain.push(started.elapsed());
+        }
+    }
+    responding.abort();
+
+    let cluster = Cluster::connect(ClusterConfig::new(nats.url(), "bench-calls"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let agent_router = Router::new().route(
+        MessageType::Command,
+        tower::service_fn(|_: Inbound| async { Ok::<_, tower::BoxError>(()) }),
+    );
+    let hub = Hub::bind(
+        "127.0.0.1:0",
+        ServerConfig::new(AllowAll),
+        cluster.router(Router::new()),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let serving = cluster.serve(&hub);
+    let id = AgentId::new("bench", "callee");
+    let agent = tunnel_router::Agent::start(
+        tunnel_transport::WsConnector::new(ClientConfig::new(id.clone())),
+        tunnel_router::AgentConfig::new(hub.url().unwrap_or_default()),
+        agent_router,
+    )
+    .map_err(|e| e.to_string())?;
+    agent
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())?;
+    let backend = Backend::connect(&nats.url())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut through = Vec::with_capacity(n);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The hub subscribes to the agent's call subject just after registering it.
+    while backend
+        .call(
+            &id,
+            MessageType::Command,
+            &serde_json::json!({}),
+            Duration::from_secs(5),
+        )
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            return Err("the agent never answered a call".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..n + n / 10 {
+        let started = Instant::now();
+        backend
+            .call(
+                &id,
+                MessageType::Command,
+                &serde_json::json!({}),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if i >= n / 10 {
+            through.push(started.elapsed());
+        }
+    }
+    agent.shutdown().await;
+    serving.stop().await;
+    hub.shutdown().await;
+    plain.sort();
+    through.sort();
+    let (p50, t50) = (percentile(&plain, 0.5), percentile(&through, 0.5));
+    let ratio = t50.as_secs_f64() / p50.as_secs_f64().max(1e-9);
+    figure("cluster", "plain_request_p50", us(p50), "us");
+    figure("cluster", "call_p50", us(t50), "us");
+    figure("cluster", "call_p99", us(percentile(&through, 0.99)), "us");
+    figure("cluster", "call_vs_plain_request", ratio, "x");
+    println!(
+        "  plain NATS request/reply, local responder   p50 {:>8.1} us  p99 {:>8.1} us",
+        us(p50),
+        us(percentile(&plain, 0.99))
+    );
+    println!(
+        "  backend -> NATS -> hub -> agent -> back       p50 {:>8.1} us  p99 {:>8.1} us  p50 {ratio:.2}x plain ({} the 2x bar)",
+        us(t50),
+        us(percentile(&through, 0.99)),
+        if ratio <= 2.0 { "meets" } else { "ABOVE" }
+    );
+    Ok(())
+}
