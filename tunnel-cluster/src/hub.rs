@@ -102,8 +102,33 @@ impl Cluster {
     /// Stores one agent message in the up stream and waits for the stream's ack: what
     /// [`Cluster::router`]'s fallback does, for a handler of one's own. Fails with
     /// [`Unavailable`] when the stream cannot take it now.
+    ///
+    /// Publishes are pipelined: the handler returns once the publish is sent, and the
+    /// session acknowledges the message when the stream's ack arrives
+    /// ([`Inbound::acknowledge_later`]), so one agent's messages do not wait one round
+    /// trip each.
     pub async fn store(&self, msg: &Inbound) -> Result<(), BoxError> {
-        publish_up(&self.inner, msg).await
+        let ack = publish_up(&self.inner, msg).await?;
+        let timeout = self.inner.config.publish_timeout;
+        let stored = |r: Result<Result<_, async_nats::jetstream::context::PublishError>, _>| match r
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("the up stream did not store it: {e}")),
+            Err(_) => Err("the up stream did not acknowledge in time".to_string()),
+        };
+        match msg.acknowledge_later() {
+            Some(later) => {
+                tokio::spawn(async move {
+                    match stored(tokio::time::timeout(timeout, ack).await) {
+                        Ok(()) => later.done(),
+                        Err(reason) => later.unavailable(reason),
+                    }
+                });
+                Ok(())
+            }
+            None => stored(tokio::time::timeout(timeout, ack).await)
+                .map_err(|reason| Unavailable::new(reason).into()),
+        }
     }
 
     /// Serves `hub`'s agents to the cluster until the returned handle is stopped: for
@@ -132,8 +157,12 @@ impl Serving {
     }
 }
 
-/// Publishes one agent message into the up stream and waits for the stream's ack.
-async fn publish_up(inner: &Inner, msg: &Inbound) -> Result<(), BoxError> {
+/// Publishes one agent message into the up stream; the stream's ack is the future
+/// returned.
+async fn publish_up(
+    inner: &Inner,
+    msg: &Inbound,
+) -> Result<async_nats::jetstream::context::PublishAckFuture, BoxError> {
     let env = &msg.envelope;
     let info = msg.sender().info();
     let subject = subject::up(&info.agent, env.kind.as_str());
@@ -161,14 +190,15 @@ async fn publish_up(inner: &Inner, msg: &Inbound) -> Result<(), BoxError> {
         None => Bytes::new(),
     };
     let publish = PublishMessage::build().payload(payload).headers(headers);
-    let stored = tokio::time::timeout(inner.config.publish_timeout, async {
-        inner.js.send_publish(subject, publish).await?.await
-    })
-    .await;
-    match stored {
-        Ok(Ok(_ack)) => Ok(()),
-        Ok(Err(e)) => Err(Unavailable::new(format!("the up stream did not store it: {e}")).into()),
-        Err(_) => Err(Unavailable::new("the up stream did not acknowledge in time").into()),
+    match tokio::time::timeout(
+        inner.config.publish_timeout,
+        inner.js.send_publish(subject, publish),
+    )
+    .await
+    {
+        Ok(Ok(ack)) => Ok(ack),
+        Ok(Err(e)) => Err(Unavailable::new(format!("the up stream did not take it: {e}")).into()),
+        Err(_) => Err(Unavailable::new("NATS did not take the publish in time").into()),
     }
 }
 

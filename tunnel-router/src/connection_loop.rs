@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 use tunnel_proto::messages::{Close, ReconnectHint, TypedMessage};
 use tunnel_proto::{CloseCode, Envelope, ErrorBody, MessageType};
@@ -13,7 +13,7 @@ use tunnel_proto::session::Verdict;
 
 use crate::delivery::{Reliable, WhenFull};
 use crate::request::{Pending, error_code};
-use crate::router::{Dispatched, Inbound, Router};
+use crate::router::{Deferral, Dispatched, Inbound, Router};
 
 /// What a connection's loop shares with its agent or hub.
 pub(crate) struct Link<'a> {
@@ -120,13 +120,31 @@ pub(crate) async fn run(
     hint: &mut Option<ReconnectHint>,
     link: &Link<'_>,
 ) -> SessionEnd {
-    let end = read(receiver, sender, router, hint, link).await;
-    // The last message's handler has returned (or it was rewound): a snapshot or the
-    // next connection counts it as received.
+    let mut state = Reading::default();
+    let end = read(receiver, sender, router, hint, link, &mut state).await;
+    // The last message's handler has returned: a snapshot or the next connection counts
+    // it as received. Messages whose handlers acknowledge later and are not done yet
+    // (or were not taken) count as never received: the peer replays them.
     if let Some(reliable) = link.reliable {
-        reliable.release_held();
+        reliable.stop_reading(state.handled, state.rewind || state.deferred > 0);
     }
     end
+}
+
+/// Messages of a session handed to handlers ask at most this many deferred
+/// acknowledgements ([`Inbound::acknowledge_later`]) at once; past it the reader waits.
+const MAX_DEFERRED: usize = 1024;
+
+/// Where the reader stands with the messages it handed over.
+#[derive(Debug, Default)]
+struct Reading {
+    /// The last message, handled but not yet marked so in the session (done at the
+    /// reader's next lock of it, to save one per message).
+    handled: Option<u64>,
+    /// Messages whose handlers acknowledge later and are not done.
+    deferred: usize,
+    /// A handler could not take a message: what is held is rewound.
+    rewind: bool,
 }
 
 async fn read(
@@ -135,8 +153,10 @@ async fn read(
     router: &mut Router,
     hint: &mut Option<ReconnectHint>,
     link: &Link<'_>,
+    state: &mut Reading,
 ) -> SessionEnd {
     let reliable = link.reliable;
+    let (defer_tx, mut defer_rx) = mpsc::unbounded_channel::<Deferral>();
     // One timer for standalone acks, reset rather than re-created per message, and
     // allocated only on sessions that acknowledge (idle connections stay small).
     let mut ack_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
@@ -147,14 +167,14 @@ async fn read(
         if std::mem::take(&mut ack_now)
             && let Some(reliable) = reliable
         {
-            reliable.send_ack_now(&sender);
+            reliable.send_ack_now(&sender, state.handled.take());
         }
         // Ask for the ack deadline only while no timer is armed: an armed deadline
         // never needs to move earlier (acks owed at once are sent by `on_inbound`), and
         // a timer outliving its ack fires harmlessly. One lock per message is enough.
         if !ack_armed
             && let Some(reliable) = reliable
-            && let Some(at) = reliable.ack_due_at()
+            && let Some(at) = reliable.ack_due_at(state.handled.take())
         {
             let timer = ack_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
             timer.as_mut().reset(at);
@@ -168,11 +188,17 @@ async fn read(
         };
         let received = tokio::select! {
             biased;
-            r = receiver.recv() => r,
+            Some(deferral) = defer_rx.recv(), if state.deferred > 0 => {
+                if let Err(end) = on_deferral(deferral, reliable, &sender, state) {
+                    return end;
+                }
+                continue;
+            }
+            r = receiver.recv(), if state.deferred < MAX_DEFERRED => r,
             () = ack_wait => {
                 ack_armed = false;
                 if let Some(reliable) = reliable {
-                    reliable.send_ack_if_due(&sender);
+                    reliable.send_ack_if_due(&sender, state.handled.take());
                 }
                 continue;
             }
@@ -183,13 +209,17 @@ async fn read(
             Err(e) => return SessionEnd::Failed(e),
         };
         if let Some(reliable) = reliable {
-            match reliable.on_inbound(&env) {
-                Verdict::Deliver => {}
-                Verdict::DeliverThenAck => ack_now = true,
+            match reliable.on_inbound(&env, state.handled.take()) {
+                // Held until handled: every path below marks it so, at the next lock.
+                Verdict::Deliver => state.handled = env.seq,
+                Verdict::DeliverThenAck => {
+                    state.handled = env.seq;
+                    ack_now = true;
+                }
                 Verdict::Drop => continue,
                 Verdict::DropThenAck => {
                     // A replay of what arrived: tell the peer at once so it stops.
-                    reliable.send_ack_now(&sender);
+                    reliable.send_ack_now(&sender, None);
                     continue;
                 }
                 Verdict::Violation(reason) => {
@@ -281,7 +311,23 @@ async fn read(
         let unrouted_id = env.id;
         // Boxed: it is kept across the handler's await, in every connection's task.
         let request = env.expects_reply().then(|| Box::new(env.reply(0, 0)));
-        let outcome = router.dispatch(Inbound::new(env, sender.clone())).await;
+        let seq = env.seq.filter(|_| reliable.is_some());
+        let mut inbound = Inbound::new(env, sender.clone());
+        if let Some(seq) = seq {
+            inbound = inbound.deferrable(seq, defer_tx.clone());
+        }
+        let outcome = router.dispatch(inbound).await;
+        // Did the handler take the message to acknowledge later (or finish others)?
+        while let Ok(deferral) = defer_rx.try_recv() {
+            if let Deferral::Taken(s) = deferral
+                && Some(s) == seq
+            {
+                state.handled = None;
+            }
+            if let Err(end) = on_deferral(deferral, reliable, &sender, state) {
+                return end;
+            }
+        }
         let error = match outcome {
             Ok(Dispatched::Handled(payload)) => {
                 if let Some(mut reply) = request {
@@ -310,9 +356,9 @@ async fn read(
                 // next connection.
                 link.recorder.error("unavailable");
                 tracing::warn!(agent = %sender.info().agent, kind = %tunnel_proto::text::Untrusted(kind.as_str()), reason = %tunnel_proto::text::Untrusted(&e.to_string()), "handler unavailable: closing so that the message is replayed");
-                if let Some(reliable) = reliable {
-                    reliable.rewind_held();
-                }
+                // Not handled: it is rewound with whatever else is held.
+                state.handled = None;
+                state.rewind = true;
                 let reason = e.to_string();
                 sender.abort_with(
                     CloseCode::TRY_AGAIN_LATER,
@@ -331,6 +377,36 @@ async fn read(
             Box::pin(link.send_reply(&sender, stamp(reply))).await;
         }
     }
+}
+
+/// Applies what a handler that acknowledges later reported. A message it could not take
+/// ends the connection (with `1013`): what is held is rewound, and the peer replays it.
+fn on_deferral(
+    deferral: Deferral,
+    reliable: Option<&Arc<Reliable>>,
+    sender: &ConnectionSender,
+    state: &mut Reading,
+) -> Result<(), SessionEnd> {
+    match deferral {
+        Deferral::Taken(_) => state.deferred += 1,
+        Deferral::Done(seq, Ok(())) => {
+            state.deferred = state.deferred.saturating_sub(1);
+            if let Some(reliable) = reliable {
+                reliable.complete(seq);
+            }
+        }
+        Deferral::Done(_, Err(reason)) => {
+            state.deferred = state.deferred.saturating_sub(1);
+            tracing::warn!(agent = %sender.info().agent, reason = %tunnel_proto::text::Untrusted(&reason), "a message could not be taken: closing so that it is replayed");
+            state.rewind = true;
+            sender.abort_with(
+                CloseCode::TRY_AGAIN_LATER,
+                tunnel_proto::text::truncate(&reason, 100),
+            );
+            return Err(SessionEnd::Failed(RecvError::Io(reason)));
+        }
+    }
+    Ok(())
 }
 
 /// Fits a compressed payload to the connection it is about to go on: inflated for a

@@ -484,7 +484,7 @@ impl Reliable {
     /// The connection's reader calls it once the previous message was handled, so it
     /// also releases that one (see [`Reliable::hold`]); a data message delivered now is
     /// held until its handler is done.
-    pub(crate) fn on_inbound(&self, env: &Envelope) -> session::Verdict {
+    pub(crate) fn on_inbound(&self, env: &Envelope, handled: Option<u64>) -> session::Verdict {
         self.with(|st| {
             // The clock is read at most once, and only if a rule needs the time.
             let read = std::cell::Cell::new(None);
@@ -495,7 +495,9 @@ impl Reliable {
                     t
                 })
             };
-            st.session.release_held(now);
+            if let Some(seq) = handled {
+                st.session.complete_held(seq, now);
+            }
             let verdict = st.session.handle_inbound(env, now);
             if let (Some(seq), session::Verdict::Deliver | session::Verdict::DeliverThenAck) =
                 (env.seq, &verdict)
@@ -508,31 +510,45 @@ impl Reliable {
         })
     }
 
-    /// The message being handled was handled: acknowledgements may cover it.
-    pub(crate) fn release_held(&self) {
-        self.with(|st| st.session.release_held(|| Instant::now().into_std()));
+    /// Held message `seq` was handled: acknowledgements may cover it.
+    pub(crate) fn complete(&self, seq: u64) {
+        self.with(|st| {
+            st.session.complete_held(seq, || Instant::now().into_std());
+        });
     }
 
-    /// The message being handled could not be taken ([`crate::Unavailable`]): it
-    /// counts as never received, and the peer replays it on its next connection.
-    pub(crate) fn rewind_held(&self) {
-        self.state().session.rewind_held();
+    /// The reader stopped: `handled` was handled; with `rewind`, messages still held
+    /// (acknowledged later, and not yet done) count as never received, so the peer
+    /// replays them on its next connection.
+    pub(crate) fn stop_reading(&self, handled: Option<u64>, rewind: bool) {
+        self.with(|st| {
+            if let Some(seq) = handled {
+                st.session.complete_held(seq, || Instant::now().into_std());
+            }
+            if rewind {
+                st.session.rewind_held();
+            }
+        });
     }
 
     /// When a standalone acknowledgement is due, if one is owed. The reader asks
-    /// between messages, so this also releases the one it last handled.
-    pub(crate) fn ack_due_at(&self) -> Option<Instant> {
+    /// between messages and says which one it just `handled`.
+    pub(crate) fn ack_due_at(&self, handled: Option<u64>) -> Option<Instant> {
         let mut st = self.state();
-        st.session.release_held(|| Instant::now().into_std());
+        if let Some(seq) = handled {
+            st.session.complete_held(seq, || Instant::now().into_std());
+        }
         st.session.ack_due_at().map(Instant::from_std)
     }
 
     /// Sends the acknowledgement owed now as a standalone `ack`, unless session
     /// messages wait in the backlog: then it rides on them.
-    pub(crate) fn send_ack_now(&self, conn: &ConnectionSender) {
+    pub(crate) fn send_ack_now(&self, conn: &ConnectionSender, handled: Option<u64>) {
         let ack = {
             let mut st = self.state();
-            st.session.release_held(|| Instant::now().into_std());
+            if let Some(seq) = handled {
+                st.session.complete_held(seq, || Instant::now().into_std());
+            }
             st.session.take_standalone_ack()
         };
         if let Some(ack) = ack {
@@ -541,11 +557,13 @@ impl Reliable {
     }
 
     /// Sends a standalone acknowledgement on `conn` if one is due.
-    pub(crate) fn send_ack_if_due(&self, conn: &ConnectionSender) {
+    pub(crate) fn send_ack_if_due(&self, conn: &ConnectionSender, handled: Option<u64>) {
         let now = Instant::now().into_std();
         let ack = {
             let mut st = self.state();
-            st.session.release_held(|| now);
+            if let Some(seq) = handled {
+                st.session.complete_held(seq, || now);
+            }
             st.session.poll_ack(now)
         };
         if let Some(ack) = ack {

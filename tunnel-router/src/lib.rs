@@ -77,7 +77,7 @@ pub use hub::{AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubCo
 pub use pool::{Pool, PoolClient, PoolMode, Readiness};
 pub use registry::{HubSessions, SessionRegistry};
 pub use request::{Request, Response, error_code};
-pub use router::{Dispatched, Handler, Inbound, IntoReply, Router};
+pub use router::{AckLater, Dispatched, Handler, Inbound, IntoReply, Router};
 pub use store::{MemoryStore, SessionStore, StoreError};
 pub use tunnel_reconnect::Redirects;
 

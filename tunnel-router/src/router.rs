@@ -4,6 +4,7 @@ use std::fmt;
 use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
 use tunnel_proto::{Envelope, MessageType, Payload};
@@ -16,6 +17,55 @@ pub struct Inbound {
     /// handlers, and a box moves for a pointer's cost).
     pub envelope: Box<Envelope>,
     sender: ConnectionSender,
+    /// Where [`Inbound::acknowledge_later`] reports, for a message of a session.
+    deferral: Option<(u64, mpsc::UnboundedSender<Deferral>)>,
+}
+
+/// What a handler that acknowledges later tells its connection's reader.
+#[derive(Debug)]
+pub(crate) enum Deferral {
+    /// Message `seq` is acknowledged later.
+    Taken(u64),
+    /// Message `seq` is done: taken (`Ok`), or not ([`crate::Unavailable`], the reason).
+    Done(u64, Result<(), String>),
+}
+
+/// The promise of a handler that returned before it was done with a message
+/// ([`Inbound::acknowledge_later`]). [`AckLater::done`] lets the session acknowledge
+/// it; [`AckLater::unavailable`] (or dropping the handle) has it replayed instead, as
+/// when a handler returns [`crate::Unavailable`].
+#[derive(Debug)]
+pub struct AckLater {
+    seq: u64,
+    tx: Option<mpsc::UnboundedSender<Deferral>>,
+}
+
+impl AckLater {
+    /// The message was handled (stored, say): the session may acknowledge it.
+    pub fn done(mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Deferral::Done(self.seq, Ok(())));
+        }
+    }
+
+    /// The message could not be taken: it is not acknowledged, the connection closes
+    /// with `1013`, and the peer replays it.
+    pub fn unavailable(mut self, reason: impl Into<String>) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Deferral::Done(self.seq, Err(reason.into())));
+        }
+    }
+}
+
+impl Drop for AckLater {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Deferral::Done(
+                self.seq,
+                Err("the handler dropped the message unfinished".into()),
+            ));
+        }
+    }
 }
 
 impl Inbound {
@@ -24,7 +74,46 @@ impl Inbound {
         Inbound {
             envelope: envelope.into(),
             sender,
+            deferral: None,
         }
+    }
+
+    /// This message of a session, numbered `seq`, may be acknowledged later.
+    pub(crate) fn deferrable(mut self, seq: u64, tx: mpsc::UnboundedSender<Deferral>) -> Self {
+        self.deferral = Some((seq, tx));
+        self
+    }
+
+    /// Lets the handler return before it is done with the message, so that the next
+    /// ones are handed over meanwhile (a hub storing messages pipelines its writes):
+    /// the session does not acknowledge this message, nor any after it, until the
+    /// returned handle says [`AckLater::done`]. `None` for a message without a session
+    /// (nothing to acknowledge): handle it before returning. At most 1,024 messages of
+    /// a connection wait like this; then the connection reads no more until some are
+    /// done.
+    ///
+    /// ```
+    /// use tower::{BoxError, service_fn};
+    /// use tunnel_router::Inbound;
+    ///
+    /// let handler = service_fn(|msg: Inbound| async move {
+    ///     if let Some(later) = msg.acknowledge_later() {
+    ///         tokio::spawn(async move {
+    ///             // ... store the message, then:
+    ///             later.done();
+    ///         });
+    ///     }
+    ///     Ok::<_, BoxError>(())
+    /// });
+    /// # drop(handler);
+    /// ```
+    pub fn acknowledge_later(&self) -> Option<AckLater> {
+        let (seq, tx) = self.deferral.as_ref()?;
+        tx.send(Deferral::Taken(*seq)).ok()?;
+        Some(AckLater {
+            seq: *seq,
+            tx: Some(tx.clone()),
+        })
     }
 
     /// The agent at the other end (on an agent: the agent itself).

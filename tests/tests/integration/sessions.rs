@@ -569,3 +569,77 @@ async fn no_ack_covers_a_message_until_its_handler_is_done_and_unavailable_repla
     agent.shutdown().await;
     hub.shutdown().await;
 }
+
+/// A handler that acknowledges later lets the next messages through meanwhile; the
+/// session acknowledges only the prefix that is done, whatever order they finish in,
+/// and a message whose handle is dropped unfinished is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_later_messages_are_acknowledged_in_order_once_done_and_replayed_if_dropped() {
+    use std::sync::Mutex;
+    use tunnel_router::AckLater;
+    let laters: Arc<Mutex<Vec<(u64, AckLater)>>> = Arc::default();
+    let collected = laters.clone();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let router = Router::new().fallback(service_fn(move |msg: Inbound| {
+        let (collected, seen) = (collected.clone(), seen_tx.clone());
+        async move {
+            let n = msg.envelope.decode_payload::<serde_json::Value>()?["n"]
+                .as_u64()
+                .unwrap_or_default();
+            let later = msg.acknowledge_later().expect("a message of a session");
+            collected.lock().expect("lock").push((n, later));
+            // Reported once its handle is collected, so the test can take it.
+            let _ = seen.send(n);
+            Ok::<_, BoxError>(())
+        }
+    }));
+    let hub = resumable_hub(router, HubSessions::default()).await;
+    let id = AgentId::new("ws", "later");
+    let agent = session_agent(&hub.url().expect("url"), &id, Router::new());
+    agent
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .expect("up");
+    let mut receipts = Vec::new();
+    for n in 1..=3 {
+        receipts.push(
+            agent
+                .send(MessageType::Event, &json!({"n": n}))
+                .await
+                .expect("held"),
+        );
+    }
+    // All three reach the handler although none is done: the reader did not wait.
+    for n in 1..=3 {
+        assert_eq!(recv_soon(&mut seen).await, n);
+    }
+    let take = |n: u64| {
+        let mut laters = laters.lock().expect("lock");
+        let i = laters.iter().position(|(m, _)| *m == n).expect("collected");
+        laters.remove(i).1
+    };
+    take(3).done();
+    take(2).done();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        agent.held().map(|h| h.messages),
+        Some(3),
+        "1 is not done, so nothing is acknowledged"
+    );
+    take(1).done();
+    for r in receipts {
+        r.delivered().await.expect("acknowledged once all are done");
+    }
+    // Dropped unfinished: the connection closes with 1013 and the agent replays it.
+    let four = agent
+        .send(MessageType::Event, &json!({"n": 4}))
+        .await
+        .expect("held");
+    assert_eq!(recv_soon(&mut seen).await, 4);
+    drop(take(4));
+    assert_eq!(recv_soon(&mut seen).await, 4, "replayed");
+    take(4).done();
+    four.delivered().await.expect("delivered the second time");
+    agent.shutdown().await;
+    hub.shutdown().await;
+}

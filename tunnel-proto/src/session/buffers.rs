@@ -395,9 +395,9 @@ pub struct ReceiveWindow {
     /// When the first message not yet acknowledged arrived.
     pub(super) first_at: Option<Instant>,
     pub(super) ack_at: Option<Instant>,
-    /// The message being handled (see [`ReceiveWindow::hold`]): acknowledgements stop
-    /// below it until it is released.
-    pub(super) held: Option<u64>,
+    /// Messages being handled, oldest first, each with whether it is done (see
+    /// [`ReceiveWindow::hold`]): acknowledgements stop below the oldest not done.
+    pub(super) held: std::collections::VecDeque<(u64, bool)>,
     /// The last acknowledgement taken.
     pub(super) acked: u64,
 }
@@ -421,7 +421,7 @@ impl ReceiveWindow {
             unacked: 0,
             first_at: None,
             ack_at: None,
-            held: None,
+            held: std::collections::VecDeque::new(),
             acked: received,
         }
     }
@@ -502,35 +502,50 @@ impl ReceiveWindow {
     /// The highest sequence number received in order and handled: what an
     /// acknowledgement covers and what a resume reports.
     pub fn last_received(&self) -> u64 {
-        self.held.map_or(self.received, |seq| {
+        self.held.front().map_or(self.received, |&(seq, _)| {
             self.received.min(seq.saturating_sub(1))
         })
     }
 
     /// Message `seq` (delivered just now) is being handled: no acknowledgement covers
-    /// it until [`ReceiveWindow::release`], so that the peer lets go of it only once
-    /// the receiver is done with it (a hub has stored it, say).
+    /// it, or anything after it, until it is [complete](ReceiveWindow::complete), so
+    /// that the peer lets go of it only once the receiver is done with it (a hub has
+    /// stored it, say). Several may be held at once, completing in any order.
     pub fn hold(&mut self, seq: u64) {
-        self.held = Some(seq);
+        self.held.push_back((seq, false));
     }
 
-    /// The held message was handled: acknowledgements may cover it. If one was taken
-    /// while it was held, another is owed, due an ack delay after `now` (asked only
-    /// then).
-    pub fn release(&mut self, now: impl FnOnce() -> Instant) {
-        if self.held.take().is_some() && self.received > self.acked && self.ack_at.is_none() {
+    /// Held message `seq` was handled. Once every message before it is too,
+    /// acknowledgements may cover them; if one was taken meanwhile, another is owed,
+    /// due an ack delay after `now` (asked only then).
+    pub fn complete(&mut self, seq: u64, now: impl FnOnce() -> Instant) {
+        if let Some(entry) = self.held.iter_mut().find(|(s, _)| *s == seq) {
+            entry.1 = true;
+        }
+        let mut freed = false;
+        while self.held.front().is_some_and(|&(_, done)| done) {
+            self.held.pop_front();
+            freed = true;
+        }
+        if freed && self.last_received() > self.acked && self.ack_at.is_none() {
             let now = now();
             self.first_at = Some(now);
             self.ack_at = Some(now + self.config.ack_delay);
         }
     }
 
-    /// The held message was not taken: it counts as never received, so the peer's
-    /// replay delivers it again.
+    /// The held messages were not all taken: from the oldest held on, they count as
+    /// never received, so the peer's replay delivers them again.
     pub fn rewind(&mut self) {
-        if let Some(seq) = self.held.take() {
+        if let Some(&(seq, _)) = self.held.front() {
             self.received = self.received.min(seq.saturating_sub(1));
         }
+        self.held.clear();
+    }
+
+    /// How many messages are held.
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 }
 

@@ -649,26 +649,32 @@ impl Session {
 
     /// Data message `seq`, just delivered by [`Session::handle_inbound`], is being
     /// handled: acknowledgements (standalone or riding on outgoing messages) do not
-    /// cover it until [`Session::release_held`]. A hub that must store a message before
-    /// the agent lets go of it holds it while it stores.
+    /// cover it until [`Session::complete_held`]. A hub that must store a message
+    /// before the agent lets go of it holds it while it stores; several may be held.
     pub fn hold(&mut self, seq: u64) {
         self.inb.hold(seq);
     }
 
-    /// The held message was handled (see [`Session::hold`]). `now` is asked only if an
-    /// acknowledgement becomes owed.
-    pub fn release_held(&mut self, now: impl FnOnce() -> Instant) {
+    /// Held message `seq` was handled (see [`Session::hold`]). `now` is asked only if
+    /// an acknowledgement becomes owed.
+    pub fn complete_held(&mut self, seq: u64, now: impl FnOnce() -> Instant) {
         let before = self.inb.last_received();
-        self.inb.release(now);
+        self.inb.complete(seq, now);
         if self.inb.last_received() > before {
             self.owed = true;
         }
     }
 
-    /// The held message could not be taken (the store is down): it counts as never
-    /// received, and the peer's replay on its next connection brings it again.
+    /// The held messages could not all be taken (the store is down): from the oldest
+    /// held on they count as never received, and the peer's replay on its next
+    /// connection brings them again.
     pub fn rewind_held(&mut self) {
         self.inb.rewind();
+    }
+
+    /// How many received messages are held (see [`Session::hold`]).
+    pub fn held_inbound(&self) -> usize {
+        self.inb.held()
     }
 
     /// The highest sequence number handed out to a message of this session.

@@ -262,7 +262,7 @@ impl Session {
             unacked: snapshot.unacked,
             first_at: snapshot.first_unacked_age.map(|age| before(now, age)),
             ack_at: snapshot.ack_due.map(|offset| offset.at(now)),
-            held: None,
+            held: std::collections::VecDeque::new(),
             acked: snapshot.received,
         };
         let mut outcomes = Outcomes::default();

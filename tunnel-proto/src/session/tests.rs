@@ -171,7 +171,7 @@ fn a_held_message_is_acknowledged_only_once_released_and_a_rewound_one_is_receiv
     assert_eq!(s.take_standalone_ack(), Some(1));
     assert_eq!(s.last_received(), 1);
     // Released: an ack is owed again, an ack delay later, and covers it.
-    s.release_held(|| t);
+    s.complete_held(2, || t);
     assert_eq!(s.ack_due_at(), Some(t + Duration::from_millis(20)));
     assert_eq!(s.poll_ack(t + Duration::from_millis(20)), Some(2));
 
@@ -188,10 +188,25 @@ fn a_held_message_is_acknowledged_only_once_released_and_a_rewound_one_is_receiv
         s.handle_inbound(&event(3).with_seq(3), || t),
         Verdict::Deliver
     );
-    // A snapshot taken while a message is held does not count it as received.
+    // Several held, completed out of order: acks cover only the prefix that is done.
+    assert_eq!(
+        s.handle_inbound(&event(4).with_seq(4), || t),
+        Verdict::Deliver
+    );
     s.hold(3);
+    s.hold(4);
+    s.complete_held(4, || t);
+    assert_eq!(s.last_received(), 2, "3 is not done");
+    s.complete_held(3, || t);
+    assert_eq!(s.last_received(), 4);
+    // A snapshot taken while a message is held does not count it as received.
+    assert!(matches!(
+        s.handle_inbound(&event(5).with_seq(5), || t),
+        Verdict::Deliver | Verdict::DeliverThenAck
+    ));
+    s.hold(5);
     let copy = Session::restore(config(), &s.snapshot(t).expect("snapshot"), t).expect("restore");
-    assert_eq!(copy.last_received(), 2);
+    assert_eq!(copy.last_received(), 4);
 }
 
 #[test]
