@@ -397,9 +397,14 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     tracing::info!(url = %hub.url().unwrap_or_default(), "hub listening");
     let serving = cluster.as_ref().map(|c| c.serve(&hub));
-    let admin = Admin::new()
+    let mut admin = Admin::new()
         .hub(hub.clone())
         .max_connections(ADMIN_CONNECTIONS);
+    if let Some(cluster) = &cluster {
+        // Without NATS the hub cannot store what agents send: not ready.
+        let cluster = cluster.clone();
+        admin = admin.ready_when("nats", move || cluster.is_connected());
+    }
     let _admin = serve_admin(admin, args.admin_listen, &metrics).await?;
     let mut ticker = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
     ticker.tick().await;

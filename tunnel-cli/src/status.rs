@@ -14,8 +14,17 @@ use tunnel_router::AgentStatus;
 pub(crate) struct StatusArgs {
     /// The hub's admin server (its `--admin-listen` address), for example
     /// `http://127.0.0.1:9090`.
+    #[arg(
+        long,
+        value_name = "URL",
+        required_unless_present = "nats",
+        conflicts_with = "nats"
+    )]
+    hub: Option<String>,
+    /// Every agent of a cluster instead, from its NATS server's presence bucket
+    /// (`nats://host:port`).
     #[arg(long, value_name = "URL")]
-    hub: String,
+    nats: Option<String>,
     /// Refresh every this many seconds until interrupted (rates are then measured
     /// between refreshes; without it, since each agent connected).
     #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
@@ -86,14 +95,19 @@ async fn fetch(base: &str) -> Result<Vec<AgentStatus>, String> {
 }
 
 pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
+    let hub = match (&args.hub, &args.nats) {
+        (Some(hub), _) => hub.clone(),
+        (None, Some(nats)) => return cluster(nats).await,
+        (None, None) => return Err("give --hub or --nats".into()),
+    };
     let Some(every) = args.watch else {
-        print!("{}", render(&fetch(&args.hub).await?, None));
+        print!("{}", render(&fetch(&hub).await?, None));
         return Ok(());
     };
     let every = Duration::from_secs(every.max(1));
     let mut previous: Option<(Instant, Vec<AgentStatus>)> = None;
     loop {
-        let statuses = fetch(&args.hub).await?;
+        let statuses = fetch(&hub).await?;
         let now = Instant::now();
         let rates = previous
             .as_ref()
@@ -199,9 +213,82 @@ pub(crate) fn render(statuses: &[AgentStatus], rates: Option<&Rates>) -> String 
     out
 }
 
+/// Every agent of the cluster on `nats`, with the hub that holds it.
+async fn cluster(nats: &str) -> Result<(), String> {
+    let backend = tunnel_cluster::Backend::connect(nats)
+        .await
+        .map_err(|e| e.to_string())?;
+    let presence = backend.presence().await.map_err(|e| e.to_string())?;
+    print!(
+        "{}",
+        render_cluster(&presence, tunnel_transport::unix_millis())
+    );
+    Ok(())
+}
+
+/// The cluster's agents as a table, connected-for measured at `now_ms`.
+fn render_cluster(
+    presence: &[(tunnel_transport::AgentId, tunnel_cluster::Presence)],
+    now_ms: u64,
+) -> String {
+    let mut out = format!("{:<36} {:<28} {:>10}  SESSION\n", "AGENT", "HUB", "UP");
+    for (agent, p) in presence {
+        // Entries in the bucket are anyone's writes: no control characters, bounded.
+        let up = Duration::from_millis(now_ms.saturating_sub(p.since_ms));
+        out.push_str(&format!(
+            "{:<36} {:<28} {:>10}  {}\n",
+            printable(&agent.to_string(), 253 * 2 + 1),
+            printable(&p.hub, 128),
+            human_duration(up.as_secs_f64()),
+            printable(&p.session, 128),
+        ));
+    }
+    let hubs: std::collections::BTreeSet<&str> =
+        presence.iter().map(|(_, p)| p.hub.as_str()).collect();
+    out.push_str(&format!(
+        "{} agents connected to {} hubs\n",
+        presence.len(),
+        hubs.len()
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cluster_table_names_each_agents_hub_and_counts_hubs() {
+        let p = |hub: &str, since_ms| tunnel_cluster::Presence {
+            hub: hub.into(),
+            session: "s-1".into(),
+            since_ms,
+        };
+        let presence = vec![
+            (
+                tunnel_transport::AgentId::new("root:org", "a"),
+                p("hub-a", 1_000),
+            ),
+            (
+                tunnel_transport::AgentId::new("root:org", "b"),
+                p("hub-b", 4_000),
+            ),
+            (
+                tunnel_transport::AgentId::new("root:org", "c"),
+                p("hub-b", 5_000),
+            ),
+        ];
+        let table = render_cluster(&presence, 5_500);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("AGENT"), "{table}");
+        assert!(
+            lines[1].contains("root:org/a")
+                && lines[1].contains("hub-a")
+                && lines[1].contains("4.5s"),
+            "{table}"
+        );
+        assert_eq!(lines[4], "3 agents connected to 2 hubs");
+    }
     use std::time::Duration;
     use tunnel_router::admin::Admin;
     use tunnel_router::{Agent, AgentConfig, Hub, Router};

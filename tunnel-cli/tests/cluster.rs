@@ -142,6 +142,19 @@ async fn a_backend_reaches_an_agent_of_a_two_hub_cluster_and_reads_what_it_sent(
     .await
     .expect("the agent appears in presence");
     assert_eq!(presence.hub, "hub-b");
+    // What an operator sees: every agent of the cluster and its hub.
+    let status = Command::new(env!("CARGO_BIN_EXE_tunnel"))
+        .args(["status", "--nats", &url])
+        .output()
+        .expect("tunnel status");
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("root:e2e/c1"))
+        .unwrap_or_else(|| panic!("no row for the agent in:\n{table}"));
+    assert!(row.contains("hub-b"), "{table}");
+    assert!(table.contains("1 agents connected to 1 hubs"), "{table}");
 
     // A call through NATS, answered by the agent through hub-b.
     let reply = backend

@@ -46,8 +46,12 @@ pub struct Admin {
     hub: Option<Hub>,
     pool: Option<Pool>,
     metrics: Option<Arc<Render>>,
+    checks: Vec<(String, Arc<Check>)>,
     max_connections: usize,
 }
+
+/// A readiness condition of [`Admin::ready_when`].
+type Check = dyn Fn() -> bool + Send + Sync;
 
 impl Default for Admin {
     fn default() -> Self {
@@ -55,6 +59,7 @@ impl Default for Admin {
             hub: None,
             pool: None,
             metrics: None,
+            checks: Vec::new(),
             max_connections: 32,
         }
     }
@@ -73,6 +78,7 @@ impl std::fmt::Debug for Admin {
             .field("hub", &self.hub.is_some())
             .field("pool", &self.pool.is_some())
             .field("metrics", &self.metrics.is_some())
+            .field("checks", &self.checks.len())
             .field("max_connections", &self.max_connections)
             .finish()
     }
@@ -101,6 +107,17 @@ impl Admin {
     /// `tunnel_metrics::prometheus::PrometheusMetrics::render`.
     pub fn metrics(mut self, render: impl Fn() -> String + Send + Sync + 'static) -> Self {
         self.metrics = Some(Arc::new(render));
+        self
+    }
+
+    /// `/readyz` also needs `check` to hold; `name` says which failed (for example a
+    /// cluster hub's NATS connection).
+    pub fn ready_when(
+        mut self,
+        name: impl Into<String>,
+        check: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.checks.push((name.into(), Arc::new(check)));
         self
     }
 
@@ -203,6 +220,14 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
         let readiness = pool.readiness();
         ready &= readiness.is_ready();
         why.push(format!("pool {readiness} connected"));
+    }
+    for (name, check) in &admin.checks {
+        if check() {
+            why.push(format!("{name} up"));
+        } else {
+            ready = false;
+            why.push(format!("{name} down"));
+        }
     }
     let status = if ready {
         StatusCode::OK
