@@ -432,7 +432,7 @@ async fn deliver_down(inner: &Inner, hub: &Hub, agent: &AgentId) {
         durable_name: Some(name.clone()),
         filter_subject: subject::down_all(agent),
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
+        ack_wait: DOWN_ACK_WAIT,
         max_ack_pending: inner.config.down_in_flight,
         ..Default::default()
     };
@@ -465,9 +465,23 @@ async fn deliver_down(inner: &Inner, hub: &Hub, agent: &AgentId) {
                 match hub.send_envelope(agent, env).await {
                     Ok(receipt) => {
                         acks.spawn(async move {
-                            let kind = match receipt.delivered().await {
-                                Ok(()) => jetstream::AckKind::Ack,
-                                Err(_) => jetstream::AckKind::Nak(None),
+                            let delivered = receipt.delivered();
+                            tokio::pin!(delivered);
+                            // While the agent has not acknowledged it (it may be away,
+                            // its session held), the hub says it is still at work, so
+                            // that only a dead hub's messages are redelivered.
+                            let mut progress = tokio::time::interval(DOWN_ACK_WAIT / 3);
+                            progress.tick().await;
+                            let kind = loop {
+                                tokio::select! {
+                                    outcome = &mut delivered => break match outcome {
+                                        Ok(()) => jetstream::AckKind::Ack,
+                                        Err(_) => jetstream::AckKind::Nak(None),
+                                    },
+                                    _ = progress.tick() => {
+                                        let _ = msg.ack_with(jetstream::AckKind::Progress).await;
+                                    }
+                                }
                             };
                             let _ = msg.ack_with(kind).await;
                         });
@@ -483,6 +497,10 @@ async fn deliver_down(inner: &Inner, hub: &Hub, agent: &AgentId) {
     }
     std::future::pending().await
 }
+
+/// How long JetStream waits for a hub's ack of a down message before it redelivers it:
+/// the longest a dead hub's messages wait. A live hub sends progress meanwhile.
+const DOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// The durable consumer of one agent's down messages: a name NATS accepts, the same on
 /// every hub.
