@@ -206,12 +206,18 @@ async fn publish_up(
 struct Held {
     connection: u64,
     cancel: CancellationToken,
+    /// The presence entry's revision this hub wrote: its fencing token.
+    revision: Option<u64>,
 }
+
+type HeldMap = Arc<Mutex<HashMap<AgentId, Held>>>;
 
 async fn serve(inner: Arc<Inner>, hub: Hub, cancel: CancellationToken) {
     let mut events = hub.events();
-    let held: Arc<Mutex<HashMap<AgentId, Held>>> = Arc::default();
+    let held: HeldMap = Arc::default();
     let mut tasks = JoinSet::new();
+    // One watch of the whole bucket per hub (not one per agent: each is a consumer).
+    let owners = tokio::spawn(watch_owners(inner.clone(), hub.clone(), held.clone()));
     // Agents already connected when serving starts.
     for info in hub.agents() {
         start_agent(
@@ -262,16 +268,58 @@ async fn serve(inner: Arc<Inner>, hub: Hub, cancel: CancellationToken) {
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
+    owners.abort();
     for (_, h) in held.lock().unwrap_or_else(|e| e.into_inner()).drain() {
         h.cancel.cancel();
     }
     while tasks.join_next().await.is_some() {}
 }
 
+/// Closes, with `4004`, each agent this hub holds whose presence entry another hub
+/// has taken (a revision newer than the one this hub wrote).
+async fn watch_owners(inner: Arc<Inner>, hub: Hub, held: HeldMap) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if let Ok(mut watch) = inner.presence.watch_all().await {
+            backoff = Duration::from_millis(100);
+            while let Some(Ok(entry)) = watch.next().await {
+                if entry.operation != kv::Operation::Put {
+                    continue;
+                }
+                let Some(agent) = subject::agent_of_key(&entry.key) else {
+                    continue;
+                };
+                let other = serde_json::from_slice::<Presence>(&entry.value)
+                    .ok()
+                    .filter(|p| p.hub != inner.config.hub_id);
+                let Some(other) = other else { continue };
+                let lost = held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&agent)
+                    .filter(|h| h.revision.is_some_and(|r| entry.revision > r))
+                    .map(|h| h.connection);
+                if let Some(connection) = lost {
+                    tracing::info!(%agent, hub = %tunnel_proto::text::Untrusted(&other.hub), "the agent moved to another hub: closing it here");
+                    if let Some(sender) = hub.sender(&agent).filter(|s| s.info().id == connection) {
+                        sender.abort_with(
+                            CloseCode::SESSION_REPLACED,
+                            "the agent connected to another hub",
+                        );
+                    }
+                }
+            }
+        }
+        // The watch ended (NATS went away): watch again once it is back.
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
 fn start_agent(
     inner: &Arc<Inner>,
     hub: &Hub,
-    held: &Arc<Mutex<HashMap<AgentId, Held>>>,
+    held: &HeldMap,
     tasks: &mut JoinSet<()>,
     agent: AgentId,
     connection: u64,
@@ -288,6 +336,7 @@ fn start_agent(
             Held {
                 connection,
                 cancel: cancel.clone(),
+                revision: None,
             },
         ) {
             old.cancel.cancel();
@@ -301,6 +350,7 @@ fn start_agent(
     tasks.spawn(agent_work(
         inner.clone(),
         hub.clone(),
+        held.clone(),
         agent,
         connection,
         presence,
@@ -321,6 +371,7 @@ fn stop_agent(held: &Mutex<HashMap<AgentId, Held>>, agent: &AgentId, connection:
 async fn agent_work(
     inner: Arc<Inner>,
     hub: Hub,
+    held: HeldMap,
     agent: AgentId,
     connection: u64,
     presence: Presence,
@@ -334,9 +385,29 @@ async fn agent_work(
             None
         }
     };
+    if let Some(h) = held
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_mut(&agent)
+        .filter(|h| h.connection == connection)
+    {
+        h.revision = revision;
+    }
+    // Taken over before the watch could know our revision: let go now.
+    if let Some(revision) = revision
+        && let Ok(Some(entry)) = inner.presence.entry(&key).await
+        && entry.revision > revision
+        && serde_json::from_slice::<Presence>(&entry.value)
+            .is_ok_and(|p| p.hub != inner.config.hub_id)
+        && let Some(sender) = hub.sender(&agent).filter(|s| s.info().id == connection)
+    {
+        sender.abort_with(
+            CloseCode::SESSION_REPLACED,
+            "the agent connected to another hub",
+        );
+    }
     let work = async {
         tokio::join!(
-            watch_owner(&inner, &hub, &agent, connection, revision),
             deliver_down(&inner, &hub, &agent),
             answer_calls(&inner, &hub, &agent),
         )
@@ -387,40 +458,6 @@ async fn claim(presence: &kv::Store, key: &str, value: &Presence) -> Result<u64,
     Err(ClusterError::JetStream(format!(
         "presence entry {key} kept changing"
     )))
-}
-
-/// Closes the agent here once another hub has taken its presence entry.
-async fn watch_owner(
-    inner: &Inner,
-    hub: &Hub,
-    agent: &AgentId,
-    connection: u64,
-    revision: Option<u64>,
-) {
-    let Some(revision) = revision else {
-        return std::future::pending().await;
-    };
-    let key = subject::presence_key(agent);
-    let Ok(mut watch) = inner.presence.watch(&key).await else {
-        return std::future::pending().await;
-    };
-    while let Some(Ok(entry)) = watch.next().await {
-        if entry.revision <= revision || entry.operation != kv::Operation::Put {
-            continue;
-        }
-        let other = serde_json::from_slice::<Presence>(&entry.value).ok();
-        if other.as_ref().is_some_and(|p| p.hub != inner.config.hub_id) {
-            tracing::info!(%agent, hub = %other.map(|p| p.hub).unwrap_or_default(), "the agent moved to another hub: closing it here");
-            if let Some(sender) = hub.sender(agent).filter(|s| s.info().id == connection) {
-                sender.abort_with(
-                    CloseCode::SESSION_REPLACED,
-                    "the agent connected to another hub",
-                );
-            }
-            return;
-        }
-    }
-    std::future::pending().await
 }
 
 /// Delivers what waits for the agent in the down stream, acknowledging each message in
