@@ -218,6 +218,7 @@ async fn serve(inner: Arc<Inner>, hub: Hub, cancel: CancellationToken) {
     let mut tasks = JoinSet::new();
     // One watch of the whole bucket per hub (not one per agent: each is a consumer).
     let owners = tokio::spawn(watch_owners(inner.clone(), hub.clone(), held.clone()));
+    let announce = tokio::spawn(announce(inner.clone(), hub.clone()));
     // Agents already connected when serving starts.
     for info in hub.agents() {
         start_agent(
@@ -269,10 +270,51 @@ async fn serve(inner: Arc<Inner>, hub: Hub, cancel: CancellationToken) {
         }
     }
     owners.abort();
+    announce.abort();
     for (_, h) in held.lock().unwrap_or_else(|e| e.into_inner()).drain() {
         h.cancel.cancel();
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// Announces this hub as a NATS micro service (`tunnel-hub`, the ecosystem's way to
+/// find services: `$SRV.PING.tunnel-hub`, `$SRV.INFO.tunnel-hub`), with its id and URL
+/// as metadata, and answers `tunnel.v1.hub.<hub id>.load` with its load.
+async fn announce(inner: Arc<Inner>, hub: Hub) {
+    use async_nats::service::ServiceExt as _;
+    let metadata = HashMap::from([
+        ("hub_id".to_string(), inner.config.hub_id.clone()),
+        ("url".to_string(), hub.url().unwrap_or_default()),
+    ]);
+    let service = inner
+        .client
+        .service_builder()
+        .description("a tunnel hub: agents connect to it over WebSocket")
+        .metadata(metadata)
+        .start(subject::SERVICE, env!("CARGO_PKG_VERSION"))
+        .await;
+    let service = match service {
+        Ok(service) => service,
+        Err(e) => {
+            tracing::warn!(error = %e, "the hub is not announced as a service");
+            return;
+        }
+    };
+    let Ok(mut load) = service
+        .endpoint_builder()
+        .name("load")
+        .add(subject::hub_load(&inner.config.hub_id))
+        .await
+    else {
+        return;
+    };
+    while let Some(request) = load.next().await {
+        let body = serde_json::json!({
+            "agents": hub.agents().len(),
+            "accepting": hub.is_accepting(),
+        });
+        let _ = request.respond(Ok(Bytes::from(body.to_string()))).await;
+    }
 }
 
 /// Closes, with `4004`, each agent this hub holds whose presence entry another hub

@@ -125,6 +125,15 @@ pub fn down_all(agent: &AgentId) -> String {
     format!("{PREFIX}.down.{}.>", agent_tokens(agent))
 }
 
+/// The NATS micro service name every hub announces.
+pub const SERVICE: &str = "tunnel-hub";
+
+/// `tunnel.v1.hub.<hub id>.load`: a hub's load endpoint (JSON `{"agents": n,
+/// "accepting": bool}`).
+pub fn hub_load(hub_id: &str) -> String {
+    format!("{PREFIX}.hub.{}.load", escape(hub_id))
+}
+
 /// `tunnel.v1.call.<workspace>.<sync_target>`: requests to `agent` (core NATS
 /// request/reply, answered by the hub that holds it).
 pub fn call(agent: &AgentId) -> String {

@@ -367,3 +367,37 @@ async fn while_nats_is_down_the_agent_keeps_its_messages_and_the_stream_gets_eac
     agent.shutdown().await;
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_hub_announces_itself_as_a_micro_service_with_its_load() {
+    let nats = Nats::start("service");
+    let (hub, _cluster, serving) = cluster_hub(&nats, "hub-a", Router::new()).await;
+    let id = AgentId::new("root:org", "counted");
+    let agent = agent(&hub.url().expect("url"), &id, Router::new());
+    within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    let client = async_nats::connect(nats.url()).await.expect("client");
+    let info = within("service info", async {
+        loop {
+            if let Ok(msg) = client.request("$SRV.INFO.tunnel-hub", "".into()).await {
+                return msg;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).expect("json");
+    assert_eq!(info["name"], "tunnel-hub");
+    assert_eq!(info["metadata"]["hub_id"], "hub-a");
+    assert_eq!(info["metadata"]["url"], hub.url().expect("url"));
+    let load = client
+        .request(tunnel_cluster::subject::hub_load("hub-a"), "".into())
+        .await
+        .expect("load");
+    let load: serde_json::Value = serde_json::from_slice(&load.payload).expect("json");
+    assert_eq!(load, json!({"agents": 1, "accepting": true}));
+    serving.stop().await;
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
