@@ -2,10 +2,8 @@
 //! backend finds the agent in presence, calls it through its hub, and reads what it
 //! sent from the up stream.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use tunnel_cluster::Backend;
@@ -15,69 +13,17 @@ use tunnel_transport::AgentId;
 
 const SOON: Duration = Duration::from_secs(20);
 
-/// A `tunnel` process, killed when dropped; its JSON log lines are read on a thread.
-struct Process {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
+mod support;
 
-impl Process {
-    fn spawn(args: &[&str]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tunnel"))
+use support::Process;
+
+/// `tunnel` with JSON logs at info and `args`, as a process.
+fn spawn(args: &[&str]) -> Process {
+    Process::spawn(
+        support::tunnel()
             .args(["--log", "info", "--log-format", "json"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start tunnel");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Process { child, lines }
-    }
-
-    /// The fields of the first log line with `message`.
-    fn wait_for(&self, message: &str) -> serde_json::Value {
-        let deadline = Instant::now() + SOON;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no {message:?} logged in time"));
-            let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if value["fields"]["message"] == message {
-                return value["fields"].clone();
-            }
-        }
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + SOON;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "did not exit in time");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .args(args),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,7 +36,7 @@ async fn a_backend_reaches_an_agent_of_a_two_hub_cluster_and_reads_what_it_sent(
     let token = token.to_str().expect("utf-8");
     let url = nats.url();
     let hub = |name: &str| {
-        Process::spawn(&[
+        spawn(&[
             "hub",
             "--listen",
             "127.0.0.1:0",
@@ -113,7 +59,7 @@ async fn a_backend_reaches_an_agent_of_a_two_hub_cluster_and_reads_what_it_sent(
         .as_str()
         .expect("url")
         .to_owned();
-    let agent = Process::spawn(&[
+    let agent = spawn(&[
         "agent",
         "--url",
         &b_url,
@@ -203,7 +149,7 @@ async fn a_hub_killed_under_load_both_ways_loses_nothing_acknowledged() {
     let token = token.to_str().expect("utf-8");
     let url = nats.url();
     let hub = |name: &str| {
-        Process::spawn(&[
+        spawn(&[
             "hub",
             "--listen",
             "127.0.0.1:0",
