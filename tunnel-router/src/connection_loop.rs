@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{Notify, mpsc};
+use tower::BoxError;
 
 use tunnel_proto::messages::{Close, ReconnectHint, TypedMessage};
 use tunnel_proto::{CloseCode, Envelope, ErrorBody, MessageType};
@@ -121,11 +122,28 @@ pub(crate) async fn run(
     link: &Link<'_>,
 ) -> SessionEnd {
     let mut state = Reading::default();
-    let end = read(receiver, sender, router, hint, link, &mut state).await;
-    // The last message's handler has returned: a snapshot or the next connection counts
-    // it as received. Messages whose handlers acknowledge later and are not done yet
-    // (or were not taken) count as never received: the peer replays them.
+    let (tx, rx) = mpsc::unbounded_channel::<Deferral>();
+    let mut deferrals = Deferrals { tx, rx };
+    let end = read(
+        receiver,
+        sender.clone(),
+        router,
+        hint,
+        link,
+        &mut state,
+        &mut deferrals,
+    )
+    .await;
     if let Some(reliable) = link.reliable {
+        // Completions that arrived as the reader stopped still count.
+        while let Ok(deferral) = deferrals.rx.try_recv() {
+            if on_deferral(deferral, Some(reliable), &sender, &mut state).is_err() {
+                break;
+            }
+        }
+        // The last message's handler has returned: a snapshot or the next connection
+        // counts it as received. Messages whose handlers acknowledge later and are not
+        // done yet (or were not taken) count as never received: the peer replays them.
         reliable.stop_reading(state.handled, state.rewind || state.deferred > 0);
     }
     end
@@ -134,6 +152,12 @@ pub(crate) async fn run(
 /// Messages of a session handed to handlers ask at most this many deferred
 /// acknowledgements ([`Inbound::acknowledge_later`]) at once; past it the reader waits.
 const MAX_DEFERRED: usize = 1024;
+
+/// The channel on which handlers that acknowledge later report to the reader.
+struct Deferrals {
+    tx: mpsc::UnboundedSender<Deferral>,
+    rx: mpsc::UnboundedReceiver<Deferral>,
+}
 
 /// Where the reader stands with the messages it handed over.
 #[derive(Debug, Default)]
@@ -154,9 +178,13 @@ async fn read(
     hint: &mut Option<ReconnectHint>,
     link: &Link<'_>,
     state: &mut Reading,
+    deferrals: &mut Deferrals,
 ) -> SessionEnd {
     let reliable = link.reliable;
-    let (defer_tx, mut defer_rx) = mpsc::unbounded_channel::<Deferral>();
+    let Deferrals {
+        tx: defer_tx,
+        rx: defer_rx,
+    } = deferrals;
     // One timer for standalone acks, reset rather than re-created per message, and
     // allocated only on sessions that acknowledge (idle connections stay small).
     let mut ack_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
@@ -188,7 +216,12 @@ async fn read(
         };
         let received = tokio::select! {
             biased;
-            Some(deferral) = defer_rx.recv(), if state.deferred > 0 => {
+            Some(deferral) = defer_rx.recv() => {
+                if let Deferral::Taken(s) = deferral {
+                    // Between messages, only a late call makes one: the message it
+                    // names may be acknowledged already.
+                    return late_deferral(&sender, s, state);
+                }
                 if let Err(end) = on_deferral(deferral, reliable, &sender, state) {
                     return end;
                 }
@@ -323,6 +356,8 @@ async fn read(
                 && Some(s) == seq
             {
                 state.handled = None;
+            } else if let Deferral::Taken(s) = deferral {
+                return late_deferral(&sender, s, state);
             }
             if let Err(end) = on_deferral(deferral, reliable, &sender, state) {
                 return end;
@@ -351,7 +386,7 @@ async fn read(
                 }
                 ErrorBody::new(error_code::NO_HANDLER, why)
             }
-            Err(e) if e.is::<crate::Unavailable>() => {
+            Err(e) if is_unavailable(&e) => {
                 // Not taken: unacknowledged, and replayed by the peer's session on its
                 // next connection.
                 link.recorder.error("unavailable");
@@ -379,6 +414,29 @@ async fn read(
     }
 }
 
+/// `acknowledge_later` was called after its handler returned, so the message may be
+/// acknowledged already: a misuse the docs forbid. The connection ends (`1011`) rather
+/// than go on as if it were held.
+fn late_deferral(sender: &ConnectionSender, seq: u64, state: &mut Reading) -> SessionEnd {
+    tracing::error!(agent = %sender.info().agent, seq, "acknowledge_later called after the handler returned");
+    state.rewind = true;
+    let reason = "acknowledge_later after the handler returned";
+    sender.abort_with(CloseCode::INTERNAL_ERROR, reason);
+    SessionEnd::Failed(RecvError::Io(reason.into()))
+}
+
+/// Whether a handler's error is (or wraps, as a layer's error may) [`crate::Unavailable`].
+fn is_unavailable(e: &BoxError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+    while let Some(c) = cause {
+        if c.is::<crate::Unavailable>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Applies what a handler that acknowledges later reported. A message it could not take
 /// ends the connection (with `1013`): what is held is rewound, and the peer replays it.
 fn on_deferral(
@@ -388,6 +446,7 @@ fn on_deferral(
     state: &mut Reading,
 ) -> Result<(), SessionEnd> {
     match deferral {
+        // Only for the message just dispatched: a late one ends the connection first.
         Deferral::Taken(_) => state.deferred += 1,
         Deferral::Done(seq, Ok(())) => {
             state.deferred = state.deferred.saturating_sub(1);

@@ -501,6 +501,7 @@ impl Reliable {
             let verdict = st.session.handle_inbound(env, now);
             if let (Some(seq), session::Verdict::Deliver | session::Verdict::DeliverThenAck) =
                 (env.seq, &verdict)
+                && !env.kind.is_control()
             {
                 // No acknowledgement covers it while its handler runs (another task's
                 // outgoing message would otherwise carry one).

@@ -87,7 +87,9 @@ impl Inbound {
     /// Lets the handler return before it is done with the message, so that the next
     /// ones are handed over meanwhile (a hub storing messages pipelines its writes):
     /// the session does not acknowledge this message, nor any after it, until the
-    /// returned handle says [`AckLater::done`]. `None` for a message without a session
+    /// returned handle says [`AckLater::done`]. Call it before the handler returns (a
+    /// later call may come after the message was acknowledged: the connection is then
+    /// closed with `1011`). `None` for a message without a session
     /// (nothing to acknowledge): handle it before returning. At most 1,024 messages of
     /// a connection wait like this; then the connection reads no more until some are
     /// done.

@@ -643,3 +643,46 @@ async fn acknowledged_later_messages_are_acknowledged_in_order_once_done_and_rep
     agent.shutdown().await;
     hub.shutdown().await;
 }
+
+/// `acknowledge_later` called after the handler returned (here from a task it spawned)
+/// may come after the ack: the connection is closed rather than the message taken for
+/// held, and the agent's replay brings it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledge_later_after_the_handler_returned_closes_the_connection() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let misbehaved = Arc::new(AtomicBool::new(false));
+    let once = misbehaved.clone();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let router = Router::new().fallback(service_fn(move |msg: Inbound| {
+        let (once, seen) = (once.clone(), seen_tx.clone());
+        async move {
+            let _ = seen.send(());
+            if !once.swap(true, Ordering::SeqCst) {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Some(later) = msg.acknowledge_later() {
+                        later.done();
+                    }
+                });
+            }
+            Ok::<_, BoxError>(())
+        }
+    }));
+    let hub = resumable_hub(router, HubSessions::default()).await;
+    let id = AgentId::new("ws", "late");
+    let agent = session_agent(&hub.url().expect("url"), &id, Router::new());
+    agent
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .expect("up");
+    let receipt = agent
+        .send(MessageType::Event, &json!({"n": 1}))
+        .await
+        .expect("held");
+    recv_soon(&mut seen).await;
+    eventually("the hub closes the connection", || agent.reconnects() >= 1).await;
+    receipt.delivered().await.expect("delivered");
+    assert!(misbehaved.load(Ordering::SeqCst));
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
