@@ -357,6 +357,12 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
         }))
         .layer(TraceLayer::new())
         .layer(MetricsLayer::new(metrics.recorder()));
+    // In a cluster, stores are pipelined: acknowledged when the stream has them.
+    let router = if cluster.is_some() {
+        router.acknowledge_later()
+    } else {
+        router
+    };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(
             tunnel_transport::tls::server_config(cert, key, args.client_ca.as_deref())

@@ -93,10 +93,12 @@ impl Cluster {
     /// `router` keep their messages in this hub.
     pub fn router(&self, router: Router) -> Router {
         let cluster = self.clone();
-        router.fallback(service_fn(move |msg: Inbound| {
-            let cluster = cluster.clone();
-            async move { cluster.store(&msg).await }
-        }))
+        router
+            .fallback(service_fn(move |msg: Inbound| {
+                let cluster = cluster.clone();
+                async move { cluster.store(&msg).await }
+            }))
+            .acknowledge_later()
     }
 
     /// Stores one agent message in the up stream and waits for the stream's ack: what

@@ -181,6 +181,8 @@ async fn read(
     deferrals: &mut Deferrals,
 ) -> SessionEnd {
     let reliable = link.reliable;
+    // Deferred acks cost per message only where the router asked for them.
+    let defers = reliable.is_some() && router.defers();
     let Deferrals {
         tx: defer_tx,
         rx: defer_rx,
@@ -216,7 +218,7 @@ async fn read(
         };
         let received = tokio::select! {
             biased;
-            Some(deferral) = defer_rx.recv() => {
+            Some(deferral) = defer_rx.recv(), if defers => {
                 if let Deferral::Taken(s) = deferral {
                     // Between messages, only a late call makes one: the message it
                     // names may be acknowledged already.
@@ -344,14 +346,14 @@ async fn read(
         let unrouted_id = env.id;
         // Boxed: it is kept across the handler's await, in every connection's task.
         let request = env.expects_reply().then(|| Box::new(env.reply(0, 0)));
-        let seq = env.seq.filter(|_| reliable.is_some());
+        let seq = env.seq.filter(|_| defers);
         let mut inbound = Inbound::new(env, sender.clone());
         if let Some(seq) = seq {
             inbound = inbound.deferrable(seq, defer_tx.clone());
         }
         let outcome = router.dispatch(inbound).await;
         // Did the handler take the message to acknowledge later (or finish others)?
-        while let Ok(deferral) = defer_rx.try_recv() {
+        while defers && let Ok(deferral) = defer_rx.try_recv() {
             if let Deferral::Taken(s) = deferral
                 && Some(s) == seq
             {

@@ -89,7 +89,7 @@ impl Inbound {
     /// the session does not acknowledge this message, nor any after it, until the
     /// returned handle says [`AckLater::done`]. Call it before the handler returns (a
     /// later call may come after the message was acknowledged: the connection is then
-    /// closed with `1011`). `None` for a message without a session
+    /// closed with `1011`). Only on a router made with [`Router::acknowledge_later`]. `None` for a message without a session
     /// (nothing to acknowledge): handle it before returning. At most 1,024 messages of
     /// a connection wait like this; then the connection reads no more until some are
     /// done.
@@ -99,6 +99,7 @@ impl Inbound {
     /// use tunnel_router::Inbound;
     ///
     /// let handler = service_fn(|msg: Inbound| async move {
+    ///     // (on a router made with `Router::new().acknowledge_later()`)
     ///     if let Some(later) = msg.acknowledge_later() {
     ///         tokio::spawn(async move {
     ///             // ... store the message, then:
@@ -215,6 +216,8 @@ pub enum Dispatched {
 pub struct Router {
     routes: Vec<(MessageType, Handler)>,
     fallback: Option<Handler>,
+    /// Whether handlers may call [`Inbound::acknowledge_later`].
+    defers: bool,
 }
 
 impl fmt::Debug for Router {
@@ -350,7 +353,21 @@ impl Router {
                 .map(|(kind, h)| (kind, boxed(layer.layer(h))))
                 .collect(),
             fallback: self.fallback.map(|h| boxed(layer.layer(h))),
+            defers: self.defers,
         }
+    }
+
+    /// Lets this router's handlers acknowledge messages later
+    /// ([`Inbound::acknowledge_later`]); without it that returns `None`, and the
+    /// connection's reader does none of the bookkeeping it needs.
+    pub fn acknowledge_later(mut self) -> Self {
+        self.defers = true;
+        self
+    }
+
+    /// Whether handlers may acknowledge later (see [`Router::acknowledge_later`]).
+    pub(crate) fn defers(&self) -> bool {
+        self.defers
     }
 
     /// Whether `kind` has its own route.

@@ -580,19 +580,21 @@ async fn acknowledged_later_messages_are_acknowledged_in_order_once_done_and_rep
     let laters: Arc<Mutex<Vec<(u64, AckLater)>>> = Arc::default();
     let collected = laters.clone();
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let router = Router::new().fallback(service_fn(move |msg: Inbound| {
-        let (collected, seen) = (collected.clone(), seen_tx.clone());
-        async move {
-            let n = msg.envelope.decode_payload::<serde_json::Value>()?["n"]
-                .as_u64()
-                .unwrap_or_default();
-            let later = msg.acknowledge_later().expect("a message of a session");
-            collected.lock().expect("lock").push((n, later));
-            // Reported once its handle is collected, so the test can take it.
-            let _ = seen.send(n);
-            Ok::<_, BoxError>(())
-        }
-    }));
+    let router = Router::new()
+        .fallback(service_fn(move |msg: Inbound| {
+            let (collected, seen) = (collected.clone(), seen_tx.clone());
+            async move {
+                let n = msg.envelope.decode_payload::<serde_json::Value>()?["n"]
+                    .as_u64()
+                    .unwrap_or_default();
+                let later = msg.acknowledge_later().expect("a message of a session");
+                collected.lock().expect("lock").push((n, later));
+                // Reported once its handle is collected, so the test can take it.
+                let _ = seen.send(n);
+                Ok::<_, BoxError>(())
+            }
+        }))
+        .acknowledge_later();
     let hub = resumable_hub(router, HubSessions::default()).await;
     let id = AgentId::new("ws", "later");
     let agent = session_agent(&hub.url().expect("url"), &id, Router::new());
@@ -653,21 +655,23 @@ async fn acknowledge_later_after_the_handler_returned_closes_the_connection() {
     let misbehaved = Arc::new(AtomicBool::new(false));
     let once = misbehaved.clone();
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let router = Router::new().fallback(service_fn(move |msg: Inbound| {
-        let (once, seen) = (once.clone(), seen_tx.clone());
-        async move {
-            let _ = seen.send(());
-            if !once.swap(true, Ordering::SeqCst) {
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    if let Some(later) = msg.acknowledge_later() {
-                        later.done();
-                    }
-                });
+    let router = Router::new()
+        .fallback(service_fn(move |msg: Inbound| {
+            let (once, seen) = (once.clone(), seen_tx.clone());
+            async move {
+                let _ = seen.send(());
+                if !once.swap(true, Ordering::SeqCst) {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        if let Some(later) = msg.acknowledge_later() {
+                            later.done();
+                        }
+                    });
+                }
+                Ok::<_, BoxError>(())
             }
-            Ok::<_, BoxError>(())
-        }
-    }));
+        }))
+        .acknowledge_later();
     let hub = resumable_hub(router, HubSessions::default()).await;
     let id = AgentId::new("ws", "late");
     let agent = session_agent(&hub.url().expect("url"), &id, Router::new());
