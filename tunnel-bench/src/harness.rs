@@ -307,7 +307,8 @@ impl Drop for HubProcess {
 static HUB_BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// Chooses the `tunnel` binary hub processes run: `given`, or else `tunnel` next to this
-/// binary (where `cargo build` puts both). Fails when neither is a file.
+/// binary (where `cargo build` puts both). Only the scenarios that start a hub process
+/// need it to exist.
 pub(crate) fn set_hub_binary(given: Option<PathBuf>) -> Result<(), String> {
     let path = match given {
         Some(path) => path,
@@ -315,20 +316,21 @@ pub(crate) fn set_hub_binary(given: Option<PathBuf>) -> Result<(), String> {
             .map_err(|e| format!("cannot find this binary's folder: {e}"))?
             .with_file_name(format!("tunnel{}", std::env::consts::EXE_SUFFIX)),
     };
+    let _ = HUB_BINARY.set(path);
+    Ok(())
+}
+
+fn hub_binary() -> Result<&'static PathBuf, String> {
+    let path = HUB_BINARY
+        .get()
+        .ok_or_else(|| "no hub binary chosen (set_hub_binary was not called)".to_string())?;
     if !path.is_file() {
         return Err(format!(
             "no `tunnel` binary at {}: build it (`cargo build --release -p tunnel-cli`) or pass --hub-binary",
             path.display()
         ));
     }
-    let _ = HUB_BINARY.set(path);
-    Ok(())
-}
-
-pub(crate) fn hub_binary() -> Result<&'static PathBuf, String> {
-    HUB_BINARY
-        .get()
-        .ok_or_else(|| "no hub binary chosen (set_hub_binary was not called)".to_string())
+    Ok(path)
 }
 
 /// GETs `url` (plain `http://`, as the hub's admin server speaks) and returns the body,
