@@ -517,22 +517,59 @@ async fn deliver_down(inner: &Inner, hub: &Hub, agent: &AgentId) {
         max_ack_pending: inner.config.down_in_flight,
         ..Default::default()
     };
-    let consumer = match inner.down.get_or_create_consumer(&name, config).await {
+    let mut acks = JoinSet::new();
+    let mut backoff = Duration::from_millis(100);
+    // Read again after NATS comes back (a restart ends the consumer's stream).
+    loop {
+        match read_down(inner, hub, agent, &name, &config, &mut acks).await {
+            DownEnd::AgentGone => break,
+            DownEnd::Nats => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    // Let the acks of what was delivered finish; the caller cancels this at the end.
+    while acks.join_next().await.is_some() {}
+    std::future::pending().await
+}
+
+/// Why [`read_down`] stopped.
+enum DownEnd {
+    /// The hub no longer holds the agent.
+    AgentGone,
+    /// The consumer could not be made or read: try again.
+    Nats,
+}
+
+/// Delivers from the agent's down consumer until it fails or the agent is gone.
+async fn read_down(
+    inner: &Inner,
+    hub: &Hub,
+    agent: &AgentId,
+    name: &str,
+    config: &consumer::pull::Config,
+    acks: &mut JoinSet<()>,
+) -> DownEnd {
+    let consumer = match inner
+        .down
+        .get_or_create_consumer(name, config.clone())
+        .await
+    {
         Ok(consumer) => consumer,
         Err(e) => {
-            tracing::warn!(%agent, error = %e, "cannot read the agent's down messages");
-            return std::future::pending().await;
+            tracing::debug!(%agent, error = %e, "cannot read the agent's down messages yet");
+            return DownEnd::Nats;
         }
     };
     let Ok(mut messages) = consumer.messages().await else {
-        return std::future::pending().await;
+        return DownEnd::Nats;
     };
-    let mut acks = JoinSet::new();
     loop {
         tokio::select! {
             next = messages.next() => {
                 let Some(Ok(msg)) = next else {
-                    break;
+                    return DownEnd::Nats;
                 };
                 let env = match down_envelope(&msg.message) {
                     Ok(env) => env,
@@ -569,14 +606,13 @@ async fn deliver_down(inner: &Inner, hub: &Hub, agent: &AgentId) {
                     }
                     Err(_) => {
                         let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
-                        break;
+                        return DownEnd::AgentGone;
                     }
                 }
             }
             Some(_) = acks.join_next(), if !acks.is_empty() => {}
         }
     }
-    std::future::pending().await
 }
 
 /// How long JetStream waits for a hub's ack of a down message before it redelivers it:

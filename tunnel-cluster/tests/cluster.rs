@@ -401,3 +401,37 @@ async fn each_hub_announces_itself_as_a_micro_service_with_its_load() {
     agent.shutdown().await;
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_reach_a_connected_agent_again_after_nats_restarts() {
+    let mut nats = Nats::start("down-outage");
+    let (hub, _cluster, serving) = cluster_hub(&nats, "hub-a", Router::new()).await;
+    let id = AgentId::new("root:org", "steady");
+    let (router, mut commands) = agent_router();
+    let agent = agent(&hub.url().expect("url"), &id, router);
+    within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+    backend
+        .send(&id, MessageType::Command, &json!({"n": 1}))
+        .await
+        .expect("stored");
+    assert_eq!(within("before", commands.recv()).await, Some(1));
+    nats.restart();
+    // The backend's client reconnects on its own; a send may fail while it does.
+    within("stored after the restart", async {
+        while backend
+            .send(&id, MessageType::Command, &json!({"n": 2}))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(within("after", commands.recv()).await, Some(2));
+    serving.stop().await;
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
