@@ -40,6 +40,8 @@ struct Inner {
     recorder: Arc<dyn tunnel_metrics::Recorder>,
     /// Woken whenever an agent is registered.
     joined: tokio::sync::Notify,
+    /// Cancelled once the accept loop took in its last connection.
+    accept_stopped: CancellationToken,
     /// Agents coming and going, for [`Hub::events`].
     events: tokio::sync::broadcast::Sender<HubEvent>,
 }
@@ -365,6 +367,7 @@ impl Hub {
             pending: Arc::new(Pending::new(config.max_pending_requests, recorder.clone())),
             recorder,
             joined: tokio::sync::Notify::new(),
+            accept_stopped: CancellationToken::new(),
             events: tokio::sync::broadcast::channel(EVENTS_BUFFERED).0,
         });
         inner
@@ -614,6 +617,13 @@ impl Hub {
     /// on the next hub without a reset.
     pub async fn drain(&self, drain: Drain) {
         self.inner.accepting.cancel();
+        // Connections that finished their handshake are taken in first, so that they
+        // hear of the drain too.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.inner.accept_stopped.cancelled(),
+        )
+        .await;
         let senders: Vec<ConnectionSender> = self.read_agents().values().cloned().collect();
         tracing::info!(agents = senders.len(), "draining");
         let close = Close {
@@ -670,7 +680,15 @@ impl Hub {
 async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc<Inner>) {
     loop {
         let conn = tokio::select! {
-            () = inner.accepting.cancelled() => break,
+            () = inner.accepting.cancelled() => {
+                // Connections whose handshake finished are still taken in (and then
+                // drained like the others), not dropped with the acceptor.
+                use futures_util::FutureExt as _;
+                match acceptor.accept().now_or_never() {
+                    Some(conn) => conn,
+                    None => break,
+                }
+            }
             conn = acceptor.accept() => conn,
         };
         let Ok(conn) = conn else {
@@ -805,6 +823,7 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
             }
         });
     }
+    inner.accept_stopped.cancel();
     // Dropping the acceptor stops the listener.
 }
 
