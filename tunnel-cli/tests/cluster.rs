@@ -15,7 +15,7 @@ const SOON: Duration = Duration::from_secs(20);
 
 mod support;
 
-use support::Process;
+use support::{Dir, Process};
 
 /// `tunnel` with JSON logs at info and `args`, as a process.
 fn spawn(args: &[&str]) -> Process {
@@ -26,30 +26,30 @@ fn spawn(args: &[&str]) -> Process {
     )
 }
 
+/// `tunnel hub` in the cluster on `nats`, named `name`, agents' token in `dir`.
+fn cluster_hub(dir: &Dir, nats: &str, name: &str, drain_timeout: &str) -> Process {
+    let token = dir.token();
+    spawn(&[
+        "hub",
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        token.to_str().expect("utf-8"),
+        "--nats",
+        nats,
+        "--hub-id",
+        name,
+        "--drain-timeout",
+        drain_timeout,
+    ])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_reaches_an_agent_of_a_two_hub_cluster_and_reads_what_it_sent() {
     let nats = Nats::start("cli");
-    let dir = std::env::temp_dir().join(format!("tunnel-cli-cluster-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let token = dir.join("token");
-    std::fs::write(&token, "cluster-token").expect("token");
-    let token = token.to_str().expect("utf-8");
+    let dir = Dir::new("cluster");
     let url = nats.url();
-    let hub = |name: &str| {
-        spawn(&[
-            "hub",
-            "--listen",
-            "127.0.0.1:0",
-            "--token-file",
-            token,
-            "--nats",
-            &url,
-            "--hub-id",
-            name,
-            "--drain-timeout",
-            "1",
-        ])
-    };
+    let hub = |name: &str| cluster_hub(&dir, &url, name, "1");
     let (hub_a, hub_b) = (hub("hub-a"), hub("hub-b"));
     for h in [&hub_a, &hub_b] {
         h.wait_for("joined the cluster");
@@ -59,6 +59,7 @@ async fn a_backend_reaches_an_agent_of_a_two_hub_cluster_and_reads_what_it_sent(
         .as_str()
         .expect("url")
         .to_owned();
+    let token = dir.token();
     let agent = spawn(&[
         "agent",
         "--url",
@@ -68,7 +69,7 @@ async fn a_backend_reaches_an_agent_of_a_two_hub_cluster_and_reads_what_it_sent(
         "--sync-target",
         "c1",
         "--token-file",
-        token,
+        token.to_str().expect("utf-8"),
         "--status-interval",
         "1",
     ]);
@@ -129,7 +130,6 @@ async fn a_backend_reaches_an_agent_of_a_two_hub_cluster_and_reads_what_it_sent(
     assert!(agent.terminate().success());
     assert!(hub_a.terminate().success());
     assert!(hub_b.terminate().success());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A hub killed (SIGKILL) under load both ways: the agent moves to the other hub, every
@@ -142,27 +142,9 @@ async fn a_hub_killed_under_load_both_ways_loses_nothing_acknowledged() {
     use tunnel_router::{Agent, AgentConfig, Inbound, Router, Undelivered};
 
     let nats = Nats::start("kill");
-    let dir = std::env::temp_dir().join(format!("tunnel-cli-kill-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let token = dir.join("token");
-    std::fs::write(&token, "kill-token").expect("token");
-    let token = token.to_str().expect("utf-8");
+    let dir = Dir::new("kill");
     let url = nats.url();
-    let hub = |name: &str| {
-        spawn(&[
-            "hub",
-            "--listen",
-            "127.0.0.1:0",
-            "--token-file",
-            token,
-            "--nats",
-            &url,
-            "--hub-id",
-            name,
-            "--drain-timeout",
-            "0",
-        ])
-    };
+    let hub = |name: &str| cluster_hub(&dir, &url, name, "0");
     let (hub_a, hub_b) = (hub("hub-a"), hub("hub-b"));
     let a_url = hub_a.wait_for("hub listening")["url"]
         .as_str()
@@ -187,7 +169,7 @@ async fn a_hub_killed_under_load_both_ways_loses_nothing_acknowledged() {
     );
     let id = AgentId::new("root:e2e", "survivor");
     let connector = tunnel_transport::WsConnector::new(
-        tunnel_transport::ClientConfig::new(id.clone()).token(Some("kill-token".into())),
+        tunnel_transport::ClientConfig::new(id.clone()).token(Some(support::TOKEN.into())),
     );
     let agent = Agent::start(
         connector,
@@ -296,5 +278,4 @@ async fn a_hub_killed_under_load_both_ways_loses_nothing_acknowledged() {
     );
     agent.shutdown().await;
     assert!(hub_b.terminate().success());
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -542,11 +542,6 @@ impl ReceiveWindow {
         }
         self.held.clear();
     }
-
-    /// How many messages are held.
-    pub fn held(&self) -> usize {
-        self.held.len()
-    }
 }
 
 #[cfg(test)]

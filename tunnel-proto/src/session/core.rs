@@ -672,11 +672,6 @@ impl Session {
         self.inb.rewind();
     }
 
-    /// How many received messages are held (see [`Session::hold`]).
-    pub fn held_inbound(&self) -> usize {
-        self.inb.held()
-    }
-
     /// The highest sequence number handed out to a message of this session.
     pub fn highest_sent(&self) -> u64 {
         self.out.highest_sent()
