@@ -612,9 +612,10 @@ impl tunnel_metrics::Recorder for Attempts {
 }
 
 /// An agent of a crowd: id `bench/<prefix>-<i>`, MessagePack, the given backoff, its
-/// redials counted in `attempts`.
+/// redials counted in `attempts`; it dials `urls` in order, starting at the `i`-th (so
+/// a crowd spreads over several hubs).
 pub(crate) fn crowd_agent(
-    url: &str,
+    urls: &[String],
     prefix: &str,
     i: usize,
     backoff: BackoffConfig,
@@ -625,7 +626,7 @@ pub(crate) fn crowd_agent(
         .format(Format::MsgPack);
     Agent::start(
         WsConnector::new(config),
-        AgentConfig::new(url)
+        AgentConfig::with_endpoints((0..urls.len()).map(|k| urls[(i + k) % urls.len()].clone()))
             .backoff(backoff)
             .recorder(attempts.clone()),
         Router::new(),
@@ -645,7 +646,7 @@ pub(crate) fn is_up(state: &ConnectionState) -> bool {
 /// Starts `n` agents, at most `parallel` dialling at once, and waits until all are
 /// connected (or `limit` passes).
 pub(crate) async fn start_crowd(
-    url: &str,
+    urls: &[String],
     prefix: &str,
     n: usize,
     backoff: BackoffConfig,
@@ -656,7 +657,7 @@ pub(crate) async fn start_crowd(
     let parallel = Arc::new(Semaphore::new(256));
     let connected = Arc::new(AtomicUsize::new(0));
     for i in 0..n {
-        let agent = crowd_agent(url, prefix, i, backoff, attempts)?;
+        let agent = crowd_agent(urls, prefix, i, backoff, attempts)?;
         let permit = parallel
             .clone()
             .acquire_owned()

@@ -175,6 +175,10 @@ enum Scenario {
     /// publisher, backend calls beside plain NATS requests (needs nats-server; run it
     /// by name).
     Cluster,
+    /// `--agents` agents over three `tunnel hub --nats` processes: hub memory per agent,
+    /// time until presence is right after one hub is killed (needs nats-server; run it
+    /// by name).
+    ClusterScale,
     /// Every scenario except the long `load` and `cluster` (run those by name).
     All,
 }
@@ -228,6 +232,9 @@ async fn run_scenarios(args: &BenchArgs) -> Result<(), String> {
     }
     if args.scenario == Scenario::Cluster {
         scenarios::cluster::run(args.cluster_messages, args.runs, args.calls).await?;
+    }
+    if args.scenario == Scenario::ClusterScale {
+        scenarios::cluster_scale::run(args.agents).await?;
     }
     if args.scenario == Scenario::Load {
         scenarios::load::run(args.agents, args.seconds).await?;

@@ -65,6 +65,17 @@ impl Reply {
     }
 }
 
+/// A change of one agent's presence entry ([`Backend::watch_presence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// Whose entry changed.
+    pub agent: AgentId,
+    /// Which hub holds it now; `None` once no hub does.
+    pub presence: Option<Presence>,
+    /// The entry's revision (newer writes have higher ones).
+    pub revision: u64,
+}
+
 /// One message an agent sent, read from the up stream.
 #[derive(Debug)]
 pub struct UpMessage {
@@ -175,7 +186,6 @@ impl Backend {
         let payload =
             serde_json::to_vec(value).map_err(|e| ClusterError::Payload(e.to_string()))?;
         let mut headers = HeaderMap::new();
-        headers.insert(HEADER_TYPE, kind.as_str());
         headers.insert(HEADER_CODEC, "json");
         headers.insert(
             subject::HEADER_TIMEOUT_MS,
@@ -188,7 +198,7 @@ impl Backend {
             .timeout(Some(timeout + Duration::from_millis(500)));
         let answer = self
             .client
-            .send_request(subject::call(agent), request)
+            .send_request(subject::call(agent, kind.as_str()), request)
             .await
             .map_err(|e| match e.kind() {
                 async_nats::RequestErrorKind::NoResponders => {
@@ -246,6 +256,34 @@ impl Backend {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
+    }
+
+    /// Who is connected, as it changes: first every current entry, then each change
+    /// (a hub claiming an agent, or letting it go) as it is written.
+    pub async fn watch_presence(
+        &self,
+    ) -> Result<impl Stream<Item = PresenceChange> + use<>, ClusterError> {
+        let watch = self
+            .presence
+            .watch_all()
+            .await
+            .map_err(|e| ClusterError::JetStream(e.to_string()))?;
+        Ok(watch.filter_map(|entry| {
+            std::future::ready(entry.ok().and_then(|entry| {
+                let agent = subject::agent_of_key(&entry.key)?;
+                let presence = match entry.operation {
+                    kv::Operation::Put => {
+                        Some(serde_json::from_slice::<Presence>(&entry.value).ok()?)
+                    }
+                    kv::Operation::Delete | kv::Operation::Purge => None,
+                };
+                Some(PresenceChange {
+                    agent,
+                    presence,
+                    revision: entry.revision,
+                })
+            }))
+        }))
     }
 
     /// What agents sent (only `agent`'s, if given), from the up stream through the

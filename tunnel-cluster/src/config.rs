@@ -42,7 +42,7 @@ pub struct ClusterConfig {
     /// not stored (the agent keeps it and replays it). Default 5 s.
     pub publish_timeout: Duration,
     /// Down messages sent to one agent and not yet acknowledged by it. Default 256.
-    pub down_in_flight: i64,
+    pub down_in_flight: usize,
     /// Backend calls one hub forwards at once; more are answered with an error.
     /// Default 1,024.
     pub max_calls: usize,

@@ -3,14 +3,15 @@
 //! stream, backends' calls are forwarded, and presence is kept in KV.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, stream};
+use async_nats::jetstream::{self, kv, message::PublishMessage, stream};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::{Semaphore, broadcast, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::{BoxError, service_fn};
@@ -35,6 +36,11 @@ struct Inner {
     down: stream::Stream,
     presence: kv::Store,
     calls: Arc<Semaphore>,
+    /// Per agent, the down messages delivered and not yet deleted ([`InFlight`]).
+    in_flight: Mutex<HashMap<AgentId, std::sync::Weak<InFlight>>>,
+    /// Bumped each time the NATS connection is (re)established: a copy of a down
+    /// message published meanwhile may have been missed, so readers look again.
+    reconnects: Arc<watch::Sender<u64>>,
 }
 
 /// What a presence entry says (JSON in the bucket's value).
@@ -53,8 +59,18 @@ impl Cluster {
     /// (creating them with `config`'s bounds if they do not).
     pub async fn connect(config: ClusterConfig) -> Result<Cluster, ClusterError> {
         config.check()?;
+        let reconnects = Arc::new(watch::Sender::new(0u64));
+        let bump = reconnects.clone();
         let client = async_nats::ConnectOptions::new()
             .name(format!("tunnel-hub {}", config.hub_id))
+            .event_callback(move |event| {
+                let bump = bump.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        bump.send_modify(|n| *n += 1);
+                    }
+                }
+            })
             .connect(config.url.as_str())
             .await
             .map_err(|source| ClusterError::Connect {
@@ -72,6 +88,8 @@ impl Cluster {
                 js,
                 down,
                 presence,
+                in_flight: Mutex::default(),
+                reconnects,
             }),
         })
     }
@@ -411,7 +429,10 @@ fn stop_agent(held: &Mutex<HashMap<AgentId, Held>>, agent: &AgentId, connection:
     }
 }
 
-/// Everything this hub does for one connected agent, until `cancel`.
+/// Everything this hub does for one connected agent, until `cancel`: one subscription
+/// to everything addressed to it (calls, and copies of what backends put in the down
+/// stream, which say when to read it), its presence claim, and the delivery of its
+/// down messages.
 async fn agent_work(
     inner: Arc<Inner>,
     hub: Hub,
@@ -422,54 +443,135 @@ async fn agent_work(
     cancel: CancellationToken,
 ) {
     let key = subject::presence_key(&agent);
-    let revision = match claim(&inner.presence, &key, &presence).await {
-        Ok(revision) => Some(revision),
-        Err(e) => {
-            tracing::warn!(%agent, error = %e, "presence entry not written");
-            None
-        }
+    // Futures that run once are boxed, so that the task an idle agent keeps holds only
+    // what waiting needs.
+    // Subscribed before the first read, so nothing published later goes unnoticed.
+    let inbox = tokio::select! {
+        () = cancel.cancelled() => return,
+        inbox = Box::pin(subscribe(&inner, &agent)) => inbox,
     };
-    if let Some(h) = held
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get_mut(&agent)
-        .filter(|h| h.connection == connection)
-    {
-        h.revision = revision;
-    }
-    // Taken over before the watch could know our revision: let go now.
-    if let Some(revision) = revision
-        && let Ok(Some(entry)) = inner.presence.entry(&key).await
-        && entry.revision > revision
-        && serde_json::from_slice::<Presence>(&entry.value)
-            .is_ok_and(|p| p.hub != inner.config.hub_id)
-        && let Some(sender) = hub.sender(&agent).filter(|s| s.info().id == connection)
-    {
-        sender.abort_with(
-            CloseCode::SESSION_REPLACED,
-            "the agent connected to another hub",
-        );
-    }
-    let work = async {
-        tokio::join!(
-            deliver_down(&inner, &hub, &agent),
-            answer_calls(&inner, &hub, &agent),
-        )
+    // Revisions start at 1; 0 is none yet.
+    let revision = AtomicU64::new(0);
+    let claiming = async {
+        let claim = Claim {
+            inner: &inner,
+            hub: &hub,
+            held: &held,
+            agent: &agent,
+            connection,
+            key: &key,
+        };
+        Box::pin(claim.run(&presence, &revision)).await;
+        std::future::pending::<()>().await
     };
     tokio::select! {
         () = cancel.cancelled() => {}
-        _ = work => {}
+        _ = async { tokio::join!(claiming, serve_inbox(&inner, &hub, &agent, inbox)) } => {}
     }
-    // Still ours: the agent left this hub. Removed only at our revision, so an entry
-    // another hub wrote meanwhile stays.
-    if let Some(revision) = revision {
-        let current = inner.presence.entry(&key).await.ok().flatten();
-        if current.is_some_and(|e| e.revision == revision) {
-            let _ = inner
-                .presence
-                .delete_expect_revision(&key, Some(revision))
-                .await;
+    let revision = revision.load(Ordering::Relaxed);
+    if revision > 0 {
+        Box::pin(release(&inner, &key, revision)).await;
+    }
+}
+
+/// Claiming one agent's presence entry for one of its connections.
+struct Claim<'a> {
+    inner: &'a Inner,
+    hub: &'a Hub,
+    held: &'a HeldMap,
+    agent: &'a AgentId,
+    connection: u64,
+    key: &'a str,
+}
+
+impl Claim<'_> {
+    /// Claims the entry (its revision goes to `revision` and to the held map), then
+    /// lets go at once if another hub took it before the watch knew our revision.
+    async fn run(&self, presence: &Presence, revision: &AtomicU64) {
+        let written = claim_until_written(self.inner, self.agent, self.key, presence).await;
+        revision.store(written, Ordering::Relaxed);
+        if let Some(h) = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(self.agent)
+            .filter(|h| h.connection == self.connection)
+        {
+            h.revision = Some(written);
         }
+        if let Ok(Some(entry)) = self.inner.presence.entry(self.key).await
+            && entry.revision > written
+            && serde_json::from_slice::<Presence>(&entry.value)
+                .is_ok_and(|p| p.hub != self.inner.config.hub_id)
+            && let Some(sender) = self
+                .hub
+                .sender(self.agent)
+                .filter(|s| s.info().id == self.connection)
+        {
+            sender.abort_with(
+                CloseCode::SESSION_REPLACED,
+                "the agent connected to another hub",
+            );
+        }
+    }
+}
+
+/// The agent left this hub: its presence entry is removed, but only at our revision, so
+/// an entry another hub wrote meanwhile stays.
+async fn release(inner: &Inner, key: &str, revision: u64) {
+    let current = inner.presence.entry(key).await.ok().flatten();
+    if current.is_some_and(|e| e.revision == revision) {
+        let _ = inner
+            .presence
+            .delete_expect_revision(key, Some(revision))
+            .await;
+    }
+}
+
+/// The subscription to everything addressed to `agent`, retried until NATS takes it.
+async fn subscribe(inner: &Inner, agent: &AgentId) -> async_nats::Subscriber {
+    let mut backoff = Backoff::new();
+    loop {
+        match inner.client.subscribe(subject::down_all(agent)).await {
+            Ok(inbox) => return inbox,
+            Err(e) => {
+                tracing::debug!(%agent, error = %e, "cannot subscribe for the agent yet");
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+/// Claims the agent's presence entry, retrying (NATS may be down or busy) until it is
+/// written; returns its revision.
+async fn claim_until_written(inner: &Inner, agent: &AgentId, key: &str, value: &Presence) -> u64 {
+    let mut backoff = Backoff::new();
+    let mut warned = false;
+    loop {
+        match claim(&inner.presence, key, value).await {
+            Ok(revision) => return revision,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(%agent, error = %e, "presence entry not written yet: retrying");
+                    warned = true;
+                }
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+/// Doubling waits from 100 ms to 5 s, for retries against NATS.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -504,147 +606,200 @@ async fn claim(presence: &kv::Store, key: &str, value: &Presence) -> Result<u64,
     )))
 }
 
-/// Delivers what waits for the agent in the down stream, acknowledging each message in
-/// JetStream once the agent acknowledged it (a message whose delivery failed is
-/// redelivered, on whichever hub then holds the agent).
-async fn deliver_down(inner: &Inner, hub: &Hub, agent: &AgentId) {
-    let name = consumer_name(agent);
-    let config = consumer::pull::Config {
-        durable_name: Some(name.clone()),
-        filter_subject: subject::down_all(agent),
-        ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: DOWN_ACK_WAIT,
-        max_ack_pending: inner.config.down_in_flight,
-        ..Default::default()
-    };
-    let mut acks = JoinSet::new();
-    let mut backoff = Duration::from_millis(100);
-    // Read again after NATS comes back (a restart ends the consumer's stream).
-    loop {
-        match read_down(inner, hub, agent, &name, &config, &mut acks).await {
-            DownEnd::AgentGone => break,
-            DownEnd::Nats => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+/// One agent's down messages that this hub has delivered and not yet deleted from the
+/// stream. It outlives the agent's connection: a session resumed on this hub
+/// acknowledges them later, and the next connection's reader must not send them again.
+#[derive(Debug, Default)]
+struct InFlight {
+    state: Mutex<InFlightState>,
+    /// Wakes the reader: a delivery ended (a slot is free, or it failed).
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct InFlightState {
+    seqs: std::collections::BTreeSet<u64>,
+    /// A delivery failed: read the agent's messages from the start of the stream again.
+    rewind: bool,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InFlightState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
-    // Let the acks of what was delivered finish; the caller cancels this at the end.
-    while acks.join_next().await.is_some() {}
-    std::future::pending().await
 }
 
-/// Why [`read_down`] stopped.
-enum DownEnd {
-    /// The hub no longer holds the agent.
-    AgentGone,
-    /// The consumer could not be made or read: try again.
-    Nats,
+/// The agent's [`InFlight`], shared by its connections on this hub.
+fn in_flight(inner: &Inner, agent: &AgentId) -> Arc<InFlight> {
+    let mut map = inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(live) = map.get(agent).and_then(std::sync::Weak::upgrade) {
+        return live;
+    }
+    // Bounded by the agents that have a reader or a delivery pending.
+    map.retain(|_, w| w.strong_count() > 0);
+    let fresh = Arc::new(InFlight::default());
+    map.insert(agent.clone(), Arc::downgrade(&fresh));
+    fresh
 }
 
-/// Delivers from the agent's down consumer until it fails or the agent is gone.
-async fn read_down(
-    inner: &Inner,
+/// Serves what arrives for the agent: calls are forwarded to it; a copy of a down
+/// message (or a reconnect to NATS, or a delivery's end) says to read the down stream,
+/// which is read by subject, oldest first, at most `down_in_flight` unacknowledged.
+async fn serve_inbox(
+    inner: &Arc<Inner>,
     hub: &Hub,
     agent: &AgentId,
-    name: &str,
-    config: &consumer::pull::Config,
-    acks: &mut JoinSet<()>,
-) -> DownEnd {
-    let consumer = match inner
-        .down
-        .get_or_create_consumer(name, config.clone())
-        .await
-    {
-        Ok(consumer) => consumer,
-        Err(e) => {
-            tracing::debug!(%agent, error = %e, "cannot read the agent's down messages yet");
-            return DownEnd::Nats;
-        }
-    };
-    let Ok(mut messages) = consumer.messages().await else {
-        return DownEnd::Nats;
-    };
+    mut inbox: async_nats::Subscriber,
+) {
+    let shared = in_flight(inner, agent);
+    let mut reconnects = inner.reconnects.subscribe();
+    let filter = subject::down_all(agent);
+    let limit = inner.config.down_in_flight.max(1);
+    let mut calls = JoinSet::new();
+    // The first stream sequence not looked at yet, and whether there may be more.
+    let (mut next, mut unread) = (1u64, true);
+    let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
-        tokio::select! {
-            next = messages.next() => {
-                let Some(Ok(msg)) = next else {
-                    return DownEnd::Nats;
-                };
-                let env = match down_envelope(&msg.message) {
-                    Ok(env) => env,
-                    Err(e) => {
-                        // Never deliverable: terminate it rather than redeliver forever.
-                        tracing::warn!(%agent, error = %e, "dropping an undecodable down message");
-                        let _ = msg.ack_with(jetstream::AckKind::Term).await;
-                        continue;
-                    }
-                };
-                match hub.send_envelope(agent, env).await {
-                    Ok(receipt) => {
-                        acks.spawn(async move {
-                            let delivered = receipt.delivered();
-                            tokio::pin!(delivered);
-                            // While the agent has not acknowledged it (it may be away,
-                            // its session held), the hub says it is still at work, so
-                            // that only a dead hub's messages are redelivered.
-                            let mut progress = tokio::time::interval(DOWN_ACK_WAIT / 3);
-                            progress.tick().await;
-                            let kind = loop {
-                                tokio::select! {
-                                    outcome = &mut delivered => break match outcome {
-                                        Ok(()) => jetstream::AckKind::Ack,
-                                        Err(_) => jetstream::AckKind::Nak(None),
-                                    },
-                                    _ = progress.tick() => {
-                                        let _ = msg.ack_with(jetstream::AckKind::Progress).await;
-                                    }
-                                }
-                            };
-                            let _ = msg.ack_with(kind).await;
-                        });
-                    }
-                    Err(_) => {
-                        let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
-                        return DownEnd::AgentGone;
-                    }
+        while unread && retry.is_none() {
+            {
+                let mut state = shared.lock();
+                if state.seqs.len() >= limit {
+                    break;
+                }
+                if std::mem::take(&mut state.rewind) {
+                    next = 1;
                 }
             }
-            Some(_) = acks.join_next(), if !acks.is_empty() => {}
+            let read = Box::pin(
+                inner
+                    .down
+                    .direct_get_next_for_subject(filter.as_str(), Some(next)),
+            );
+            match read.await {
+                Ok(msg) => {
+                    next = msg.sequence + 1;
+                    if shared.lock().seqs.contains(&msg.sequence) {
+                        continue;
+                    }
+                    if Box::pin(deliver(inner, hub, agent, &shared, msg))
+                        .await
+                        .is_err()
+                    {
+                        // The hub no longer holds the agent: what is unread waits.
+                        return std::future::pending().await;
+                    }
+                }
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                    unread = false;
+                }
+                Err(e) => {
+                    tracing::debug!(%agent, error = %e, "cannot read the agent's down messages yet");
+                    retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+                }
+            }
+        }
+        tokio::select! {
+            next_msg = inbox.next() => {
+                let Some(msg) = next_msg else {
+                    // The client is closed: nothing more arrives.
+                    return std::future::pending().await;
+                };
+                if !subject::is_call(msg.subject.as_str()) {
+                    unread = true;
+                    continue;
+                }
+                let Some(reply_to) = msg.reply.clone() else { continue };
+                let client = inner.client.clone();
+                let Ok(permit) = inner.calls.clone().try_acquire_owned() else {
+                    let _ = Box::pin(respond_error(&client, reply_to, "busy", "too many calls in flight")).await;
+                    continue;
+                };
+                let (hub, agent) = (hub.clone(), agent.clone());
+                calls.spawn(async move {
+                    let answer = forward_call(&hub, &agent, &msg).await;
+                    let _ = match answer {
+                        Ok(reply) => respond(&client, reply_to, &reply).await,
+                        Err((code, message)) => respond_error(&client, reply_to, &code, &message).await,
+                    };
+                    drop(permit);
+                });
+            }
+            () = shared.changed.notified() => unread = true,
+            Ok(()) = reconnects.changed() => unread = true,
+            () = async { if let Some(r) = retry.as_mut() { r.await } }, if retry.is_some() => {
+                retry = None;
+                unread = true;
+            }
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
         }
     }
 }
 
-/// How long JetStream waits for a hub's ack of a down message before it redelivers it:
-/// the longest a dead hub's messages wait. A live hub sends progress meanwhile.
-const DOWN_ACK_WAIT: Duration = Duration::from_secs(5);
-
-/// The durable consumer of one agent's down messages: a name NATS accepts, the same on
-/// every hub.
-fn consumer_name(agent: &AgentId) -> String {
-    // FNV-1a over the presence key: stable across processes and versions.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in subject::presence_key(agent).bytes() {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("down-{hash:016x}")
+/// Sends one down message to the agent; once the agent acknowledged it, deletes it from
+/// the stream. A message that can never be delivered (undecodable) is deleted at once.
+/// Fails when the hub no longer holds the agent.
+async fn deliver(
+    inner: &Arc<Inner>,
+    hub: &Hub,
+    agent: &AgentId,
+    shared: &Arc<InFlight>,
+    msg: jetstream::message::StreamMessage,
+) -> Result<(), ()> {
+    let seq = msg.sequence;
+    let env = match down_envelope(msg.subject.as_str(), Some(&msg.headers), &msg.payload) {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::warn!(%agent, error = %e, "deleting an undecodable down message");
+            let _ = inner.down.delete_message(seq).await;
+            return Ok(());
+        }
+    };
+    let receipt = hub.send_envelope(agent, env).await.map_err(|_| ())?;
+    shared.lock().seqs.insert(seq);
+    let (inner, shared) = (inner.clone(), shared.clone());
+    // Not tied to this connection: a session resumed on this hub acknowledges later.
+    tokio::spawn(async move {
+        let delivered = receipt.delivered().await.is_ok();
+        if delivered {
+            let mut backoff = Backoff::new();
+            for _ in 0..DELETE_ATTEMPTS {
+                if inner.down.delete_message(seq).await.is_ok() {
+                    break;
+                }
+                backoff.wait().await;
+            }
+        }
+        {
+            let mut state = shared.lock();
+            state.seqs.remove(&seq);
+            state.rewind |= !delivered;
+        }
+        shared.changed.notify_one();
+    });
+    Ok(())
 }
+
+/// Tries to delete a delivered down message (NATS may be away). Past them, the message
+/// stays and is delivered again by the next reader: at least once.
+const DELETE_ATTEMPTS: usize = 8;
 
 /// The envelope a down message stands for: its type from the subject, its payload in
 /// the codec its header names (JSON by default), validated.
-fn down_envelope(msg: &async_nats::Message) -> Result<Box<Envelope>, String> {
-    let kind = subject::kind_of(msg.subject.as_str()).ok_or("a subject without a type")?;
-    let headers = msg.headers.as_ref();
+fn down_envelope(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &Bytes,
+) -> Result<Box<Envelope>, String> {
+    let kind = subject::kind_of(subject).ok_or("a subject without a type")?;
     let format = codec(
         headers
             .and_then(|h| h.get(HEADER_CODEC))
             .map(|v| v.as_str()),
     )?;
     let mut env = Box::new(Envelope::new(0, MessageType::from_wire(&kind), 0));
-    if !msg.payload.is_empty() {
+    if !payload.is_empty() {
         env.payload =
-            Some(Payload::from_encoded(format, msg.payload.clone()).map_err(|e| e.to_string())?);
+            Some(Payload::from_encoded(format, payload.clone()).map_err(|e| e.to_string())?);
     }
     if let Some(trace) = headers.and_then(|h| h.get(HEADER_TRACEPARENT)) {
         env.headers
@@ -664,39 +819,6 @@ fn codec(name: Option<&str>) -> Result<Format, String> {
     }
 }
 
-/// Answers backends' calls to the agent: each becomes a tunnel request, and the
-/// agent's reply (or the reason there is none) goes back to the caller.
-async fn answer_calls(inner: &Inner, hub: &Hub, agent: &AgentId) {
-    let Ok(mut calls) = inner.client.subscribe(subject::call(agent)).await else {
-        return std::future::pending().await;
-    };
-    let mut running = JoinSet::new();
-    loop {
-        tokio::select! {
-            next = calls.next() => {
-                let Some(call) = next else { break };
-                let Some(reply_to) = call.reply.clone() else { continue };
-                let client = inner.client.clone();
-                let Ok(permit) = inner.calls.clone().try_acquire_owned() else {
-                    let _ = respond_error(&client, reply_to, "busy", "too many calls in flight").await;
-                    continue;
-                };
-                let (hub, agent) = (hub.clone(), agent.clone());
-                running.spawn(async move {
-                    let answer = forward_call(&hub, &agent, &call).await;
-                    let _ = match answer {
-                        Ok(reply) => respond(&client, reply_to, &reply).await,
-                        Err((code, message)) => respond_error(&client, reply_to, &code, &message).await,
-                    };
-                    drop(permit);
-                });
-            }
-            Some(_) = running.join_next(), if !running.is_empty() => {}
-        }
-    }
-    std::future::pending().await
-}
-
 /// Longest a forwarded call waits for the agent unless the caller asks for less.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -705,12 +827,8 @@ async fn forward_call(
     agent: &AgentId,
     call: &async_nats::Message,
 ) -> Result<Envelope, (String, String)> {
-    let mut env = down_envelope(call).map_err(|e| ("bad_request".to_string(), e))?;
-    if let Some(kind) = call.headers.as_ref().and_then(|h| h.get(HEADER_TYPE)) {
-        env.kind = MessageType::from_wire(kind.as_str());
-    } else {
-        env.kind = MessageType::Command;
-    }
+    let env = down_envelope(call.subject.as_str(), call.headers.as_ref(), &call.payload)
+        .map_err(|e| ("bad_request".to_string(), e))?;
     let timeout = call
         .headers
         .as_ref()

@@ -22,6 +22,6 @@ pub mod subject;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use backend::{Backend, Reply, UpMessage};
+pub use backend::{Backend, PresenceChange, Reply, UpMessage};
 pub use config::{ClusterConfig, ClusterError};
 pub use hub::{Cluster, Presence, Serving};

@@ -28,10 +28,12 @@ pub(crate) async fn ensure(
     let down = js
         .get_or_create_stream(stream::Config {
             name: DOWN_STREAM.into(),
-            subjects: vec![format!("{PREFIX}.down.>")],
-            // A message leaves once the agent has it; what waits is bounded per agent
-            // and type, and in all, and a full stream refuses the backend's publish.
-            retention: stream::RetentionPolicy::WorkQueue,
+            subjects: vec![crate::subject::down_stream_subjects()],
+            // A message leaves once the agent has it (the hub that delivered it deletes
+            // it); what waits is bounded per agent and type, and in all, and a full
+            // stream refuses the backend's publish. Hubs read an agent's messages by
+            // subject with direct gets: no consumer per agent.
+            allow_direct: true,
             max_age: config.down_max_age,
             max_bytes: config.down_max_bytes,
             max_messages_per_subject: config.down_per_subject,

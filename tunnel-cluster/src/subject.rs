@@ -120,9 +120,22 @@ pub fn down(agent: &AgentId, kind: &str) -> String {
     format!("{PREFIX}.down.{}.{}", agent_tokens(agent), escape(kind))
 }
 
-/// `tunnel.v1.down.<workspace>.<sync_target>.>`: everything waiting for `agent`.
+/// `tunnel.v1.down.<workspace>.<sync_target>.>`: everything addressed to `agent`: its
+/// down messages (five tokens, kept in the down stream) and calls to it (six tokens,
+/// [`call`]). The hub that holds the agent subscribes to it.
 pub fn down_all(agent: &AgentId) -> String {
     format!("{PREFIX}.down.{}.>", agent_tokens(agent))
+}
+
+/// The down stream's subjects: `tunnel.v1.down.*.*.*` (calls, one token longer, are
+/// not stored).
+pub fn down_stream_subjects() -> String {
+    format!("{PREFIX}.down.*.*.*")
+}
+
+/// Whether `subject` (under [`down_all`]) is a call rather than a down message.
+pub fn is_call(subject: &str) -> bool {
+    subject.split('.').count() == 7 && subject.split('.').nth(5) == Some("call")
 }
 
 /// The NATS micro service name every hub announces.
@@ -134,10 +147,14 @@ pub fn hub_load(hub_id: &str) -> String {
     format!("{PREFIX}.hub.{}.load", escape(hub_id))
 }
 
-/// `tunnel.v1.call.<workspace>.<sync_target>`: requests to `agent` (core NATS
-/// request/reply, answered by the hub that holds it).
-pub fn call(agent: &AgentId) -> String {
-    format!("{PREFIX}.call.{}", agent_tokens(agent))
+/// `tunnel.v1.down.<workspace>.<sync_target>.call.<type>`: requests of `kind` to
+/// `agent` (core NATS request/reply, answered by the hub that holds it; not stored).
+pub fn call(agent: &AgentId, kind: &str) -> String {
+    format!(
+        "{PREFIX}.down.{}.call.{}",
+        agent_tokens(agent),
+        escape(kind)
+    )
 }
 
 /// The presence bucket's key of `agent`: `<workspace>.<sync_target>`, escaped.
@@ -210,7 +227,18 @@ mod tests {
             down(&agent, "command"),
             "tunnel.v1.down.root=3Aorg.cluster=2E1.command"
         );
-        assert_eq!(call(&agent), "tunnel.v1.call.root=3Aorg.cluster=2E1");
+        assert_eq!(
+            call(&agent, "command"),
+            "tunnel.v1.down.root=3Aorg.cluster=2E1.call.command"
+        );
+        // One subscription covers both; only the call is not a stored down message.
+        assert!(is_call(&call(&agent, "call")));
+        assert!(!is_call(&down(&agent, "call")));
+        assert!(!is_call(&down(&agent, "command")));
+        assert_eq!(
+            kind_of(&call(&agent, "my.type")).as_deref(),
+            Some("my.type")
+        );
         assert_eq!(presence_key(&agent), "root=3Aorg.cluster=2E1");
         assert_eq!(agent_of_key(&presence_key(&agent)), Some(agent.clone()));
         assert_eq!(message_id(&agent, "s-1", 7), "root=3Aorg.cluster=2E1.s-1.7");

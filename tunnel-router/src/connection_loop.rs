@@ -122,8 +122,8 @@ pub(crate) async fn run(
     link: &Link<'_>,
 ) -> SessionEnd {
     let mut state = Reading::default();
-    let (tx, rx) = mpsc::unbounded_channel::<Deferral>();
-    let mut deferrals = Deferrals { tx, rx };
+    // Made only once a handler may acknowledge later ([`read`]).
+    let mut deferrals = None;
     let end = read(
         receiver,
         sender.clone(),
@@ -136,7 +136,9 @@ pub(crate) async fn run(
     .await;
     if let Some(reliable) = link.reliable {
         // Completions that arrived as the reader stopped still count.
-        while let Ok(deferral) = deferrals.rx.try_recv() {
+        while let Some(d) = deferrals.as_mut()
+            && let Ok(deferral) = d.rx.try_recv()
+        {
             if on_deferral(deferral, Some(reliable), &sender, &mut state).is_err() {
                 break;
             }
@@ -159,6 +161,13 @@ struct Deferrals {
     rx: mpsc::UnboundedReceiver<Deferral>,
 }
 
+impl Deferrals {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Deferrals { tx, rx }
+    }
+}
+
 /// Where the reader stands with the messages it handed over.
 #[derive(Debug, Default)]
 struct Reading {
@@ -178,15 +187,11 @@ async fn read(
     hint: &mut Option<ReconnectHint>,
     link: &Link<'_>,
     state: &mut Reading,
-    deferrals: &mut Deferrals,
+    deferrals: &mut Option<Deferrals>,
 ) -> SessionEnd {
     let reliable = link.reliable;
     // Deferred acks cost per message only where the router asked for them.
     let defers = reliable.is_some() && router.defers();
-    let Deferrals {
-        tx: defer_tx,
-        rx: defer_rx,
-    } = deferrals;
     // One timer for standalone acks, reset rather than re-created per message, and
     // allocated only on sessions that acknowledge (idle connections stay small).
     let mut ack_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
@@ -218,7 +223,12 @@ async fn read(
         };
         let received = tokio::select! {
             biased;
-            Some(deferral) = defer_rx.recv(), if defers => {
+            Some(deferral) = async {
+                match deferrals.as_mut() {
+                    Some(d) => d.rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            }, if defers => {
                 if let Deferral::Taken(s) = deferral {
                     // Between messages, only a late call makes one: the message it
                     // names may be acknowledged already.
@@ -349,11 +359,15 @@ async fn read(
         let seq = env.seq.filter(|_| defers);
         let mut inbound = Inbound::new(env, sender.clone());
         if let Some(seq) = seq {
-            inbound = inbound.deferrable(seq, defer_tx.clone());
+            // Made at the first such message: an idle connection keeps no channel.
+            let d = deferrals.get_or_insert_with(Deferrals::new);
+            inbound = inbound.deferrable(seq, d.tx.clone());
         }
         let outcome = router.dispatch(inbound).await;
         // Did the handler take the message to acknowledge later (or finish others)?
-        while defers && let Ok(deferral) = defer_rx.try_recv() {
+        while let Some(d) = deferrals.as_mut()
+            && let Ok(deferral) = d.rx.try_recv()
+        {
             if let Deferral::Taken(s) = deferral
                 && Some(s) == seq
             {

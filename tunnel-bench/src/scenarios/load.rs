@@ -20,7 +20,7 @@ pub(crate) async fn run(agents: usize, seconds: u64) -> Result<(), String> {
     let mut progress = Progress::new("load");
     let started = Instant::now();
     let crowd = start_crowd(
-        &hub.url(),
+        &[hub.url()],
         "load",
         agents,
         BackoffConfig::default(),

@@ -3,6 +3,7 @@
 
 pub(crate) mod chaos;
 pub(crate) mod cluster;
+pub(crate) mod cluster_scale;
 pub(crate) mod fanout;
 pub(crate) mod idle;
 pub(crate) mod latency;

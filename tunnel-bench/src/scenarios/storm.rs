@@ -27,7 +27,7 @@ pub(crate) async fn run(agents: usize, accept_rate: Option<f64>) -> Result<(), S
     let mut progress = Progress::new("storm");
     let attempts = Arc::new(Attempts::default());
     let crowd = start_crowd(
-        &hub.url(),
+        &[hub.url()],
         "storm",
         agents,
         backoff,

@@ -1,0 +1,184 @@
+//! `cluster-scale`: many agents over three `tunnel hub --nats` processes on one
+//! nats-server (started here): each hub's memory per agent it holds, then one hub
+//! killed (SIGKILL) and the time until every presence entry names a live hub again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use tunnel_cluster::Backend;
+use tunnel_cluster::testing::Nats;
+use tunnel_reconnect::BackoffConfig;
+use tunnel_transport::AgentId;
+
+use crate::harness::{Attempts, HubProcess, is_up, start_crowd, stop_crowd};
+use crate::report::{Progress, figure, thousands};
+
+/// Hubs in the cluster.
+const HUBS: usize = 3;
+/// The bar for a cluster hub's memory per agent.
+const BAR_KIB: f64 = 20.0;
+/// Longest wait for presence to be right, at the start and after the kill.
+const LIMIT: Duration = Duration::from_secs(180);
+
+pub(crate) async fn run(agents: usize) -> Result<(), String> {
+    let mut nats = Nats::start("bench-scale");
+    let mut hubs = Vec::with_capacity(HUBS);
+    for k in 0..HUBS {
+        let extra = vec![
+            "--nats".to_string(),
+            nats.url(),
+            "--hub-id".to_string(),
+            hub_id(k),
+        ];
+        hubs.push(HubProcess::start_with(true, extra).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = hubs
+        .iter()
+        .map(HubProcess::rss_kib)
+        .collect::<Result<Vec<_>, _>>()?;
+    println!(
+        "\ncluster-scale: {} agents over {HUBS} hub processes on one nats-server {} (JetStream, file storage), resumable sessions; each agent lists all hubs, starting at a different one",
+        thousands(agents as u64),
+        nats.url()
+    );
+    let owners = watch_owners(&nats.url()).await?;
+    let urls: Vec<String> = hubs.iter().map(HubProcess::url).collect();
+    let mut progress = Progress::new("cluster-scale");
+    let started = Instant::now();
+    let crowd = start_crowd(
+        &urls,
+        "scale",
+        agents,
+        BackoffConfig::default(),
+        &Arc::new(Attempts::default()),
+        &mut progress,
+    )
+    .await?;
+    let connected = started.elapsed();
+    let all_listed = wait_until(&owners, LIMIT, |table| table.len() == agents).await;
+    let Some(listed) = all_listed else {
+        return Err(format!(
+            "presence lists {} of {agents} agents after {} s",
+            owners.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            LIMIT.as_secs()
+        ));
+    };
+    println!(
+        "  all connected in {:.1} s, all in presence in {:.1} s",
+        connected.as_secs_f64(),
+        (connected + listed).as_secs_f64()
+    );
+    // Let the hubs' per-agent work settle before reading memory.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let held = per_hub(&owners);
+    let mut worst: f64 = 0.0;
+    for (k, hub) in hubs.iter().enumerate() {
+        let after = hub.rss_kib()?;
+        let n = held.get(&hub_id(k)).copied().unwrap_or(0);
+        let per = (after.saturating_sub(before[k])) as f64 / n.max(1) as f64;
+        worst = worst.max(per);
+        println!(
+            "  {}: {} agents, RSS {} -> {} KiB: {per:.1} KiB per agent",
+            hub_id(k),
+            thousands(n as u64),
+            thousands(before[k]),
+            thousands(after)
+        );
+    }
+    figure("cluster-scale", "hub_rss_per_agent", worst, "KiB");
+    println!(
+        "  hub RSS per agent, the largest of the {HUBS}: {worst:.1} KiB ({} the {BAR_KIB} KiB bar)",
+        if worst <= BAR_KIB { "meets" } else { "ABOVE" }
+    );
+
+    // Kill the first hub: its agents move to the next hub on their lists.
+    let killed = hub_id(0);
+    let moving = held.get(&killed).copied().unwrap_or(0);
+    hubs.remove(0).stop().await;
+    let Some(correct) = wait_until(&owners, LIMIT, |table| {
+        table.len() == agents && table.values().all(|hub| *hub != killed)
+    })
+    .await
+    else {
+        let table = owners.lock().unwrap_or_else(|e| e.into_inner());
+        return Err(format!(
+            "after the kill, presence was still wrong after {} s: {} entries, {} naming the killed hub",
+            LIMIT.as_secs(),
+            table.len(),
+            table.values().filter(|hub| **hub == killed).count()
+        ));
+    };
+    let up = crowd.iter().filter(|a| is_up(&a.state().borrow())).count();
+    figure(
+        "cluster-scale",
+        "presence_correct_after_kill",
+        correct.as_secs_f64(),
+        "s",
+    );
+    println!(
+        "  {killed} killed (SIGKILL) holding {} agents: every presence entry names a live hub {:.2} s later ({} of {} agents connected then)",
+        thousands(moving as u64),
+        correct.as_secs_f64(),
+        thousands(up as u64),
+        thousands(agents as u64)
+    );
+    stop_crowd(crowd).await;
+    for hub in hubs {
+        hub.stop().await;
+    }
+    nats.kill();
+    Ok(())
+}
+
+fn hub_id(k: usize) -> String {
+    format!("hub-{k}")
+}
+
+type Owners = Arc<Mutex<HashMap<AgentId, String>>>;
+
+/// Which hub holds each agent, kept current from the presence bucket by a task.
+async fn watch_owners(url: &str) -> Result<Owners, String> {
+    let backend = Backend::connect(url).await.map_err(|e| e.to_string())?;
+    let mut changes = backend.watch_presence().await.map_err(|e| e.to_string())?;
+    let owners: Owners = Arc::default();
+    let table = owners.clone();
+    tokio::spawn(async move {
+        let _backend = backend;
+        while let Some(change) = changes.next().await {
+            let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
+            match change.presence {
+                Some(p) => table.insert(change.agent, p.hub),
+                None => table.remove(&change.agent),
+            };
+        }
+    });
+    Ok(owners)
+}
+
+/// Waits (at most `limit`) until `done` holds for the owners table; how long it took.
+async fn wait_until(
+    owners: &Owners,
+    limit: Duration,
+    done: impl Fn(&HashMap<AgentId, String>) -> bool,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if done(&owners.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Agents per hub.
+fn per_hub(owners: &Owners) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for hub in owners.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        *counts.entry(hub.clone()).or_default() += 1;
+    }
+    counts
+}
