@@ -435,3 +435,110 @@ async fn commands_reach_a_connected_agent_again_after_nats_restarts() {
     agent.shutdown().await;
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_and_restarted_under_load_both_ways_loses_nothing_acknowledged() {
+    const EVENTS: u64 = 600;
+    const COMMANDS: u64 = 150;
+    let mut nats = Nats::start("outage-load");
+    let (hub, _cluster, serving) = cluster_hub(&nats, "hub-a", Router::new()).await;
+    let id = AgentId::new("root:org", "busy");
+    let (router, mut commands) = agent_router();
+    let agent = agent(&hub.url().expect("url"), &id, router);
+    within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+
+    // Agent to stream: numbered events, one every millisecond.
+    let sender = agent.clone();
+    let events = tokio::spawn(async move {
+        let mut receipts = Vec::new();
+        for n in 1..=EVENTS {
+            receipts.push(
+                sender
+                    .send(MessageType::Event, &json!({"n": n}))
+                    .await
+                    .expect("accepted by the agent's session"),
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        receipts
+    });
+    // Backend to agent: numbered commands; one the stream did not take (NATS away) is
+    // sent again, so what counts as acknowledged to the backend is what it stored.
+    let publisher = backend.clone();
+    let target = id.clone();
+    let stored = tokio::spawn(async move {
+        let (mut stored, mut refused) = (Vec::new(), 0);
+        for n in 1..=COMMANDS {
+            let deadline = Instant::now() + SOON;
+            while publisher
+                .send(&target, MessageType::Command, &json!({"n": n}))
+                .await
+                .is_err()
+            {
+                assert!(Instant::now() < deadline, "command {n} never stored");
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            stored.push(n);
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+        (stored, refused)
+    });
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    nats.restart();
+
+    let receipts = within("events sent", events).await.expect("sender");
+    for (i, r) in receipts.into_iter().enumerate() {
+        within("event receipt", r.delivered())
+            .await
+            .unwrap_or_else(|e| panic!("event {} not acknowledged as stored: {e}", i + 1));
+    }
+    let (stored, refused) = within("commands stored", stored).await.expect("publisher");
+    assert!(refused > 0, "the outage fell within the commands' sending");
+    let mut got = std::collections::BTreeMap::<u64, usize>::new();
+    while got.len() < stored.len() {
+        let n = within("commands delivered", commands.recv())
+            .await
+            .expect("command");
+        *got.entry(n).or_default() += 1;
+    }
+    assert_eq!(
+        got.keys().copied().collect::<Vec<_>>(),
+        stored,
+        "every stored command reached the agent"
+    );
+    let again: usize = got.values().map(|c| c - 1).sum();
+    eprintln!("commands delivered twice: {again} of {}", stored.len());
+
+    let up = read_up(&backend, "after-load", &id, EVENTS as usize).await;
+    let mut numbers: Vec<u64> = up
+        .iter()
+        .map(|m| {
+            m.decode::<serde_json::Value>().expect("payload")["n"]
+                .as_u64()
+                .expect("n")
+        })
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(
+        numbers,
+        (1..=EVENTS).collect::<Vec<_>>(),
+        "each event stored once"
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+    let mut up_stream = js
+        .get_stream(tunnel_cluster::subject::UP_STREAM)
+        .await
+        .expect("up stream");
+    let held = up_stream.info().await.expect("info").state.messages;
+    assert_eq!(held, EVENTS, "no second copy in the stream");
+    serving.stop().await;
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
