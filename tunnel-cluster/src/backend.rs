@@ -334,10 +334,12 @@ fn up_message(message: jetstream::Message) -> Result<UpMessage, ClusterError> {
             .and_then(|h| h.get(name))
             .map(|v| v.as_str().to_owned())
     };
-    let (workspace, sync_target) = (
-        header(subject::HEADER_WORKSPACE).unwrap_or_default(),
-        header(subject::HEADER_SYNC_TARGET).unwrap_or_default(),
-    );
+    let agent = subject::agent_of(message.subject.as_str()).ok_or_else(|| {
+        ClusterError::Payload(format!(
+            "not an agent's subject: {}",
+            tunnel_proto::text::Untrusted(message.subject.as_str())
+        ))
+    })?;
     let kind = header(HEADER_TYPE)
         .or_else(|| subject::kind_of(message.subject.as_str()))
         .unwrap_or_default();
@@ -354,7 +356,7 @@ fn up_message(message: jetstream::Message) -> Result<UpMessage, ClusterError> {
         )
     };
     Ok(UpMessage {
-        agent: AgentId::new(workspace, sync_target),
+        agent,
         kind: MessageType::from_wire(&kind),
         session: header(subject::HEADER_SESSION).unwrap_or_default(),
         seq: header(subject::HEADER_SEQ).and_then(|s| s.parse().ok()),

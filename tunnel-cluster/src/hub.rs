@@ -11,7 +11,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv, message::PublishMessage, stream};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use tokio::sync::{Semaphore, broadcast, watch};
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::{BoxError, service_fn};
@@ -38,6 +38,10 @@ struct Inner {
     calls: Arc<Semaphore>,
     /// Per agent, the down messages delivered and not yet deleted ([`InFlight`]).
     in_flight: Mutex<HashMap<AgentId, std::sync::Weak<InFlight>>>,
+    /// The collector of publish acks that agents' sessions wait for: one task for the
+    /// hub rather than one per message. As many wait as publishes may be in flight
+    /// ([`MAX_ACKS_IN_FLIGHT`]).
+    acks: mpsc::UnboundedSender<AckWait>,
     /// Bumped each time the NATS connection is (re)established: a copy of a down
     /// message published meanwhile may have been missed, so readers look again.
     reconnects: Arc<watch::Sender<u64>>,
@@ -77,8 +81,17 @@ impl Cluster {
                 url: config.url.clone(),
                 source,
             })?;
-        let js = jetstream::new(client.clone());
+        // Publishes and their acks wait at most `publish_timeout` each (the context's
+        // own timers: no second one per message here); past the acks in flight a
+        // publish waits for room rather than failing.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.publish_timeout)
+            .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
         let (_, down) = crate::streams::ensure(&js, &config).await?;
+        let (acks, waiting) = mpsc::unbounded_channel();
+        tokio::spawn(collect_acks(waiting));
         let presence = crate::streams::presence(&js).await?;
         Ok(Cluster {
             inner: Arc::new(Inner {
@@ -89,6 +102,7 @@ impl Cluster {
                 down,
                 presence,
                 in_flight: Mutex::default(),
+                acks,
                 reconnects,
             }),
         })
@@ -128,26 +142,27 @@ impl Cluster {
     /// ([`Inbound::acknowledge_later`]), so one agent's messages do not wait one round
     /// trip each.
     pub async fn store(&self, msg: &Inbound) -> Result<(), BoxError> {
+        // The context bounds the wait for the ack by `publish_timeout`.
         let ack = publish_up(&self.inner, msg).await?;
-        let timeout = self.inner.config.publish_timeout;
-        let stored = |r: Result<Result<_, async_nats::jetstream::context::PublishError>, _>| match r
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("the up stream did not store it: {e}")),
-            Err(_) => Err("the up stream did not acknowledge in time".to_string()),
+        let stored = |r: Result<_, async_nats::jetstream::context::PublishError>| match r {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("the up stream did not store it: {e}")),
         };
         match msg.acknowledge_later() {
             Some(later) => {
-                tokio::spawn(async move {
-                    match stored(tokio::time::timeout(timeout, ack).await) {
+                let waiting = Box::pin(async move {
+                    match stored(ack.await) {
                         Ok(()) => later.done(),
                         Err(reason) => later.unavailable(reason),
                     }
                 });
+                if let Err(back) = self.inner.acks.send(waiting) {
+                    // The collector is gone (the runtime is shutting down): wait here.
+                    back.0.await;
+                }
                 Ok(())
             }
-            None => stored(tokio::time::timeout(timeout, ack).await)
-                .map_err(|reason| Unavailable::new(reason).into()),
+            None => stored(ack.await).map_err(|reason| Unavailable::new(reason).into()),
         }
     }
 
@@ -190,8 +205,6 @@ async fn publish_up(
     headers.insert(subject::HEADER_ID, env.id.to_string().as_str());
     headers.insert(HEADER_TYPE, env.kind.as_str());
     headers.insert(subject::HEADER_SESSION, info.session_id.as_str());
-    headers.insert(subject::HEADER_WORKSPACE, info.agent.workspace.as_str());
-    headers.insert(subject::HEADER_SYNC_TARGET, info.agent.sync_target.as_str());
     if let Some(seq) = env.seq {
         headers.insert(subject::HEADER_SEQ, seq.to_string().as_str());
         // A replay of a message the stream has (a hub died before acknowledging it) is
@@ -210,17 +223,34 @@ async fn publish_up(
         None => Bytes::new(),
     };
     let publish = PublishMessage::build().payload(payload).headers(headers);
-    match tokio::time::timeout(
-        inner.config.publish_timeout,
-        inner.js.send_publish(subject, publish),
-    )
-    .await
-    {
-        Ok(Ok(ack)) => Ok(ack),
-        Ok(Err(e)) => Err(Unavailable::new(format!("the up stream did not take it: {e}")).into()),
-        Err(_) => Err(Unavailable::new("NATS did not take the publish in time").into()),
-    }
+    // The context bounds the wait for the client to take it by `publish_timeout`.
+    inner
+        .js
+        .send_publish(subject, publish)
+        .await
+        .map_err(|e| Unavailable::new(format!("the up stream did not take it: {e}")).into())
 }
+
+/// One publish's ack and what the session does with it.
+type AckWait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Runs every [`AckWait`] sent to it until the hub's cluster membership is dropped.
+async fn collect_acks(mut waiting: mpsc::UnboundedReceiver<AckWait>) {
+    let mut running = futures_util::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            next = waiting.recv() => match next {
+                Some(wait) => running.push(wait),
+                None => break,
+            },
+            Some(()) = running.next(), if !running.is_empty() => {}
+        }
+    }
+    while running.next().await.is_some() {}
+}
+
+/// Up-stream publishes one hub awaits acks for at once (1,024 per connection at most).
+const MAX_ACKS_IN_FLIGHT: usize = 65_536;
 
 /// Per agent: the work that lasts while this hub holds it.
 struct Held {

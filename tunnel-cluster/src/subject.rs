@@ -31,10 +31,6 @@ pub const HEADER_TYPE: &str = "Tunnel-Type";
 pub const HEADER_SESSION: &str = "Tunnel-Session";
 /// Header: the payload's codec, `json` or `msgpack`.
 pub const HEADER_CODEC: &str = "Tunnel-Codec";
-/// Header: the agent's workspace (unescaped).
-pub const HEADER_WORKSPACE: &str = "Tunnel-Workspace";
-/// Header: the agent's sync target (unescaped).
-pub const HEADER_SYNC_TARGET: &str = "Tunnel-Sync-Target";
 /// Header: W3C trace context, as the envelope carried it.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 /// Header: an error reply's code (a call answered with an error); the payload is then
@@ -174,6 +170,14 @@ pub fn message_id(agent: &AgentId, session: &str, seq: u64) -> String {
     format!("{}.{}.{seq}", agent_tokens(agent), escape(session))
 }
 
+/// The agent an up, down or call subject names (its workspace and sync target tokens,
+/// unescaped).
+pub fn agent_of(subject: &str) -> Option<AgentId> {
+    let mut tokens = subject.split('.').skip(3);
+    let (workspace, sync_target) = (tokens.next()?, tokens.next()?);
+    Some(AgentId::new(unescape(workspace)?, unescape(sync_target)?))
+}
+
 /// The type token of an up or down subject, unescaped.
 pub fn kind_of(subject: &str) -> Option<String> {
     unescape(subject.rsplit('.').next()?)
@@ -240,6 +244,9 @@ mod tests {
             Some("my.type")
         );
         assert_eq!(presence_key(&agent), "root=3Aorg.cluster=2E1");
+        assert_eq!(agent_of(&up(&agent, "status")), Some(agent.clone()));
+        assert_eq!(agent_of(&call(&agent, "command")), Some(agent.clone()));
+        assert_eq!(agent_of("tunnel.v1.up.only"), None);
         assert_eq!(agent_of_key(&presence_key(&agent)), Some(agent.clone()));
         assert_eq!(message_id(&agent, "s-1", 7), "root=3Aorg.cluster=2E1.s-1.7");
         assert_eq!(kind_of(&up(&agent, "my.type")).as_deref(), Some("my.type"));

@@ -28,20 +28,33 @@ pub(crate) async fn run(n: u64, runs: usize, calls: usize) -> Result<(), String>
         thousands(n),
         payload.len()
     );
-    let (mut plain, mut through) = (Vec::new(), Vec::new());
+    let (mut plain, mut with_headers, mut through) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs.max(1) {
-        plain.push(plain_publisher(&nats, &payload, n, run).await?);
+        plain.push(plain_publisher(&nats, &payload, n, run, false).await?);
+        with_headers.push(plain_publisher(&nats, &payload, n, run, true).await?);
         through.push(through_hub(&nats, n, run).await?);
     }
-    let (plain, through) = (median(plain), median(through));
+    let (plain, with_headers, through) = (median(plain), median(with_headers), median(through));
     let ratio = through / plain;
     figure("cluster", "plain_publisher_rate", plain, "msg/s");
+    figure(
+        "cluster",
+        "plain_publisher_with_headers_rate",
+        with_headers,
+        "msg/s",
+    );
     figure("cluster", "agent_to_stream_rate", through, "msg/s");
     figure("cluster", "agent_to_stream_vs_plain", ratio, "x");
     println!(
         "  {:<58} {:>10} msg/s",
         format!("plain async-nats JetStream publisher, {WINDOW} acks in flight"),
         thousands(plain as u64)
+    );
+    println!(
+        "  {:<58} {:>10} msg/s  {:.2}x plain",
+        "the same with the hub's headers and a Nats-Msg-Id each",
+        thousands(with_headers as u64),
+        with_headers / plain
     );
     println!(
         "  {:<58} {:>10} msg/s  {ratio:.2}x plain ({} the 0.8x bar)",
@@ -55,39 +68,57 @@ pub(crate) async fn run(n: u64, runs: usize, calls: usize) -> Result<(), String>
 }
 
 /// A plain JetStream publisher: `n` publishes to one subject of its own stream, at most
-/// [`WINDOW`] acks outstanding.
+/// [`WINDOW`] acks outstanding; with `headers`, each carries headers like those a hub
+/// adds (PROTOCOL.md section 10.2), a unique `Nats-Msg-Id` among them, in a stream with
+/// the up stream's duplicate window: what the server itself pays for them.
 async fn plain_publisher(
     nats: &Nats,
     payload: &Payload,
     n: u64,
     run: usize,
+    headers: bool,
 ) -> Result<f64, String> {
     let client = async_nats::connect(nats.url())
         .await
         .map_err(|e| e.to_string())?;
     let js = async_nats::jetstream::new(client);
-    let name = format!("PLAIN_{run}");
+    let name = format!("PLAIN_{run}_{headers}");
+    let subject = format!("plain.{run}.{headers}");
     js.get_or_create_stream(async_nats::jetstream::stream::Config {
         name: name.clone(),
-        subjects: vec![format!("plain.{run}")],
+        subjects: vec![subject.clone()],
         storage: async_nats::jetstream::stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
         ..Default::default()
     })
     .await
     .map_err(|e| e.to_string())?;
     let started = Instant::now();
     let mut acks = std::collections::VecDeque::with_capacity(WINDOW);
-    for _ in 0..n {
+    for i in 0..n {
         if acks.len() == WINDOW
             && let Some(ack) = acks.pop_front()
         {
             let ack: async_nats::jetstream::context::PublishAckFuture = ack;
             ack.await.map_err(|e| e.to_string())?;
         }
-        let ack = js
-            .publish(format!("plain.{run}"), payload.bytes().clone())
-            .await
-            .map_err(|e| e.to_string())?;
+        let ack = if headers {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Tunnel-Id", i.to_string().as_str());
+            h.insert("Tunnel-Type", "event");
+            h.insert("Tunnel-Session", "s-0123456789abcdef");
+            h.insert("Tunnel-Seq", i.to_string().as_str());
+            h.insert("Tunnel-Codec", "msgpack");
+            h.insert(
+                "Nats-Msg-Id",
+                format!("bench.up-{run}.s-0123456789abcdef.{i}").as_str(),
+            );
+            js.publish_with_headers(subject.clone(), h, payload.bytes().clone())
+                .await
+        } else {
+            js.publish(subject.clone(), payload.bytes().clone()).await
+        }
+        .map_err(|e| e.to_string())?;
         acks.push_back(ack);
     }
     for ack in acks {
