@@ -46,6 +46,10 @@ pub struct ClusterConfig {
     /// Backend calls one hub forwards at once; more are answered with an error.
     /// Default 1,024.
     pub max_calls: usize,
+    /// How often the hub renews its heartbeat in the hubs bucket. A hub whose last beat
+    /// is three intervals older than the newest is dead: one live hub then removes the
+    /// presence entries naming it. Default 5 s.
+    pub hub_heartbeat: Duration,
 }
 
 impl ClusterConfig {
@@ -63,6 +67,7 @@ impl ClusterConfig {
             publish_timeout: Duration::from_secs(5),
             down_in_flight: 256,
             max_calls: 1024,
+            hub_heartbeat: Duration::from_secs(5),
         }
     }
 
@@ -81,6 +86,12 @@ impl ClusterConfig {
     /// Sets [`ClusterConfig::down_per_subject`].
     pub fn down_per_subject(mut self, n: i64) -> Self {
         self.down_per_subject = n.max(1);
+        self
+    }
+
+    /// Sets [`ClusterConfig::hub_heartbeat`] (at least 10 ms).
+    pub fn hub_heartbeat(mut self, every: Duration) -> Self {
+        self.hub_heartbeat = every.max(Duration::from_millis(10));
         self
     }
 

@@ -35,6 +35,8 @@ struct Inner {
     js: jetstream::Context,
     down: stream::Stream,
     presence: kv::Store,
+    /// Hubs' heartbeats.
+    hubs: kv::Store,
     calls: Arc<Semaphore>,
     /// Per agent, the down messages delivered and not yet deleted ([`InFlight`]).
     in_flight: Mutex<HashMap<AgentId, std::sync::Weak<InFlight>>>,
@@ -93,8 +95,10 @@ impl Cluster {
         let (acks, waiting) = mpsc::unbounded_channel();
         tokio::spawn(collect_acks(waiting));
         let presence = crate::streams::presence(&js).await?;
+        let hubs = crate::streams::hubs(&js).await?;
         Ok(Cluster {
             inner: Arc::new(Inner {
+                hubs,
                 calls: Arc::new(Semaphore::new(config.max_calls)),
                 config,
                 client,
@@ -269,6 +273,7 @@ async fn serve(inner: Arc<Inner>, hub: Hub, cancel: CancellationToken) {
     // One watch of the whole bucket per hub (not one per agent: each is a consumer).
     let owners = tokio::spawn(watch_owners(inner.clone(), hub.clone(), held.clone()));
     let announce = tokio::spawn(announce(inner.clone(), hub.clone()));
+    let beating = tokio::spawn(heartbeat(inner.clone(), hub.clone()));
     // Agents already connected when serving starts.
     for info in hub.agents() {
         start_agent(
@@ -321,6 +326,12 @@ async fn serve(inner: Arc<Inner>, hub: Hub, cancel: CancellationToken) {
     }
     owners.abort();
     announce.abort();
+    beating.abort();
+    // Stopped in order: not a dead hub whose entries need sweeping.
+    let _ = inner
+        .hubs
+        .delete(subject::hub_key(&inner.config.hub_id))
+        .await;
     for (_, h) in held.lock().unwrap_or_else(|e| e.into_inner()).drain() {
         h.cancel.cancel();
     }
@@ -365,6 +376,109 @@ async fn announce(inner: Arc<Inner>, hub: Hub) {
         });
         let _ = request.respond(Ok(Bytes::from(body.to_string()))).await;
     }
+}
+
+/// Renews this hub's heartbeat in the hubs bucket every `hub_heartbeat`, and sweeps.
+async fn heartbeat(inner: Arc<Inner>, hub: Hub) {
+    let key = subject::hub_key(&inner.config.hub_id);
+    let beat = Bytes::from(
+        serde_json::json!({
+            "url": hub.url().unwrap_or_default(),
+            "since_ms": tunnel_transport::unix_millis(),
+        })
+        .to_string(),
+    );
+    let mut swept = false;
+    let mut ticks = tokio::time::interval(inner.config.hub_heartbeat);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if inner.hubs.put(&key, beat.clone()).await.is_err() {
+            continue;
+        }
+        match Box::pin(sweep(&inner, swept)).await {
+            Ok(done) => swept |= done,
+            Err(e) => tracing::debug!(error = %e, "presence sweep failed; trying again"),
+        }
+    }
+}
+
+/// Hub heartbeats a sweep reads at most.
+const MAX_HUBS: usize = 1024;
+
+/// Removes the presence entries of dead hubs, if this hub is the live hub with the
+/// lowest id (one sweeper at a time; the deletes are compare-and-set, so two would do
+/// no harm). A hub is dead when its last beat is three heartbeats older than the newest
+/// beat: all times are the server's, so hubs' clocks do not matter. An entry naming a
+/// hub that is not alive (dead, or with no beat at all) goes if it is older than that
+/// too; an agent that claims it meanwhile changes its revision, and the delete fails.
+/// The presence bucket is scanned once when this hub becomes the sweeper, then only
+/// when a hub died. Returns whether it scanned.
+async fn sweep(inner: &Inner, swept_before: bool) -> Result<bool, String> {
+    let mut keys = inner.hubs.keys().await.map_err(|e| e.to_string())?;
+    let mut beats = Vec::new();
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(|e| e.to_string())?;
+        if let Some(entry) = inner.hubs.entry(&key).await.map_err(|e| e.to_string())?
+            && entry.operation == kv::Operation::Put
+        {
+            beats.push((key, entry.revision, millis(&entry)));
+        }
+        if beats.len() >= MAX_HUBS {
+            break;
+        }
+    }
+    let Some(newest) = beats.iter().map(|b| b.2).max() else {
+        return Ok(false);
+    };
+    let limit = (inner.config.hub_heartbeat * 3).as_millis() as i128;
+    let stale = |created: i128| newest - created > limit;
+    let (dead, live): (Vec<_>, Vec<_>) = beats.into_iter().partition(|b| stale(b.2));
+    let me = subject::hub_key(&inner.config.hub_id);
+    if live.iter().map(|b| &b.0).min() != Some(&me) || (swept_before && dead.is_empty()) {
+        return Ok(false);
+    }
+    let live: std::collections::HashSet<String> = live.into_iter().map(|b| b.0).collect();
+    let mut keys = inner.presence.keys().await.map_err(|e| e.to_string())?;
+    let mut removed = 0usize;
+    while let Some(key) = keys.next().await {
+        let Ok(key) = key else { continue };
+        let Ok(Some(entry)) = inner.presence.entry(&key).await else {
+            continue;
+        };
+        let orphan = entry.operation == kv::Operation::Put
+            && stale(millis(&entry))
+            && serde_json::from_slice::<Presence>(&entry.value)
+                .is_ok_and(|p| !live.contains(&subject::hub_key(&p.hub)));
+        if orphan
+            && inner
+                .presence
+                .delete_expect_revision(&key, Some(entry.revision))
+                .await
+                .is_ok()
+        {
+            removed += 1;
+        }
+    }
+    for (key, revision, _) in dead {
+        tracing::info!(hub = %tunnel_proto::text::Untrusted(&key), "a hub stopped beating: its presence entries are removed");
+        let _ = inner
+            .hubs
+            .delete_expect_revision(&key, Some(revision))
+            .await;
+    }
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "presence entries of hubs that are gone were removed"
+        );
+    }
+    Ok(true)
+}
+
+/// When the server stored a KV entry, in milliseconds since the Unix epoch.
+fn millis(entry: &kv::Entry) -> i128 {
+    entry.created.unix_timestamp_nanos() / 1_000_000
 }
 
 /// Closes, with `4004`, each agent this hub holds whose presence entry another hub
@@ -499,9 +613,7 @@ async fn agent_work(
         _ = async { tokio::join!(claiming, serve_inbox(&inner, &hub, &agent, inbox)) } => {}
     }
     let revision = revision.load(Ordering::Relaxed);
-    if revision > 0 {
-        Box::pin(release(&inner, &key, revision)).await;
-    }
+    Box::pin(release(&inner, &key, revision, &presence)).await;
 }
 
 /// Claiming one agent's presence entry for one of its connections.
@@ -517,7 +629,19 @@ struct Claim<'a> {
 impl Claim<'_> {
     /// Claims the entry (its revision goes to `revision` and to the held map), then
     /// lets go at once if another hub took it before the watch knew our revision.
+    /// After each NATS reconnect, writes it again if it is gone (a hub cut off from
+    /// NATS long enough is swept as dead: [`sweep`]).
     async fn run(&self, presence: &Presence, revision: &AtomicU64) {
+        let mut reconnects = self.inner.reconnects.subscribe();
+        self.claim(presence, revision).await;
+        while reconnects.changed().await.is_ok() {
+            if let Ok(None) = self.inner.presence.entry(self.key).await {
+                self.claim(presence, revision).await;
+            }
+        }
+    }
+
+    async fn claim(&self, presence: &Presence, revision: &AtomicU64) {
         let written = claim_until_written(self.inner, self.agent, self.key, presence).await;
         revision.store(written, Ordering::Relaxed);
         if let Some(h) = self
@@ -547,13 +671,23 @@ impl Claim<'_> {
 }
 
 /// The agent left this hub: its presence entry is removed, but only at our revision, so
-/// an entry another hub wrote meanwhile stays.
-async fn release(inner: &Inner, key: &str, revision: u64) {
-    let current = inner.presence.entry(key).await.ok().flatten();
-    if current.is_some_and(|e| e.revision == revision) {
+/// an entry another hub wrote meanwhile stays. A claim cut short (the agent left while
+/// it ran; `revision` is 0) may have been written all the same: the entry is removed if
+/// it holds exactly what we wrote.
+async fn release(inner: &Inner, key: &str, revision: u64, ours: &Presence) {
+    let Some(current) = inner.presence.entry(key).await.ok().flatten() else {
+        return;
+    };
+    let mine = current.operation == kv::Operation::Put
+        && if revision > 0 {
+            current.revision == revision
+        } else {
+            serde_json::from_slice::<Presence>(&current.value).is_ok_and(|p| p == *ours)
+        };
+    if mine {
         let _ = inner
             .presence
-            .delete_expect_revision(key, Some(revision))
+            .delete_expect_revision(key, Some(current.revision))
             .await;
     }
 }

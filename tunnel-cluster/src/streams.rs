@@ -3,7 +3,7 @@
 
 use async_nats::jetstream::{self, kv, stream};
 
-use crate::subject::{DOWN_STREAM, PREFIX, PRESENCE_BUCKET, UP_STREAM};
+use crate::subject::{DOWN_STREAM, HUBS_BUCKET, PREFIX, PRESENCE_BUCKET, UP_STREAM};
 use crate::{ClusterConfig, ClusterError};
 
 /// The up and down streams.
@@ -49,14 +49,30 @@ pub(crate) async fn ensure(
 }
 
 /// The presence bucket: one entry per connected agent, no history.
+pub(crate) async fn presence(js: &jetstream::Context) -> Result<kv::Store, ClusterError> {
+    bucket(js, PRESENCE_BUCKET, std::time::Duration::ZERO).await
+}
+
+/// The hubs bucket: one heartbeat entry per live hub. An entry is kept at most an hour
+/// (a hub beats every few seconds; a dead hub's entry is removed by the next sweep).
+pub(crate) async fn hubs(js: &jetstream::Context) -> Result<kv::Store, ClusterError> {
+    bucket(js, HUBS_BUCKET, std::time::Duration::from_secs(3600)).await
+}
+
+/// A KV bucket without history, its entries kept at most `max_age` (zero: unbounded).
 ///
 /// Its stream is made here, as any KV client makes a bucket's (`KV_<bucket>` on
 /// `$KV.<bucket>.>`), rather than by async-nats's `create_key_value`, whose account
 /// query does not parse a 2.9 server's answer.
-pub(crate) async fn presence(js: &jetstream::Context) -> Result<kv::Store, ClusterError> {
+async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    max_age: std::time::Duration,
+) -> Result<kv::Store, ClusterError> {
     js.get_or_create_stream(stream::Config {
-        name: format!("KV_{PRESENCE_BUCKET}"),
-        subjects: vec![format!("$KV.{PRESENCE_BUCKET}.>")],
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_age,
         max_messages_per_subject: 1,
         allow_rollup: true,
         deny_delete: true,
@@ -67,8 +83,8 @@ pub(crate) async fn presence(js: &jetstream::Context) -> Result<kv::Store, Clust
         ..Default::default()
     })
     .await
-    .map_err(|e| ClusterError::JetStream(format!("bucket {PRESENCE_BUCKET}: {e}")))?;
-    js.get_key_value(PRESENCE_BUCKET)
+    .map_err(|e| ClusterError::JetStream(format!("bucket {name}: {e}")))?;
+    js.get_key_value(name)
         .await
-        .map_err(|e| ClusterError::JetStream(format!("bucket {PRESENCE_BUCKET}: {e}")))
+        .map_err(|e| ClusterError::JetStream(format!("bucket {name}: {e}")))
 }

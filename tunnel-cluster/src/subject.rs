@@ -20,6 +20,8 @@ pub const UP_STREAM: &str = "TUNNEL_UP";
 pub const DOWN_STREAM: &str = "TUNNEL_DOWN";
 /// The KV bucket of presence: one key per connected agent.
 pub const PRESENCE_BUCKET: &str = "tunnel_presence";
+/// The KV bucket of hubs' heartbeats: key [`hub_key`], value `{"url": .., "since_ms": ..}`.
+pub const HUBS_BUCKET: &str = "tunnel_hubs";
 
 /// Header: the envelope's id, as the agent assigned it (decimal).
 pub const HEADER_ID: &str = "Tunnel-Id";
@@ -151,6 +153,11 @@ pub fn call(agent: &AgentId, kind: &str) -> String {
         agent_tokens(agent),
         escape(kind)
     )
+}
+
+/// The hubs bucket's key of a hub: its id, escaped.
+pub fn hub_key(hub_id: &str) -> String {
+    escape(hub_id)
 }
 
 /// The presence bucket's key of `agent`: `<workspace>.<sync_target>`, escaped.

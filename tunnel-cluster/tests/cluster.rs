@@ -544,3 +544,74 @@ async fn nats_killed_and_restarted_under_load_both_ways_loses_nothing_acknowledg
     agent.shutdown().await;
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_entries_of_a_hub_that_stopped_beating_are_removed() {
+    let nats = Nats::start("sweep");
+    let cluster = Cluster::connect(
+        ClusterConfig::new(nats.url(), "hub-a").hub_heartbeat(Duration::from_millis(100)),
+    )
+    .await
+    .expect("join the cluster");
+    // A hub that died: one heartbeat and one agent's entry, never renewed.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+    let hubs = js
+        .get_key_value(tunnel_cluster::subject::HUBS_BUCKET)
+        .await
+        .expect("hubs bucket");
+    hubs.put("ghost", "{}".into()).await.expect("beat");
+    let presence = js
+        .get_key_value(tunnel_cluster::subject::PRESENCE_BUCKET)
+        .await
+        .expect("presence bucket");
+    let orphan = AgentId::new("root:org", "orphan");
+    let entry = json!({"hub": "ghost", "session": "s-1", "since_ms": 1});
+    presence
+        .put(
+            tunnel_cluster::subject::presence_key(&orphan),
+            entry.to_string().into(),
+        )
+        .await
+        .expect("entry");
+    // A live hub with an agent of its own, whose entry stays.
+    let hub = Hub::bind(
+        "127.0.0.1:0",
+        ServerConfig::new(AllowAll),
+        cluster.router(Router::new()),
+    )
+    .await
+    .expect("bind");
+    let serving = cluster.serve(&hub);
+    let live = AgentId::new("root:org", "live");
+    let agent = agent(&hub.url().expect("url"), &live, Router::new());
+    within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+    within("the dead hub's entries swept", async {
+        loop {
+            let now = backend.presence().await.expect("presence");
+            let holds = |id: &AgentId| now.iter().any(|(a, _)| a == id);
+            if holds(&live) && !holds(&orphan) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        hubs.get("ghost").await.expect("read").is_none(),
+        "the dead hub's heartbeat is removed with its entries"
+    );
+    assert!(
+        hubs.get("hub-a").await.expect("read").is_some(),
+        "the live hub beats"
+    );
+    serving.stop().await;
+    assert!(
+        hubs.get("hub-a").await.expect("read").is_none(),
+        "a hub that stops in order removes its heartbeat"
+    );
+    agent.shutdown().await;
+    hub.shutdown().await;
+}

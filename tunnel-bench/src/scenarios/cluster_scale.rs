@@ -94,12 +94,40 @@ pub(crate) async fn run(agents: usize) -> Result<(), String> {
         if worst <= BAR_KIB { "meets" } else { "ABOVE" }
     );
 
-    // Kill the first hub: its agents move to the next hub on their lists.
+    // Kill the first hub: its agents move to the next hub on their lists, except a
+    // tenth of them, which go down with it (as if on its machine): their entries must
+    // go too, swept once the hub stops beating.
     let killed = hub_id(0);
     let moving = held.get(&killed).copied().unwrap_or(0);
+    let (mut crowd, mut lost) = (crowd, Vec::new());
+    for i in (0..crowd.len()).rev() {
+        if i % (HUBS * 10) == 0 {
+            lost.push((
+                AgentId::new("bench", format!("scale-{i}")),
+                crowd.swap_remove(i),
+            ));
+        }
+    }
+    let remaining = agents - lost.len();
+    let gone: std::collections::HashSet<AgentId> = lost.iter().map(|(id, _)| id.clone()).collect();
+    let killed_at = Instant::now();
     hubs.remove(0).stop().await;
-    let Some(correct) = wait_until(&owners, LIMIT, |table| {
-        table.len() == agents && table.values().all(|hub| *hub != killed)
+    for (_, agent) in lost {
+        agent.shutdown().await;
+    }
+    let mut moved_at = None;
+    let Some(_) = wait_until(&owners, LIMIT, |table| {
+        // The agents that stayed up are all listed, on live hubs.
+        let (mut staying, mut on_live) = (0, true);
+        for (_, hub) in table.iter().filter(|(agent, _)| !gone.contains(*agent)) {
+            staying += 1;
+            on_live &= *hub != killed;
+        }
+        let moved = staying == remaining && on_live;
+        if moved && moved_at.is_none() {
+            moved_at = Some(Instant::now());
+        }
+        table.len() == remaining && table.values().all(|hub| *hub != killed)
     })
     .await
     else {
@@ -111,7 +139,15 @@ pub(crate) async fn run(agents: usize) -> Result<(), String> {
             table.values().filter(|hub| **hub == killed).count()
         ));
     };
+    let correct = killed_at.elapsed();
+    let moved = moved_at.map_or(correct, |at| at - killed_at);
     let up = crowd.iter().filter(|a| is_up(&a.state().borrow())).count();
+    figure(
+        "cluster-scale",
+        "presence_moved_after_kill",
+        moved.as_secs_f64(),
+        "s",
+    );
     figure(
         "cluster-scale",
         "presence_correct_after_kill",
@@ -119,11 +155,13 @@ pub(crate) async fn run(agents: usize) -> Result<(), String> {
         "s",
     );
     println!(
-        "  {killed} killed (SIGKILL) holding {} agents: every presence entry names a live hub {:.2} s later ({} of {} agents connected then)",
+        "  {killed} killed (SIGKILL) holding {} agents, {} of them gone with it: the others' entries name their new hubs {:.2} s later; every entry is right {:.2} s later (the gone agents' entries swept: a hub is dead three 5 s heartbeats after its last); {} of {} agents connected",
         thousands(moving as u64),
+        thousands(gone.len() as u64),
+        moved.as_secs_f64(),
         correct.as_secs_f64(),
         thousands(up as u64),
-        thousands(agents as u64)
+        thousands(remaining as u64)
     );
     stop_crowd(crowd).await;
     for hub in hubs {
@@ -162,7 +200,7 @@ async fn watch_owners(url: &str) -> Result<Owners, String> {
 async fn wait_until(
     owners: &Owners,
     limit: Duration,
-    done: impl Fn(&HashMap<AgentId, String>) -> bool,
+    mut done: impl FnMut(&HashMap<AgentId, String>) -> bool,
 ) -> Option<Duration> {
     let started = Instant::now();
     while started.elapsed() < limit {
