@@ -263,6 +263,7 @@ mod tests {
             hub: hub.into(),
             session: "s-1".into(),
             since_ms,
+            run: "1".into(),
         };
         let presence = vec![
             (

@@ -15,6 +15,9 @@ use crate::ClusterError;
 use crate::hub::Presence;
 use crate::subject::{self, HEADER_CODEC, HEADER_ERROR, HEADER_TYPE};
 
+/// Presence entries [`Backend::presence`] reads at most.
+const MAX_PRESENCE: usize = 1_000_000;
+
 /// A backend's connection to the cluster.
 ///
 /// ```no_run
@@ -235,16 +238,13 @@ impl Backend {
         Ok(Reply { payload })
     }
 
-    /// Which agents are connected, and to which hub.
+    /// Which agents are connected, and to which hub (at most a million).
     pub async fn presence(&self) -> Result<Vec<(AgentId, Presence)>, ClusterError> {
-        let mut keys = self
-            .presence
-            .keys()
+        let keys = crate::streams::keys(&self.presence, MAX_PRESENCE)
             .await
-            .map_err(|e| ClusterError::JetStream(e.to_string()))?;
+            .map_err(ClusterError::JetStream)?;
         let mut out = Vec::new();
-        while let Some(key) = keys.next().await {
-            let Ok(key) = key else { continue };
+        for key in keys {
             let Some(agent) = subject::agent_of_key(&key) else {
                 continue;
             };

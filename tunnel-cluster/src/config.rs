@@ -41,7 +41,8 @@ pub struct ClusterConfig {
     /// How long a publish waits for the stream's ack before the message is treated as
     /// not stored (the agent keeps it and replays it). Default 5 s.
     pub publish_timeout: Duration,
-    /// Down messages sent to one agent and not yet acknowledged by it. Default 256.
+    /// Down messages sent to one agent and not yet acknowledged by it (and deleted from
+    /// the stream). Default 256.
     pub down_in_flight: usize,
     /// Backend calls one hub forwards at once; more are answered with an error.
     /// Default 1,024.
@@ -103,6 +104,11 @@ impl ClusterConfig {
 
     /// Checks what the server cannot: the hub id's form.
     pub(crate) fn check(&self) -> Result<(), ClusterError> {
+        if self.hub_heartbeat < Duration::from_millis(10) {
+            return Err(ClusterError::Config(
+                "hub_heartbeat must be at least 10 ms".into(),
+            ));
+        }
         let ok = !self.hub_id.is_empty()
             && self.hub_id.len() <= 128
             && self.hub_id.bytes().all(|b| (0x21..=0x7e).contains(&b));

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::{BoxError, service_fn};
 use tunnel_proto::{CloseCode, Envelope, Format, MessageType, Payload};
-use tunnel_router::{Hub, HubEvent, Inbound, Request, Router, Unavailable};
+use tunnel_router::{Hub, HubEvent, Inbound, Request, Router, Unavailable, Undelivered};
 use tunnel_transport::AgentId;
 
 use crate::subject::{self, HEADER_CODEC, HEADER_ERROR, HEADER_TRACEPARENT, HEADER_TYPE};
@@ -35,6 +35,8 @@ struct Inner {
     js: jetstream::Context,
     down: stream::Stream,
     presence: kv::Store,
+    /// This run of the hub, unique among its runs: in its beats and presence entries.
+    run: String,
     /// Hubs' heartbeats.
     hubs: kv::Store,
     calls: Arc<Semaphore>,
@@ -44,9 +46,10 @@ struct Inner {
     /// hub rather than one per message. As many wait as publishes may be in flight
     /// ([`MAX_ACKS_IN_FLIGHT`]).
     acks: mpsc::UnboundedSender<AckWait>,
-    /// Bumped each time the NATS connection is (re)established: a copy of a down
-    /// message published meanwhile may have been missed, so readers look again.
-    reconnects: Arc<watch::Sender<u64>>,
+    /// Bumped each time the NATS connection is (re)established (a copy of a down
+    /// message published meanwhile may have been missed) and every [`LOOK_AGAIN`]:
+    /// readers read again, and claims are checked.
+    look_again: Arc<watch::Sender<u64>>,
 }
 
 /// What a presence entry says (JSON in the bucket's value).
@@ -58,6 +61,10 @@ pub struct Presence {
     pub session: String,
     /// When the connection was registered, in milliseconds since the Unix epoch.
     pub since_ms: u64,
+    /// The hub's run that wrote it (a hub restarted under the same id has a new one):
+    /// an entry of an earlier run is swept.
+    #[serde(default)]
+    pub run: String,
 }
 
 impl Cluster {
@@ -65,8 +72,8 @@ impl Cluster {
     /// (creating them with `config`'s bounds if they do not).
     pub async fn connect(config: ClusterConfig) -> Result<Cluster, ClusterError> {
         config.check()?;
-        let reconnects = Arc::new(watch::Sender::new(0u64));
-        let bump = reconnects.clone();
+        let look_again = Arc::new(watch::Sender::new(0u64));
+        let bump = look_again.clone();
         let client = async_nats::ConnectOptions::new()
             .name(format!("tunnel-hub {}", config.hub_id))
             .event_callback(move |event| {
@@ -99,6 +106,12 @@ impl Cluster {
         Ok(Cluster {
             inner: Arc::new(Inner {
                 hubs,
+                run: format!(
+                    "{}-{}-{}",
+                    std::process::id(),
+                    tunnel_transport::unix_millis(),
+                    RUNS.fetch_add(1, Ordering::Relaxed)
+                ),
                 calls: Arc::new(Semaphore::new(config.max_calls)),
                 config,
                 client,
@@ -107,7 +120,7 @@ impl Cluster {
                 presence,
                 in_flight: Mutex::default(),
                 acks,
-                reconnects,
+                look_again,
             }),
         })
     }
@@ -227,7 +240,9 @@ async fn publish_up(
         None => Bytes::new(),
     };
     let publish = PublishMessage::build().payload(payload).headers(headers);
-    // The context bounds the wait for the client to take it by `publish_timeout`.
+    // The context bounds the wait for the client to take it by `publish_timeout`
+    // (and, past `MAX_ACKS_IN_FLIGHT` publishes awaiting acks, waits for one to end:
+    // each of those ends within `publish_timeout`).
     inner
         .js
         .send_publish(subject, publish)
@@ -253,6 +268,9 @@ async fn collect_acks(mut waiting: mpsc::UnboundedReceiver<AckWait>) {
     while running.next().await.is_some() {}
 }
 
+/// Clusters joined by this process, for [`Inner::run`].
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
 /// Up-stream publishes one hub awaits acks for at once (1,024 per connection at most).
 const MAX_ACKS_IN_FLIGHT: usize = 65_536;
 
@@ -274,6 +292,17 @@ async fn serve(inner: Arc<Inner>, hub: Hub, cancel: CancellationToken) {
     let owners = tokio::spawn(watch_owners(inner.clone(), hub.clone(), held.clone()));
     let announce = tokio::spawn(announce(inner.clone(), hub.clone()));
     let beating = tokio::spawn(heartbeat(inner.clone(), hub.clone()));
+    let looking = {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now() + LOOK_AGAIN;
+            let mut ticks = tokio::time::interval_at(start, LOOK_AGAIN);
+            loop {
+                ticks.tick().await;
+                inner.look_again.send_modify(|n| *n += 1);
+            }
+        })
+    };
     // Agents already connected when serving starts.
     for info in hub.agents() {
         start_agent(
@@ -326,16 +355,18 @@ async fn serve(inner: Arc<Inner>, hub: Hub, cancel: CancellationToken) {
     }
     owners.abort();
     announce.abort();
+    looking.abort();
+    for (_, h) in held.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        h.cancel.cancel();
+    }
+    // The agents' entries are released first; then, stopped in order, this hub is not
+    // a dead one whose entries need sweeping.
+    while tasks.join_next().await.is_some() {}
     beating.abort();
-    // Stopped in order: not a dead hub whose entries need sweeping.
     let _ = inner
         .hubs
         .delete(subject::hub_key(&inner.config.hub_id))
         .await;
-    for (_, h) in held.lock().unwrap_or_else(|e| e.into_inner()).drain() {
-        h.cancel.cancel();
-    }
-    while tasks.join_next().await.is_some() {}
 }
 
 /// Announces this hub as a NATS micro service (`tunnel-hub`, the ecosystem's way to
@@ -385,82 +416,110 @@ async fn heartbeat(inner: Arc<Inner>, hub: Hub) {
         serde_json::json!({
             "url": hub.url().unwrap_or_default(),
             "since_ms": tunnel_transport::unix_millis(),
+            "run": inner.run,
         })
         .to_string(),
     );
-    let mut swept = false;
-    let mut ticks = tokio::time::interval(inner.config.hub_heartbeat);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        if inner.hubs.put(&key, beat.clone()).await.is_err() {
-            continue;
+    let every = inner.config.hub_heartbeat;
+    // Beats do not wait for a sweep, which may take long on a large bucket.
+    let beating = async {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if let Err(e) = inner.hubs.put(&key, beat.clone()).await {
+                tracing::debug!(error = %e, "heartbeat not written");
+            }
         }
-        match Box::pin(sweep(&inner, swept)).await {
-            Ok(done) => swept |= done,
-            Err(e) => tracing::debug!(error = %e, "presence sweep failed; trying again"),
+    };
+    let sweeping = async {
+        let mut swept = false;
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            match Box::pin(sweep(&inner, swept)).await {
+                Ok(Some(complete)) => swept = complete,
+                // Not the sweeper (now): scan again when it becomes it.
+                Ok(None) => swept = false,
+                Err(e) => tracing::debug!(error = %e, "presence sweep failed; trying again"),
+            }
         }
-    }
+    };
+    tokio::join!(beating, sweeping);
 }
 
 /// Hub heartbeats a sweep reads at most.
 const MAX_HUBS: usize = 1024;
 
+/// Presence entries a sweep reads at most (the rest wait for the next sweep).
+const MAX_SWEPT: usize = 1_000_000;
+
 /// Removes the presence entries of dead hubs, if this hub is the live hub with the
 /// lowest id (one sweeper at a time; the deletes are compare-and-set, so two would do
 /// no harm). A hub is dead when its last beat is three heartbeats older than the newest
 /// beat: all times are the server's, so hubs' clocks do not matter. An entry naming a
-/// hub that is not alive (dead, or with no beat at all) goes if it is older than that
-/// too; an agent that claims it meanwhile changes its revision, and the delete fails.
-/// The presence bucket is scanned once when this hub becomes the sweeper, then only
-/// when a hub died. Returns whether it scanned.
-async fn sweep(inner: &Inner, swept_before: bool) -> Result<bool, String> {
-    let mut keys = inner.hubs.keys().await.map_err(|e| e.to_string())?;
+/// hub that is not alive (dead, with no beat at all, or alive in another run than the
+/// one that wrote it: restarted under the same id) goes if it is older than that too;
+/// an agent that claims it meanwhile changes its revision, and the delete fails. The
+/// presence bucket is scanned when this hub becomes the sweeper, and again while an
+/// entry of a hub that is not alive is left (too young yet, or its delete failed) or a
+/// hub died; a dead hub's beat is removed once all such entries are. Returns whether
+/// the scan left nothing to do, or `None` when this hub is not the sweeper.
+async fn sweep(inner: &Inner, swept_before: bool) -> Result<Option<bool>, String> {
     let mut beats = Vec::new();
-    while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| e.to_string())?;
+    for key in crate::streams::keys(&inner.hubs, MAX_HUBS).await? {
         if let Some(entry) = inner.hubs.entry(&key).await.map_err(|e| e.to_string())?
             && entry.operation == kv::Operation::Put
         {
-            beats.push((key, entry.revision, millis(&entry)));
-        }
-        if beats.len() >= MAX_HUBS {
-            break;
+            let run = serde_json::from_slice::<serde_json::Value>(&entry.value)
+                .ok()
+                .and_then(|v| v["run"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            beats.push((key, entry.revision, millis(&entry), run));
         }
     }
     let Some(newest) = beats.iter().map(|b| b.2).max() else {
-        return Ok(false);
+        return Ok(None);
     };
     let limit = (inner.config.hub_heartbeat * 3).as_millis() as i128;
     let stale = |created: i128| newest - created > limit;
     let (dead, live): (Vec<_>, Vec<_>) = beats.into_iter().partition(|b| stale(b.2));
     let me = subject::hub_key(&inner.config.hub_id);
-    if live.iter().map(|b| &b.0).min() != Some(&me) || (swept_before && dead.is_empty()) {
-        return Ok(false);
+    if live.iter().map(|b| &b.0).min() != Some(&me) {
+        return Ok(None);
     }
-    let live: std::collections::HashSet<String> = live.into_iter().map(|b| b.0).collect();
-    let mut keys = inner.presence.keys().await.map_err(|e| e.to_string())?;
-    let mut removed = 0usize;
-    while let Some(key) = keys.next().await {
-        let Ok(key) = key else { continue };
+    if swept_before && dead.is_empty() {
+        return Ok(Some(false));
+    }
+    let live: HashMap<String, String> = live.into_iter().map(|b| (b.0, b.3)).collect();
+    // Entries left for a later sweep: not old enough yet, or their delete failed.
+    let (mut removed, mut left) = (0usize, 0usize);
+    for key in crate::streams::keys(&inner.presence, MAX_SWEPT).await? {
         let Ok(Some(entry)) = inner.presence.entry(&key).await else {
             continue;
         };
-        let orphan = entry.operation == kv::Operation::Put
-            && stale(millis(&entry))
+        let not_alive = entry.operation == kv::Operation::Put
             && serde_json::from_slice::<Presence>(&entry.value)
-                .is_ok_and(|p| !live.contains(&subject::hub_key(&p.hub)));
-        if orphan
-            && inner
+                .is_ok_and(|p| live.get(&subject::hub_key(&p.hub)) != Some(&p.run));
+        if not_alive && !stale(millis(&entry)) {
+            left += 1;
+        } else if not_alive {
+            match inner
                 .presence
                 .delete_expect_revision(&key, Some(entry.revision))
                 .await
-                .is_ok()
-        {
-            removed += 1;
+            {
+                Ok(()) => removed += 1,
+                // Claimed meanwhile, or NATS away: the next sweep looks again.
+                Err(_) => left += 1,
+            }
         }
     }
-    for (key, revision, _) in dead {
+    if left > 0 {
+        return Ok(Some(false));
+    }
+    for (key, revision, _, _) in dead {
         tracing::info!(hub = %tunnel_proto::text::Untrusted(&key), "a hub stopped beating: its presence entries are removed");
         let _ = inner
             .hubs
@@ -473,7 +532,7 @@ async fn sweep(inner: &Inner, swept_before: bool) -> Result<bool, String> {
             "presence entries of hubs that are gone were removed"
         );
     }
-    Ok(true)
+    Ok(Some(true))
 }
 
 /// When the server stored a KV entry, in milliseconds since the Unix epoch.
@@ -552,6 +611,7 @@ fn start_agent(
         hub: inner.config.hub_id.clone(),
         session: session.to_owned(),
         since_ms: tunnel_transport::unix_millis(),
+        run: inner.run.clone(),
     };
     tasks.spawn(agent_work(
         inner.clone(),
@@ -629,13 +689,18 @@ struct Claim<'a> {
 impl Claim<'_> {
     /// Claims the entry (its revision goes to `revision` and to the held map), then
     /// lets go at once if another hub took it before the watch knew our revision.
-    /// After each NATS reconnect, writes it again if it is gone (a hub cut off from
-    /// NATS long enough is swept as dead: [`sweep`]).
+    /// After each NATS reconnect and every [`LOOK_AGAIN`], writes it again if it is
+    /// gone (a hub cut off from NATS, or too slow to beat, is swept as dead: [`sweep`]).
     async fn run(&self, presence: &Presence, revision: &AtomicU64) {
-        let mut reconnects = self.inner.reconnects.subscribe();
+        let mut look_again = self.inner.look_again.subscribe();
         self.claim(presence, revision).await;
-        while reconnects.changed().await.is_ok() {
-            if let Ok(None) = self.inner.presence.entry(self.key).await {
+        while look_again.changed().await.is_ok() {
+            let gone = match self.inner.presence.entry(self.key).await {
+                Ok(None) => true,
+                Ok(Some(entry)) => entry.operation != kv::Operation::Put,
+                Err(_) => false,
+            };
+            if gone {
                 self.claim(presence, revision).await;
             }
         }
@@ -799,8 +864,11 @@ fn in_flight(inner: &Inner, agent: &AgentId) -> Arc<InFlight> {
     if let Some(live) = map.get(agent).and_then(std::sync::Weak::upgrade) {
         return live;
     }
-    // Bounded by the agents that have a reader or a delivery pending.
-    map.retain(|_, w| w.strong_count() > 0);
+    // Bounded by the agents that have a reader or a delivery pending, plus at most
+    // 1,024 ended ones (swept every 1,024 entries, not on every insert).
+    if map.len() % 1024 == 1023 {
+        map.retain(|_, w| w.strong_count() > 0);
+    }
     let fresh = Arc::new(InFlight::default());
     map.insert(agent.clone(), Arc::downgrade(&fresh));
     fresh
@@ -816,8 +884,10 @@ async fn serve_inbox(
     mut inbox: async_nats::Subscriber,
 ) {
     let shared = in_flight(inner, agent);
-    let mut reconnects = inner.reconnects.subscribe();
+    let mut look_again = inner.look_again.subscribe();
     let filter = subject::down_all(agent);
+    // After a copy of a new message: how many of the [`RECHECKS`] were made.
+    let mut rechecks = RECHECKS.len();
     let limit = inner.config.down_in_flight.max(1);
     let mut calls = JoinSet::new();
     // The first stream sequence not looked at yet, and whether there may be more.
@@ -845,16 +915,25 @@ async fn serve_inbox(
                     if shared.lock().seqs.contains(&msg.sequence) {
                         continue;
                     }
-                    if Box::pin(deliver(inner, hub, agent, &shared, msg))
-                        .await
-                        .is_err()
-                    {
+                    let seq = msg.sequence;
+                    match Box::pin(deliver(inner, hub, agent, &shared, msg)).await {
+                        Ok(()) => {}
                         // The hub no longer holds the agent: what is unread waits.
-                        return std::future::pending().await;
+                        Err(NotDelivered::Gone) => return std::future::pending().await,
+                        Err(NotDelivered::Later) => {
+                            next = seq;
+                            retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+                        }
                     }
                 }
                 Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
                     unread = false;
+                    // A copy of a new message may come before the stream answers with
+                    // it: look a few times more, a little later each time.
+                    if let Some(wait) = RECHECKS.get(rechecks) {
+                        rechecks += 1;
+                        retry = Some(Box::pin(tokio::time::sleep(*wait)));
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(%agent, error = %e, "cannot read the agent's down messages yet");
@@ -870,6 +949,7 @@ async fn serve_inbox(
                 };
                 if !subject::is_call(msg.subject.as_str()) {
                     unread = true;
+                    rechecks = 0;
                     continue;
                 }
                 let Some(reply_to) = msg.reply.clone() else { continue };
@@ -889,7 +969,11 @@ async fn serve_inbox(
                 });
             }
             () = shared.changed.notified() => unread = true,
-            Ok(()) = reconnects.changed() => unread = true,
+            // Reconnected to NATS, or the periodic look: read from the start.
+            Ok(()) = look_again.changed() => {
+                unread = true;
+                next = 1;
+            }
             () = async { if let Some(r) = retry.as_mut() { r.await } }, if retry.is_some() => {
                 retry = None;
                 unread = true;
@@ -898,6 +982,17 @@ async fn serve_inbox(
         }
     }
 }
+
+/// The waits before looking again after a copy of a new message found nothing yet.
+const RECHECKS: [Duration; 3] = [
+    Duration::from_millis(20),
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+];
+
+/// How often every reader of down messages looks again whatever it was told: a
+/// backstop for a missed copy or reconnect event. The hub's claims are checked as often.
+const LOOK_AGAIN: Duration = Duration::from_secs(60);
 
 /// Sends one down message to the agent; once the agent acknowledged it, deletes it from
 /// the stream. A message that can never be delivered (undecodable) is deleted at once.
@@ -908,43 +1003,77 @@ async fn deliver(
     agent: &AgentId,
     shared: &Arc<InFlight>,
     msg: jetstream::message::StreamMessage,
-) -> Result<(), ()> {
+) -> Result<(), NotDelivered> {
     let seq = msg.sequence;
     let env = match down_envelope(msg.subject.as_str(), Some(&msg.headers), &msg.payload) {
         Ok(env) => env,
         Err(e) => {
             tracing::warn!(%agent, error = %e, "deleting an undecodable down message");
-            let _ = inner.down.delete_message(seq).await;
+            delete_down(inner, seq).await;
             return Ok(());
         }
     };
-    let receipt = hub.send_envelope(agent, env).await.map_err(|_| ())?;
+    let receipt = match hub.send_envelope(agent, env).await {
+        Ok(receipt) => receipt,
+        Err(tunnel_router::Error::NotConnected) => return Err(NotDelivered::Gone),
+        Err(e) => {
+            tracing::debug!(%agent, error = %e, "a down message waits: the agent's session cannot take it now");
+            return Err(NotDelivered::Later);
+        }
+    };
     shared.lock().seqs.insert(seq);
-    let (inner, shared) = (inner.clone(), shared.clone());
+    let (inner, shared, agent) = (inner.clone(), shared.clone(), agent.clone());
     // Not tied to this connection: a session resumed on this hub acknowledges later.
     tokio::spawn(async move {
-        let delivered = receipt.delivered().await.is_ok();
-        if delivered {
-            let mut backoff = Backoff::new();
-            for _ in 0..DELETE_ATTEMPTS {
-                if inner.down.delete_message(seq).await.is_ok() {
-                    break;
-                }
-                backoff.wait().await;
+        let done = match receipt.delivered().await {
+            Ok(()) => true,
+            // Sent on a connection that tracks nothing (a hub without sessions): all
+            // that can be known, so at most once there.
+            Err(Undelivered::Untracked) => true,
+            // The agent can never take it (no handler for its type, a bad payload):
+            // sending it again would not help.
+            Err(Undelivered::Rejected { code, message }) => {
+                tracing::warn!(%agent, code = %tunnel_proto::text::Untrusted(&code), message = %tunnel_proto::text::Untrusted(&message), "the agent rejected a down message: deleting it");
+                true
             }
+            Err(_) => false,
+        };
+        if done {
+            delete_down(&inner, seq).await;
         }
         {
             let mut state = shared.lock();
             state.seqs.remove(&seq);
-            state.rewind |= !delivered;
+            state.rewind |= !done;
         }
         shared.changed.notify_one();
     });
     Ok(())
 }
 
-/// Tries to delete a delivered down message (NATS may be away). Past them, the message
-/// stays and is delivered again by the next reader: at least once.
+/// Why [`deliver`] did not hand a message to the agent's session.
+enum NotDelivered {
+    /// The hub no longer holds the agent.
+    Gone,
+    /// The session cannot take it now (its buffer stays full): read it again later.
+    Later,
+}
+
+/// Deletes a delivered down message, retrying while NATS does not answer; an answer
+/// (deleted, or already gone) ends it. Past the attempts the message stays and is
+/// delivered again by the next read: at least once.
+async fn delete_down(inner: &Inner, seq: u64) {
+    let mut backoff = Backoff::new();
+    for _ in 0..DELETE_ATTEMPTS {
+        match inner.down.delete_message(seq).await {
+            Ok(_) => return,
+            Err(e) if matches!(e.kind(), stream::DeleteMessageErrorKind::JetStream(_)) => return,
+            Err(_) => backoff.wait().await,
+        }
+    }
+}
+
+/// Attempts to delete one delivered down message.
 const DELETE_ATTEMPTS: usize = 8;
 
 /// The envelope a down message stands for: its type from the subject, its payload in

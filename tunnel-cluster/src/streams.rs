@@ -45,6 +45,20 @@ pub(crate) async fn ensure(
         })
         .await
         .map_err(|e| ClusterError::JetStream(format!("stream {DOWN_STREAM}: {e}")))?;
+    // A stream made by another version would store calls and refuse direct gets.
+    let made = &down.cached_info().config;
+    if made.retention != stream::RetentionPolicy::Limits
+        || !made.allow_direct
+        || made.subjects != [crate::subject::down_stream_subjects()]
+    {
+        return Err(ClusterError::Config(format!(
+            "stream {DOWN_STREAM} exists with another configuration (retention {:?}, subjects {:?}, direct get {}); this version needs limits retention, subjects [{}] and direct get: delete the stream or update it",
+            made.retention,
+            made.subjects,
+            made.allow_direct,
+            crate::subject::down_stream_subjects()
+        )));
+    }
     Ok((up, down))
 }
 
@@ -87,4 +101,31 @@ async fn bucket(
     js.get_key_value(name)
         .await
         .map_err(|e| ClusterError::JetStream(format!("bucket {name}: {e}")))
+}
+
+/// The keys of `store` (with a value or a delete marker), at most `max` of them.
+///
+/// Read from the bucket's stream subjects, not through async-nats's `keys()`: that
+/// one reads through a consumer whose pending count nats-server 2.9 lets go stale
+/// while the bucket is written to (nats-server#3481), and then never ends. A hubs
+/// bucket is written every heartbeat and a presence bucket at every connect.
+pub(crate) async fn keys(store: &kv::Store, max: usize) -> Result<Vec<String>, String> {
+    use futures_util::StreamExt;
+    let mut subjects = store
+        .stream
+        .info_with_subjects(format!("{}>", store.prefix))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut keys = Vec::new();
+    while let Some(subject) = subjects.next().await {
+        let (subject, _) = subject.map_err(|e| e.to_string())?;
+        if let Some(key) = subject.strip_prefix(store.prefix.as_str()) {
+            keys.push(key.to_owned());
+        }
+        if keys.len() >= max {
+            break;
+        }
+    }
+    keys.sort_unstable();
+    Ok(keys)
 }

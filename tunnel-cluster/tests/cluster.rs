@@ -573,6 +573,16 @@ async fn presence_entries_of_a_hub_that_stopped_beating_are_removed() {
         )
         .await
         .expect("entry");
+    // An entry of an earlier run of the live hub (restarted under the same id).
+    let earlier = AgentId::new("root:org", "earlier-run");
+    let entry = json!({"hub": "hub-a", "session": "s-0", "since_ms": 1, "run": "before"});
+    presence
+        .put(
+            tunnel_cluster::subject::presence_key(&earlier),
+            entry.to_string().into(),
+        )
+        .await
+        .expect("entry");
     // A live hub with an agent of its own, whose entry stays.
     let hub = Hub::bind(
         "127.0.0.1:0",
@@ -592,7 +602,7 @@ async fn presence_entries_of_a_hub_that_stopped_beating_are_removed() {
         loop {
             let now = backend.presence().await.expect("presence");
             let holds = |id: &AgentId| now.iter().any(|(a, _)| a == id);
-            if holds(&live) && !holds(&orphan) {
+            if holds(&live) && !holds(&orphan) && !holds(&earlier) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -612,6 +622,43 @@ async fn presence_entries_of_a_hub_that_stopped_beating_are_removed() {
         hubs.get("hub-a").await.expect("read").is_none(),
         "a hub that stops in order removes its heartbeat"
     );
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_message_the_agent_rejects_is_deleted_not_sent_again() {
+    let nats = Nats::start("rejected");
+    let (hub, _cluster, serving) = cluster_hub(&nats, "hub-a", Router::new()).await;
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+    let id = AgentId::new("root:org", "picky");
+    // The agent routes commands only: an event has no handler there.
+    let (router, mut commands) = agent_router();
+    let agent = agent(&hub.url().expect("url"), &id, router);
+    within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    backend
+        .send(&id, MessageType::Event, &json!({"n": 0}))
+        .await
+        .expect("stored");
+    backend
+        .send(&id, MessageType::Command, &json!({"n": 1}))
+        .await
+        .expect("stored");
+    assert_eq!(within("the command", commands.recv()).await, Some(1));
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+    let mut down = js
+        .get_stream(tunnel_cluster::subject::DOWN_STREAM)
+        .await
+        .expect("down stream");
+    within("both deleted", async {
+        while down.info().await.expect("info").state.messages > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    serving.stop().await;
     agent.shutdown().await;
     hub.shutdown().await;
 }
