@@ -42,7 +42,8 @@ pub(crate) struct HubArgs {
     #[arg(long, default_value_t = 10)]
     stats_interval: u64,
     /// Seconds a disconnected agent's session is kept for it to resume; later it is reset
-    /// (default 60).
+    /// (default 60). With `--nats`, the cluster's grace: every hub must give the same,
+    /// and a session detached when its hub drains or stops resumes on any hub.
     #[arg(long, conflicts_with = "no_sessions")]
     session_grace: Option<u64>,
     /// Do not keep sessions: no resume, no replay (every connection starts afresh).
@@ -332,9 +333,11 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
                 .hub_id
                 .clone()
                 .unwrap_or_else(|| default_hub_id(args.listen));
-            let cluster = Cluster::connect(ClusterConfig::new(url.clone(), id))
-                .await
-                .map_err(|e| e.to_string())?;
+            let grace = Duration::from_secs(args.session_grace.unwrap_or(60));
+            let cluster =
+                Cluster::connect(ClusterConfig::new(url.clone(), id).session_grace(grace))
+                    .await
+                    .map_err(|e| e.to_string())?;
             tracing::info!(nats = %url, hub_id = %cluster.hub_id(), "joined the cluster");
             Some(cluster)
         }
@@ -390,7 +393,11 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
         .await
     } else {
         let grace = Duration::from_secs(args.session_grace.unwrap_or(60));
-        let sessions = HubSessions::default().grace(grace);
+        let mut sessions = HubSessions::default().grace(grace);
+        // In a cluster, detached sessions wait in NATS, for any hub to resume.
+        if let Some(cluster) = &cluster {
+            sessions = sessions.store(cluster.session_store());
+        }
         Hub::bind_with(
             args.listen,
             config,

@@ -51,6 +51,14 @@ pub struct ClusterConfig {
     /// is three intervals older than the newest is dead: one live hub then removes the
     /// presence entries naming it. Default 5 s.
     pub hub_heartbeat: Duration,
+    /// How long a detached session's snapshot waits in the sessions bucket for its
+    /// agent to resume it on any hub (the bucket's `max_age`: every hub of a cluster
+    /// must use the same). Give the hub's [`HubSessions`](tunnel_router::HubSessions)
+    /// the same grace. Default 60 s.
+    pub session_grace: Duration,
+    /// The sessions bucket's size bound; past it a save is refused (that session then
+    /// resumes only on the hub that holds it). Default 1 GiB.
+    pub sessions_max_bytes: i64,
 }
 
 impl ClusterConfig {
@@ -69,6 +77,8 @@ impl ClusterConfig {
             down_in_flight: 256,
             max_calls: 1024,
             hub_heartbeat: Duration::from_secs(5),
+            session_grace: Duration::from_secs(60),
+            sessions_max_bytes: 1 << 30,
         }
     }
 
@@ -93,6 +103,12 @@ impl ClusterConfig {
     /// Sets [`ClusterConfig::hub_heartbeat`] (at least 10 ms).
     pub fn hub_heartbeat(mut self, every: Duration) -> Self {
         self.hub_heartbeat = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Sets [`ClusterConfig::session_grace`] (at least 1 s).
+    pub fn session_grace(mut self, grace: Duration) -> Self {
+        self.session_grace = grace.max(Duration::from_secs(1));
         self
     }
 

@@ -39,6 +39,8 @@ struct Inner {
     run: String,
     /// Hubs' heartbeats.
     hubs: kv::Store,
+    /// Detached sessions' snapshots (see [`Cluster::session_store`]).
+    sessions: kv::Store,
     calls: Arc<Semaphore>,
     /// Per agent, the down messages delivered and not yet deleted ([`InFlight`]).
     in_flight: Mutex<HashMap<AgentId, std::sync::Weak<InFlight>>>,
@@ -103,9 +105,11 @@ impl Cluster {
         tokio::spawn(collect_acks(waiting));
         let presence = crate::streams::presence(&js).await?;
         let hubs = crate::streams::hubs(&js).await?;
+        let sessions = crate::streams::sessions(&js, &config).await?;
         Ok(Cluster {
             inner: Arc::new(Inner {
                 hubs,
+                sessions,
                 run: format!(
                     "{}-{}-{}",
                     std::process::id(),
@@ -123,6 +127,30 @@ impl Cluster {
                 look_again,
             }),
         })
+    }
+
+    /// Where this hub keeps its detached sessions, in NATS, for any hub of the cluster
+    /// to resume: give it to the hub's sessions
+    /// ([`HubSessions::store`](tunnel_router::HubSessions::store)), with the
+    /// cluster's grace ([`ClusterConfig::session_grace`]). An agent whose hub drains
+    /// or shuts down in order then resumes its session on whichever hub it reaches
+    /// next; the down messages the session held are delivered by it, once.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tunnel_cluster::{Cluster, ClusterConfig};
+    /// use tunnel_router::HubSessions;
+    ///
+    /// let config = ClusterConfig::new("nats://127.0.0.1:4222", "hub-a");
+    /// let grace = config.session_grace;
+    /// let cluster = Cluster::connect(config).await?;
+    /// let sessions = HubSessions::default()
+    ///     .grace(grace)
+    ///     .store(cluster.session_store());
+    /// # let _ = sessions; Ok(()) }
+    /// ```
+    pub fn session_store(&self) -> Arc<crate::NatsSessionStore> {
+        Arc::new(crate::NatsSessionStore::new(self.inner.sessions.clone()))
     }
 
     /// This hub's name in the cluster.
@@ -847,7 +875,15 @@ struct InFlight {
 
 #[derive(Debug, Default)]
 struct InFlightState {
-    seqs: std::collections::BTreeSet<u64>,
+    /// Down messages handed to the agent's session, by stream sequence: `None` while
+    /// the outcome is awaited; once the message was deleted, `Some` of the read count
+    /// then, and kept until every read in flight at the delete has ended, so that a
+    /// read racing the delete does not deliver it again.
+    seqs: std::collections::BTreeMap<u64, Option<u64>>,
+    /// Entries of `seqs` awaiting their outcome.
+    awaiting: usize,
+    /// Reads of the stream begun so far.
+    reads: u64,
     /// A delivery failed: read the agent's messages from the start of the stream again.
     rewind: bool,
 }
@@ -855,6 +891,42 @@ struct InFlightState {
 impl InFlight {
     fn lock(&self) -> std::sync::MutexGuard<'_, InFlightState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl InFlightState {
+    /// Down message `seq` was handed to the session; false if it already was.
+    fn start(&mut self, seq: u64) -> bool {
+        if self.seqs.contains_key(&seq) {
+            return false;
+        }
+        self.seqs.insert(seq, None);
+        self.awaiting += 1;
+        true
+    }
+
+    /// Down message `seq`'s outcome: deleted (`done`), or to be delivered again.
+    fn end(&mut self, seq: u64, done: bool) {
+        if self.seqs.get(&seq) == Some(&None) {
+            self.awaiting -= 1;
+        }
+        if done {
+            self.seqs.insert(seq, Some(self.reads));
+        } else {
+            self.seqs.remove(&seq);
+            self.rewind = true;
+        }
+    }
+
+    /// A read begins (one at a time per agent: the one before has ended). Messages
+    /// deleted before it began cannot be met again: they are forgotten.
+    fn begin_read(&mut self) {
+        self.reads += 1;
+        let reads = self.reads;
+        if self.seqs.len() > self.awaiting {
+            self.seqs
+                .retain(|_, deleted| deleted.is_none_or(|at| at >= reads));
+        }
     }
 }
 
@@ -884,6 +956,7 @@ async fn serve_inbox(
     mut inbox: async_nats::Subscriber,
 ) {
     let shared = in_flight(inner, agent);
+    adopt_held(inner, hub, agent, &shared);
     let mut look_again = inner.look_again.subscribe();
     let filter = subject::down_all(agent);
     // After a copy of a new message: how many of the [`RECHECKS`] were made.
@@ -897,13 +970,14 @@ async fn serve_inbox(
         while unread && retry.is_none() {
             {
                 let mut state = shared.lock();
-                if state.seqs.len() >= limit {
+                if state.awaiting >= limit {
                     break;
                 }
                 if std::mem::take(&mut state.rewind) {
                     next = 1;
                 }
             }
+            shared.lock().begin_read();
             let read = Box::pin(
                 inner
                     .down
@@ -912,7 +986,7 @@ async fn serve_inbox(
             match read.await {
                 Ok(msg) => {
                     next = msg.sequence + 1;
-                    if shared.lock().seqs.contains(&msg.sequence) {
+                    if shared.lock().seqs.contains_key(&msg.sequence) {
                         continue;
                     }
                     let seq = msg.sequence;
@@ -1006,7 +1080,11 @@ async fn deliver(
 ) -> Result<(), NotDelivered> {
     let seq = msg.sequence;
     let env = match down_envelope(msg.subject.as_str(), Some(&msg.headers), &msg.payload) {
-        Ok(env) => env,
+        Ok(mut env) => {
+            env.headers
+                .insert(subject::HEADER_DOWN_SEQ, seq.to_string().as_str());
+            env
+        }
         Err(e) => {
             tracing::warn!(%agent, error = %e, "deleting an undecodable down message");
             delete_down(inner, seq).await;
@@ -1021,7 +1099,20 @@ async fn deliver(
             return Err(NotDelivered::Later);
         }
     };
-    shared.lock().seqs.insert(seq);
+    shared.lock().start(seq);
+    track(inner, shared, agent, seq, receipt);
+    Ok(())
+}
+
+/// Waits for the outcome of down message `seq` (in `shared`): deletes it from the
+/// stream once the agent has it, or lets the next read deliver it again.
+fn track(
+    inner: &Arc<Inner>,
+    shared: &Arc<InFlight>,
+    agent: &AgentId,
+    seq: u64,
+    receipt: tunnel_router::Receipt,
+) {
     let (inner, shared, agent) = (inner.clone(), shared.clone(), agent.clone());
     // Not tied to this connection: a session resumed on this hub acknowledges later.
     tokio::spawn(async move {
@@ -1041,14 +1132,28 @@ async fn deliver(
         if done {
             delete_down(&inner, seq).await;
         }
-        {
-            let mut state = shared.lock();
-            state.seqs.remove(&seq);
-            state.rewind |= !done;
-        }
+        shared.lock().end(seq, done);
         shared.changed.notify_one();
     });
-    Ok(())
+}
+
+/// Takes over the down messages a session restored from the store carried from the
+/// hub that saved it (sent to the agent, not acknowledged then, so still in the
+/// stream): they are the session's to deliver (or the agent's resume acknowledged
+/// them), so the reader skips them, and each is deleted once the agent has it.
+fn adopt_held(inner: &Arc<Inner>, hub: &Hub, agent: &AgentId, shared: &Arc<InFlight>) {
+    for held in hub.take_restored(agent, subject::HEADER_DOWN_SEQ) {
+        let Some(seq) = held
+            .headers
+            .get(subject::HEADER_DOWN_SEQ)
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if shared.lock().start(seq) {
+            track(inner, shared, agent, seq, held.receipt);
+        }
+    }
 }
 
 /// Why [`deliver`] did not hand a message to the agent's session.

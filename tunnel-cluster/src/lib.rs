@@ -17,6 +17,7 @@
 mod backend;
 mod config;
 mod hub;
+mod sessions;
 mod streams;
 pub mod subject;
 #[cfg(feature = "testing")]
@@ -25,3 +26,4 @@ pub mod testing;
 pub use backend::{Backend, PresenceChange, Reply, UpMessage};
 pub use config::{ClusterConfig, ClusterError};
 pub use hub::{Cluster, Presence, Serving};
+pub use sessions::NatsSessionStore;

@@ -3,7 +3,9 @@
 
 use async_nats::jetstream::{self, kv, stream};
 
-use crate::subject::{DOWN_STREAM, HUBS_BUCKET, PREFIX, PRESENCE_BUCKET, UP_STREAM};
+use crate::subject::{
+    DOWN_STREAM, HUBS_BUCKET, PREFIX, PRESENCE_BUCKET, SESSIONS_BUCKET, UP_STREAM,
+};
 use crate::{ClusterConfig, ClusterError};
 
 /// The up and down streams.
@@ -64,16 +66,42 @@ pub(crate) async fn ensure(
 
 /// The presence bucket: one entry per connected agent, no history.
 pub(crate) async fn presence(js: &jetstream::Context) -> Result<kv::Store, ClusterError> {
-    bucket(js, PRESENCE_BUCKET, std::time::Duration::ZERO).await
+    bucket(js, PRESENCE_BUCKET, std::time::Duration::ZERO, -1).await
+}
+
+/// The sessions bucket: one snapshot per detached session, kept for the cluster's
+/// grace period (`max_age`: the server removes older ones), at most `max_bytes` in all
+/// (past it a save is refused). Every hub must agree on the grace period: a bucket
+/// made with another one is refused.
+pub(crate) async fn sessions(
+    js: &jetstream::Context,
+    config: &ClusterConfig,
+) -> Result<kv::Store, ClusterError> {
+    let store = bucket(
+        js,
+        SESSIONS_BUCKET,
+        config.session_grace,
+        config.sessions_max_bytes,
+    )
+    .await?;
+    let made = store.stream.cached_info().config.max_age;
+    if made != config.session_grace {
+        return Err(ClusterError::Config(format!(
+            "bucket {SESSIONS_BUCKET} keeps sessions {made:?}, this hub's session_grace is {:?}: every hub of a cluster needs the same grace period (or delete the bucket)",
+            config.session_grace
+        )));
+    }
+    Ok(store)
 }
 
 /// The hubs bucket: one heartbeat entry per live hub. An entry is kept at most an hour
 /// (a hub beats every few seconds; a dead hub's entry is removed by the next sweep).
 pub(crate) async fn hubs(js: &jetstream::Context) -> Result<kv::Store, ClusterError> {
-    bucket(js, HUBS_BUCKET, std::time::Duration::from_secs(3600)).await
+    bucket(js, HUBS_BUCKET, std::time::Duration::from_secs(3600), -1).await
 }
 
-/// A KV bucket without history, its entries kept at most `max_age` (zero: unbounded).
+/// A KV bucket without history, its entries kept at most `max_age` (zero: unbounded),
+/// at most `max_bytes` in all (-1: unbounded).
 ///
 /// Its stream is made here, as any KV client makes a bucket's (`KV_<bucket>` on
 /// `$KV.<bucket>.>`), rather than by async-nats's `create_key_value`, whose account
@@ -82,18 +110,25 @@ async fn bucket(
     js: &jetstream::Context,
     name: &str,
     max_age: std::time::Duration,
+    max_bytes: i64,
 ) -> Result<kv::Store, ClusterError> {
     js.get_or_create_stream(stream::Config {
         name: format!("KV_{name}"),
         subjects: vec![format!("$KV.{name}.>")],
         max_age,
+        max_bytes,
         max_messages_per_subject: 1,
         allow_rollup: true,
         deny_delete: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
         storage: stream::StorageType::File,
-        duplicate_window: std::time::Duration::from_secs(120),
+        // The server refuses a window longer than the entries live.
+        duplicate_window: if max_age.is_zero() {
+            std::time::Duration::from_secs(120)
+        } else {
+            max_age.min(std::time::Duration::from_secs(120))
+        },
         ..Default::default()
     })
     .await

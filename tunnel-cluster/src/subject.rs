@@ -23,6 +23,14 @@ pub const PRESENCE_BUCKET: &str = "tunnel_presence";
 /// The KV bucket of hubs' heartbeats: key [`hub_key`], value `{"url": .., "since_ms": ..}`.
 pub const HUBS_BUCKET: &str = "tunnel_hubs";
 
+/// The KV bucket of detached sessions' snapshots, kept for the cluster's grace period.
+pub const SESSIONS_BUCKET: &str = "tunnel_sessions";
+
+/// The envelope header a down message carries to the agent: its `TUNNEL_DOWN` stream
+/// sequence, by which a hub that resumes the agent's session knows which down
+/// messages the session already holds.
+pub const HEADER_DOWN_SEQ: &str = "tunnel-down-seq";
+
 /// Header: the envelope's id, as the agent assigned it (decimal).
 pub const HEADER_ID: &str = "Tunnel-Id";
 /// Header: the envelope's sequence number in its session (decimal).
@@ -188,6 +196,12 @@ pub fn agent_of(subject: &str) -> Option<AgentId> {
 /// The type token of an up or down subject, unescaped.
 pub fn kind_of(subject: &str) -> Option<String> {
     unescape(subject.rsplit('.').next()?)
+}
+
+/// The key of session `session` of `agent` in the sessions bucket:
+/// `<workspace>.<sync_target>.<session token>`.
+pub fn session_key(agent: &AgentId, session: &str) -> String {
+    format!("{}.{}", agent_tokens(agent), escape(session))
 }
 
 fn agent_tokens(agent: &AgentId) -> String {

@@ -662,3 +662,162 @@ async fn a_down_message_the_agent_rejects_is_deleted_not_sent_again() {
     agent.shutdown().await;
     hub.shutdown().await;
 }
+
+/// A hub in the cluster whose detached sessions wait in NATS (the cluster's store).
+async fn hub_with_stored_sessions(nats: &Nats, name: &str) -> (Hub, Cluster, Serving) {
+    let config = ClusterConfig::new(nats.url(), name).publish_timeout(Duration::from_secs(2));
+    let grace = config.session_grace;
+    let cluster = Cluster::connect(config).await.expect("join the cluster");
+    let sessions = tunnel_router::HubSessions::default()
+        .grace(grace)
+        .store(cluster.session_store());
+    let hub = Hub::bind_with(
+        "127.0.0.1:0",
+        ServerConfig::new(AllowAll),
+        cluster.router(Router::new()),
+        tunnel_router::HubConfig::default().sessions(tunnel_router::SessionRegistry::new(sessions)),
+    )
+    .await
+    .expect("bind");
+    let serving = cluster.serve(&hub);
+    (hub, cluster, serving)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumes_on_another_hub_when_its_hub_drains_with_nothing_lost_or_repeated() {
+    const EVENTS: u64 = 300;
+    const COMMANDS: u64 = 80;
+    let nats = Nats::start("handover");
+    let (hub_a, _cluster_a, serving_a) = hub_with_stored_sessions(&nats, "hub-a").await;
+    let (hub_b, _cluster_b, serving_b) = hub_with_stored_sessions(&nats, "hub-b").await;
+    let (url_a, url_b) = (hub_a.url().expect("url"), hub_b.url().expect("url"));
+    let id = AgentId::new("root:org", "mover");
+    let (router, mut commands) = agent_router();
+    let agent = Agent::start(
+        WsConnector::new(ClientConfig::new(id.clone()).format(Format::MsgPack)),
+        AgentConfig::with_endpoints([url_a.clone(), url_b.clone()]).backoff(
+            BackoffConfig::default()
+                .base(Duration::from_millis(20))
+                .cap(Duration::from_millis(200)),
+        ),
+        router,
+    )
+    .expect("agent");
+    within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    let mut resets = agent.session_events();
+    let mut state = agent.state();
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+
+    // Both directions busy while the agent moves.
+    let sender = agent.clone();
+    let events = tokio::spawn(async move {
+        let mut receipts = Vec::new();
+        for n in 1..=EVENTS {
+            receipts.push(
+                sender
+                    .send(MessageType::Event, &json!({"n": n}))
+                    .await
+                    .expect("accepted by the agent's session"),
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        receipts
+    });
+    let publisher = backend.clone();
+    let target = id.clone();
+    let stored = tokio::spawn(async move {
+        for n in 1..=COMMANDS {
+            publisher
+                .send(&target, MessageType::Command, &json!({"n": n}))
+                .await
+                .expect("stored");
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !events.is_finished() && !stored.is_finished(),
+        "the move falls within both directions' sending"
+    );
+    hub_a
+        .drain(
+            tunnel_router::Drain::default()
+                .after(Duration::from_millis(100))
+                .endpoints(vec![url_b.clone()])
+                .timeout(Duration::from_secs(5)),
+        )
+        .await;
+    serving_a.stop().await;
+
+    within("back on the other hub", async {
+        loop {
+            if matches!(
+                &*state.borrow_and_update(),
+                tunnel_router::ConnectionState::Resumed { .. }
+            ) {
+                break;
+            }
+            state.changed().await.expect("agent alive");
+        }
+    })
+    .await;
+    let receipts = within("events sent", events).await.expect("sender");
+    for (i, r) in receipts.into_iter().enumerate() {
+        within("event receipt", r.delivered())
+            .await
+            .unwrap_or_else(|e| panic!("event {} not acknowledged as stored: {e}", i + 1));
+    }
+    within("commands stored", stored).await.expect("publisher");
+    let mut got = Vec::new();
+    while got.len() < COMMANDS as usize {
+        got.push(
+            within("commands delivered", commands.recv())
+                .await
+                .expect("command"),
+        );
+    }
+    // Anything sent twice would come within this wait.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok(n) = commands.try_recv() {
+        got.push(n);
+    }
+    assert_eq!(
+        got,
+        (1..=COMMANDS).collect::<Vec<_>>(),
+        "every command once, in order"
+    );
+    assert!(
+        matches!(
+            resets.try_recv(),
+            Err(tokio::sync::broadcast::error::TryRecvError::Empty)
+        ),
+        "the session was not reset"
+    );
+    let up = read_up(&backend, "after-move", &id, EVENTS as usize).await;
+    let numbers: Vec<u64> = up
+        .iter()
+        .map(|m| {
+            m.decode::<serde_json::Value>().expect("payload")["n"]
+                .as_u64()
+                .expect("n")
+        })
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..=EVENTS).collect::<Vec<_>>(),
+        "each event stored once, in order"
+    );
+    let now = backend.presence().await.expect("presence");
+    assert_eq!(
+        now.iter()
+            .find(|(a, _)| *a == id)
+            .map(|(_, p)| p.hub.as_str()),
+        Some("hub-b")
+    );
+    serving_b.stop().await;
+    agent.shutdown().await;
+    hub_b.shutdown().await;
+    hub_a.shutdown().await;
+}

@@ -84,6 +84,18 @@ impl Receipt {
     }
 }
 
+/// A message a restored session held when it was restored (see
+/// [`Hub::take_restored`](crate::Hub::take_restored)).
+#[derive(Debug)]
+pub struct Unacked {
+    /// Its type.
+    pub kind: MessageType,
+    /// Its headers, as sent.
+    pub headers: tunnel_proto::Headers,
+    /// Its outcome.
+    pub receipt: Receipt,
+}
+
 /// What [`Reliable::try_send`] did with a message.
 pub(crate) enum TrySend {
     /// Held (and on the connection if there is one).
@@ -128,6 +140,9 @@ struct State {
     session: Session,
     /// The connection named by `session.link()`.
     conn: Option<ConnectionSender>,
+    /// What a restored session held when it was restored (sequence number, type,
+    /// headers), until [`Reliable::take_restored`] takes it.
+    restored: Vec<(u64, MessageType, tunnel_proto::Headers)>,
 }
 
 impl State {
@@ -219,11 +234,16 @@ impl Reliable {
         if held.messages > 0 {
             recorder.replay_changed(count(held.messages), count(held.bytes));
         }
+        let restored = session
+            .held_messages()
+            .map(|(seq, env)| (seq, env.kind.clone(), env.headers.clone()))
+            .collect();
         Arc::new(Reliable {
             recorder,
             state: Mutex::new(State {
                 session,
                 conn: None,
+                restored,
             }),
             drain: tokio::sync::Mutex::new(()),
             reader: tokio::sync::Mutex::new(()),
@@ -593,6 +613,21 @@ impl Reliable {
             st.session.shut_down(reason);
             st.conn = None;
         });
+    }
+
+    /// What the session held when it was restored, with `header`, each with its
+    /// receipt (resolved already if the resume acknowledged it); taken once.
+    pub(crate) fn take_restored(self: &Arc<Self>, header: &str) -> Vec<Unacked> {
+        let restored = std::mem::take(&mut self.state().restored);
+        restored
+            .into_iter()
+            .filter(|(_, _, headers)| headers.get(header).is_some())
+            .map(|(seq, kind, headers)| Unacked {
+                kind,
+                headers,
+                receipt: Receipt::held(seq, self),
+            })
+            .collect()
     }
 
     /// Messages and bytes held for replay.

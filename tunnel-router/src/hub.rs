@@ -601,6 +601,25 @@ impl Hub {
         Ok(Receipt::untracked())
     }
 
+    /// For `agent`'s session if it was restored from a
+    /// [`SessionStore`](crate::SessionStore) (saved by another hub, or by this one
+    /// before it restarted): the messages with header `header` it held, sent and not
+    /// acknowledged, when it was restored, oldest first, each with a receipt for its
+    /// outcome (already `Ok` if the agent's resume acknowledged it). Nobody else waits
+    /// for them: the hub that sent them let go of the session. Taken once; empty for a
+    /// session that was not restored, and without sessions.
+    ///
+    /// A hub that forwards messages from elsewhere learns here, when an agent
+    /// resumes, which of them the session already carried.
+    pub fn take_restored(&self, agent: &AgentId, header: &str) -> Vec<crate::Unacked> {
+        self.inner
+            .sessions
+            .as_ref()
+            .and_then(|s| s.of_agent(agent))
+            .map(|r| r.take_restored(header))
+            .unwrap_or_default()
+    }
+
     /// Sessions held (connected agents plus those within their grace period); 0
     /// without sessions.
     pub fn sessions(&self) -> usize {

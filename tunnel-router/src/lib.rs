@@ -71,7 +71,7 @@ pub use agent::{
     Agent, AgentClient, AgentConfig, ConnectTimeout, ConnectionState, InvalidAgentConfig,
     ResponseFuture, SessionEvent,
 };
-pub use delivery::{FullPolicy, Held, Receipt, Undelivered, WhenFull};
+pub use delivery::{FullPolicy, Held, Receipt, Unacked, Undelivered, WhenFull};
 pub use error::{Error, Unavailable};
 pub use hub::{AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubConfig, HubEvent};
 pub use pool::{Pool, PoolClient, PoolMode, Readiness};

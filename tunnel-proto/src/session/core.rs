@@ -636,6 +636,13 @@ impl Session {
         }
     }
 
+    /// The messages held for replay (sent, not yet acknowledged), oldest first, with
+    /// their sequence numbers: of this copy, or of the copy a restored session was
+    /// snapshotted from.
+    pub fn held_messages(&self) -> impl Iterator<Item = (u64, &Envelope)> {
+        self.out.iter().map(|m| (m.seq, &*m.item))
+    }
+
     /// Whether `size` more bytes fit in the replay buffer now.
     pub fn has_room(&self, size: usize) -> Result<(), Bound> {
         self.out.has_room(size)
