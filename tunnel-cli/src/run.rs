@@ -396,7 +396,7 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
         let mut sessions = HubSessions::default().grace(grace);
         // In a cluster, detached sessions wait in NATS, for any hub to resume.
         if let Some(cluster) = &cluster {
-            sessions = sessions.store(cluster.session_store());
+            sessions = sessions.store(cluster.session_store().map_err(|e| e.to_string())?);
         }
         Hub::bind_with(
             args.listen,

@@ -41,6 +41,10 @@ struct Inner {
     hubs: kv::Store,
     /// Detached sessions' snapshots (see [`Cluster::session_store`]).
     sessions: kv::Store,
+    /// Why this hub may not keep its sessions there: another grace period.
+    grace_mismatch: Option<String>,
+    /// Deletes of acknowledged down messages under way (waited for on stop).
+    deleting: tokio_util::task::TaskTracker,
     calls: Arc<Semaphore>,
     /// Per agent, the down messages delivered and not yet deleted ([`InFlight`]).
     in_flight: Mutex<HashMap<AgentId, std::sync::Weak<InFlight>>>,
@@ -105,11 +109,13 @@ impl Cluster {
         tokio::spawn(collect_acks(waiting));
         let presence = crate::streams::presence(&js).await?;
         let hubs = crate::streams::hubs(&js).await?;
-        let sessions = crate::streams::sessions(&js, &config).await?;
+        let (sessions, grace_mismatch) = crate::streams::sessions(&js, &config).await?;
         Ok(Cluster {
             inner: Arc::new(Inner {
                 hubs,
                 sessions,
+                grace_mismatch,
+                deleting: tokio_util::task::TaskTracker::new(),
                 run: format!(
                     "{}-{}-{}",
                     std::process::id(),
@@ -146,11 +152,20 @@ impl Cluster {
     /// let cluster = Cluster::connect(config).await?;
     /// let sessions = HubSessions::default()
     ///     .grace(grace)
-    ///     .store(cluster.session_store());
+    ///     .store(cluster.session_store()?);
     /// # let _ = sessions; Ok(()) }
     /// ```
-    pub fn session_store(&self) -> Arc<crate::NatsSessionStore> {
-        Arc::new(crate::NatsSessionStore::new(self.inner.sessions.clone()))
+    ///
+    /// Fails with [`ClusterError::Config`] when the bucket keeps sessions for another
+    /// grace period than this hub's: the grace is the cluster's.
+    pub fn session_store(&self) -> Result<Arc<crate::NatsSessionStore>, ClusterError> {
+        if let Some(why) = &self.inner.grace_mismatch {
+            return Err(ClusterError::Config(why.clone()));
+        }
+        Ok(Arc::new(crate::NatsSessionStore::new(
+            self.inner.sessions.clone(),
+            self.inner.run.clone(),
+        )))
     }
 
     /// This hub's name in the cluster.
@@ -390,6 +405,11 @@ async fn serve(inner: Arc<Inner>, hub: Hub, cancel: CancellationToken) {
     // The agents' entries are released first; then, stopped in order, this hub is not
     // a dead one whose entries need sweeping.
     while tasks.join_next().await.is_some() {}
+    // Messages the agents acknowledged are deleted before this hub goes (a hub that
+    // takes an agent over would otherwise deliver them again), within a bound.
+    inner.deleting.close();
+    let _ = tokio::time::timeout(DELETES_ON_STOP, inner.deleting.wait()).await;
+    inner.deleting.reopen();
     beating.abort();
     let _ = inner
         .hubs
@@ -871,16 +891,16 @@ struct InFlight {
     state: Mutex<InFlightState>,
     /// Wakes the reader: a delivery ended (a slot is free, or it failed).
     changed: tokio::sync::Notify,
+    /// Held by the agent's reader for each read and delivery: a new connection's
+    /// reader may start before the old one's task has gone.
+    reading: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
 struct InFlightState {
-    /// Down messages handed to the agent's session, by stream sequence: `None` while
-    /// the outcome is awaited; once the message was deleted, `Some` of the read count
-    /// then, and kept until every read in flight at the delete has ended, so that a
-    /// read racing the delete does not deliver it again.
-    seqs: std::collections::BTreeMap<u64, Option<u64>>,
-    /// Entries of `seqs` awaiting their outcome.
+    /// Down messages handed to the agent's session, by stream sequence.
+    seqs: std::collections::BTreeMap<u64, Slot>,
+    /// Entries of `seqs` awaiting their outcome (not deleted).
     awaiting: usize,
     /// Reads of the stream begun so far.
     reads: u64,
@@ -894,38 +914,70 @@ impl InFlight {
     }
 }
 
+/// One down message handed to the agent's session.
+#[derive(Debug)]
+struct Slot {
+    /// Receipts awaited for it: one per session copy it was handed to (a session
+    /// restored here may carry one this hub sent to an older copy).
+    owners: u32,
+    /// Once it was deleted: the reads begun by then. It is kept until every read in
+    /// flight at the delete has ended, so a read racing the delete does not deliver it
+    /// again.
+    deleted: Option<u64>,
+}
+
 impl InFlightState {
-    /// Down message `seq` was handed to the session; false if it already was.
+    /// Down message `seq` was handed to a session copy, whose receipt is to be
+    /// awaited; false when it was deleted already (nothing to await).
     fn start(&mut self, seq: u64) -> bool {
-        if self.seqs.contains_key(&seq) {
-            return false;
+        match self.seqs.get_mut(&seq) {
+            None => {
+                self.seqs.insert(
+                    seq,
+                    Slot {
+                        owners: 1,
+                        deleted: None,
+                    },
+                );
+                self.awaiting += 1;
+                true
+            }
+            Some(slot) if slot.deleted.is_some() => false,
+            Some(slot) => {
+                slot.owners += 1;
+                true
+            }
         }
-        self.seqs.insert(seq, None);
-        self.awaiting += 1;
-        true
     }
 
-    /// Down message `seq`'s outcome: deleted (`done`), or to be delivered again.
+    /// One receipt of down message `seq`: the agent has it (`done`: it was deleted),
+    /// or it failed; once every copy failed, the message is to be delivered again.
     fn end(&mut self, seq: u64, done: bool) {
-        if self.seqs.get(&seq) == Some(&None) {
-            self.awaiting -= 1;
+        let Some(slot) = self.seqs.get_mut(&seq) else {
+            return;
+        };
+        if slot.deleted.is_some() {
+            return;
         }
+        slot.owners = slot.owners.saturating_sub(1);
         if done {
-            self.seqs.insert(seq, Some(self.reads));
-        } else {
+            slot.deleted = Some(self.reads);
+            self.awaiting -= 1;
+        } else if slot.owners == 0 {
             self.seqs.remove(&seq);
+            self.awaiting -= 1;
             self.rewind = true;
         }
     }
 
-    /// A read begins (one at a time per agent: the one before has ended). Messages
+    /// A read begins (one at a time per agent: [`InFlight::reading`]). Messages
     /// deleted before it began cannot be met again: they are forgotten.
     fn begin_read(&mut self) {
         self.reads += 1;
         let reads = self.reads;
         if self.seqs.len() > self.awaiting {
             self.seqs
-                .retain(|_, deleted| deleted.is_none_or(|at| at >= reads));
+                .retain(|_, slot| slot.deleted.is_none_or(|at| at >= reads));
         }
     }
 }
@@ -956,7 +1008,10 @@ async fn serve_inbox(
     mut inbox: async_nats::Subscriber,
 ) {
     let shared = in_flight(inner, agent);
-    adopt_held(inner, hub, agent, &shared);
+    {
+        let _reading = shared.reading.lock().await;
+        adopt_held(inner, hub, agent, &shared);
+    }
     let mut look_again = inner.look_again.subscribe();
     let filter = subject::down_all(agent);
     // After a copy of a new message: how many of the [`RECHECKS`] were made.
@@ -968,6 +1023,7 @@ async fn serve_inbox(
     let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         while unread && retry.is_none() {
+            let _reading = shared.reading.lock().await;
             {
                 let mut state = shared.lock();
                 if state.awaiting >= limit {
@@ -1130,7 +1186,7 @@ fn track(
             Err(_) => false,
         };
         if done {
-            delete_down(&inner, seq).await;
+            inner.deleting.track_future(delete_down(&inner, seq)).await;
         }
         shared.lock().end(seq, done);
         shared.changed.notify_one();
@@ -1177,6 +1233,9 @@ async fn delete_down(inner: &Inner, seq: u64) {
         }
     }
 }
+
+/// How long a hub that stops waits for the deletes of acknowledged down messages.
+const DELETES_ON_STOP: Duration = Duration::from_secs(2);
 
 /// Attempts to delete one delivered down message.
 const DELETE_ATTEMPTS: usize = 8;

@@ -2,6 +2,7 @@
 //! bucket, so that an agent whose hub drained or restarted resumes its session on
 //! whichever hub it reaches next.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -16,19 +17,37 @@ use crate::subject;
 ///
 /// The bucket's `max_age` is the cluster's grace period
 /// ([`ClusterConfig::session_grace`](crate::ClusterConfig::session_grace)): the
-/// server removes a snapshot older than that, whatever a hub asks for in `save`.
-/// `take` reads the entry and deletes it at the revision it read: of two hubs taking
-/// one session at once, one gets it. A snapshot larger than the server's payload limit
-/// (1 MiB by default) is not saved: that session resumes only on the hub holding it.
-#[derive(Debug, Clone)]
+/// server removes a snapshot older than that, whatever a hub asks for in `save`
+/// (`keep_for`; give the hub's sessions the same grace). `take` replaces the entry,
+/// at the revision it read, with a marker naming this take: of two hubs taking one
+/// session at once, one gets it, and a take whose answer was lost finds its own marker.
+/// A snapshot larger than the server's payload limit (1 MiB by default) is not saved:
+/// that session resumes only on the hub holding it. A session id that is not 1 to 128
+/// bytes of visible ASCII names no session here.
+#[derive(Debug)]
 pub struct NatsSessionStore {
     bucket: kv::Store,
+    /// This hub's run, in its takes' markers.
+    run: String,
+    takes: AtomicU64,
 }
 
 impl NatsSessionStore {
-    pub(crate) fn new(bucket: kv::Store) -> Self {
-        NatsSessionStore { bucket }
+    pub(crate) fn new(bucket: kv::Store, run: String) -> Self {
+        NatsSessionStore {
+            bucket,
+            run,
+            takes: AtomicU64::new(0),
+        }
     }
+}
+
+/// How a taken session's entry begins (a snapshot is a MessagePack map, never this).
+const TAKEN: &[u8] = b"taken ";
+
+/// Whether `id` can name a session (what a hub grants: see `MAX_SESSION_ID`).
+fn usable(id: &str) -> bool {
+    tunnel_proto::text::is_visible_ascii(id, tunnel_proto::handshake::MAX_SESSION_ID)
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -38,6 +57,9 @@ fn failed(what: &str, e: impl std::fmt::Display) -> StoreError {
 #[async_trait::async_trait]
 impl SessionStore for NatsSessionStore {
     async fn take(&self, agent: &AgentId, id: &str) -> Result<Option<SessionSnapshot>, StoreError> {
+        if !usable(id) {
+            return Ok(None);
+        }
         let key = subject::session_key(agent, id);
         let Some(entry) = self
             .bucket
@@ -47,26 +69,34 @@ impl SessionStore for NatsSessionStore {
         else {
             return Ok(None);
         };
-        if entry.operation != kv::Operation::Put {
+        if entry.operation != kv::Operation::Put || entry.value.starts_with(TAKEN) {
             return Ok(None);
         }
-        // Taken once: only the hub whose delete lands at this revision resumes it.
-        if self
-            .bucket
-            .delete_expect_revision(&key, Some(entry.revision))
-            .await
-            .is_err()
-        {
-            // Taken or saved anew meanwhile, or NATS away: the caller cannot tell
-            // which, and a handshake refused with 1013 comes back to ask again.
-            return Err(StoreError(format!(
-                "session {} changed while it was taken",
-                tunnel_proto::text::Untrusted(id)
-            )));
+        // Taken once: only the hub whose marker lands at this revision resumes it.
+        let n = self.takes.fetch_add(1, Ordering::Relaxed);
+        let mark = bytes::Bytes::from(format!("taken {} {n}", self.run));
+        if let Err(e) = self.bucket.update(&key, mark.clone(), entry.revision).await {
+            // Refused (taken or saved anew meanwhile), or no answer: the entry says
+            // whether this take landed.
+            let landed = self
+                .bucket
+                .entry(&key)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|now| now.value == mark);
+            if !landed {
+                // A handshake refused with 1013 comes back to ask again.
+                return Err(failed("take", e));
+            }
         }
-        rmp_serde::from_slice(&entry.value)
-            .map(Some)
-            .map_err(|e| failed("decode", e))
+        match rmp_serde::from_slice(&entry.value) {
+            Ok(snapshot) => Ok(Some(snapshot)),
+            Err(e) => {
+                tracing::warn!(%agent, error = %e, "a stored session could not be decoded: it is reset");
+                Ok(None)
+            }
+        }
     }
 
     async fn save(
@@ -76,6 +106,9 @@ impl SessionStore for NatsSessionStore {
         snapshot: SessionSnapshot,
         _keep_for: Duration,
     ) -> Result<(), StoreError> {
+        if !usable(id) {
+            return Err(StoreError("not a session id this store keeps".into()));
+        }
         let value = rmp_serde::to_vec_named(&snapshot).map_err(|e| failed("encode", e))?;
         self.bucket
             .put(subject::session_key(agent, id), value.into())
@@ -85,6 +118,9 @@ impl SessionStore for NatsSessionStore {
     }
 
     async fn remove(&self, agent: &AgentId, id: &str) -> Result<(), StoreError> {
+        if !usable(id) {
+            return Ok(());
+        }
         self.bucket
             .delete(subject::session_key(agent, id))
             .await

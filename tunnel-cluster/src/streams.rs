@@ -71,12 +71,13 @@ pub(crate) async fn presence(js: &jetstream::Context) -> Result<kv::Store, Clust
 
 /// The sessions bucket: one snapshot per detached session, kept for the cluster's
 /// grace period (`max_age`: the server removes older ones), at most `max_bytes` in all
-/// (past it a save is refused). Every hub must agree on the grace period: a bucket
-/// made with another one is refused.
+/// (past it a save is refused). Every hub that keeps sessions there must agree on the
+/// grace period: with a bucket made with another one, the error is returned beside
+/// the bucket (for [`crate::Cluster::session_store`] to refuse).
 pub(crate) async fn sessions(
     js: &jetstream::Context,
     config: &ClusterConfig,
-) -> Result<kv::Store, ClusterError> {
+) -> Result<(kv::Store, Option<String>), ClusterError> {
     let store = bucket(
         js,
         SESSIONS_BUCKET,
@@ -85,13 +86,13 @@ pub(crate) async fn sessions(
     )
     .await?;
     let made = store.stream.cached_info().config.max_age;
-    if made != config.session_grace {
-        return Err(ClusterError::Config(format!(
-            "bucket {SESSIONS_BUCKET} keeps sessions {made:?}, this hub's session_grace is {:?}: every hub of a cluster needs the same grace period (or delete the bucket)",
+    let mismatch = (made != config.session_grace).then(|| {
+        format!(
+            "bucket {SESSIONS_BUCKET} keeps sessions {made:?}, this hub's session_grace is {:?}: every hub of a cluster that keeps sessions in NATS needs the same grace period (or delete the bucket)",
             config.session_grace
-        )));
-    }
-    Ok(store)
+        )
+    });
+    Ok((store, mismatch))
 }
 
 /// The hubs bucket: one heartbeat entry per live hub. An entry is kept at most an hour

@@ -670,7 +670,7 @@ async fn hub_with_stored_sessions(nats: &Nats, name: &str) -> (Hub, Cluster, Ser
     let cluster = Cluster::connect(config).await.expect("join the cluster");
     let sessions = tunnel_router::HubSessions::default()
         .grace(grace)
-        .store(cluster.session_store());
+        .store(cluster.session_store().expect("the cluster's grace"));
     let hub = Hub::bind_with(
         "127.0.0.1:0",
         ServerConfig::new(AllowAll),
@@ -820,4 +820,67 @@ async fn a_session_resumes_on_another_hub_when_its_hub_drains_with_nothing_lost_
     agent.shutdown().await;
     hub_b.shutdown().await;
     hub_a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_session_is_taken_once_and_expires_with_the_clusters_grace() {
+    use tunnel_proto::session::{Session, SessionConfig};
+    use tunnel_router::SessionStore as _;
+    let nats = Nats::start("store");
+    let grace = Duration::from_secs(1);
+    let cluster = Cluster::connect(ClusterConfig::new(nats.url(), "hub-a").session_grace(grace))
+        .await
+        .expect("join the cluster");
+    let store = cluster.session_store().expect("the cluster's grace");
+    let agent = AgentId::new("root:org", "stored");
+    let snapshot = Session::new(SessionConfig::default())
+        .snapshot(std::time::Instant::now())
+        .expect("snapshot");
+    store
+        .save(&agent, "s1", snapshot.clone(), grace)
+        .await
+        .expect("saved");
+    assert_eq!(
+        store.take(&agent, "s1").await.expect("take"),
+        Some(snapshot.clone())
+    );
+    assert_eq!(
+        store.take(&agent, "s1").await.expect("take"),
+        None,
+        "taken once"
+    );
+    assert_eq!(
+        store.take(&agent, &"x".repeat(5_000)).await.expect("take"),
+        None,
+        "an id no hub grants is not looked up"
+    );
+    // A hub with another grace may not keep its sessions there.
+    let other = Cluster::connect(
+        ClusterConfig::new(nats.url(), "hub-b").session_grace(Duration::from_secs(5)),
+    )
+    .await
+    .expect("joins all the same");
+    assert!(matches!(
+        other.session_store(),
+        Err(ClusterError::Config(_))
+    ));
+    // Past the grace the server removes a snapshot nobody took.
+    store
+        .save(&agent, "s2", snapshot, grace)
+        .await
+        .expect("saved");
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+    let bucket = js
+        .get_key_value(tunnel_cluster::subject::SESSIONS_BUCKET)
+        .await
+        .expect("sessions bucket");
+    let key = tunnel_cluster::subject::session_key(&agent, "s2");
+    assert!(bucket.get(&key).await.expect("read").is_some(), "stored");
+    within("the snapshot expires", async {
+        while bucket.get(&key).await.expect("read").is_some() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(store.take(&agent, "s2").await.expect("take"), None);
 }

@@ -511,6 +511,14 @@ impl SessionGrants for Store {
         agent: &AgentId,
         resume: Option<&Resume>,
     ) -> Result<SessionGrant, GrantError> {
+        // A session id this hub could never have granted names no session: asking a
+        // store about it (a key on the network) would only carry the peer's bytes on.
+        let resume = resume.filter(|r| {
+            tunnel_proto::text::is_visible_ascii(
+                &r.session_id,
+                tunnel_proto::handshake::MAX_SESSION_ID,
+            )
+        });
         let restored = match resume {
             None => None,
             Some(resume) => match self.grant_live(agent, resume, false) {
@@ -697,6 +705,24 @@ mod store_tests {
         }
         async fn remove(&self, _: &AgentId, _: &str) -> Result<(), StoreError> {
             Err(StoreError("unreachable".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_id_no_hub_grants_is_a_new_session_and_never_reaches_the_store() {
+        // The store fails every call: a grant that asked it would fail.
+        let registry = Store::new(HubSessions::default().store(Arc::new(Down)), noop());
+        let agent = AgentId::new("w", "a");
+        for id in ["x".repeat(10_000), String::new(), "a b".into(), "é".into()] {
+            let resume = Resume {
+                session_id: id,
+                last_received: 0,
+            };
+            let grant = registry
+                .grant(&agent, Some(&resume))
+                .await
+                .expect("a new session, without asking the store");
+            assert!(!grant.resumed);
         }
     }
 
