@@ -293,6 +293,26 @@ impl HubProcess {
     pub(crate) async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+
+    /// Stops the hub in order (SIGTERM: it drains, its agents move), waiting at most
+    /// `limit` for it to exit (then kills it); returns whether it exited by itself.
+    pub(crate) async fn terminate(mut self, limit: Duration) -> Result<bool, String> {
+        let pid = self.pid()?;
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .map_err(|e| format!("cannot run kill: {e}"))?;
+        if !sent.success() {
+            return Err(format!("kill -TERM {pid} failed: {sent}"));
+        }
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(_) => Ok(true),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                Ok(false)
+            }
+        }
+    }
 }
 
 impl Drop for HubProcess {

@@ -434,9 +434,6 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
             }
         }
     }
-    if let Some(serving) = serving {
-        serving.stop().await;
-    }
     if args.drain_timeout > 0 {
         tracing::info!(
             timeout_s = args.drain_timeout,
@@ -449,6 +446,11 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     } else {
         tracing::info!("shutting down");
         hub.shutdown().await;
+    }
+    // Once the agents are gone (their sessions saved): the deletes of what they
+    // acknowledged land before the process ends.
+    if let Some(serving) = serving {
+        serving.stop().await;
     }
     Ok(())
 }

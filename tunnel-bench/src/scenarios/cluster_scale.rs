@@ -1,6 +1,8 @@
 //! `cluster-scale`: many agents over three `tunnel hub --nats` processes on one
 //! nats-server (started here): each hub's memory per agent it holds, then one hub
-//! killed (SIGKILL) and the time until every presence entry names a live hub again.
+//! killed (SIGKILL) and the time until every presence entry names a live hub again;
+//! then another drained (SIGTERM): how many of its agents resume their sessions on the
+//! last hub.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -100,12 +102,12 @@ pub(crate) async fn run(agents: usize) -> Result<(), String> {
     let killed = hub_id(0);
     let moving = held.get(&killed).copied().unwrap_or(0);
     let (mut crowd, mut lost) = (crowd, Vec::new());
+    let mut ids: Vec<AgentId> = (0..crowd.len())
+        .map(|i| AgentId::new("bench", format!("scale-{i}")))
+        .collect();
     for i in (0..crowd.len()).rev() {
         if i % (HUBS * 10) == 0 {
-            lost.push((
-                AgentId::new("bench", format!("scale-{i}")),
-                crowd.swap_remove(i),
-            ));
+            lost.push((ids.swap_remove(i), crowd.swap_remove(i)));
         }
     }
     let remaining = agents - lost.len();
@@ -163,11 +165,76 @@ pub(crate) async fn run(agents: usize) -> Result<(), String> {
         thousands(up as u64),
         thousands(remaining as u64)
     );
+    drain_one(&mut hubs, &owners, &crowd, &ids).await?;
     stop_crowd(crowd).await;
     for hub in hubs {
         hub.stop().await;
     }
     nats.kill();
+    Ok(())
+}
+
+/// Stops the first remaining hub in order (SIGTERM: it drains): its agents move to
+/// the other one, their sessions through the cluster's session bucket. Prints how many
+/// resumed and how long until all were back and listed on the other hub.
+async fn drain_one(
+    hubs: &mut Vec<HubProcess>,
+    owners: &Owners,
+    crowd: &[tunnel_router::Agent],
+    ids: &[AgentId],
+) -> Result<(), String> {
+    let drained = hub_id(1);
+    let leaving: std::collections::HashSet<AgentId> = owners
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(_, hub)| **hub == drained)
+        .map(|(agent, _)| agent.clone())
+        .collect();
+    let started = Instant::now();
+    let exited = hubs.remove(0).terminate(LIMIT).await?;
+    let stopped = started.elapsed();
+    let Some(_) = wait_until(owners, LIMIT, |table| {
+        leaving
+            .iter()
+            .all(|agent| table.get(agent).is_some_and(|hub| *hub != drained))
+    })
+    .await
+    else {
+        return Err(format!(
+            "after the drain, agents of {drained} were not all listed elsewhere after {} s",
+            LIMIT.as_secs()
+        ));
+    };
+    let back = started.elapsed();
+    // A new session without a reset: the agent had nothing unacknowledged either way
+    // when it left (a clean handover), so there was nothing to resume.
+    let (mut resumed, mut fresh, mut reset, mut other) = (0usize, 0usize, 0usize, 0usize);
+    for (agent, id) in crowd.iter().zip(ids) {
+        if !leaving.contains(id) {
+            continue;
+        }
+        match &*agent.state().borrow() {
+            tunnel_router::ConnectionState::Resumed { .. } => resumed += 1,
+            tunnel_router::ConnectionState::Connected { .. } => fresh += 1,
+            tunnel_router::ConnectionState::Reset { .. } => reset += 1,
+            _ => other += 1,
+        }
+    }
+    figure("cluster-scale", "drain_resumed", resumed as f64, "agents");
+    figure("cluster-scale", "drain_reset", reset as f64, "agents");
+    figure("cluster-scale", "drain_all_back", back.as_secs_f64(), "s");
+    println!(
+        "  {drained} drained (SIGTERM) holding {} agents: it {} after {:.2} s; all listed on the other hub {:.2} s after the signal (their redials, default backoff, a dead hub on many lists); {} resumed their session, {} moved with nothing owed (a new session, no reset), {} reset, {} not connected yet",
+        thousands(leaving.len() as u64),
+        if exited { "exited" } else { "was killed" },
+        stopped.as_secs_f64(),
+        back.as_secs_f64(),
+        thousands(resumed as u64),
+        thousands(fresh as u64),
+        thousands(reset as u64),
+        thousands(other as u64)
+    );
     Ok(())
 }
 
