@@ -1049,7 +1049,10 @@ async fn serve_inbox(
                     match Box::pin(deliver(inner, hub, agent, &shared, msg)).await {
                         Ok(()) => {}
                         // The hub no longer holds the agent: what is unread waits.
-                        Err(NotDelivered::Gone) => return std::future::pending().await,
+                        Err(NotDelivered::Gone) => {
+                            drop(_reading);
+                            return std::future::pending().await;
+                        }
                         Err(NotDelivered::Later) => {
                             next = seq;
                             retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
@@ -1337,4 +1340,43 @@ async fn respond_error(
         .publish_with_headers(to, headers, Bytes::from(message.to_owned()))
         .await
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InFlightState;
+
+    #[test]
+    fn a_message_handed_to_two_session_copies_is_read_again_only_when_both_failed() {
+        let mut state = InFlightState::default();
+        assert!(state.start(7));
+        assert!(state.start(7), "the restored copy holds it too");
+        assert_eq!(state.awaiting, 1, "one message awaited");
+        state.end(7, false);
+        assert!(!state.rewind, "the other copy may still deliver it");
+        assert!(state.seqs.contains_key(&7));
+        state.end(7, false);
+        assert!(state.rewind, "no copy left: read it again");
+        assert!(!state.seqs.contains_key(&7));
+        assert_eq!(state.awaiting, 0);
+    }
+
+    #[test]
+    fn a_deleted_message_is_known_through_the_read_racing_its_delete_then_forgotten() {
+        let mut state = InFlightState::default();
+        state.begin_read();
+        assert!(state.start(3));
+        // Read 2 is in flight when the delete lands: its answer may still hold 3.
+        state.begin_read();
+        state.end(3, true);
+        assert_eq!(state.awaiting, 0);
+        assert!(state.seqs.contains_key(&3), "skipped if read 2 returns it");
+        assert!(!state.start(3), "nothing to await for a deleted message");
+        // Read 3 began after the delete: it cannot meet 3.
+        state.begin_read();
+        assert!(state.seqs.is_empty(), "forgotten");
+        // A late failure of a copy of a message already deleted changes nothing.
+        state.end(3, false);
+        assert!(!state.rewind);
+    }
 }

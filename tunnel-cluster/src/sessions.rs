@@ -24,8 +24,8 @@ use crate::subject;
 /// A snapshot larger than the server's payload limit (1 MiB by default) is not saved:
 /// that session resumes only on the hub holding it. A session id that is not 1 to 128
 /// bytes of visible ASCII names no session here. An agent that asks for its session
-/// before the hub it left has saved it is reset (a drained hub saves as each
-/// connection ends; none of 6,333 agents of a drained hub was, measured).
+/// before the hub it left has saved it gets a new one (a drained `tunnel hub` asks its
+/// agents to wait half a second before dialing again, for the saves to land).
 #[derive(Debug)]
 pub struct NatsSessionStore {
     bucket: kv::Store,
@@ -43,6 +43,14 @@ impl NatsSessionStore {
         }
     }
 }
+
+/// The waits between attempts to read back a take whose answer was lost.
+const CONFIRM_WAITS: [Duration; 4] = [
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+];
 
 /// How a taken session's entry begins (a snapshot is a MessagePack map, never this).
 const TAKEN: &[u8] = b"taken ";
@@ -80,13 +88,16 @@ impl SessionStore for NatsSessionStore {
         if let Err(e) = self.bucket.update(&key, mark.clone(), entry.revision).await {
             // Refused (taken or saved anew meanwhile), or no answer: the entry says
             // whether this take landed.
-            let landed = self
-                .bucket
-                .entry(&key)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|now| now.value == mark);
+            let mut landed = false;
+            for wait in CONFIRM_WAITS {
+                match self.bucket.entry(&key).await {
+                    Ok(now) => {
+                        landed = now.is_some_and(|now| now.value == mark);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(wait).await,
+                }
+            }
             if !landed {
                 // A handshake refused with 1013 comes back to ask again.
                 return Err(failed("take", e));

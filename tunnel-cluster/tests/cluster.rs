@@ -884,3 +884,50 @@ async fn a_stored_session_is_taken_once_and_expires_with_the_clusters_grace() {
     .await;
     assert_eq!(store.take(&agent, "s2").await.expect("take"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_hubs_taking_one_stored_session_at_once_one_gets_it_and_a_new_save_is_taken_again() {
+    use tunnel_proto::session::{Session, SessionConfig};
+    use tunnel_router::SessionStore as _;
+    let nats = Nats::start("store-race");
+    let join = |id: &'static str| {
+        let url = nats.url();
+        async move {
+            Cluster::connect(ClusterConfig::new(url, id))
+                .await
+                .expect("join the cluster")
+        }
+    };
+    let (a, b) = (join("hub-a").await, join("hub-b").await);
+    let (store_a, store_b) = (
+        a.session_store().expect("grace"),
+        b.session_store().expect("grace"),
+    );
+    let agent = AgentId::new("root:org", "contested");
+    let snapshot = Session::new(SessionConfig::default())
+        .snapshot(std::time::Instant::now())
+        .expect("snapshot");
+    for round in 0..20 {
+        store_a
+            .save(&agent, "s1", snapshot.clone(), Duration::from_secs(60))
+            .await
+            .expect("saved (over the last round's marker)");
+        let (x, y) = tokio::join!(store_a.take(&agent, "s1"), store_b.take(&agent, "s1"));
+        // The loser either saw the marker (none) or lost the write (an error: 1013).
+        let got = [x, y]
+            .into_iter()
+            .filter(|r| matches!(r, Ok(Some(_))))
+            .count();
+        assert_eq!(got, 1, "round {round}: exactly one hub took it");
+    }
+    for id in ["", "a b", &"x".repeat(200)] {
+        assert!(
+            store_a
+                .save(&agent, id, snapshot.clone(), Duration::from_secs(60))
+                .await
+                .is_err(),
+            "no session id: not saved"
+        );
+        store_a.remove(&agent, id).await.expect("nothing to remove");
+    }
+}
