@@ -216,8 +216,8 @@ async fn serve_admin(
 const ADMIN_CONNECTIONS: usize = 32;
 
 /// How long a draining cluster hub asks its agents to wait before dialing again: time
-/// for their sessions' snapshots to land in NATS (without it, about one agent in ten
-/// of a 6,000-agent drain asked the next hub before its snapshot was there).
+/// for their sessions' snapshots to land in NATS (in a 6,000-agent drain it cut the
+/// agents that did not resume from 6-10% to 4%; see BENCHMARKS.md).
 const CLUSTER_DRAIN_AFTER: Duration = Duration::from_millis(500);
 /// Descriptors kept for everything else (listeners, log files, the runtime, a spare).
 const OTHER_DESCRIPTORS: u64 = 32;
