@@ -68,6 +68,45 @@ fn agent_router() -> (Router, mpsc::UnboundedReceiver<u64>) {
     (router, rx)
 }
 
+/// Numbered events (`{"n": 1}` on), one a millisecond, from a task: their receipts.
+fn send_events(agent: &Agent, count: u64) -> tokio::task::JoinHandle<Vec<tunnel_router::Receipt>> {
+    let sender = agent.clone();
+    tokio::spawn(async move {
+        let mut receipts = Vec::new();
+        for n in 1..=count {
+            receipts.push(
+                sender
+                    .send(MessageType::Event, &json!({"n": n}))
+                    .await
+                    .expect("accepted by the agent's session"),
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        receipts
+    })
+}
+
+/// Waits for every receipt: each event acknowledged, so stored.
+async fn all_stored(receipts: Vec<tunnel_router::Receipt>) {
+    for (i, r) in receipts.into_iter().enumerate() {
+        within("event receipt", r.delivered())
+            .await
+            .unwrap_or_else(|e| panic!("event {} not acknowledged as stored: {e}", i + 1));
+    }
+}
+
+/// The `n` of each message, in order.
+fn numbers_of(messages: &[tunnel_cluster::UpMessage]) -> Vec<u64> {
+    messages
+        .iter()
+        .map(|m| {
+            m.decode::<serde_json::Value>().expect("payload")["n"]
+                .as_u64()
+                .expect("n")
+        })
+        .collect()
+}
+
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(SOON, f)
         .await
@@ -124,14 +163,7 @@ async fn agents_messages_land_in_the_up_stream_in_order_once_each_with_their_hea
     }
     let backend = Backend::connect(&nats.url()).await.expect("backend");
     let got = read_up(&backend, "reader", &id, 200).await;
-    let numbers: Vec<u64> = got
-        .iter()
-        .map(|m| {
-            m.decode::<serde_json::Value>().expect("payload")["n"]
-                .as_u64()
-                .expect("n")
-        })
-        .collect();
+    let numbers = numbers_of(&got);
     assert_eq!(numbers, (1..=200).collect::<Vec<_>>());
     assert!(
         got.iter()
@@ -354,14 +386,7 @@ async fn while_nats_is_down_the_agent_keeps_its_messages_and_the_stream_gets_eac
     }
     let backend = Backend::connect(&nats.url()).await.expect("backend");
     let got = read_up(&backend, "after", &id, 60).await;
-    let numbers: Vec<u64> = got
-        .iter()
-        .map(|m| {
-            m.decode::<serde_json::Value>().expect("payload")["n"]
-                .as_u64()
-                .expect("n")
-        })
-        .collect();
+    let numbers = numbers_of(&got);
     assert_eq!(numbers, (1..=60).collect::<Vec<_>>(), "each once, in order");
     serving.stop().await;
     agent.shutdown().await;
@@ -451,20 +476,7 @@ async fn nats_killed_and_restarted_under_load_both_ways_loses_nothing_acknowledg
     let backend = Backend::connect(&nats.url()).await.expect("backend");
 
     // Agent to stream: numbered events, one every millisecond.
-    let sender = agent.clone();
-    let events = tokio::spawn(async move {
-        let mut receipts = Vec::new();
-        for n in 1..=EVENTS {
-            receipts.push(
-                sender
-                    .send(MessageType::Event, &json!({"n": n}))
-                    .await
-                    .expect("accepted by the agent's session"),
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        receipts
-    });
+    let events = send_events(&agent, EVENTS);
     // Backend to agent: numbered commands; one the stream did not take (NATS away) is
     // sent again, so what counts as acknowledged to the backend is what it stored.
     let publisher = backend.clone();
@@ -496,12 +508,7 @@ async fn nats_killed_and_restarted_under_load_both_ways_loses_nothing_acknowledg
     tokio::time::sleep(Duration::from_millis(700)).await;
     nats.restart();
 
-    let receipts = within("events sent", events).await.expect("sender");
-    for (i, r) in receipts.into_iter().enumerate() {
-        within("event receipt", r.delivered())
-            .await
-            .unwrap_or_else(|e| panic!("event {} not acknowledged as stored: {e}", i + 1));
-    }
+    all_stored(within("events sent", events).await.expect("sender")).await;
     let stored = within("commands stored", stored).await.expect("publisher");
     let mut got = std::collections::BTreeMap::<u64, usize>::new();
     while got.len() < stored.len() {
@@ -519,14 +526,7 @@ async fn nats_killed_and_restarted_under_load_both_ways_loses_nothing_acknowledg
     eprintln!("commands delivered twice: {again} of {}", stored.len());
 
     let up = read_up(&backend, "after-load", &id, EVENTS as usize).await;
-    let mut numbers: Vec<u64> = up
-        .iter()
-        .map(|m| {
-            m.decode::<serde_json::Value>().expect("payload")["n"]
-                .as_u64()
-                .expect("n")
-        })
-        .collect();
+    let mut numbers = numbers_of(&up);
     numbers.sort_unstable();
     assert_eq!(
         numbers,
@@ -711,20 +711,7 @@ async fn a_session_resumes_on_another_hub_when_its_hub_drains_with_nothing_lost_
     let backend = Backend::connect(&nats.url()).await.expect("backend");
 
     // Both directions busy while the agent moves.
-    let sender = agent.clone();
-    let events = tokio::spawn(async move {
-        let mut receipts = Vec::new();
-        for n in 1..=EVENTS {
-            receipts.push(
-                sender
-                    .send(MessageType::Event, &json!({"n": n}))
-                    .await
-                    .expect("accepted by the agent's session"),
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        receipts
-    });
+    let events = send_events(&agent, EVENTS);
     let publisher = backend.clone();
     let target = id.clone();
     let stored = tokio::spawn(async move {
@@ -763,12 +750,7 @@ async fn a_session_resumes_on_another_hub_when_its_hub_drains_with_nothing_lost_
         }
     })
     .await;
-    let receipts = within("events sent", events).await.expect("sender");
-    for (i, r) in receipts.into_iter().enumerate() {
-        within("event receipt", r.delivered())
-            .await
-            .unwrap_or_else(|e| panic!("event {} not acknowledged as stored: {e}", i + 1));
-    }
+    all_stored(within("events sent", events).await.expect("sender")).await;
     within("commands stored", stored).await.expect("publisher");
     let mut got = Vec::new();
     while got.len() < COMMANDS as usize {
@@ -796,14 +778,7 @@ async fn a_session_resumes_on_another_hub_when_its_hub_drains_with_nothing_lost_
         "the session was not reset"
     );
     let up = read_up(&backend, "after-move", &id, EVENTS as usize).await;
-    let numbers: Vec<u64> = up
-        .iter()
-        .map(|m| {
-            m.decode::<serde_json::Value>().expect("payload")["n"]
-                .as_u64()
-                .expect("n")
-        })
-        .collect();
+    let numbers = numbers_of(&up);
     assert_eq!(
         numbers,
         (1..=EVENTS).collect::<Vec<_>>(),
