@@ -332,13 +332,14 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
     let metrics = crate::telemetry::metrics()?;
+    // The sessions' grace, which in a cluster is the cluster's (its sessions bucket).
+    let grace = Duration::from_secs(args.session_grace.unwrap_or(60));
     let cluster = match &args.nats {
         Some(url) => {
             let id = args
                 .hub_id
                 .clone()
                 .unwrap_or_else(|| default_hub_id(args.listen));
-            let grace = Duration::from_secs(args.session_grace.unwrap_or(60));
             let cluster =
                 Cluster::connect(ClusterConfig::new(url.clone(), id).session_grace(grace))
                     .await
@@ -397,7 +398,6 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
         )
         .await
     } else {
-        let grace = Duration::from_secs(args.session_grace.unwrap_or(60));
         let mut sessions = HubSessions::default().grace(grace);
         // In a cluster, detached sessions wait in NATS, for any hub to resume.
         if let Some(cluster) = &cluster {

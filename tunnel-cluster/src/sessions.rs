@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
+use tunnel_proto::handshake::is_session_id;
 use tunnel_proto::session::SessionSnapshot;
 use tunnel_router::{SessionStore, StoreError};
 use tunnel_transport::AgentId;
@@ -55,11 +56,6 @@ const CONFIRM_WAITS: [Duration; 4] = [
 /// How a taken session's entry begins (a snapshot is a MessagePack map, never this).
 const TAKEN: &[u8] = b"taken ";
 
-/// Whether `id` can name a session (what a hub grants: see `MAX_SESSION_ID`).
-fn usable(id: &str) -> bool {
-    tunnel_proto::text::is_visible_ascii(id, tunnel_proto::handshake::MAX_SESSION_ID)
-}
-
 fn failed(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError(format!("{what} in {}: {e}", subject::SESSIONS_BUCKET))
 }
@@ -67,7 +63,7 @@ fn failed(what: &str, e: impl std::fmt::Display) -> StoreError {
 #[async_trait::async_trait]
 impl SessionStore for NatsSessionStore {
     async fn take(&self, agent: &AgentId, id: &str) -> Result<Option<SessionSnapshot>, StoreError> {
-        if !usable(id) {
+        if !is_session_id(id) {
             return Ok(None);
         }
         let key = subject::session_key(agent, id);
@@ -119,7 +115,7 @@ impl SessionStore for NatsSessionStore {
         snapshot: SessionSnapshot,
         _keep_for: Duration,
     ) -> Result<(), StoreError> {
-        if !usable(id) {
+        if !is_session_id(id) {
             return Err(StoreError("not a session id this store keeps".into()));
         }
         let value = rmp_serde::to_vec_named(&snapshot).map_err(|e| failed("encode", e))?;
@@ -131,7 +127,7 @@ impl SessionStore for NatsSessionStore {
     }
 
     async fn remove(&self, agent: &AgentId, id: &str) -> Result<(), StoreError> {
-        if !usable(id) {
+        if !is_session_id(id) {
             return Ok(());
         }
         self.bucket

@@ -35,6 +35,12 @@ pub const MAX_IDENTITY_LEN: usize = 253;
 /// Longest session id an agent accepts from a hub, in bytes.
 pub const MAX_SESSION_ID: usize = 128;
 
+/// Whether `id` can be a session id: 1 to [`MAX_SESSION_ID`] bytes of visible ASCII,
+/// what a hub grants and an agent stores. Anything else names no session.
+pub fn is_session_id(id: &str) -> bool {
+    is_visible_ascii(id, MAX_SESSION_ID)
+}
+
 /// A claimed identity that a hub refuses (`400`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{what} must be 1 to {MAX_IDENTITY_LEN} bytes of visible ASCII (0x21-0x7E), got {shown}")]
@@ -200,7 +206,7 @@ pub struct Accepted {
 /// kept.
 pub fn check_ack(ack: HandshakeAck, hello: &Handshake) -> Result<Accepted, String> {
     let id = &ack.session_id;
-    if !is_visible_ascii(id, MAX_SESSION_ID) {
+    if !is_session_id(id) {
         return Err(format!("hub sent an unusable session id {}", Untrusted(id)));
     }
     let asked = hello.resume.as_ref().map(|r| r.session_id.as_str());

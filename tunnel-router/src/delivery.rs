@@ -88,8 +88,6 @@ impl Receipt {
 /// [`Hub::take_restored`](crate::Hub::take_restored)).
 #[derive(Debug)]
 pub struct Unacked {
-    /// Its type.
-    pub kind: MessageType,
     /// Its headers, as sent.
     pub headers: tunnel_proto::Headers,
     /// Its outcome.
@@ -140,9 +138,9 @@ struct State {
     session: Session,
     /// The connection named by `session.link()`.
     conn: Option<ConnectionSender>,
-    /// What a restored session held when it was restored (sequence number, type,
-    /// headers), until [`Reliable::take_restored`] takes it.
-    restored: Vec<(u64, MessageType, tunnel_proto::Headers)>,
+    /// What a restored session held when it was restored (sequence number, headers),
+    /// until [`Reliable::take_restored`] takes it.
+    restored: Vec<(u64, tunnel_proto::Headers)>,
 }
 
 impl State {
@@ -236,7 +234,7 @@ impl Reliable {
         }
         let restored = session
             .held_messages()
-            .map(|(seq, env)| (seq, env.kind.clone(), env.headers.clone()))
+            .map(|(seq, env)| (seq, env.headers.clone()))
             .collect();
         Arc::new(Reliable {
             recorder,
@@ -621,9 +619,8 @@ impl Reliable {
         let restored = std::mem::take(&mut self.state().restored);
         restored
             .into_iter()
-            .filter(|(_, _, headers)| headers.get(header).is_some())
-            .map(|(seq, kind, headers)| Unacked {
-                kind,
+            .filter(|(_, headers)| headers.get(header).is_some())
+            .map(|(seq, headers)| Unacked {
                 headers,
                 receipt: Receipt::held(seq, self),
             })

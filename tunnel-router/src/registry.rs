@@ -513,12 +513,7 @@ impl SessionGrants for Store {
     ) -> Result<SessionGrant, GrantError> {
         // A session id this hub could never have granted names no session: asking a
         // store about it (a key on the network) would only carry the peer's bytes on.
-        let resume = resume.filter(|r| {
-            tunnel_proto::text::is_visible_ascii(
-                &r.session_id,
-                tunnel_proto::handshake::MAX_SESSION_ID,
-            )
-        });
+        let resume = resume.filter(|r| tunnel_proto::handshake::is_session_id(&r.session_id));
         let restored = match resume {
             None => None,
             Some(resume) => match self.grant_live(agent, resume, false) {
