@@ -215,10 +215,6 @@ async fn serve_admin(
 /// Connections the admin server may hold.
 const ADMIN_CONNECTIONS: usize = 32;
 
-/// How long a draining cluster hub asks its agents to wait before dialing again: time
-/// for their sessions' snapshots to land in NATS (in a 6,000-agent drain it cut the
-/// agents that did not resume from 6-10% to 4%; see BENCHMARKS.md).
-const CLUSTER_DRAIN_AFTER: Duration = Duration::from_millis(500);
 /// Descriptors kept for everything else (listeners, log files, the runtime, a spare).
 const OTHER_DESCRIPTORS: u64 = 32;
 
@@ -444,14 +440,9 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
             timeout_s = args.drain_timeout,
             "draining: agents move, then the hub stops"
         );
-        let mut drain = Drain::default()
+        let drain = Drain::default()
             .timeout(Duration::from_secs(args.drain_timeout))
             .endpoints(args.drain_to.clone());
-        // In a cluster each agent's session is saved as its connection ends: agents
-        // that wait a moment find it on the next hub instead of starting anew.
-        if cluster.is_some() {
-            drain = drain.after(CLUSTER_DRAIN_AFTER);
-        }
         hub.drain(drain).await;
     } else {
         tracing::info!("shutting down");

@@ -3,7 +3,7 @@
 //! stream, backends' calls are forwarded, and presence is kept in KV.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,10 +39,14 @@ struct Inner {
     run: String,
     /// Hubs' heartbeats.
     hubs: kv::Store,
-    /// Detached sessions' snapshots (see [`Cluster::session_store`]).
-    sessions: kv::Store,
+    /// The cluster's sessions (see [`Cluster::session_store`]); holds those of this
+    /// hub's sessions that it keeps there.
+    sessions: crate::NatsSessionStore,
     /// Why this hub may not keep its sessions there: another grace period.
     grace_mismatch: Option<String>,
+    /// The store was handed out ([`Cluster::session_store`]): the hub serves only
+    /// sessions it holds there.
+    keeps_sessions: AtomicBool,
     /// Deletes of acknowledged down messages under way (waited for on stop).
     deleting: tokio_util::task::TaskTracker,
     calls: Arc<Semaphore>,
@@ -110,18 +114,26 @@ impl Cluster {
         let presence = crate::streams::presence(&js).await?;
         let hubs = crate::streams::hubs(&js).await?;
         let (sessions, grace_mismatch) = crate::streams::sessions(&js, &config).await?;
+        let run = format!(
+            "{}-{}-{}",
+            std::process::id(),
+            tunnel_transport::unix_millis(),
+            RUNS.fetch_add(1, Ordering::Relaxed)
+        );
+        let sessions = crate::NatsSessionStore::new(
+            sessions,
+            config.hub_id.clone(),
+            run.clone(),
+            config.session_grace,
+        );
         Ok(Cluster {
             inner: Arc::new(Inner {
                 hubs,
                 sessions,
                 grace_mismatch,
+                keeps_sessions: AtomicBool::new(false),
                 deleting: tokio_util::task::TaskTracker::new(),
-                run: format!(
-                    "{}-{}-{}",
-                    std::process::id(),
-                    tunnel_transport::unix_millis(),
-                    RUNS.fetch_add(1, Ordering::Relaxed)
-                ),
+                run,
                 calls: Arc::new(Semaphore::new(config.max_calls)),
                 config,
                 client,
@@ -138,9 +150,11 @@ impl Cluster {
     /// Where this hub keeps its detached sessions, in NATS, for any hub of the cluster
     /// to resume: give it to the hub's sessions
     /// ([`HubSessions::store`](tunnel_router::HubSessions::store)), with the
-    /// cluster's grace ([`ClusterConfig::session_grace`]). An agent whose hub drains
-    /// or shuts down in order then resumes its session on whichever hub it reaches
-    /// next; the down messages the session held are delivered by it, once.
+    /// cluster's grace ([`ClusterConfig::session_grace`]). An agent whose hub drains,
+    /// restarts, crashes or hangs then resumes its session on whichever hub it reaches
+    /// next, with nothing lost or repeated in either direction (see
+    /// [`NatsSessionStore`](crate::NatsSessionStore)). Calls forwarded by a hub that
+    /// crashed get no answer: the backend's request times out.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -157,15 +171,22 @@ impl Cluster {
     /// ```
     ///
     /// Fails with [`ClusterError::Config`] when the bucket keeps sessions for another
-    /// grace period than this hub's: the grace is the cluster's.
+    /// grace period than this hub's (the grace is the cluster's), or when the up
+    /// stream's [`ClusterConfig::duplicate_window`] is shorter than the grace (an agent
+    /// resuming replays what its hub may have stored: the stream must still know it).
     pub fn session_store(&self) -> Result<Arc<crate::NatsSessionStore>, ClusterError> {
         if let Some(why) = &self.inner.grace_mismatch {
             return Err(ClusterError::Config(why.clone()));
         }
-        Ok(Arc::new(crate::NatsSessionStore::new(
-            self.inner.sessions.clone(),
-            self.inner.run.clone(),
-        )))
+        let config = &self.inner.config;
+        if config.duplicate_window < config.session_grace {
+            return Err(ClusterError::Config(format!(
+                "the duplicate window ({:?}) is shorter than the session grace ({:?})",
+                config.duplicate_window, config.session_grace
+            )));
+        }
+        self.inner.keeps_sessions.store(true, Ordering::Relaxed);
+        Ok(Arc::new(self.inner.sessions.clone()))
     }
 
     /// This hub's name in the cluster.
@@ -1008,10 +1029,29 @@ async fn serve_inbox(
     mut inbox: async_nats::Subscriber,
 ) {
     let shared = in_flight(inner, agent);
+    // A session kept in the cluster's store: each down message is recorded there
+    // before it may reach the agent.
+    let granted = hub.session_of(agent).map(|s| s.id);
+    let session = granted
+        .clone()
+        .filter(|id| inner.sessions.holds_session(agent, id));
+    if granted.is_some() && session.is_none() && inner.keeps_sessions.load(Ordering::Relaxed) {
+        // Taken by another hub since its grant: delivering unrecorded could repeat or
+        // lose messages there.
+        tracing::info!(%agent, "the agent's session is held by another hub: not delivering here");
+        return std::future::pending().await;
+    }
     {
         let _reading = shared.reading.lock().await;
         adopt_held(inner, hub, agent, &shared);
+        if let Some(id) = &session
+            && !Box::pin(adopt_taken(inner, hub, agent, id, &shared)).await
+        {
+            return std::future::pending().await;
+        }
     }
+    // Staged down messages not recorded yet: (session seq, stream seq).
+    let mut staged: Vec<(u64, u64)> = Vec::new();
     let mut look_again = inner.look_again.subscribe();
     let filter = subject::down_all(agent);
     // After a copy of a new message: how many of the [`RECHECKS`] were made.
@@ -1046,7 +1086,36 @@ async fn serve_inbox(
                         continue;
                     }
                     let seq = msg.sequence;
-                    match Box::pin(deliver(inner, hub, agent, &shared, msg)).await {
+                    let delivered = Box::pin(deliver(
+                        inner,
+                        hub,
+                        agent,
+                        &shared,
+                        msg,
+                        session.as_deref(),
+                        &mut staged,
+                    ))
+                    .await;
+                    match delivered {
+                        Ok(()) if staged.len() >= RECORD_AT_MOST => {
+                            drop(_reading);
+                            match Box::pin(record(
+                                inner,
+                                hub,
+                                agent,
+                                session.as_deref(),
+                                &mut staged,
+                            ))
+                            .await
+                            {
+                                Recorded::Done => {}
+                                Recorded::Lost => return std::future::pending().await,
+                                Recorded::Later => {
+                                    retry =
+                                        Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+                                }
+                            }
+                        }
                         Ok(()) => {}
                         // The hub no longer holds the agent: what is unread waits.
                         Err(NotDelivered::Gone) => {
@@ -1070,6 +1139,15 @@ async fn serve_inbox(
                 }
                 Err(e) => {
                     tracing::debug!(%agent, error = %e, "cannot read the agent's down messages yet");
+                    retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+                }
+            }
+        }
+        if !staged.is_empty() {
+            match Box::pin(record(inner, hub, agent, session.as_deref(), &mut staged)).await {
+                Recorded::Done => {}
+                Recorded::Lost => return std::future::pending().await,
+                Recorded::Later => {
                     retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
                 }
             }
@@ -1129,13 +1207,16 @@ const LOOK_AGAIN: Duration = Duration::from_secs(60);
 
 /// Sends one down message to the agent; once the agent acknowledged it, deletes it from
 /// the stream. A message that can never be delivered (undecodable) is deleted at once.
-/// Fails when the hub no longer holds the agent.
+/// Fails when the hub no longer holds the agent. In a `session` kept in the cluster's
+/// store the message is staged, and added to `staged` for [`record`] to release.
 async fn deliver(
     inner: &Arc<Inner>,
     hub: &Hub,
     agent: &AgentId,
     shared: &Arc<InFlight>,
     msg: jetstream::message::StreamMessage,
+    session: Option<&str>,
+    staged: &mut Vec<(u64, u64)>,
 ) -> Result<(), NotDelivered> {
     let seq = msg.sequence;
     let env = match down_envelope(msg.subject.as_str(), Some(&msg.headers), &msg.payload) {
@@ -1150,7 +1231,11 @@ async fn deliver(
             return Ok(());
         }
     };
-    let receipt = match hub.send_envelope(agent, env).await {
+    let sent = match session {
+        Some(_) => hub.send_staged(agent, env).await,
+        None => hub.send_envelope(agent, env).await,
+    };
+    let receipt = match sent {
         Ok(receipt) => receipt,
         Err(tunnel_router::Error::NotConnected) => return Err(NotDelivered::Gone),
         Err(e) => {
@@ -1159,8 +1244,108 @@ async fn deliver(
         }
     };
     shared.lock().start(seq);
-    track(inner, shared, agent, seq, receipt);
+    if session.is_some() {
+        staged.push((receipt.seq(), seq));
+    }
+    track(inner, shared, agent, seq, receipt, session);
     Ok(())
+}
+
+/// How many 5 ms waits a reader waits for its connection to attach (10 s).
+const ATTACH_WAITS: u32 = 2_000;
+
+/// At most this many down messages are staged before they are recorded.
+const RECORD_AT_MOST: usize = 64;
+
+/// What [`record`] did.
+enum Recorded {
+    /// Recorded and released.
+    Done,
+    /// Another hub holds the session now: this one delivers nothing more of it.
+    Lost,
+    /// NATS did not take the record: the messages stay staged; try again later.
+    Later,
+}
+
+/// Records the `staged` down messages in the session's entry, then releases them to
+/// the agent.
+async fn record(
+    inner: &Inner,
+    hub: &Hub,
+    agent: &AgentId,
+    session: Option<&str>,
+    staged: &mut Vec<(u64, u64)>,
+) -> Recorded {
+    let Some(id) = session else {
+        staged.clear();
+        return Recorded::Done;
+    };
+    match inner.sessions.record(agent, id, staged).await {
+        Ok(()) => {
+            if let Some(through) = staged.iter().map(|(h, _)| *h).max() {
+                hub.release(agent, through).await;
+            }
+            staged.clear();
+            Recorded::Done
+        }
+        Err(crate::sessions::WriteError::Lost) => {
+            tracing::info!(%agent, "the agent's session is held by another hub now: not delivering here");
+            Recorded::Lost
+        }
+        Err(e) => {
+            tracing::debug!(%agent, error = %e, "down messages wait: their record is not written");
+            Recorded::Later
+        }
+    }
+}
+
+/// For a session taken from the cluster's store: once the agent resumed, deletes the
+/// down messages the record says it has, after writing the record anew (see
+/// [`NatsSessionStore::adopt`](crate::NatsSessionStore)). False when another hub holds
+/// the session now.
+async fn adopt_taken(
+    inner: &Arc<Inner>,
+    hub: &Hub,
+    agent: &AgentId,
+    id: &str,
+    shared: &Arc<InFlight>,
+) -> bool {
+    // The connection is announced before it attaches: what the agent has is known
+    // once its resume was applied.
+    let mut waits = 0u32;
+    let acked = loop {
+        match hub.session_of(agent) {
+            Some(s) if s.id == id && s.attached => break s.acked,
+            Some(s) if s.id == id && waits < ATTACH_WAITS => {
+                waits += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Gone, or never attached: the agent's next connection adopts it.
+            _ => return false,
+        }
+    };
+    let mut backoff = Backoff::new();
+    let has = loop {
+        match inner.sessions.adopt(agent, id, acked).await {
+            Ok(has) => break has,
+            Err(crate::sessions::WriteError::Lost) => return false,
+            Err(e) => {
+                tracing::debug!(%agent, error = %e, "the resumed session's record is not written yet");
+                backoff.wait().await;
+            }
+        }
+    };
+    for seq in has {
+        if shared.lock().start(seq) {
+            let (inner, shared) = (inner.clone(), shared.clone());
+            tokio::spawn(async move {
+                inner.deleting.track_future(delete_down(&inner, seq)).await;
+                shared.lock().end(seq, true);
+                shared.changed.notify_one();
+            });
+        }
+    }
+    true
 }
 
 /// Waits for the outcome of down message `seq` (in `shared`): deletes it from the
@@ -1171,8 +1356,10 @@ fn track(
     agent: &AgentId,
     seq: u64,
     receipt: tunnel_router::Receipt,
+    session: Option<&str>,
 ) {
     let (inner, shared, agent) = (inner.clone(), shared.clone(), agent.clone());
+    let session = session.map(|id| (id.to_owned(), receipt.seq()));
     // Not tied to this connection: a session resumed on this hub acknowledges later.
     tokio::spawn(async move {
         let done = match receipt.delivered().await {
@@ -1190,6 +1377,9 @@ fn track(
         };
         if done {
             inner.deleting.track_future(delete_down(&inner, seq)).await;
+            if let Some((id, in_session)) = &session {
+                inner.sessions.delivered(&agent, id, *in_session);
+            }
         }
         shared.lock().end(seq, done);
         shared.changed.notify_one();
@@ -1210,7 +1400,7 @@ fn adopt_held(inner: &Arc<Inner>, hub: &Hub, agent: &AgentId, shared: &Arc<InFli
             continue;
         };
         if shared.lock().start(seq) {
-            track(inner, shared, agent, seq, held.receipt);
+            track(inner, shared, agent, seq, held.receipt, None);
         }
     }
 }

@@ -798,40 +798,62 @@ async fn a_session_resumes_on_another_hub_when_its_hub_drains_with_nothing_lost_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stored_session_is_taken_once_and_expires_with_the_clusters_grace() {
-    use tunnel_proto::session::{Session, SessionConfig};
+async fn a_session_is_held_by_one_hub_at_a_time_and_outlives_its_hub_by_the_clusters_grace() {
     use tunnel_router::SessionStore as _;
     let nats = Nats::start("store");
     let grace = Duration::from_secs(1);
-    let cluster = Cluster::connect(ClusterConfig::new(nats.url(), "hub-a").session_grace(grace))
-        .await
-        .expect("join the cluster");
-    let store = cluster.session_store().expect("the cluster's grace");
+    let join = |id: &'static str| {
+        let url = nats.url();
+        async move {
+            Cluster::connect(ClusterConfig::new(url, id).session_grace(grace))
+                .await
+                .expect("join the cluster")
+        }
+    };
+    let (a, b) = (join("hub-a").await, join("hub-b").await);
+    let (store_a, store_b) = (
+        a.session_store().expect("the cluster's grace"),
+        b.session_store().expect("the cluster's grace"),
+    );
     let agent = AgentId::new("root:org", "stored");
-    let snapshot = Session::new(SessionConfig::default())
-        .snapshot(std::time::Instant::now())
-        .expect("snapshot");
-    store
-        .save(&agent, "s1", snapshot.clone(), grace)
+    store_a.open(&agent, "s1").await.expect("opened");
+    assert_eq!(store_a.holds(&agent, "s1").await.expect("read"), Some(true));
+    let taken = store_b
+        .take(&agent, "s1")
         .await
-        .expect("saved");
-    assert_eq!(
-        store.take(&agent, "s1").await.expect("take"),
-        Some(snapshot.clone())
+        .expect("take")
+        .expect("stored");
+    assert!(
+        taken.open_tail,
+        "the numbering goes on after what the agent has"
     );
+    assert_eq!(taken.acked, 0);
     assert_eq!(
-        store.take(&agent, "s1").await.expect("take"),
-        None,
-        "taken once"
+        store_a.holds(&agent, "s1").await.expect("read"),
+        Some(false),
+        "the first hub no longer holds it"
     );
-    assert_eq!(
-        store.take(&agent, &"x".repeat(5_000)).await.expect("take"),
-        None,
-        "an id no hub grants is not looked up"
-    );
+    // What the first hub does with it now changes nothing.
+    store_a
+        .save(&agent, "s1", taken.clone(), grace)
+        .await
+        .expect("not its to save: nothing to do");
+    store_a
+        .remove(&agent, "s1")
+        .await
+        .expect("not its to remove");
+    assert_eq!(store_b.holds(&agent, "s1").await.expect("read"), Some(true));
+    for bad in ["", "a b", &"x".repeat(200)] {
+        assert_eq!(
+            store_b.take(&agent, bad).await.expect("take"),
+            None,
+            "an id no hub grants is not looked up"
+        );
+        assert!(store_b.open(&agent, bad).await.is_err(), "nor kept");
+    }
     // A hub with another grace may not keep its sessions there.
     let other = Cluster::connect(
-        ClusterConfig::new(nats.url(), "hub-b").session_grace(Duration::from_secs(5)),
+        ClusterConfig::new(nats.url(), "hub-c").session_grace(Duration::from_secs(5)),
     )
     .await
     .expect("joins all the same");
@@ -839,30 +861,30 @@ async fn a_stored_session_is_taken_once_and_expires_with_the_clusters_grace() {
         other.session_store(),
         Err(ClusterError::Config(_))
     ));
-    // Past the grace the server removes a snapshot nobody took.
-    store
-        .save(&agent, "s2", snapshot, grace)
-        .await
-        .expect("saved");
+    // Held, a session's entry stays past the grace; once its hub is gone, it goes.
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
     let bucket = js
         .get_key_value(tunnel_cluster::subject::SESSIONS_BUCKET)
         .await
         .expect("sessions bucket");
-    let key = tunnel_cluster::subject::session_key(&agent, "s2");
-    assert!(bucket.get(&key).await.expect("read").is_some(), "stored");
-    within("the snapshot expires", async {
+    let key = tunnel_cluster::subject::session_key(&agent, "s1");
+    tokio::time::sleep(grace * 2).await;
+    assert!(
+        bucket.get(&key).await.expect("read").is_some(),
+        "rewritten while held"
+    );
+    drop((store_b, b));
+    within("the session expires", async {
         while bucket.get(&key).await.expect("read").is_some() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await;
-    assert_eq!(store.take(&agent, "s2").await.expect("take"), None);
+    assert_eq!(store_a.take(&agent, "s1").await.expect("take"), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn of_two_hubs_taking_one_stored_session_at_once_one_gets_it_and_a_new_save_is_taken_again() {
-    use tunnel_proto::session::{Session, SessionConfig};
+async fn of_two_hubs_taking_one_session_at_once_one_holds_it_after() {
     use tunnel_router::SessionStore as _;
     let nats = Nats::start("store-race");
     let join = |id: &'static str| {
@@ -873,36 +895,38 @@ async fn of_two_hubs_taking_one_stored_session_at_once_one_gets_it_and_a_new_sav
                 .expect("join the cluster")
         }
     };
-    let (a, b) = (join("hub-a").await, join("hub-b").await);
-    let (store_a, store_b) = (
+    let (a, b, c) = (
+        join("hub-a").await,
+        join("hub-b").await,
+        join("hub-c").await,
+    );
+    let (store_a, store_b, store_c) = (
         a.session_store().expect("grace"),
         b.session_store().expect("grace"),
+        c.session_store().expect("grace"),
     );
     let agent = AgentId::new("root:org", "contested");
-    let snapshot = Session::new(SessionConfig::default())
-        .snapshot(std::time::Instant::now())
-        .expect("snapshot");
     for round in 0..20 {
-        store_a
-            .save(&agent, "s1", snapshot.clone(), Duration::from_secs(60))
-            .await
-            .expect("saved (over the last round's marker)");
-        let (x, y) = tokio::join!(store_a.take(&agent, "s1"), store_b.take(&agent, "s1"));
-        // The loser either saw the marker (none) or lost the write (an error: 1013).
-        let got = [x, y]
+        let id = format!("s{round}");
+        store_a.open(&agent, &id).await.expect("opened");
+        let (x, y) = tokio::join!(store_b.take(&agent, &id), store_c.take(&agent, &id));
+        // Both may get it, one after the other (a take does not wait for the holder,
+        // which may be dead); one that raced the other lost the write (none), or got
+        // no answer (an error: 1013). Either way one holds it after.
+        let got = [&x, &y]
             .into_iter()
             .filter(|r| matches!(r, Ok(Some(_))))
             .count();
-        assert_eq!(got, 1, "round {round}: exactly one hub took it");
-    }
-    for id in ["", "a b", &"x".repeat(200)] {
-        assert!(
-            store_a
-                .save(&agent, id, snapshot.clone(), Duration::from_secs(60))
-                .await
-                .is_err(),
-            "no session id: not saved"
+        assert!(got >= 1, "round {round}: a hub took it: {x:?} {y:?}");
+        let holders = [
+            store_a.holds(&agent, &id).await.expect("read"),
+            store_b.holds(&agent, &id).await.expect("read"),
+            store_c.holds(&agent, &id).await.expect("read"),
+        ];
+        assert_eq!(
+            holders.iter().filter(|h| **h == Some(true)).count(),
+            1,
+            "round {round}: one holder, {holders:?}"
         );
-        store_a.remove(&agent, id).await.expect("nothing to remove");
     }
 }

@@ -313,6 +313,30 @@ impl Reliable {
         }
     }
 
+    /// Numbers `env` and holds it *staged* (see `Session::send_staged`): it goes to no
+    /// connection, and nothing after it does, until [`Reliable::release`] covers it.
+    /// Fails at once when the buffer has no room.
+    pub(crate) fn send_staged(self: &Arc<Self>, env: Box<Envelope>) -> Result<Receipt, Error> {
+        let now = self.coarse_now();
+        match self.with(|st| st.session.send_staged(env, now)) {
+            Ok(Pushed::Held { seq, .. } | Pushed::Replaced { seq }) => Ok(Receipt::held(seq, self)),
+            Err(Refused::Full { bound, .. }) => Err(Error::Full(bound)),
+            Err(Refused::ShutDown(_)) => Err(Error::ShutDown),
+        }
+    }
+
+    /// Releases the staged messages numbered up to `through`, and sends what may go now.
+    pub(crate) async fn release(&self, through: u64) {
+        if self.with(|st| st.session.release(through)) {
+            Box::pin(self.drain()).await;
+        }
+    }
+
+    /// The highest sequence number the agent acknowledged.
+    pub(crate) fn acked(&self) -> u64 {
+        self.state().session.acked()
+    }
+
     /// Numbers `env`, holds it until acknowledged and sends it on the current
     /// connection if there is one (else it waits for the next). Returns once the
     /// message is queued on the connection or held for the next one.

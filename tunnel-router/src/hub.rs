@@ -620,6 +620,51 @@ impl Hub {
             .unwrap_or_default()
     }
 
+    /// Sends `env` to `agent`'s session *staged*: numbered and held (the receipt
+    /// names its sequence number), it goes to no connection, and nothing sent after it
+    /// does, until [`Hub::release`] covers it. A hub that must record where a message
+    /// went before the agent can have it (a cluster hub, before a crash can hide that
+    /// the agent has it) records it under [`Receipt::seq`](crate::Receipt::seq) in
+    /// between. Fails with [`Error::NotConnected`] without a session for the agent, and
+    /// with [`Error::Full`] at once when its buffer has no room.
+    pub async fn send_staged(
+        &self,
+        agent: &AgentId,
+        env: impl Into<Box<Envelope>>,
+    ) -> Result<Receipt, Error> {
+        let mut env = env.into();
+        env.id = tunnel_transport::next_message_id();
+        if env.content_encoding().is_some() {
+            connection_loop::fit_encoding(&mut env, self.sender(agent).as_ref());
+        }
+        let reliable = self
+            .inner
+            .sessions
+            .as_ref()
+            .and_then(|s| s.of_agent(agent))
+            .ok_or(Error::NotConnected)?;
+        reliable.send_staged(env)
+    }
+
+    /// Releases `agent`'s staged messages numbered up to `through` (see
+    /// [`Hub::send_staged`]): they and what waited behind them go out, in order.
+    pub async fn release(&self, agent: &AgentId, through: u64) {
+        let reliable = self.inner.sessions.as_ref().and_then(|s| s.of_agent(agent));
+        if let Some(reliable) = reliable {
+            reliable.release(through).await;
+        }
+    }
+
+    /// `agent`'s session on this hub, if it has one.
+    pub fn session_of(&self, agent: &AgentId) -> Option<HeldSession> {
+        let (id, reliable) = self.inner.sessions.as_ref()?.session_of(agent)?;
+        Some(HeldSession {
+            id,
+            acked: reliable.acked(),
+            attached: reliable.is_attached(),
+        })
+    }
+
     /// Sessions held (connected agents plus those within their grace period); 0
     /// without sessions.
     pub fn sessions(&self) -> usize {
@@ -694,6 +739,18 @@ impl Hub {
             tracing::warn!("hub tasks did not finish within the shutdown timeout");
         }
     }
+}
+
+/// An agent's session on a hub (see [`Hub::session_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeldSession {
+    /// Its id.
+    pub id: String,
+    /// The highest sequence number the agent acknowledged (or reported on resuming).
+    pub acked: u64,
+    /// Whether a connection carries it now (its resume, if any, has been applied).
+    pub attached: bool,
 }
 
 async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc<Inner>) {

@@ -73,7 +73,9 @@ pub use agent::{
 };
 pub use delivery::{FullPolicy, Held, Receipt, Unacked, Undelivered, WhenFull};
 pub use error::{Error, Unavailable};
-pub use hub::{AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, Hub, HubClient, HubConfig, HubEvent};
+pub use hub::{
+    AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, HeldSession, Hub, HubClient, HubConfig, HubEvent,
+};
 pub use pool::{Pool, PoolClient, PoolMode, Readiness};
 pub use registry::{HubSessions, SessionRegistry};
 pub use request::{Request, Response, error_code};

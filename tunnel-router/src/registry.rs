@@ -189,9 +189,16 @@ impl Store {
 
     /// The current session of `agent`, connected or within its grace period.
     pub(crate) fn of_agent(&self, agent: &AgentId) -> Option<Arc<Reliable>> {
+        self.session_of(agent).map(|(_, reliable)| reliable)
+    }
+
+    /// The agent's session here: its id and driver.
+    pub(crate) fn session_of(&self, agent: &AgentId) -> Option<(String, Arc<Reliable>)> {
         let maps = self.maps();
         let id = maps.by_agent.get(agent)?;
-        maps.sessions.get(id).map(|e| e.reliable.clone())
+        maps.sessions
+            .get(id)
+            .map(|e| (id.clone(), e.reliable.clone()))
     }
 
     /// Marks session `id` connected (`true`) or disconnected from now on.
@@ -381,6 +388,14 @@ impl Store {
         )
     }
 
+    /// Whether this hub has a copy of session `id` of `agent`.
+    fn has_copy(&self, agent: &AgentId, id: &str) -> bool {
+        self.maps()
+            .sessions
+            .get(id)
+            .is_some_and(|entry| entry.agent == *agent)
+    }
+
     /// Takes the stored snapshot of the session the agent asks to resume.
     async fn take(
         &self,
@@ -422,6 +437,7 @@ impl Store {
         &self,
         agent: &AgentId,
         restored: Option<(Session, &Resume)>,
+        fresh_id: String,
     ) -> (SessionGrant, Vec<(AgentId, String)>) {
         let mut maps = self.maps();
         maps.leases += 1;
@@ -435,7 +451,7 @@ impl Store {
                 (resume.session_id.clone(), reliable, grant)
             }
             None => {
-                let id = new_session_id();
+                let id = fresh_id;
                 // A session reset while its agent resumed it goes on as the new one.
                 let restarted = maps
                     .by_agent
@@ -514,8 +530,26 @@ impl SessionGrants for Store {
         // A session id this hub could never have granted names no session: asking a
         // store about it (a key on the network) would only carry the peer's bytes on.
         let resume = resume.filter(|r| tunnel_proto::handshake::is_session_id(&r.session_id));
+        // Whether the store says this hub still holds the copy it has (see
+        // `SessionStore::holds`).
+        let held_here = match (&self.config.store, resume) {
+            (Some(store), Some(resume)) if self.has_copy(agent, &resume.session_id) => store
+                .holds(agent, &resume.session_id)
+                .await
+                .map_err(|e| GrantError(e.to_string()))?,
+            _ => None,
+        };
         let restored = match resume {
             None => None,
+            Some(resume) if held_here.is_some() => {
+                if held_here == Some(true)
+                    && let Live::Granted(grant) = self.grant_live(agent, resume, true)
+                {
+                    return Ok(grant);
+                }
+                let snapshot = self.take(agent, resume).await?;
+                self.restore(agent, resume, snapshot).map(|s| (s, resume))
+            }
             Some(resume) => match self.grant_live(agent, resume, false) {
                 Live::Granted(grant) => return Ok(grant),
                 Live::None => {
@@ -536,7 +570,16 @@ impl SessionGrants for Store {
                 }
             },
         };
-        let (grant, forgotten) = self.register(agent, restored);
+        let fresh_id = new_session_id();
+        if restored.is_none()
+            && let Some(store) = &self.config.store
+        {
+            store
+                .open(agent, &fresh_id)
+                .await
+                .map_err(|e| GrantError(e.to_string()))?;
+        }
+        let (grant, forgotten) = self.register(agent, restored, fresh_id);
         for (agent, id) in forgotten {
             self.forget(&agent, &id).await;
         }

@@ -63,6 +63,23 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Forgets session `id` of `agent`.
     async fn remove(&self, agent: &AgentId, id: &str) -> Result<(), StoreError>;
+
+    /// A new session `id` of `agent` starts on this hub, before its grant is answered.
+    /// A store that records which hub holds each session (a cluster's, where a session
+    /// outlives the crash of its hub) records it here; failing refuses the handshake
+    /// with `1013`. By default nothing is recorded.
+    async fn open(&self, _agent: &AgentId, _id: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Whether this hub still holds session `id` of `agent`, which it has a copy of,
+    /// asked before that copy resumes: `Some(false)` when another hub took it over
+    /// meanwhile (the hub then takes it from the store instead), `None` (the default)
+    /// for a store that does not record holders (the copy resumes unless it was saved
+    /// since).
+    async fn holds(&self, _agent: &AgentId, _id: &str) -> Result<Option<bool>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// A [`SessionStore`] in this process's memory, shared by the hubs given it (a hub

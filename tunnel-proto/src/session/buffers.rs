@@ -169,6 +169,12 @@ pub struct ReplayBuffer<T> {
     pub(super) lost_through: u64,
     pub(super) pending: VecDeque<Sent<T>>,
     pub(super) bytes: usize,
+    /// The numbering past `acked` is not known (restored from a record that keeps
+    /// only what the peer acknowledged, see [`SessionSnapshot::open_tail`]): nothing is
+    /// held, and the peer's resume says where the numbering goes on.
+    ///
+    /// [`SessionSnapshot::open_tail`]: super::SessionSnapshot::open_tail
+    pub(super) open_tail: bool,
 }
 
 impl<T> ReplayBuffer<T> {
@@ -181,12 +187,15 @@ impl<T> ReplayBuffer<T> {
             lost_through: 0,
             pending: VecDeque::new(),
             bytes: 0,
+            open_tail: false,
         }
     }
 
     /// Whether an item of `size` bytes fits now.
     pub fn has_room(&self, size: usize) -> Result<(), Bound> {
-        if self.pending.len() >= self.config.max_replay_messages {
+        // Until the peer's resume fixes the numbering, a message cannot be numbered:
+        // the buffer counts as full.
+        if self.open_tail || self.pending.len() >= self.config.max_replay_messages {
             Err(Bound::Messages)
         } else if self.bytes.saturating_add(size) > self.config.max_replay_bytes
             && !self.pending.is_empty()
@@ -275,6 +284,15 @@ impl<T> ReplayBuffer<T> {
         &mut self,
         peer_received: u64,
     ) -> Result<impl Iterator<Item = &Sent<T>>, ResumeError> {
+        if self.open_tail && peer_received >= self.acked {
+            // Whatever was sent past `acked` and not received is held elsewhere (the
+            // record this was restored from says so): the numbering goes on after
+            // what the peer has.
+            self.open_tail = false;
+            self.acked = peer_received;
+            self.next_seq = peer_received + 1;
+            return Ok(self.pending.iter());
+        }
         if peer_received > self.highest_sent() {
             return Err(ResumeError::PeerAhead {
                 peer_received,
@@ -299,6 +317,7 @@ impl<T> ReplayBuffer<T> {
         self.acked = 0;
         self.lost_through = 0;
         self.bytes = 0;
+        self.open_tail = false;
         self.pending.drain(..).collect()
     }
 

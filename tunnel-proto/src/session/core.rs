@@ -1,6 +1,6 @@
 //! One side of a session, as a state machine: every rule of PROTOCOL.md section 6.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::{Envelope, ErrorBody, MessageType};
@@ -65,6 +65,9 @@ pub struct Session {
     /// (or a replay is in progress). While set, new messages are only held, and the
     /// backlog goes out first, in order.
     pub(super) backlog_from: Option<u64>,
+    /// Staged messages not released yet, oldest first ([`Session::send_staged`]):
+    /// nothing from the first of them on goes to a connection.
+    pub(super) staged: VecDeque<u64>,
     /// For `KeepLatest` status messages: the sequence number of the latest one per
     /// resource key.
     pub(super) latest: HashMap<String, u64>,
@@ -185,6 +188,7 @@ impl Session {
             link: None,
             transmitted_through: 0,
             backlog_from: None,
+            staged: VecDeque::new(),
             latest: HashMap::new(),
             attached_before: false,
             lease: 0,
@@ -210,9 +214,45 @@ impl Session {
     /// [`Refused::Full`] passes the same `key` again.
     pub fn send(
         &mut self,
+        env: Box<Envelope>,
+        key: &mut Option<String>,
+        now: Instant,
+    ) -> Result<Pushed, Refused> {
+        self.push(env, key, now, false)
+    }
+
+    /// [`Session::send`], but the message is *staged*: numbered and held, it goes to no
+    /// connection (and neither does anything numbered after it) until
+    /// [`Session::release`] covers its sequence number. A hub that must record where a
+    /// message went before the peer can have it (the cluster's down messages) stages
+    /// it, records it under its sequence number, then releases it.
+    pub fn send_staged(&mut self, env: Box<Envelope>, now: Instant) -> Result<Pushed, Refused> {
+        self.push(env, &mut None, now, true)
+    }
+
+    /// Releases the staged messages numbered up to `through`. Returns whether a
+    /// backlog now waits to be sent ([`Session::poll_backlog`]).
+    pub fn release(&mut self, through: u64) -> bool {
+        while self.staged.front().is_some_and(|seq| *seq <= through) {
+            self.staged.pop_front();
+        }
+        self.link.is_some()
+            && self
+                .backlog_from
+                .is_some_and(|from| from <= self.release_limit())
+    }
+
+    /// The highest sequence number that may go to a connection now.
+    fn release_limit(&self) -> u64 {
+        self.staged.front().map_or(u64::MAX, |seq| seq - 1)
+    }
+
+    fn push(
+        &mut self,
         mut env: Box<Envelope>,
         key: &mut Option<String>,
         now: Instant,
+        staged: bool,
     ) -> Result<Pushed, Refused> {
         if self.shut {
             return Err(Refused::ShutDown(env));
@@ -240,9 +280,17 @@ impl Session {
                     }
                     self.latest.insert(key, seq);
                 }
+                if staged {
+                    self.staged.push_back(seq);
+                }
                 let next = match (self.link, self.backlog_from) {
                     (None, _) => Next::Hold,
                     (Some(_), Some(_)) => Next::Backlog,
+                    (Some(_), None) if seq > self.release_limit() => {
+                        // Held back: it goes with the backlog once released.
+                        self.backlog_from = Some(seq);
+                        Next::Backlog
+                    }
                     (Some(_), None) => Next::Transmit,
                 };
                 Ok(Pushed::Held { seq, next })
@@ -305,6 +353,11 @@ impl Session {
             self.backlog_from = None;
             return None;
         }
+        if first > self.release_limit() {
+            // Staged: it waits for its release.
+            self.backlog_from = Some(first);
+            return None;
+        }
         let ack = self.piggyback();
         let Some(held) = self.out.get_mut(first) else {
             self.backlog_from = None;
@@ -336,7 +389,8 @@ impl Session {
         if self.backlog_from.is_some() {
             self.backlog_from = (seq < self.out.highest_sent()).then_some(seq + 1);
         }
-        self.backlog_from.is_some()
+        self.backlog_from
+            .is_some_and(|from| from <= self.release_limit())
     }
 
     /// Connection `link` now carries the session. `lease` orders the connections
@@ -371,9 +425,19 @@ impl Session {
                 // A peer whose direction has not started yet reports 0: it has
                 // everything acknowledged before (by it or a drained hub).
                 let peer_received = reported.max(self.out.acked());
+                let open_tail = self.out.open_tail;
                 match self.out.resume(peer_received).map(|_| ()) {
                     Err(e) => reset = Some(e.to_string()),
-                    Ok(()) => self.publish_acked(),
+                    Ok(()) => {
+                        if open_tail {
+                            // The peer has everything up to where it said; the
+                            // numbering goes on after it, and senders waiting for
+                            // room may go on.
+                            self.transmitted_through = peer_received;
+                            self.changed = true;
+                        }
+                        self.publish_acked();
+                    }
                 }
             }
         } else if self.clean_handover {
@@ -419,7 +483,8 @@ impl Session {
     /// Whether a peer reporting `last_received` may resume this session: not if it
     /// claims more than was ever sent (it talks about state this side does not have).
     pub fn may_resume(&self, last_received: u64) -> bool {
-        last_received <= self.out.highest_sent()
+        // An open tail (see `SessionSnapshot::open_tail`) takes the peer's word.
+        self.out.open_tail || last_received <= self.out.highest_sent()
     }
 
     /// Resets the session: the messages the peer may or may not have (handed to a
@@ -441,6 +506,7 @@ impl Session {
         }
         self.backlog_from = None;
         self.transmitted_through = through;
+        self.staged.retain(|seq| *seq > through);
         self.latest.retain(|_, seq| *seq > through);
         self.inb = ReceiveWindow::new(self.config.clone());
         self.outcomes.set_acked(self.out.acked());
@@ -613,6 +679,7 @@ impl Session {
         self.out.reset();
         self.link = None;
         self.backlog_from = None;
+        self.staged.clear();
         self.latest.clear();
         self.outcomes.end(reason);
         self.changed = true;
@@ -677,6 +744,11 @@ impl Session {
     /// connection brings them again.
     pub fn rewind_held(&mut self) {
         self.inb.rewind();
+    }
+
+    /// The highest sequence number the peer acknowledged (or its resume reported).
+    pub fn acked(&self) -> u64 {
+        self.out.acked()
     }
 
     /// The highest sequence number handed out to a message of this session.

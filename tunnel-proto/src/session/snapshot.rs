@@ -64,6 +64,13 @@ pub struct SessionSnapshot {
     /// live copy that saved generation `g` and finds another generation stored knows
     /// its copy is stale: the session continued elsewhere.
     pub generation: u64,
+    /// The numbering past `acked` is not known, and nothing is held: a record that
+    /// keeps only the acknowledged position (a hub cluster's, whose unacknowledged
+    /// messages wait in a stream it reads again). The peer's resume then says where the
+    /// numbering goes on (it may report anything from `acked` on), and until it does
+    /// the session takes no message. `next_seq` is `acked + 1`.
+    #[serde(default)]
+    pub open_tail: bool,
 }
 
 /// A time before or after the snapshot.
@@ -133,6 +140,36 @@ pub enum SnapshotError {
     Inconsistent(&'static str),
 }
 
+impl SessionSnapshot {
+    /// A session known only by what the peer acknowledged of this side's messages
+    /// (`acked`): nothing held, the numbering open (see [`SessionSnapshot::open_tail`]),
+    /// the peer's direction not started (its resume replays everything this side did
+    /// not acknowledge, and the receiver drops what it already has by its own means).
+    pub fn open(acked: u64) -> SessionSnapshot {
+        SessionSnapshot {
+            version: SNAPSHOT_VERSION,
+            next_seq: acked.saturating_add(1),
+            acked,
+            lost_through: 0,
+            held: Vec::new(),
+            transmitted_through: acked,
+            latest: Vec::new(),
+            received: 0,
+            started: false,
+            unacked: 0,
+            first_unacked_age: None,
+            ack_due: None,
+            ack_owed: false,
+            attached_before: true,
+            clean_handover: false,
+            shut: false,
+            epoch: 0,
+            generation: 0,
+            open_tail: true,
+        }
+    }
+}
+
 impl Session {
     /// The session's complete state at `now`.
     pub fn snapshot(&self, now: Instant) -> Result<SessionSnapshot, SnapshotError> {
@@ -188,6 +225,7 @@ impl Session {
             shut: self.shut,
             epoch: self.epoch,
             generation: self.generation + 1,
+            open_tail: self.out.open_tail,
         })
     }
 
@@ -202,6 +240,11 @@ impl Session {
         }
         if snapshot.next_seq == 0 || snapshot.acked >= snapshot.next_seq {
             return Err(SnapshotError::Inconsistent("acked is not below next_seq"));
+        }
+        if snapshot.open_tail && !snapshot.held.is_empty() {
+            return Err(SnapshotError::Inconsistent(
+                "held messages with an open numbering",
+            ));
         }
         if snapshot.held.len() > config.max_replay_messages {
             return Err(SnapshotError::Inconsistent(
@@ -254,6 +297,7 @@ impl Session {
             lost_through: snapshot.lost_through,
             pending,
             bytes,
+            open_tail: snapshot.open_tail,
         };
         let inb = ReceiveWindow {
             config: config.clone(),
@@ -274,6 +318,7 @@ impl Session {
             link: None,
             transmitted_through: snapshot.transmitted_through,
             backlog_from: None,
+            staged: VecDeque::new(),
             latest: snapshot.latest.iter().cloned().collect::<HashMap<_, _>>(),
             attached_before: snapshot.attached_before,
             // Leases order one registry's grants: the restoring one counts afresh.

@@ -563,6 +563,102 @@ fn a_snapshot_restores_the_same_state_and_bad_ones_are_refused() {
     ));
 }
 
+#[test]
+fn a_staged_message_and_everything_after_it_wait_for_its_release() {
+    let t = Instant::now();
+    let mut s = Session::new(config());
+    attached(&mut s, 1);
+    let (first, frame) = send(&mut s, event(1), t);
+    assert!(frame.is_some(), "nothing staged: it goes at once");
+    let Ok(Pushed::Held { seq: staged, next }) = s.send_staged(event(2), t) else {
+        panic!("room");
+    };
+    assert_eq!((staged, next), (first + 1, Next::Backlog));
+    let (after, frame) = send(&mut s, event(3), t);
+    assert!(frame.is_none(), "behind a staged message");
+    assert!(
+        drain(&mut s, 1).is_empty(),
+        "the backlog stops at the staged one"
+    );
+    assert!(s.release(staged), "released: the backlog may go");
+    let sent: Vec<u64> = drain(&mut s, 1).iter().filter_map(|e| e.seq).collect();
+    assert_eq!(sent, vec![staged, after], "in order, once released");
+    let (_, frame) = send(&mut s, event(4), t);
+    assert!(frame.is_some(), "nothing staged any more");
+    // A connection that comes later replays staged messages only once released.
+    s.detach(1);
+    let Ok(Pushed::Held { seq: held, .. }) = s.send_staged(event(5), t) else {
+        panic!("room");
+    };
+    assert!(matches!(
+        s.handle_attach(2, 1, true, Some(after + 1)),
+        Attach::Attached(None)
+    ));
+    assert!(
+        drain(&mut s, 2).is_empty(),
+        "staged before the connection came"
+    );
+    assert!(s.release(held));
+    let sent: Vec<u64> = drain(&mut s, 2).iter().filter_map(|e| e.seq).collect();
+    assert_eq!(sent, vec![held]);
+}
+
+#[test]
+fn an_open_numbering_goes_on_after_what_the_peer_reports_and_takes_nothing_before() {
+    let t = Instant::now();
+    let open = SessionSnapshot::open(4);
+    let mut s = Session::restore(config(), &open, t).expect("restores");
+    assert!(s.may_resume(40), "the peer's word decides");
+    assert!(
+        matches!(s.send(event(1), &mut None, t), Err(Refused::Full { .. })),
+        "nothing is numbered before the peer says where the numbering goes on"
+    );
+    assert_eq!(
+        s.last_received(),
+        0,
+        "the peer replays all it was not acknowledged"
+    );
+    assert!(matches!(
+        s.handle_attach(1, 1, true, Some(9)),
+        Attach::Attached(None)
+    ));
+    let (seq, frame) = send(&mut s, event(1), t);
+    assert_eq!(seq, 10, "after what the peer has");
+    assert!(frame.is_some());
+    // Its direction takes its base from the first message the peer replays.
+    assert_eq!(
+        s.handle_inbound(&event(2).with_seq(7), || t),
+        Verdict::Deliver
+    );
+    assert_eq!(s.last_received(), 7);
+
+    // A peer reporting less than it acknowledged resumed from an older state.
+    let mut s = Session::restore(config(), &open, t).expect("restores");
+    assert!(matches!(
+        s.handle_attach(1, 1, true, Some(3)),
+        Attach::Restart(_)
+    ));
+    // One reporting nothing has everything acknowledged.
+    let mut s = Session::restore(config(), &open, t).expect("restores");
+    assert!(matches!(
+        s.handle_attach(1, 1, true, Some(0)),
+        Attach::Attached(None)
+    ));
+    assert_eq!(send(&mut s, event(1), t).0, 5);
+    // An open numbering with held messages does not add up.
+    let mut bad = SessionSnapshot::open(4);
+    let mut with_held = Session::new(config());
+    attached(&mut with_held, 1);
+    send(&mut with_held, event(1), t);
+    bad.held = with_held.snapshot(t).expect("encodes").held;
+    bad.next_seq = 9;
+    bad.held[0].seq = 5;
+    assert!(matches!(
+        Session::restore(config(), &bad, t),
+        Err(SnapshotError::Inconsistent(_))
+    ));
+}
+
 /// Two sessions (an agent's and the hub's) over a simulated link with a simulated
 /// clock: the model of quinn-proto's test `Pair`. The hub decides resumes as a hub
 /// does; everything written is logged, so two runs can be compared frame by frame.
