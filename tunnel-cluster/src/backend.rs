@@ -145,7 +145,22 @@ impl Backend {
     ) -> Result<u64, ClusterError> {
         let payload = Payload::encode(Format::Json, value)
             .map_err(|e| ClusterError::Payload(e.to_string()))?;
-        self.send_payload(agent, kind, &payload).await
+        self.publish(agent, kind, &payload, None).await
+    }
+
+    /// [`Backend::send`] under the message id `id` (`Nats-Msg-Id`): sent again with
+    /// the same id within the down stream's duplicate window (a retry after an error
+    /// whose publish may have landed), it is stored once.
+    pub async fn send_with_id<T: serde::Serialize + ?Sized>(
+        &self,
+        agent: &AgentId,
+        kind: MessageType,
+        value: &T,
+        id: &str,
+    ) -> Result<u64, ClusterError> {
+        let payload = Payload::encode(Format::Json, value)
+            .map_err(|e| ClusterError::Payload(e.to_string()))?;
+        self.publish(agent, kind, &payload, Some(id)).await
     }
 
     /// [`Backend::send`] with a payload already encoded, in either codec.
@@ -155,9 +170,22 @@ impl Backend {
         kind: MessageType,
         payload: &Payload,
     ) -> Result<u64, ClusterError> {
+        self.publish(agent, kind, payload, None).await
+    }
+
+    async fn publish(
+        &self,
+        agent: &AgentId,
+        kind: MessageType,
+        payload: &Payload,
+        id: Option<&str>,
+    ) -> Result<u64, ClusterError> {
         let subject = subject::down(agent, kind.as_str());
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_CODEC, payload.format().name());
+        if let Some(id) = id {
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+        }
         let publish = PublishMessage::build()
             .payload(payload.bytes().clone())
             .headers(headers);

@@ -44,6 +44,8 @@ struct Inner {
     sessions: crate::NatsSessionStore,
     /// Why this hub may not keep its sessions there: another grace period.
     grace_mismatch: Option<String>,
+    /// Keeps each connection's messages in order across NATS reconnects.
+    fences: Fences,
     /// The store was handed out ([`Cluster::session_store`]): the hub serves only
     /// sessions it holds there.
     keeps_sessions: AtomicBool,
@@ -132,6 +134,7 @@ impl Cluster {
                 sessions,
                 grace_mismatch,
                 keeps_sessions: AtomicBool::new(false),
+                fences: Fences::default(),
                 deleting: tokio_util::task::TaskTracker::new(),
                 run,
                 calls: Arc::new(Semaphore::new(config.max_calls)),
@@ -223,11 +226,23 @@ impl Cluster {
     /// ([`Inbound::acknowledge_later`]), so one agent's messages do not wait one round
     /// trip each.
     pub async fn store(&self, msg: &Inbound) -> Result<(), BoxError> {
+        let connection = msg.sender().info().id;
+        self.inner.fences.admit(&self.inner.client, msg.sender())?;
         // The context bounds the wait for the ack by `publish_timeout`.
-        let ack = publish_up(&self.inner, msg).await?;
-        let stored = |r: Result<_, async_nats::jetstream::context::PublishError>| match r {
-            Ok(_) => Ok(()),
-            Err(e) => Err(format!("the up stream did not store it: {e}")),
+        let ack = match publish_up(&self.inner, msg).await {
+            Ok(ack) => ack,
+            Err(e) => {
+                self.inner.fences.resolved(connection, false);
+                return Err(e);
+            }
+        };
+        let inner = self.inner.clone();
+        let stored = move |r: Result<_, async_nats::jetstream::context::PublishError>| {
+            inner.fences.resolved(connection, r.is_ok());
+            match r {
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!("the up stream did not store it: {e}")),
+            }
         };
         match msg.acknowledge_later() {
             Some(later) => {
@@ -270,6 +285,84 @@ impl Serving {
     pub async fn stop(self) {
         self.cancel.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// Keeps each connection's messages in order in the up stream across NATS
+/// reconnects. Publishes are pipelined, and the NATS client sends what it queued
+/// during a reconnect on the new connection: a publish lost with the old one could
+/// otherwise be stored after later ones (when the agent replays it). So a connection
+/// publishes only while the client is connected, and not across a reconnect while
+/// any of its earlier publishes is unresolved, and never again once one failed (its
+/// connection is being closed: the agent replays from the failed one, in order).
+#[derive(Debug, Default)]
+struct Fences {
+    by_connection: Mutex<HashMap<u64, Fence>>,
+}
+
+#[derive(Debug)]
+struct Fence {
+    /// The client's connection count when the oldest unresolved publish was sent.
+    generation: u64,
+    unresolved: u32,
+    /// A publish failed: nothing more from this connection.
+    failed: bool,
+    /// To forget a failed fence once its connection is over.
+    sender: tunnel_transport::ConnectionSender,
+}
+
+impl Fences {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Fence>> {
+        self.by_connection.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits one publish of `sender`'s connection, or refuses it ([`Unavailable`]).
+    fn admit(
+        &self,
+        client: &async_nats::Client,
+        sender: &tunnel_transport::ConnectionSender,
+    ) -> Result<(), BoxError> {
+        let refuse = |why: &str| -> BoxError { Unavailable::new(why.to_owned()).into() };
+        if client.connection_state() != async_nats::connection::State::Connected {
+            return Err(refuse("NATS is not connected"));
+        }
+        let generation = client.statistics().connects.load(Ordering::Relaxed);
+        let mut fences = self.lock();
+        if fences.len() % 1024 == 1023 {
+            fences.retain(|_, f| !f.sender.is_closed());
+        }
+        let fence = fences.entry(sender.info().id).or_insert_with(|| Fence {
+            generation,
+            unresolved: 0,
+            failed: false,
+            sender: sender.clone(),
+        });
+        if fence.failed {
+            return Err(refuse(
+                "an earlier message of this connection was not stored",
+            ));
+        }
+        if fence.unresolved > 0 && fence.generation != generation {
+            fence.failed = true;
+            return Err(refuse("NATS reconnected with earlier messages unresolved"));
+        }
+        if fence.unresolved == 0 {
+            fence.generation = generation;
+        }
+        fence.unresolved += 1;
+        Ok(())
+    }
+
+    /// One admitted publish of `connection` was stored (`ok`) or not.
+    fn resolved(&self, connection: u64, ok: bool) {
+        let mut fences = self.lock();
+        if let Some(fence) = fences.get_mut(&connection) {
+            fence.unresolved = fence.unresolved.saturating_sub(1);
+            fence.failed |= !ok;
+            if fence.unresolved == 0 && !fence.failed {
+                fences.remove(&connection);
+            }
+        }
     }
 }
 
