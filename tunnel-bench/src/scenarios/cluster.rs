@@ -1,8 +1,8 @@
 //! `cluster`: a hub on a real nats-server (started here, JetStream in a temporary
 //! directory). Agent to stream through the hub beside a plain async-nats JetStream
-//! publisher with pipelined acks, same server, same payload, same run; a backend's call
-//! to an agent through NATS and the hub beside a plain NATS request to a local
-//! responder.
+//! publisher with pipelined acks, same server, same payload, same run, with the hub
+//! keeping its sessions itself and in NATS; a backend's call to an agent through NATS
+//! and the hub beside a plain NATS request to a local responder.
 
 use std::time::{Duration, Instant};
 
@@ -28,13 +28,20 @@ pub(crate) async fn run(n: u64, runs: usize, calls: usize) -> Result<(), String>
         thousands(n),
         payload.len()
     );
-    let (mut plain, mut with_headers, mut through) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plain, mut with_headers, mut through, mut stored) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs.max(1) {
         plain.push(plain_publisher(&nats, &payload, n, run, false).await?);
         with_headers.push(plain_publisher(&nats, &payload, n, run, true).await?);
-        through.push(through_hub(&nats, n, run).await?);
+        through.push(through_hub(&nats, n, run, false).await?);
+        stored.push(through_hub(&nats, n, run, true).await?);
     }
-    let (plain, with_headers, through) = (median(plain), median(with_headers), median(through));
+    let (plain, with_headers, through, stored) = (
+        median(plain),
+        median(with_headers),
+        median(through),
+        median(stored),
+    );
     let ratio = through / plain;
     figure("cluster", "plain_publisher_rate", plain, "msg/s");
     figure(
@@ -61,6 +68,19 @@ pub(crate) async fn run(n: u64, runs: usize, calls: usize) -> Result<(), String>
         "one agent -> hub -> TUNNEL_UP, acknowledged once stored",
         thousands(through as u64),
         if ratio >= 0.8 { "meets" } else { "BELOW" }
+    );
+    figure(
+        "cluster",
+        "agent_to_stream_stored_sessions_rate",
+        stored,
+        "msg/s",
+    );
+    figure("cluster", "stored_sessions_vs_local", stored / through, "x");
+    println!(
+        "  {:<58} {:>10} msg/s  {:.2}x the hub keeping them itself (no store write per up message)",
+        "the same, sessions kept in NATS (resumable on any hub)",
+        thousands(stored as u64),
+        stored / through
     );
     call_latency(&nats, calls).await?;
     nats.kill();
@@ -131,19 +151,27 @@ async fn plain_publisher(
 
 /// One agent sending `n` events to a cluster hub as fast as they are accepted, timed
 /// until the last receipt resolves (every message stored in the up stream).
-async fn through_hub(nats: &Nats, n: u64, run: usize) -> Result<f64, String> {
-    let cluster = Cluster::connect(ClusterConfig::new(nats.url(), format!("bench-{run}")))
-        .await
-        .map_err(|e| e.to_string())?;
-    let hub = Hub::bind(
+/// Agent to stream through a hub; with `stored`, the hub keeps its sessions in NATS
+/// (resumable on any hub, as `tunnel hub --nats` does), else in its own memory.
+async fn through_hub(nats: &Nats, n: u64, run: usize, stored: bool) -> Result<f64, String> {
+    let name = format!("bench-{run}-{}", if stored { "stored" } else { "local" });
+    let config = ClusterConfig::new(nats.url(), name.clone());
+    let grace = config.session_grace;
+    let cluster = Cluster::connect(config).await.map_err(|e| e.to_string())?;
+    let mut sessions = tunnel_router::HubSessions::default().grace(grace);
+    if stored {
+        sessions = sessions.store(cluster.session_store().map_err(|e| e.to_string())?);
+    }
+    let hub = Hub::bind_with(
         "127.0.0.1:0",
         ServerConfig::new(AllowAll),
         cluster.router(Router::new()),
+        tunnel_router::HubConfig::default().sessions(tunnel_router::SessionRegistry::new(sessions)),
     )
     .await
     .map_err(|e| e.to_string())?;
     let serving = cluster.serve(&hub);
-    let id = AgentId::new("bench", format!("up-{run}"));
+    let id = AgentId::new("bench", format!("up-{name}"));
     let agent = start_agent(
         &hub.url().unwrap_or_default(),
         ClientConfig::new(id).format(Format::MsgPack),

@@ -1,8 +1,9 @@
 //! `cluster-scale`: many agents over three `tunnel hub --nats` processes on one
 //! nats-server (started here): each hub's memory per agent it holds, then one hub
-//! killed (SIGKILL) and the time until every presence entry names a live hub again;
-//! then another drained (SIGTERM): how many of its agents resume their sessions on the
-//! last hub.
+//! killed (SIGKILL) and the time until every presence entry names a live hub again and
+//! its agents are back with their sessions resumed; then another killed and restarted
+//! on its port (its agents back, resumed); then that one drained (SIGTERM): how many
+//! of its agents resume their sessions on the last hub.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -112,6 +113,14 @@ pub(crate) async fn run(agents: usize) -> Result<(), String> {
     }
     let remaining = agents - lost.len();
     let gone: std::collections::HashSet<AgentId> = lost.iter().map(|(id, _)| id.clone()).collect();
+    let moving_ids: Vec<AgentId> = owners
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(agent, hub)| **hub == killed && !gone.contains(*agent))
+        .map(|(agent, _)| agent.clone())
+        .collect();
+    let watching = Watching::start(&crowd, &ids, &moving_ids);
     let killed_at = Instant::now();
     hubs.remove(0).stop().await;
     for (_, agent) in lost {
@@ -165,6 +174,20 @@ pub(crate) async fn run(agents: usize) -> Result<(), String> {
         thousands(up as u64),
         thousands(remaining as u64)
     );
+    watching.report("kill", &killed).await?;
+    // Kill another and restart it on its port: its agents come back to it or to the
+    // other hub, resumed.
+    let restarted = hub_id(2);
+    let leaving: Vec<AgentId> = owners
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(_, hub)| **hub == restarted)
+        .map(|(agent, _)| agent.clone())
+        .collect();
+    let watching = Watching::start(&crowd, &ids, &leaving);
+    hubs[1].restart().await?;
+    watching.report("restart", &restarted).await?;
     drain_one(&mut hubs, &owners, &crowd, &ids).await?;
     stop_crowd(crowd).await;
     for hub in hubs {
@@ -236,6 +259,124 @@ async fn drain_one(
         thousands(other as u64)
     );
     Ok(())
+}
+
+/// The agents of a hub about to fail, watched (from before the failure, by a task of
+/// their own) until they are back.
+struct Watching {
+    task: tokio::task::JoinHandle<Option<(Duration, Vec<Outcome>)>>,
+    agents: usize,
+}
+
+/// How an agent came back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Resumed,
+    Fresh,
+    Reset,
+}
+
+/// How long the agents of a failed hub have to be back.
+const BACK_BAR: Duration = Duration::from_secs(10);
+
+impl Watching {
+    /// Starts watching `which` of `crowd`; the failure follows at once.
+    fn start(crowd: &[tunnel_router::Agent], ids: &[AgentId], which: &[AgentId]) -> Watching {
+        let which: std::collections::HashSet<&AgentId> = which.iter().collect();
+        let mut agents: Vec<_> = crowd
+            .iter()
+            .zip(ids)
+            .filter(|(_, id)| which.contains(id))
+            .map(|(agent, _)| {
+                let mut state = agent.state();
+                state.borrow_and_update();
+                (state, agent.session_events())
+            })
+            .collect();
+        let count = agents.len();
+        let since = Instant::now();
+        let task = tokio::spawn(async move {
+            while since.elapsed() < LIMIT {
+                // Each changed since the failure (it noticed), and is up now.
+                if agents.iter_mut().all(|(state, _)| {
+                    state.has_changed().unwrap_or(false) && is_up(&state.borrow())
+                }) {
+                    let back = since.elapsed();
+                    let outcomes = agents
+                        .iter_mut()
+                        .map(|(state, events)| {
+                            // Any session event is a reset (or many: lagged).
+                            let reset = !matches!(
+                                events.try_recv(),
+                                Err(tokio::sync::broadcast::error::TryRecvError::Empty)
+                            );
+                            match &*state.borrow() {
+                                _ if reset => Outcome::Reset,
+                                tunnel_router::ConnectionState::Resumed { .. } => Outcome::Resumed,
+                                tunnel_router::ConnectionState::Connected { .. } => Outcome::Fresh,
+                                _ => Outcome::Reset,
+                            }
+                        })
+                        .collect();
+                    return Some((back, outcomes));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None
+        });
+        Watching {
+            task,
+            agents: count,
+        }
+    }
+
+    /// Waits (at most [`LIMIT`] from the failure) until every watched agent is back;
+    /// prints how long that took and how many resumed their sessions.
+    async fn report(self, phase: &str, hub: &str) -> Result<(), String> {
+        let Some((back, outcomes)) = self.task.await.map_err(|e| e.to_string())? else {
+            return Err(format!(
+                "{phase}: not all {} agents of {hub} back after {} s",
+                self.agents,
+                LIMIT.as_secs()
+            ));
+        };
+        let count = |o: Outcome| outcomes.iter().filter(|x| **x == o).count();
+        let (resumed, fresh, reset) = (
+            count(Outcome::Resumed),
+            count(Outcome::Fresh),
+            count(Outcome::Reset),
+        );
+        figure(
+            "cluster-scale",
+            &format!("{phase}_resumed"),
+            resumed as f64,
+            "agents",
+        );
+        figure(
+            "cluster-scale",
+            &format!("{phase}_reset"),
+            reset as f64,
+            "agents",
+        );
+        figure(
+            "cluster-scale",
+            &format!("{phase}_all_back"),
+            back.as_secs_f64(),
+            "s",
+        );
+        let bar = reset == 0 && fresh == 0 && back <= BACK_BAR;
+        println!(
+            "  {phase} of {hub}: its {} agents all back {:.2} s after it; {} resumed their session, {} started a new one, {} reset ({} the bar: 0 resets, all resumed and back within {} s)",
+            thousands(self.agents as u64),
+            back.as_secs_f64(),
+            thousands(resumed as u64),
+            thousands(fresh as u64),
+            thousands(reset as u64),
+            if bar { "meets" } else { "MISSES" },
+            BACK_BAR.as_secs()
+        );
+        Ok(())
+    }
 }
 
 fn hub_id(k: usize) -> String {
