@@ -148,7 +148,9 @@ fn agent(id: &AgentId, urls: &[String], received: &Received) -> Agent {
     let connector = tunnel_transport::WsConnector::new(
         tunnel_transport::ClientConfig::new(id.clone())
             .token(Some(support::TOKEN.into()))
-            // A hub that hangs is left within a second.
+            // A hub that hangs is left within a second, and not waited for long when
+            // dialed again (a stopped process's socket still takes the connection).
+            .connect_timeout(Duration::from_secs(1))
             .connection(
                 tunnel_transport::ConnectionConfig::default()
                     .ping_interval(Duration::from_millis(300))

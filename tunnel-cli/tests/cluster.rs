@@ -137,11 +137,31 @@ async fn a_backend_reaches_an_agent_of_a_two_hub_cluster_and_reads_what_it_sent(
 /// once, in order; every command reaches the agent once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_killed_under_load_both_ways_hands_its_session_on_with_nothing_lost_or_repeated() {
-    use tower::{BoxError, service_fn};
-    use tunnel_router::{Agent, AgentConfig, Inbound, Router};
+    hub_fails_under_load("kill", Fault::Kill).await;
+}
 
-    let nats = Nats::start("kill");
-    let dir = Dir::new("kill");
+/// A hub stopped (SIGSTOP) under load both ways long enough for its agent to move, then
+/// continued: the agent's session goes on on the other hub as after a kill, and the
+/// continued hub, fenced, delivers and stores nothing of it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_stopped_under_load_and_continued_after_its_agent_moved_repeats_nothing() {
+    hub_fails_under_load("stop", Fault::Stop).await;
+}
+
+/// How the first hub fails.
+#[derive(Clone, Copy)]
+enum Fault {
+    Kill,
+    /// SIGSTOP, then SIGCONT once the agent is back on the other hub.
+    Stop,
+}
+
+async fn hub_fails_under_load(name: &str, fault: Fault) {
+    use tower::{BoxError, service_fn};
+    use tunnel_router::{Agent, AgentConfig, ConnectionState, Inbound, Router};
+
+    let nats = Nats::start(name);
+    let dir = Dir::new(name);
     let url = nats.url();
     let hub = |name: &str| cluster_hub(&dir, &url, name, "0");
     let (hub_a, hub_b) = (hub("hub-a"), hub("hub-b"));
@@ -168,7 +188,16 @@ async fn a_hub_killed_under_load_both_ways_hands_its_session_on_with_nothing_los
     );
     let id = AgentId::new("root:e2e", "survivor");
     let connector = tunnel_transport::WsConnector::new(
-        tunnel_transport::ClientConfig::new(id.clone()).token(Some(support::TOKEN.into())),
+        tunnel_transport::ClientConfig::new(id.clone())
+            .token(Some(support::TOKEN.into()))
+            // A hub that hangs is left within a second, and not waited for long when
+            // dialed again (a stopped process's socket still takes the connection).
+            .connect_timeout(Duration::from_secs(1))
+            .connection(
+                tunnel_transport::ConnectionConfig::default()
+                    .ping_interval(Duration::from_millis(300))
+                    .pong_timeout(Duration::from_millis(600)),
+            ),
     );
     let agent = Agent::start(
         connector,
@@ -184,7 +213,12 @@ async fn a_hub_killed_under_load_both_ways_hands_its_session_on_with_nothing_los
     let mut resets = agent.session_events();
     let backend = Backend::connect(&url).await.expect("backend");
 
-    // Down: 300 commands, stored one after another while the kill happens.
+    // Down: 300 commands, stored one after another while the hub fails (and, stopped,
+    // after it continues).
+    let spacing = match fault {
+        Fault::Kill => Duration::from_millis(2),
+        Fault::Stop => Duration::from_millis(15),
+    };
     let down = {
         let (backend, id) = (backend.clone(), id.clone());
         tokio::spawn(async move {
@@ -193,13 +227,15 @@ async fn a_hub_killed_under_load_both_ways_hands_its_session_on_with_nothing_los
                     .send(&id, MessageType::Command, &serde_json::json!({"n": n}))
                     .await
                     .expect("stored");
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(spacing).await;
             }
         })
     };
-    // Up: 3,000 events; hub-a is killed after the first 1,000.
+    // Up: 3,000 events; hub-a fails after the first 1,000. Stopped, it continues once
+    // the agent resumed on hub-b, before the last 500.
     let mut receipts = Vec::new();
     let mut hub_a = Some(hub_a);
+    let mut continued = None;
     for n in 1..=3000u64 {
         receipts.push((
             n,
@@ -211,10 +247,44 @@ async fn a_hub_killed_under_load_both_ways_hands_its_session_on_with_nothing_los
         if n == 1000
             && let Some(hub) = hub_a.take()
         {
-            let _ = Command::new("kill")
-                .args(["-KILL", &hub.child.id().to_string()])
-                .status();
-            drop(hub);
+            match fault {
+                Fault::Kill => {
+                    hub.signal("KILL");
+                    drop(hub);
+                }
+                Fault::Stop => {
+                    hub.signal("STOP");
+                    let mut state = agent.state();
+                    state.borrow_and_update();
+                    continued = Some(tokio::spawn(async move {
+                        // The agent leaves the stopped hub, then resumes on the other.
+                        let mut left = false;
+                        loop {
+                            state.changed().await.expect("agent alive");
+                            let now = state.borrow_and_update().clone();
+                            match now {
+                                ConnectionState::Resumed { .. } if left => break,
+                                ConnectionState::Connected { .. }
+                                | ConnectionState::Resumed { .. }
+                                | ConnectionState::Reset { .. } => {}
+                                _ => left = true,
+                            }
+                        }
+                        hub.signal("CONT");
+                        hub
+                    }));
+                }
+            }
+        }
+        if n == 2500
+            && let Some(task) = continued.take()
+        {
+            let hub = tokio::time::timeout(SOON, task)
+                .await
+                .expect("the agent moved in time")
+                .expect("watcher");
+            // Kept running (continued, fenced) to the end.
+            hub_a = Some(hub);
         }
         if n % 100 == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -274,6 +344,19 @@ async fn a_hub_killed_under_load_both_ways_hands_its_session_on_with_nothing_los
         ),
         "the session was not reset"
     );
+    let holder = backend
+        .presence()
+        .await
+        .expect("presence")
+        .into_iter()
+        .find(|(a, _)| *a == id)
+        .map(|(_, p)| p.hub);
+    assert_eq!(
+        holder.as_deref(),
+        Some("hub-b"),
+        "the other hub holds the agent"
+    );
     agent.shutdown().await;
     assert!(hub_b.terminate().success());
+    drop(hub_a);
 }
