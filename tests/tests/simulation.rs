@@ -1,9 +1,12 @@
 //! Deterministic simulation: the real agent and hubs (drivers, routers, sessions,
 //! codecs) over the memory transport, on tokio's paused clock, under a seeded
 //! schedule of faults: cuts, partitions that heal, one-way stalls, latency, hub
-//! restarts, grace expiry, drains to the other hub; in half the schedules the hubs
-//! share a session store, so restarted and drained-to hubs resume sessions. After
-//! every schedule:
+//! restarts, grace expiry, drains to the other hub. In a third of the schedules the
+//! hubs share a session store, so restarted and drained-to hubs resume sessions; in
+//! another third they share a cluster's session records (`Records`: what
+//! `NatsSessionStore` keeps, in memory), hubs also hang for good (a crash: nothing
+//! saved, another takes their place), and the hubs' handlers drop a replayed message
+//! they already took, as the cluster's up stream does. After every schedule:
 //!
 //! - every message `send` accepted, either way, was delivered exactly once and in
 //!   order, or its receipt failed with a reason (and it was delivered at most once);
@@ -23,7 +26,7 @@
 //! scheduling choices (the order of ready branches in a `select!`) are not seeded, so
 //! a seed replays its schedule exactly but may, rarely, interleave differently.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -68,14 +71,24 @@ fn id_of(msg: &Inbound) -> Option<u64> {
         .ok()
 }
 
-/// Records events in `seen`; answers commands with their own payload.
-fn router(seen: Seen) -> Router {
+/// What a cluster's up stream already holds, by session and sequence number.
+type Stored = Arc<Mutex<HashSet<(String, u64)>>>;
+
+/// Records events in `seen` (with `stored`, once per session and sequence number, as
+/// the cluster's up stream keeps them); answers commands with their own payload.
+fn router(seen: Seen, stored: Option<Stored>) -> Router {
     Router::new()
         .route(
             MessageType::Event,
             service_fn(move |msg: Inbound| {
-                let seen = seen.clone();
+                let (seen, stored) = (seen.clone(), stored.clone());
                 async move {
+                    if let (Some(stored), Some(seq)) = (&stored, msg.envelope.seq) {
+                        let key = (msg.sender().info().session_id.clone(), seq);
+                        if !stored.lock().expect("lock").insert(key) {
+                            return Ok::<_, BoxError>(());
+                        }
+                    }
                     if let Some(n) = id_of(&msg) {
                         seen.lock().expect("lock").push(n);
                     }
@@ -129,10 +142,36 @@ struct World {
     /// Shared by every hub of the schedule, if any: restarted and drained-to hubs
     /// resume sessions from it.
     store: Option<Arc<MemoryStore>>,
+    /// Or a cluster's session records, and what its up stream holds.
+    records: Option<(Arc<Records>, Stored)>,
+    /// Hubs that hung for good (crashed), kept until the end.
+    hung: Vec<Hub>,
+    /// Hubs started so far: each one's name in the records.
+    started: u64,
+    /// The name of the hub in each slot.
+    incarnation: [u64; 2],
     verbose: bool,
 }
 
 impl World {
+    /// No hub started yet, no store.
+    fn new(agent_id: AgentId, grace: Duration, verbose: bool) -> World {
+        World {
+            agent_id,
+            faults: Faults::default(),
+            board: Switchboard::default(),
+            hubs: [None, None],
+            grace,
+            hub_seen: Seen::default(),
+            store: None,
+            records: None,
+            hung: Vec::new(),
+            started: 0,
+            incarnation: [0, 0],
+            verbose,
+        }
+    }
+
     fn note(&self, line: String) {
         if self.verbose {
             eprintln!("  {line}");
@@ -146,6 +185,15 @@ impl World {
         if let Some(store) = &self.store {
             config = config.store(store.clone());
         }
+        self.started += 1;
+        self.incarnation[slot] = self.started;
+        if let Some((records, _)) = &self.records {
+            config = config.store(Arc::new(RecordStore {
+                records: records.clone(),
+                me: self.started,
+                grace: self.grace,
+            }));
+        }
         let sessions = SessionRegistry::new(config);
         let (connector, acceptor) = memory::listener_with_faults(
             ClientConfig::new(self.agent_id.clone()),
@@ -154,7 +202,10 @@ impl World {
         );
         let hub = Hub::serve_with(
             acceptor,
-            router(self.hub_seen.clone()),
+            router(
+                self.hub_seen.clone(),
+                self.records.as_ref().map(|(_, stored)| stored.clone()),
+            ),
             HubConfig::default()
                 .sessions(sessions)
                 .shutdown_timeout(Duration::from_secs(2)),
@@ -165,6 +216,11 @@ impl World {
             .expect("lock")
             .insert(SLOTS[slot].into(), connector);
         self.hubs[slot] = Some(hub);
+    }
+
+    /// The name (in the records) of the hub in `slot`.
+    fn started_in(&self, slot: usize) -> u64 {
+        self.incarnation[slot]
     }
 
     /// The hub the agent is connected to, if any.
@@ -188,24 +244,21 @@ struct Summary {
     sent: [usize; 2],
     failed: [usize; 2],
     requests: usize,
+    /// Schedules on a cluster's records, the hubs that crashed in them, and the
+    /// session resets their agents saw.
+    cluster: [usize; 3],
 }
 
 /// One schedule. `Err` says what broke.
 async fn scenario(seed: u64, verbose: bool) -> Result<Summary, String> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let agent_id = AgentId::new("sim", format!("agent-{seed}"));
-    let mut world = World {
-        agent_id: agent_id.clone(),
-        faults: Faults::default(),
-        board: Switchboard::default(),
-        hubs: [None, None],
-        grace: Duration::from_millis(rng.random_range(1_000..6_000)),
-        hub_seen: Seen::default(),
-        store: None,
-        verbose,
-    };
-    if rng.random_bool(0.5) {
-        world.store = Some(Arc::new(MemoryStore::new(64)));
+    let grace = Duration::from_millis(rng.random_range(1_000..6_000));
+    let mut world = World::new(agent_id.clone(), grace, verbose);
+    match rng.random_range(0..3) {
+        0 => {}
+        1 => world.store = Some(Arc::new(MemoryStore::new(64))),
+        _ => world.records = Some((Arc::default(), Stored::default())),
     }
     world.start_hub(0);
     world.start_hub(1);
@@ -224,11 +277,12 @@ async fn scenario(seed: u64, verbose: bool) -> Result<Summary, String> {
             .breaker(BreakerConfig::default().failure_threshold(100))
             .drain_wait(Duration::from_secs(2))
             .request_timeout(Duration::from_secs(2)),
-        router(agent_seen.clone()),
+        router(agent_seen.clone(), None),
         Box::new(backoff),
     )
     .map_err(|e| e.to_string())?;
 
+    let mut resets = agent.session_events();
     // Outcomes of every accepted message, per direction: (id, delivered?).
     let outcomes: Arc<Mutex<[Outcomes; 2]>> = Arc::default();
     let mut receipts = tokio::task::JoinSet::new();
@@ -341,9 +395,21 @@ async fn scenario(seed: u64, verbose: bool) -> Result<Summary, String> {
             }
             92..=95 => {
                 let slot = rng.random_range(0..2);
-                world.note(format!("{:?} restart hub {slot}", Instant::now()));
+                let crash = world.records.is_some() && rng.random_bool(0.5);
                 if let Some(hub) = world.hubs[slot].take() {
-                    hub.shutdown().await;
+                    if crash {
+                        // It hangs for good: nothing saved, its connections gone.
+                        world.note(format!("{:?} crash hub {slot}", Instant::now()));
+                        if let Some((records, _)) = &world.records {
+                            records.hang(world.started_in(slot));
+                        }
+                        world.faults.cut_all();
+                        world.hung.push(hub);
+                        summary.cluster[1] += 1;
+                    } else {
+                        world.note(format!("{:?} restart hub {slot}", Instant::now()));
+                        hub.shutdown().await;
+                    }
                 }
                 world.start_hub(slot);
             }
@@ -455,11 +521,132 @@ async fn scenario(seed: u64, verbose: bool) -> Result<Summary, String> {
             agent.requests_in_flight()
         ));
     }
+    if world.records.is_some() {
+        summary.cluster[0] += 1;
+        while !matches!(
+            resets.try_recv(),
+            Err(tokio::sync::broadcast::error::TryRecvError::Empty
+                | tokio::sync::broadcast::error::TryRecvError::Closed)
+        ) {
+            summary.cluster[2] += 1;
+        }
+    }
     agent.shutdown().await;
     for hub in world.hubs.iter_mut().filter_map(Option::take) {
         hub.shutdown().await;
     }
+    for hub in world.hung.drain(..) {
+        hub.shutdown().await;
+    }
     Ok(summary)
+}
+
+/// A cluster's session records, as `NatsSessionStore` keeps them in NATS, in memory:
+/// each session's holder (the hub that opened or last took it: a compare-and-set in
+/// NATS) and the highest sequence number its agent acknowledged, as last written. A
+/// take hands the session to the taker as an open snapshot (the agent's resume says
+/// where the numbering goes on). A hub that hung writes no more: its records go a
+/// grace period after its last write, as the bucket's `max_age` removes them.
+#[derive(Debug, Default)]
+struct Records {
+    entries: Mutex<HashMap<(AgentId, String), Record>>,
+    hung: Mutex<HashSet<u64>>,
+}
+
+#[derive(Debug)]
+struct Record {
+    holder: u64,
+    acked: u64,
+    written: Instant,
+}
+
+impl Records {
+    fn hang(&self, hub: u64) {
+        self.hung.lock().expect("lock").insert(hub);
+    }
+}
+
+/// One hub's view of the [`Records`].
+#[derive(Debug)]
+struct RecordStore {
+    records: Arc<Records>,
+    /// This hub, as the records name it.
+    me: u64,
+    grace: Duration,
+}
+
+impl RecordStore {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<(AgentId, String), Record>> {
+        self.records.entries.lock().expect("lock")
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionStore for RecordStore {
+    async fn open(&self, agent: &AgentId, id: &str) -> Result<(), StoreError> {
+        self.entries().insert(
+            (agent.clone(), id.to_owned()),
+            Record {
+                holder: self.me,
+                acked: 0,
+                written: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn holds(&self, agent: &AgentId, id: &str) -> Result<Option<bool>, StoreError> {
+        let entries = self.entries();
+        let entry = entries.get(&(agent.clone(), id.to_owned()));
+        Ok(Some(entry.is_some_and(|r| r.holder == self.me)))
+    }
+
+    async fn take(
+        &self,
+        agent: &AgentId,
+        id: &str,
+    ) -> Result<Option<tunnel_proto::session::SessionSnapshot>, StoreError> {
+        let key = (agent.clone(), id.to_owned());
+        let hung = self.records.hung.lock().expect("lock").clone();
+        let mut entries = self.entries();
+        let Some(entry) = entries.get_mut(&key) else {
+            return Ok(None);
+        };
+        if hung.contains(&entry.holder) && entry.written + self.grace < Instant::now() {
+            entries.remove(&key);
+            return Ok(None);
+        }
+        entry.holder = self.me;
+        entry.written = Instant::now();
+        Ok(Some(tunnel_proto::session::SessionSnapshot::open(
+            entry.acked,
+        )))
+    }
+
+    async fn save(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        snapshot: tunnel_proto::session::SessionSnapshot,
+        _keep_for: Duration,
+    ) -> Result<(), StoreError> {
+        if let Some(entry) = self.entries().get_mut(&(agent.clone(), id.to_owned()))
+            && entry.holder == self.me
+        {
+            entry.acked = entry.acked.max(snapshot.acked);
+            entry.written = Instant::now();
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, agent: &AgentId, id: &str) -> Result<(), StoreError> {
+        let key = (agent.clone(), id.to_owned());
+        let mut entries = self.entries();
+        if entries.get(&key).is_some_and(|r| r.holder == self.me) {
+            entries.remove(&key);
+        }
+        Ok(())
+    }
 }
 
 fn check_echo(reply: &tunnel_router::Response, n: u64) -> Result<(), String> {
@@ -509,6 +696,8 @@ fn seeded_schedules_deliver_exactly_once_or_fail_with_a_reason() {
     let started = std::time::Instant::now();
     let mut total = Summary::default();
     let mut failures = Vec::new();
+    // Cluster schedules in which the agent's session was reset (the first ten).
+    let mut reset_seeds = Vec::new();
     for &seed in &seeds {
         match run_seed(seed, verbose) {
             Ok(s) => {
@@ -517,19 +706,29 @@ fn seeded_schedules_deliver_exactly_once_or_fail_with_a_reason() {
                     total.failed[d] += s.failed[d];
                 }
                 total.requests += s.requests;
+                for k in 0..3 {
+                    total.cluster[k] += s.cluster[k];
+                }
+                if s.cluster[2] > 0 && reset_seeds.len() < 10 {
+                    reset_seeds.push(seed);
+                }
             }
             Err(e) => failures.push(format!("seed {seed}: {e}")),
         }
     }
     eprintln!(
-        "simulation: {} seeds in {:.1} s; messages agent->hub {} ({} failed with a reason), hub->agent {} ({} failed), requests {}",
+        "simulation: {} seeds in {:.1} s; messages agent->hub {} ({} failed with a reason), hub->agent {} ({} failed), requests {}; on a cluster's records: {} schedules, {} hub crashes, {} session resets (seeds {:?})",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         total.sent[0],
         total.failed[0],
         total.sent[1],
         total.failed[1],
-        total.requests
+        total.requests,
+        total.cluster[0],
+        total.cluster[1],
+        total.cluster[2],
+        reset_seeds
     );
     assert!(
         failures.is_empty(),
@@ -545,21 +744,17 @@ fn seeded_schedules_deliver_exactly_once_or_fail_with_a_reason() {
 #[tokio::test(start_paused = true)]
 async fn a_hub_restarted_on_the_same_store_resumes_its_sessions() {
     let store = Arc::new(MemoryStore::new(16));
-    let mut world = World {
-        agent_id: AgentId::new("sim", "restart"),
-        faults: Faults::default(),
-        board: Switchboard::default(),
-        hubs: [None, None],
-        grace: Duration::from_secs(30),
-        hub_seen: Seen::default(),
-        store: Some(store.clone()),
-        verbose: false,
-    };
+    let mut world = World::new(
+        AgentId::new("sim", "restart"),
+        Duration::from_secs(30),
+        false,
+    );
+    world.store = Some(store.clone());
     world.start_hub(0);
     let agent = Agent::start(
         world.board.clone(),
         AgentConfig::new(SLOTS[0]).session(Some(session_config())),
-        router(Seen::default()),
+        router(Seen::default(), None),
     )
     .expect("valid");
     agent
@@ -659,7 +854,7 @@ async fn a_failing_store_refuses_with_try_again_later_and_the_agent_resumes_late
         );
         let hub = Hub::serve_with(
             acceptor,
-            router(hub_seen.clone()),
+            router(hub_seen.clone(), None),
             HubConfig::default().sessions(sessions),
         );
         (hub, connector)
@@ -680,7 +875,7 @@ async fn a_failing_store_refuses_with_try_again_later_and_the_agent_resumes_late
                     .base(Duration::from_millis(100))
                     .cap(Duration::from_millis(200)),
             ),
-        router(Seen::default()),
+        router(Seen::default(), None),
     )
     .expect("valid");
     agent
