@@ -43,7 +43,8 @@ pub(crate) struct HubArgs {
     stats_interval: u64,
     /// Seconds a disconnected agent's session is kept for it to resume; later it is reset
     /// (default 60). With `--nats`, the cluster's grace: every hub must give the same,
-    /// and a session detached when its hub drains or stops resumes on any hub.
+    /// at most the up stream's duplicate window (2 min), and a session resumes on any
+    /// hub when its hub drains, stops, crashes or hangs.
     #[arg(long, conflicts_with = "no_sessions")]
     session_grace: Option<u64>,
     /// Do not keep sessions: no resume, no replay (every connection starts afresh).
@@ -395,7 +396,7 @@ pub(crate) async fn hub(args: HubArgs) -> Result<(), String> {
         .await
     } else {
         let mut sessions = HubSessions::default().grace(grace);
-        // In a cluster, detached sessions wait in NATS, for any hub to resume.
+        // In a cluster, sessions live in NATS, for any hub to resume.
         if let Some(cluster) = &cluster {
             sessions = sessions.store(cluster.session_store().map_err(|e| e.to_string())?);
         }

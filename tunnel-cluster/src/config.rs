@@ -51,13 +51,14 @@ pub struct ClusterConfig {
     /// is three intervals older than the newest is dead: one live hub then removes the
     /// presence entries naming it. Default 5 s.
     pub hub_heartbeat: Duration,
-    /// How long a detached session's snapshot waits in the sessions bucket for its
-    /// agent to resume it on any hub (the bucket's `max_age`: every hub of a cluster
-    /// must use the same). Give the hub's [`HubSessions`](tunnel_router::HubSessions)
-    /// the same grace. Default 60 s.
+    /// How long a session's record outlives its last write in the sessions bucket,
+    /// for its agent to resume it on any hub (the bucket's `max_age`: every hub of a
+    /// cluster must use the same). Give the hub's
+    /// [`HubSessions`](tunnel_router::HubSessions) the same grace; at most the up
+    /// stream's duplicate window. Default 60 s.
     pub session_grace: Duration,
-    /// The sessions bucket's size bound; past it a save is refused (that session then
-    /// resumes only on the hub that holds it). Default 1 GiB.
+    /// The sessions bucket's size bound; past it a write is refused (new sessions are
+    /// refused with `1013` until records expire). Default 1 GiB.
     pub sessions_max_bytes: i64,
 }
 

@@ -46,6 +46,8 @@ struct Inner {
     grace_mismatch: Option<String>,
     /// Keeps each connection's messages in order across NATS reconnects.
     fences: Fences,
+    /// The up stream's duplicate window, as the stream has it.
+    up_duplicate_window: Duration,
     /// The store was handed out ([`Cluster::session_store`]): the hub serves only
     /// sessions it holds there.
     keeps_sessions: AtomicBool,
@@ -110,7 +112,9 @@ impl Cluster {
             .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        let (_, down) = crate::streams::ensure(&js, &config).await?;
+        let (up, down) = crate::streams::ensure(&js, &config).await?;
+        // What the up stream itself keeps (it may have been made by another hub).
+        let up_duplicate_window = up.cached_info().config.duplicate_window;
         let (acks, waiting) = mpsc::unbounded_channel();
         tokio::spawn(collect_acks(waiting));
         let presence = crate::streams::presence(&js).await?;
@@ -134,6 +138,7 @@ impl Cluster {
                 sessions,
                 grace_mismatch,
                 keeps_sessions: AtomicBool::new(false),
+                up_duplicate_window,
                 fences: Fences::default(),
                 deleting: tokio_util::task::TaskTracker::new(),
                 run,
@@ -150,7 +155,7 @@ impl Cluster {
         })
     }
 
-    /// Where this hub keeps its detached sessions, in NATS, for any hub of the cluster
+    /// Where this hub keeps its sessions, in NATS, for any hub of the cluster
     /// to resume: give it to the hub's sessions
     /// ([`HubSessions::store`](tunnel_router::HubSessions::store)), with the
     /// cluster's grace ([`ClusterConfig::session_grace`]). An agent whose hub drains,
@@ -175,17 +180,21 @@ impl Cluster {
     ///
     /// Fails with [`ClusterError::Config`] when the bucket keeps sessions for another
     /// grace period than this hub's (the grace is the cluster's), or when the up
-    /// stream's [`ClusterConfig::duplicate_window`] is shorter than the grace (an agent
-    /// resuming replays what its hub may have stored: the stream must still know it).
+    /// stream's duplicate window (as the stream has it: see
+    /// [`ClusterConfig::duplicate_window`]) is shorter than the grace (an agent resuming
+    /// replays what its hub may have stored: the stream must still know it). With the
+    /// default window (2 min), a grace of at most 2 min.
     pub fn session_store(&self) -> Result<Arc<crate::NatsSessionStore>, ClusterError> {
         if let Some(why) = &self.inner.grace_mismatch {
             return Err(ClusterError::Config(why.clone()));
         }
-        let config = &self.inner.config;
-        if config.duplicate_window < config.session_grace {
+        let (window, grace) = (
+            self.inner.up_duplicate_window,
+            self.inner.config.session_grace,
+        );
+        if window < grace {
             return Err(ClusterError::Config(format!(
-                "the duplicate window ({:?}) is shorter than the session grace ({:?})",
-                config.duplicate_window, config.session_grace
+                "the up stream's duplicate window ({window:?}) is shorter than the session grace ({grace:?})"
             )));
         }
         self.inner.keeps_sessions.store(true, Ordering::Relaxed);
@@ -1140,11 +1149,12 @@ async fn serve_inbox(
         if let Some(id) = &session
             && !Box::pin(adopt_taken(inner, hub, agent, id, &shared)).await
         {
-            return std::future::pending().await;
+            return Box::pin(lost(hub, agent)).await;
         }
     }
-    // Staged down messages not recorded yet: (session seq, stream seq).
-    let mut staged: Vec<(u64, u64)> = Vec::new();
+    // Down messages staged since the last record. At the start, what an earlier
+    // reader of this session may have left staged is recorded and released.
+    let mut staged = usize::from(session.is_some());
     let mut look_again = inner.look_again.subscribe();
     let filter = subject::down_all(agent);
     // After a copy of a new message: how many of the [`RECHECKS`] were made.
@@ -1179,40 +1189,36 @@ async fn serve_inbox(
                         continue;
                     }
                     let seq = msg.sequence;
-                    let delivered = Box::pin(deliver(
-                        inner,
-                        hub,
-                        agent,
-                        &shared,
-                        msg,
-                        session.as_deref(),
-                        &mut staged,
-                    ))
-                    .await;
+                    let delivered =
+                        Box::pin(deliver(inner, hub, agent, &shared, msg, session.as_deref()))
+                            .await;
                     match delivered {
-                        Ok(()) if staged.len() >= RECORD_AT_MOST => {
-                            drop(_reading);
-                            match Box::pin(record(
-                                inner,
-                                hub,
-                                agent,
-                                session.as_deref(),
-                                &mut staged,
-                            ))
-                            .await
-                            {
-                                Recorded::Done => {}
-                                Recorded::Lost => return std::future::pending().await,
-                                Recorded::Later => {
-                                    retry =
-                                        Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+                        Ok(was_staged) => {
+                            staged += usize::from(was_staged);
+                            if staged >= RECORD_AT_MOST {
+                                drop(_reading);
+                                if !Box::pin(record(
+                                    inner,
+                                    hub,
+                                    agent,
+                                    session.as_deref(),
+                                    &mut staged,
+                                    &mut retry,
+                                ))
+                                .await
+                                {
+                                    return Box::pin(lost(hub, agent)).await;
                                 }
                             }
                         }
-                        Ok(()) => {}
                         // The hub no longer holds the agent: what is unread waits.
                         Err(NotDelivered::Gone) => {
                             drop(_reading);
+                            if let Some(id) = &session
+                                && !inner.sessions.holds_session(agent, id)
+                            {
+                                return Box::pin(lost(hub, agent)).await;
+                            }
                             return std::future::pending().await;
                         }
                         Err(NotDelivered::Later) => {
@@ -1236,14 +1242,19 @@ async fn serve_inbox(
                 }
             }
         }
-        if !staged.is_empty() {
-            match Box::pin(record(inner, hub, agent, session.as_deref(), &mut staged)).await {
-                Recorded::Done => {}
-                Recorded::Lost => return std::future::pending().await,
-                Recorded::Later => {
-                    retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
-                }
-            }
+        if staged > 0
+            && retry.is_none()
+            && !Box::pin(record(
+                inner,
+                hub,
+                agent,
+                session.as_deref(),
+                &mut staged,
+                &mut retry,
+            ))
+            .await
+        {
+            return Box::pin(lost(hub, agent)).await;
         }
         tokio::select! {
             next_msg = inbox.next() => {
@@ -1301,7 +1312,7 @@ const LOOK_AGAIN: Duration = Duration::from_secs(60);
 /// Sends one down message to the agent; once the agent acknowledged it, deletes it from
 /// the stream. A message that can never be delivered (undecodable) is deleted at once.
 /// Fails when the hub no longer holds the agent. In a `session` kept in the cluster's
-/// store the message is staged, and added to `staged` for [`record`] to release.
+/// store the message is staged, for [`record`] to release: `Ok(true)`.
 async fn deliver(
     inner: &Arc<Inner>,
     hub: &Hub,
@@ -1309,8 +1320,7 @@ async fn deliver(
     shared: &Arc<InFlight>,
     msg: jetstream::message::StreamMessage,
     session: Option<&str>,
-    staged: &mut Vec<(u64, u64)>,
-) -> Result<(), NotDelivered> {
+) -> Result<bool, NotDelivered> {
     let seq = msg.sequence;
     let env = match down_envelope(msg.subject.as_str(), Some(&msg.headers), &msg.payload) {
         Ok(mut env) => {
@@ -1321,11 +1331,11 @@ async fn deliver(
         Err(e) => {
             tracing::warn!(%agent, error = %e, "deleting an undecodable down message");
             delete_down(inner, seq).await;
-            return Ok(());
+            return Ok(false);
         }
     };
     let sent = match session {
-        Some(_) => hub.send_staged(agent, env).await,
+        Some(id) => hub.send_staged(agent, id, env).await,
         None => hub.send_envelope(agent, env).await,
     };
     let receipt = match sent {
@@ -1336,12 +1346,15 @@ async fn deliver(
             return Err(NotDelivered::Later);
         }
     };
-    shared.lock().start(seq);
-    if session.is_some() {
-        staged.push((receipt.seq(), seq));
+    if let Some(id) = session
+        && !inner.sessions.stage(agent, id, receipt.seq(), seq)
+    {
+        // Lost meanwhile: staged, it never goes out of this copy.
+        return Err(NotDelivered::Gone);
     }
+    shared.lock().start(seq);
     track(inner, shared, agent, seq, receipt, session);
-    Ok(())
+    Ok(session.is_some())
 }
 
 /// How many 5 ms waits a reader waits for its connection to attach (10 s).
@@ -1350,52 +1363,54 @@ const ATTACH_WAITS: u32 = 2_000;
 /// At most this many down messages are staged before they are recorded.
 const RECORD_AT_MOST: usize = 64;
 
-/// What [`record`] did.
-enum Recorded {
-    /// Recorded and released.
-    Done,
-    /// Another hub holds the session now: this one delivers nothing more of it.
-    Lost,
-    /// NATS did not take the record: the messages stay staged; try again later.
-    Later,
-}
-
-/// Records the `staged` down messages in the session's entry, then releases them to
-/// the agent.
+/// Writes the staged down messages of `session` in its record, then releases them to
+/// the agent. When NATS did not take the write they stay staged, and `retry` is set.
+/// False when another hub holds the session now.
 async fn record(
     inner: &Inner,
     hub: &Hub,
     agent: &AgentId,
     session: Option<&str>,
-    staged: &mut Vec<(u64, u64)>,
-) -> Recorded {
+    staged: &mut usize,
+    retry: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+) -> bool {
     let Some(id) = session else {
-        staged.clear();
-        return Recorded::Done;
+        *staged = 0;
+        return true;
     };
-    match inner.sessions.record(agent, id, staged).await {
-        Ok(()) => {
-            if let Some(through) = staged.iter().map(|(h, _)| *h).max() {
-                hub.release(agent, through).await;
-            }
-            staged.clear();
-            Recorded::Done
+    match inner.sessions.record(agent, id).await {
+        Ok(through) => {
+            *staged = 0;
+            hub.release(agent, id, through).await;
+            true
         }
-        Err(crate::sessions::WriteError::Lost) => {
-            tracing::info!(%agent, "the agent's session is held by another hub now: not delivering here");
-            Recorded::Lost
-        }
+        Err(crate::sessions::WriteError::Lost) => false,
         Err(e) => {
             tracing::debug!(%agent, error = %e, "down messages wait: their record is not written");
-            Recorded::Later
+            *retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+            true
         }
     }
 }
 
-/// For a session taken from the cluster's store: once the agent resumed, deletes the
-/// down messages the record says it has, after writing the record anew (see
-/// [`NatsSessionStore::adopt`](crate::NatsSessionStore)). False when another hub holds
-/// the session now.
+/// The agent's session is another hub's now: its connection here is closed (`4004`),
+/// so that it goes where its session is; this reader delivers nothing more.
+async fn lost(hub: &Hub, agent: &AgentId) {
+    tracing::info!(%agent, "the agent's session is held by another hub: closing its connection here");
+    if let Some(sender) = hub.sender(agent) {
+        sender.abort_with(
+            tunnel_proto::CloseCode::SESSION_REPLACED,
+            "the session is held by another hub",
+        );
+    }
+    std::future::pending::<()>().await;
+}
+
+/// For a session taken from the cluster's store, once its agent resumed (reporting
+/// `R`): deletes the down messages the record says it has, then writes the record
+/// without the taken pairs, then lets the session send again (it holds everything
+/// after `R` until then; see [`NatsSessionStore::adopt`](crate::NatsSessionStore)).
+/// False when another hub holds the session now (or it never attached).
 async fn adopt_taken(
     inner: &Arc<Inner>,
     hub: &Hub,
@@ -1406,9 +1421,9 @@ async fn adopt_taken(
     // The connection is announced before it attaches: what the agent has is known
     // once its resume was applied.
     let mut waits = 0u32;
-    let acked = loop {
+    let resumed_at = loop {
         match hub.session_of(agent) {
-            Some(s) if s.id == id && s.attached => break s.acked,
+            Some(s) if s.id == id && s.attached => break s.resumed_open_at,
             Some(s) if s.id == id && waits < ATTACH_WAITS => {
                 waits += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1417,27 +1432,35 @@ async fn adopt_taken(
             _ => return false,
         }
     };
-    let mut backoff = Backoff::new();
-    let has = loop {
-        match inner.sessions.adopt(agent, id, acked).await {
-            Ok(has) => break has,
-            Err(crate::sessions::WriteError::Lost) => return false,
-            Err(e) => {
-                tracing::debug!(%agent, error = %e, "the resumed session's record is not written yet");
-                backoff.wait().await;
+    // Not restored from a record here: nothing to adopt.
+    let Some(resumed_at) = resumed_at else {
+        return true;
+    };
+    if let Some(has) = inner.sessions.taken_down(agent, id, resumed_at) {
+        let mine: Vec<u64> = has
+            .into_iter()
+            .filter(|seq| shared.lock().start(*seq))
+            .collect();
+        // Deleted before the record forgets them: a crash in between leaves them
+        // recorded, and the next hub deletes them again.
+        futures_util::future::join_all(mine.iter().map(|seq| delete_down(inner, *seq))).await;
+        for seq in &mine {
+            shared.lock().end(*seq, true);
+        }
+        let mut backoff = Backoff::new();
+        loop {
+            match inner.sessions.adopt(agent, id, resumed_at).await {
+                Ok(()) => break,
+                Err(crate::sessions::WriteError::Lost) => return false,
+                Err(e) => {
+                    tracing::debug!(%agent, error = %e, "the resumed session's record is not written yet");
+                    backoff.wait().await;
+                }
             }
         }
-    };
-    for seq in has {
-        if shared.lock().start(seq) {
-            let (inner, shared) = (inner.clone(), shared.clone());
-            tokio::spawn(async move {
-                inner.deleting.track_future(delete_down(&inner, seq)).await;
-                shared.lock().end(seq, true);
-                shared.changed.notify_one();
-            });
-        }
+        shared.changed.notify_one();
     }
+    hub.release(agent, id, resumed_at + 1).await;
     true
 }
 
@@ -1453,6 +1476,8 @@ fn track(
 ) {
     let (inner, shared, agent) = (inner.clone(), shared.clone(), agent.clone());
     let session = session.map(|id| (id.to_owned(), receipt.seq()));
+    // Held by the task: the pair is forgotten only once the message is deleted, or
+    // its delivery failed (a send again records anew).
     // Not tied to this connection: a session resumed on this hub acknowledges later.
     tokio::spawn(async move {
         let done = match receipt.delivered().await {
@@ -1470,8 +1495,12 @@ fn track(
         };
         if done {
             inner.deleting.track_future(delete_down(&inner, seq)).await;
-            if let Some((id, in_session)) = &session {
-                inner.sessions.delivered(&agent, id, *in_session);
+        }
+        if let Some((id, in_session)) = &session {
+            if done {
+                inner.sessions.delivered(&agent, id, seq, *in_session);
+            } else {
+                inner.sessions.undelivered(&agent, id, seq, *in_session);
             }
         }
         shared.lock().end(seq, done);
@@ -1479,10 +1508,12 @@ fn track(
     });
 }
 
-/// Takes over the down messages a session restored from the store carried from the
-/// hub that saved it (sent to the agent, not acknowledged then, so still in the
-/// stream): they are the session's to deliver (or the agent's resume acknowledged
-/// them), so the reader skips them, and each is deleted once the agent has it.
+/// Takes over the down messages a session restored from a store of whole snapshots
+/// (a `MemoryStore` shared by hubs of one process; the cluster's own store restores
+/// sessions holding nothing) carried from the hub that saved it (sent to the agent,
+/// not acknowledged then, so still in the stream): they are the session's to deliver
+/// (or the agent's resume acknowledged them), so the reader skips them, and each is
+/// deleted once the agent has it.
 fn adopt_held(inner: &Arc<Inner>, hub: &Hub, agent: &AgentId, shared: &Arc<InFlight>) {
     for held in hub.take_restored(agent, subject::HEADER_DOWN_SEQ) {
         let Some(seq) = held
@@ -1506,12 +1537,12 @@ enum NotDelivered {
     Later,
 }
 
-/// Deletes a delivered down message, retrying while NATS does not answer; an answer
-/// (deleted, or already gone) ends it. Past the attempts the message stays and is
-/// delivered again by the next read: at least once.
+/// Deletes a delivered down message, retrying (every 5 s at most) while NATS does not
+/// answer; an answer (deleted, or already gone) ends it. Until then its in-flight slot
+/// keeps it from being read again.
 async fn delete_down(inner: &Inner, seq: u64) {
     let mut backoff = Backoff::new();
-    for _ in 0..DELETE_ATTEMPTS {
+    loop {
         match inner.down.delete_message(seq).await {
             Ok(_) => return,
             Err(e) if matches!(e.kind(), stream::DeleteMessageErrorKind::JetStream(_)) => return,
@@ -1522,9 +1553,6 @@ async fn delete_down(inner: &Inner, seq: u64) {
 
 /// How long a hub that stops waits for the deletes of acknowledged down messages.
 const DELETES_ON_STOP: Duration = Duration::from_secs(2);
-
-/// Attempts to delete one delivered down message.
-const DELETE_ATTEMPTS: usize = 8;
 
 /// The envelope a down message stands for: its type from the subject, its payload in
 /// the codec its header names (JSON by default), validated.

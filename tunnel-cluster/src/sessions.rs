@@ -72,18 +72,19 @@ struct Held {
     writing: tokio::sync::Mutex<()>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct HeldState {
     /// The entry's revision as this hub last wrote it.
     revision: u64,
     acked: u64,
-    /// Session sequence number to stream sequence number.
+    /// Stream sequence number to the session sequence number it was last sent under
+    /// (a message sent again replaces its pair).
     down: BTreeMap<u64, u64>,
+    /// Pairs were added since the last write.
+    unwritten: bool,
     /// Taken from the store: the record's `down` pairs were numbered by another
     /// copy, and wait for [`NatsSessionStore::adopt`].
     taken: bool,
-    /// Stream messages the agent has (found by `adopt`), until written.
-    to_delete: Vec<u64>,
 }
 
 /// A session's entry (JSON).
@@ -151,56 +152,100 @@ impl NatsSessionStore {
         self.held(agent, id).is_some()
     }
 
-    /// Records that down message `stream_seq` goes to the agent as `seq` of session
-    /// `id`, with any recorded before and not written yet; returns once written.
-    pub(crate) async fn record(
-        &self,
-        agent: &AgentId,
-        id: &str,
-        pairs: &[(u64, u64)],
-    ) -> Result<(), WriteError> {
-        let (key, held) = self.held(agent, id).ok_or(WriteError::Lost)?;
-        held.lock().down.extend(pairs.iter().copied());
-        self.inner.write(&key, &held).await
+    /// Notes that down message `stream_seq` was staged as `seq` of session `id`; it
+    /// is written with the next [`NatsSessionStore::record`]. False when this hub does
+    /// not hold the session.
+    pub(crate) fn stage(&self, agent: &AgentId, id: &str, seq: u64, stream_seq: u64) -> bool {
+        let Some((_, held)) = self.held(agent, id) else {
+            return false;
+        };
+        let mut state = held.lock();
+        state.down.insert(stream_seq, seq);
+        state.unwritten = true;
+        true
     }
 
-    /// The agent acknowledged `seq` of session `id`, a down message recorded: its pair
-    /// goes with the next write.
-    pub(crate) fn delivered(&self, agent: &AgentId, id: &str, seq: u64) {
+    /// Writes session `id`'s record if anything was staged since the last write;
+    /// returns the highest session sequence number the record now holds a pair of:
+    /// everything staged up to it may be released.
+    pub(crate) async fn record(&self, agent: &AgentId, id: &str) -> Result<u64, WriteError> {
+        let (key, held) = self.held(agent, id).ok_or(WriteError::Lost)?;
+        let pending = held.lock().unwritten;
+        if pending {
+            // Only what this write carried may be released: a pair staged meanwhile
+            // waits for the next.
+            return self.inner.write(&key, &held).await;
+        }
+        // Every pair held was in a write that landed.
+        Ok(held.lock().down.values().copied().max().unwrap_or(0))
+    }
+
+    /// The agent acknowledged down message `stream_seq` (sent as `seq`) of session
+    /// `id`, and it was deleted: its pair goes with the next write.
+    pub(crate) fn delivered(&self, agent: &AgentId, id: &str, stream_seq: u64, seq: u64) {
         if let Some((_, held)) = self.held(agent, id) {
             let mut state = held.lock();
-            state.down.remove(&seq);
+            if state.down.get(&stream_seq) == Some(&seq) {
+                state.down.remove(&stream_seq);
+            }
             state.acked = state.acked.max(seq);
         }
     }
 
+    /// Down message `stream_seq`, sent as `seq` of session `id`, was not delivered
+    /// (the session ended or was reset): its pair goes, and a send again records anew.
+    pub(crate) fn undelivered(&self, agent: &AgentId, id: &str, stream_seq: u64, seq: u64) {
+        if let Some((_, held)) = self.held(agent, id) {
+            let mut state = held.lock();
+            if state.down.get(&stream_seq) == Some(&seq) {
+                state.down.remove(&stream_seq);
+            }
+        }
+    }
+
     /// For a session this hub took from the store, once its agent resumed having
-    /// received everything up to `acked`: the stream sequences of the down messages
-    /// recorded at or below that (the agent has them: delete them), after writing a
-    /// record without the pairs the other copy numbered (the rest are read from the
-    /// stream again and numbered anew). Empty for a session not taken.
+    /// received everything up to `resumed_at`: the stream sequences of the down
+    /// messages recorded at or below that (the agent has them). `None` for a session
+    /// not taken (or adopted already).
+    pub(crate) fn taken_down(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        resumed_at: u64,
+    ) -> Option<Vec<u64>> {
+        let (_, held) = self.held(agent, id)?;
+        let state = held.lock();
+        state.taken.then(|| {
+            state
+                .down
+                .iter()
+                .filter(|(_, seq)| **seq <= resumed_at)
+                .map(|(stream_seq, _)| *stream_seq)
+                .collect()
+        })
+    }
+
+    /// Once the messages [`NatsSessionStore::taken_down`] named are deleted: writes
+    /// the record without the pairs the other copy numbered (the rest are read from
+    /// the stream again and numbered anew).
     pub(crate) async fn adopt(
         &self,
         agent: &AgentId,
         id: &str,
-        acked: u64,
-    ) -> Result<Vec<u64>, WriteError> {
+        resumed_at: u64,
+    ) -> Result<(), WriteError> {
         let Some((key, held)) = self.held(agent, id) else {
-            return Ok(Vec::new());
+            return Err(WriteError::Lost);
         };
         {
             let mut state = held.lock();
-            if !state.taken {
-                return Ok(std::mem::take(&mut state.to_delete));
+            if state.taken {
+                state.taken = false;
+                state.down.clear();
+                state.acked = state.acked.max(resumed_at);
             }
-            state.taken = false;
-            let has: Vec<u64> = state.down.range(..=acked).map(|(_, s)| *s).collect();
-            state.to_delete.extend(has);
-            state.down.clear();
-            state.acked = state.acked.max(acked);
         }
-        self.inner.write(&key, &held).await?;
-        Ok(std::mem::take(&mut held.lock().to_delete))
+        self.inner.write(&key, &held).await.map(|_| ())
     }
 }
 
@@ -215,28 +260,62 @@ impl Inner {
             run: self.run.clone(),
             n: self.writes.fetch_add(1, Ordering::Relaxed),
             acked: state.acked,
-            down: state.down.iter().map(|(h, s)| (*h, *s)).collect(),
+            down: state.down.iter().map(|(s, h)| (*h, *s)).collect(),
         }
     }
 
-    /// Writes session `key`'s record at the revision this hub last wrote.
-    async fn write(&self, key: &str, held: &Arc<Held>) -> Result<(), WriteError> {
+    /// Writes session `key`'s record at the revision this hub last wrote; returns the
+    /// highest session sequence number among the pairs written.
+    async fn write(&self, key: &str, held: &Arc<Held>) -> Result<u64, WriteError> {
         let _one = held.writing.lock().await;
-        let (record, revision) = {
-            let state = held.lock();
-            (self.record(&state), state.revision)
-        };
-        let value = serde_json::to_vec(&record).map_err(|e| WriteError::Failed(e.to_string()))?;
-        match self.put(key, value.into(), revision).await {
-            Ok(revision) => {
-                held.lock().revision = revision;
-                Ok(())
+        for _ in 0..2 {
+            let (record, revision) = {
+                let mut state = held.lock();
+                state.unwritten = false;
+                (self.record(&state), state.revision)
+            };
+            let through = record.down.iter().map(|(h, _)| *h).max().unwrap_or(0);
+            let value =
+                serde_json::to_vec(&record).map_err(|e| WriteError::Failed(e.to_string()))?;
+            match self.put(key, value.into(), revision).await {
+                Ok(revision) => {
+                    held.lock().revision = revision;
+                    return Ok(through);
+                }
+                Err(WriteError::Lost) => {
+                    // A write of this run whose answer was lost may have landed late:
+                    // then the entry is still this hub's, at that revision.
+                    match self.own_revision(key).await {
+                        Some(now) => held.lock().revision = now,
+                        None => {
+                            self.forget(key, held);
+                            return Err(WriteError::Lost);
+                        }
+                    }
+                }
+                Err(e) => {
+                    held.lock().unwritten = true;
+                    return Err(e);
+                }
             }
-            Err(WriteError::Lost) => {
-                self.lock().remove(key);
-                Err(WriteError::Lost)
-            }
-            Err(e) => Err(e),
+        }
+        held.lock().unwritten = true;
+        Err(WriteError::Failed("the entry kept changing".into()))
+    }
+
+    /// The entry's revision if this run wrote it last.
+    async fn own_revision(&self, key: &str) -> Option<u64> {
+        let entry = self.bucket.entry(key).await.ok()??;
+        let record: Record = serde_json::from_slice(&entry.value).ok()?;
+        (entry.operation == kv::Operation::Put && record.run == self.run && record.hub == self.hub)
+            .then_some(entry.revision)
+    }
+
+    /// Stops holding `key`, if `held` is still what this hub holds under it.
+    fn forget(&self, key: &str, held: &Arc<Held>) {
+        let mut all = self.lock();
+        if all.get(key).is_some_and(|h| Arc::ptr_eq(h, held)) {
+            all.remove(key);
         }
     }
 
@@ -284,11 +363,18 @@ async fn refresh(inner: Weak<Inner>, every: Duration) {
             .iter()
             .map(|(k, h)| (k.clone(), h.clone()))
             .collect();
+        // A write NATS did not take ends the round (it is down: the rest would wait
+        // out their timeouts one by one); the next round tries again.
+        let failing = std::sync::atomic::AtomicBool::new(false);
         futures_util::stream::iter(all)
             .for_each_concurrent(REFRESH_AT_ONCE, |(key, held)| {
-                let inner = &inner;
+                let (inner, failing) = (&inner, &failing);
                 async move {
+                    if failing.load(Ordering::Relaxed) {
+                        return;
+                    }
                     if let Err(e) = inner.write(&key, &held).await {
+                        failing.store(matches!(e, WriteError::Failed(_)), Ordering::Relaxed);
                         tracing::debug!(key = %tunnel_proto::text::Untrusted(&key), error = %e, "a session's record was not rewritten");
                     }
                 }
@@ -297,6 +383,18 @@ async fn refresh(inner: Weak<Inner>, every: Duration) {
     }
 }
 
+impl Held {
+    fn new(state: HeldState) -> Arc<Held> {
+        Arc::new(Held {
+            state: Mutex::new(state),
+            writing: tokio::sync::Mutex::new(()),
+        })
+    }
+}
+
+/// How many times a take reads the entry again after another write came first.
+const TAKE_ATTEMPTS: usize = 5;
+
 #[async_trait::async_trait]
 impl SessionStore for NatsSessionStore {
     async fn open(&self, agent: &AgentId, id: &str) -> Result<(), StoreError> {
@@ -304,13 +402,7 @@ impl SessionStore for NatsSessionStore {
             return Err(StoreError("not a session id this store keeps".into()));
         }
         let key = subject::session_key(agent, id);
-        let state = HeldState {
-            revision: 0,
-            acked: 0,
-            down: BTreeMap::new(),
-            taken: false,
-            to_delete: Vec::new(),
-        };
+        let state = HeldState::default();
         let value =
             serde_json::to_vec(&self.inner.record(&state)).map_err(|e| failed("encode", e))?;
         let revision = self
@@ -319,13 +411,9 @@ impl SessionStore for NatsSessionStore {
             .create(&key, value.into())
             .await
             .map_err(|e| failed("open", e))?;
-        self.inner.lock().insert(
-            key,
-            Arc::new(Held {
-                state: Mutex::new(HeldState { revision, ..state }),
-                writing: tokio::sync::Mutex::new(()),
-            }),
-        );
+        self.inner
+            .lock()
+            .insert(key, Held::new(HeldState { revision, ..state }));
         Ok(())
     }
 
@@ -345,7 +433,7 @@ impl SessionStore for NatsSessionStore {
             e.operation == kv::Operation::Put && e.revision == held.lock().revision
         });
         if !ours {
-            self.inner.lock().remove(&key);
+            self.inner.forget(&key, &held);
         }
         Ok(Some(ours))
     }
@@ -355,49 +443,50 @@ impl SessionStore for NatsSessionStore {
             return Ok(None);
         }
         let key = subject::session_key(agent, id);
-        let Some(entry) = self
-            .inner
-            .bucket
-            .entry(&key)
-            .await
-            .map_err(|e| failed("read", e))?
-        else {
-            return Ok(None);
-        };
-        if entry.operation != kv::Operation::Put {
-            return Ok(None);
-        }
-        let record: Record = match serde_json::from_slice(&entry.value) {
-            Ok(record) => record,
-            Err(e) => {
-                tracing::warn!(%agent, error = %e, "a stored session could not be decoded: it is reset");
+        for _ in 0..TAKE_ATTEMPTS {
+            let Some(entry) = self
+                .inner
+                .bucket
+                .entry(&key)
+                .await
+                .map_err(|e| failed("read", e))?
+            else {
+                return Ok(None);
+            };
+            if entry.operation != kv::Operation::Put {
                 return Ok(None);
             }
-        };
-        let state = HeldState {
-            revision: entry.revision,
-            acked: record.acked,
-            down: record.down.iter().copied().collect(),
-            taken: true,
-            to_delete: Vec::new(),
-        };
-        let value =
-            serde_json::to_vec(&self.inner.record(&state)).map_err(|e| failed("encode", e))?;
-        // Taken once: only the hub whose record lands at this revision continues it.
-        let revision = match self.inner.put(&key, value.into(), entry.revision).await {
-            Ok(revision) => revision,
-            Err(WriteError::Lost) => return Ok(None),
-            // A handshake refused with 1013 comes back to ask again.
-            Err(WriteError::Failed(e)) => return Err(failed("take", e)),
-        };
-        self.inner.lock().insert(
-            key,
-            Arc::new(Held {
-                state: Mutex::new(HeldState { revision, ..state }),
-                writing: tokio::sync::Mutex::new(()),
-            }),
-        );
-        Ok(Some(SessionSnapshot::open(record.acked)))
+            let record: Record = match serde_json::from_slice(&entry.value) {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::warn!(%agent, error = %e, "a stored session could not be decoded: it is reset");
+                    return Ok(None);
+                }
+            };
+            let state = HeldState {
+                revision: entry.revision,
+                acked: record.acked,
+                down: record.down.iter().map(|(h, s)| (*s, *h)).collect(),
+                unwritten: false,
+                taken: true,
+            };
+            let value =
+                serde_json::to_vec(&self.inner.record(&state)).map_err(|e| failed("encode", e))?;
+            // Only the hub whose record lands at this revision continues it; one that
+            // lost to another write (the holder's own, say) reads the entry again.
+            match self.inner.put(&key, value.into(), entry.revision).await {
+                Ok(revision) => {
+                    self.inner
+                        .lock()
+                        .insert(key, Held::new(HeldState { revision, ..state }));
+                    return Ok(Some(SessionSnapshot::open(record.acked).holding_resumed()));
+                }
+                Err(WriteError::Lost) => {}
+                // A handshake refused with 1013 comes back to ask again.
+                Err(WriteError::Failed(e)) => return Err(failed("take", e)),
+            }
+        }
+        Err(failed("take", "the entry kept changing"))
     }
 
     async fn save(
@@ -416,7 +505,7 @@ impl SessionStore for NatsSessionStore {
             state.acked = state.acked.max(snapshot.acked);
         }
         match self.inner.write(&key, &held).await {
-            Ok(()) | Err(WriteError::Lost) => Ok(()),
+            Ok(_) | Err(WriteError::Lost) => Ok(()),
             Err(WriteError::Failed(e)) => Err(failed("save", e)),
         }
     }
@@ -442,5 +531,103 @@ impl SessionStore for NatsSessionStore {
             Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => Ok(()),
             Err(e) => Err(failed("remove", e)),
         }
+    }
+
+    async fn let_go(&self, agent: &AgentId, id: &str) -> Result<(), StoreError> {
+        self.remove(agent, id).await
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use super::*;
+    use crate::testing::Nats;
+
+    async fn store(nats: &Nats, hub: &str) -> (NatsSessionStore, kv::Store) {
+        let client = async_nats::connect(nats.url()).await.expect("nats");
+        let js = async_nats::jetstream::new(client);
+        let config = crate::ClusterConfig::new(nats.url(), hub);
+        let (bucket, _) = crate::streams::sessions(&js, &config)
+            .await
+            .expect("bucket");
+        let store = NatsSessionStore::new(
+            bucket.clone(),
+            hub.into(),
+            format!("{hub}-run"),
+            config.session_grace,
+        );
+        (store, bucket)
+    }
+
+    async fn record_of(bucket: &kv::Store, agent: &AgentId, id: &str) -> Record {
+        let value = bucket
+            .get(subject::session_key(agent, id))
+            .await
+            .expect("read")
+            .expect("stored");
+        serde_json::from_slice(&value).expect("a record")
+    }
+
+    #[tokio::test]
+    async fn staged_pairs_are_released_only_once_written_and_a_taker_learns_what_the_agent_has() {
+        let nats = Nats::start("records");
+        let (a, bucket) = store(&nats, "hub-a").await;
+        let (b, _) = store(&nats, "hub-b").await;
+        let agent = AgentId::new("w", "t");
+        a.open(&agent, "s1").await.expect("opened");
+        assert!(a.stage(&agent, "s1", 5, 100));
+        assert!(a.stage(&agent, "s1", 6, 101));
+        assert_eq!(
+            a.record(&agent, "s1").await,
+            Ok(6),
+            "both written: release up to 6"
+        );
+        assert_eq!(
+            record_of(&bucket, &agent, "s1").await.down,
+            vec![(5, 100), (6, 101)]
+        );
+        // Acknowledged and deleted: the pair goes with the next write; a failed
+        // delivery's pair goes too (sent again, it is recorded anew).
+        a.delivered(&agent, "s1", 100, 5);
+        a.undelivered(&agent, "s1", 101, 6);
+        assert!(a.stage(&agent, "s1", 7, 101));
+        assert_eq!(a.record(&agent, "s1").await, Ok(7));
+        let written = record_of(&bucket, &agent, "s1").await;
+        assert_eq!((written.acked, written.down), (5, vec![(7, 101)]));
+        // Nothing staged since: nothing written, everything held may go.
+        assert_eq!(a.record(&agent, "s1").await, Ok(7));
+
+        // Another hub takes it: the first one's writes are refused from then on.
+        let taken = b.take(&agent, "s1").await.expect("take").expect("stored");
+        assert!(taken.open_tail && taken.hold_resumed && taken.acked == 5);
+        assert!(a.stage(&agent, "s1", 8, 102));
+        assert_eq!(a.record(&agent, "s1").await, Err(WriteError::Lost));
+        assert!(!a.holds_session(&agent, "s1"), "fenced");
+        assert!(!a.stage(&agent, "s1", 9, 103), "nothing more staged there");
+        // The agent resumed reporting 7: it has stream message 101.
+        assert_eq!(b.taken_down(&agent, "s1", 7), Some(vec![101]));
+        assert_eq!(b.taken_down(&agent, "s1", 6), Some(vec![]));
+        b.adopt(&agent, "s1", 7).await.expect("written");
+        assert_eq!(b.taken_down(&agent, "s1", 7), None, "adopted once");
+        let written = record_of(&bucket, &agent, "s1").await;
+        assert_eq!((written.hub.as_str(), written.acked), ("hub-b", 7));
+        assert!(written.down.is_empty(), "the other copy's numbers are gone");
+        // Letting go of it removes it; a hub that does not hold it removes nothing.
+        a.let_go(&agent, "s1").await.expect("not held: nothing");
+        assert!(
+            bucket
+                .get(subject::session_key(&agent, "s1"))
+                .await
+                .expect("read")
+                .is_some()
+        );
+        b.let_go(&agent, "s1").await.expect("removed");
+        assert!(
+            bucket
+                .get(subject::session_key(&agent, "s1"))
+                .await
+                .expect("read")
+                .is_none()
+        );
     }
 }

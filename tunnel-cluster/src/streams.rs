@@ -69,9 +69,10 @@ pub(crate) async fn presence(js: &jetstream::Context) -> Result<kv::Store, Clust
     bucket(js, PRESENCE_BUCKET, std::time::Duration::ZERO, -1).await
 }
 
-/// The sessions bucket: one snapshot per detached session, kept for the cluster's
-/// grace period (`max_age`: the server removes older ones), at most `max_bytes` in all
-/// (past it a save is refused). Every hub that keeps sessions there must agree on the
+/// The sessions bucket: one record per session, kept for the cluster's grace period
+/// after its last write (`max_age`: the server removes older ones), at most
+/// `max_bytes` in all (past it a write is refused: new sessions are then refused with
+/// `1013`, and records are not rewritten). Every hub that keeps sessions there must agree on the
 /// grace period: with a bucket made with another one, the error is returned beside
 /// the bucket (for [`crate::Cluster::session_store`] to refuse).
 pub(crate) async fn sessions(

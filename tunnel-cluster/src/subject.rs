@@ -23,7 +23,8 @@ pub const PRESENCE_BUCKET: &str = "tunnel_presence";
 /// The KV bucket of hubs' heartbeats: key [`hub_key`], value `{"url": .., "since_ms": ..}`.
 pub const HUBS_BUCKET: &str = "tunnel_hubs";
 
-/// The KV bucket of detached sessions' snapshots, kept for the cluster's grace period.
+/// The KV bucket of sessions' records, each kept for the cluster's grace period after
+/// its last write.
 pub const SESSIONS_BUCKET: &str = "tunnel_sessions";
 
 /// The envelope header a down message carries to the agent: its `TUNNEL_DOWN` stream

@@ -337,6 +337,11 @@ impl Reliable {
         self.state().session.acked()
     }
 
+    /// See `Session::resumed_open_at`.
+    pub(crate) fn resumed_open_at(&self) -> Option<u64> {
+        self.state().session.resumed_open_at()
+    }
+
     /// Numbers `env`, holds it until acknowledged and sends it on the current
     /// connection if there is one (else it waits for the next). Returns once the
     /// message is queued on the connection or held for the next one.

@@ -620,16 +620,18 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// Sends `env` to `agent`'s session *staged*: numbered and held (the receipt
-    /// names its sequence number), it goes to no connection, and nothing sent after it
-    /// does, until [`Hub::release`] covers it. A hub that must record where a message
-    /// went before the agent can have it (a cluster hub, before a crash can hide that
-    /// the agent has it) records it under [`Receipt::seq`](crate::Receipt::seq) in
-    /// between. Fails with [`Error::NotConnected`] without a session for the agent, and
-    /// with [`Error::Full`] at once when its buffer has no room.
+    /// Sends `env` to `agent`'s session `session` *staged*: numbered and held (the
+    /// receipt names its sequence number), it goes to no connection, and nothing sent
+    /// after it does, until [`Hub::release`] covers it. A hub that must record where a
+    /// message went before the agent can have it (a cluster hub, before a crash can
+    /// hide that the agent has it) records it under
+    /// [`Receipt::seq`](crate::Receipt::seq) in between. Fails with
+    /// [`Error::NotConnected`] when that is not the agent's session here, and with
+    /// [`Error::Full`] at once when its buffer has no room.
     pub async fn send_staged(
         &self,
         agent: &AgentId,
+        session: &str,
         env: impl Into<Box<Envelope>>,
     ) -> Result<Receipt, Error> {
         let mut env = env.into();
@@ -637,22 +639,27 @@ impl Hub {
         if env.content_encoding().is_some() {
             connection_loop::fit_encoding(&mut env, self.sender(agent).as_ref());
         }
-        let reliable = self
-            .inner
-            .sessions
-            .as_ref()
-            .and_then(|s| s.of_agent(agent))
-            .ok_or(Error::NotConnected)?;
-        reliable.send_staged(env)
+        self.session_driver(agent, session)
+            .ok_or(Error::NotConnected)?
+            .send_staged(env)
     }
 
-    /// Releases `agent`'s staged messages numbered up to `through` (see
-    /// [`Hub::send_staged`]): they and what waited behind them go out, in order.
-    pub async fn release(&self, agent: &AgentId, through: u64) {
-        let reliable = self.inner.sessions.as_ref().and_then(|s| s.of_agent(agent));
-        if let Some(reliable) = reliable {
+    /// Releases the staged messages of `agent`'s session `session` numbered up to
+    /// `through` (see [`Hub::send_staged`]): they and what waited behind them go out,
+    /// in order. Nothing happens if that is not the agent's session here.
+    pub async fn release(&self, agent: &AgentId, session: &str, through: u64) {
+        if let Some(reliable) = self.session_driver(agent, session) {
             reliable.release(through).await;
         }
+    }
+
+    fn session_driver(
+        &self,
+        agent: &AgentId,
+        session: &str,
+    ) -> Option<Arc<crate::delivery::Reliable>> {
+        let (id, reliable) = self.inner.sessions.as_ref()?.session_of(agent)?;
+        (id == session).then_some(reliable)
     }
 
     /// `agent`'s session on this hub, if it has one.
@@ -662,6 +669,7 @@ impl Hub {
             id,
             acked: reliable.acked(),
             attached: reliable.is_attached(),
+            resumed_open_at: reliable.resumed_open_at(),
         })
     }
 
@@ -751,6 +759,10 @@ pub struct HeldSession {
     pub acked: u64,
     /// Whether a connection carries it now (its resume, if any, has been applied).
     pub attached: bool,
+    /// For a session restored with an open numbering (see
+    /// `SessionSnapshot::open_tail`): what the agent's resume reported having, where
+    /// the numbering went on.
+    pub resumed_open_at: Option<u64>,
 }
 
 async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc<Inner>) {

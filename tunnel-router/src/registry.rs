@@ -93,6 +93,9 @@ impl HubSessions {
     }
 }
 
+/// A session dropped at the end of its grace period: its agent, id and driver.
+type Expired = (AgentId, String, Arc<Reliable>);
+
 #[derive(Debug)]
 struct Entry {
     agent: AgentId,
@@ -211,7 +214,7 @@ impl Store {
     /// Expires old messages, and drops sessions disconnected for longer than the grace
     /// period (their unacknowledged messages fail with a reset).
     pub(crate) async fn sweep(&self) {
-        let (all, gone): (Vec<Arc<Reliable>>, Vec<Arc<Reliable>>) = {
+        let (all, gone): (Vec<Arc<Reliable>>, Vec<Expired>) = {
             let mut maps = self.maps();
             let grace = self.config.grace;
             let stale: Vec<String> = maps
@@ -226,7 +229,7 @@ impl Store {
                     if maps.by_agent.get(&entry.agent) == Some(&id) {
                         maps.by_agent.remove(&entry.agent);
                     }
-                    gone.push(entry.reliable);
+                    gone.push((entry.agent, id, entry.reliable));
                 }
             }
             (
@@ -235,8 +238,14 @@ impl Store {
             )
         };
         // A stored copy expires by itself (it was saved for the grace period), and
-        // another hub may hold a newer one under the same id: it is left alone.
-        for reliable in gone {
+        // another hub may hold a newer one under the same id: it is left alone, but a
+        // store that records holders forgets what this hub held.
+        for (agent, id, reliable) in gone {
+            if let Some(store) = &self.config.store
+                && let Err(error) = store.let_go(&agent, &id).await
+            {
+                tracing::warn!(%agent, %error, "could not let go of an expired session in the store");
+            }
             self.recorder().session_reset();
             reliable.shut_down(Undelivered::Reset(
                 "the agent did not come back within the grace period".into(),
@@ -458,9 +467,13 @@ impl Store {
                     .get(agent)
                     .filter(|old| maps.sessions.get(*old).is_some_and(|e| e.restart))
                     .cloned()
-                    .and_then(|old| maps.sessions.remove(&old));
+                    .and_then(|old| maps.sessions.remove(&old).map(|e| (old, e)));
                 let reliable = match restarted {
-                    Some(entry) => entry.reliable,
+                    Some((old, entry)) => {
+                        // It goes on under the new id: the old one names nothing.
+                        forgotten.push((agent.clone(), old));
+                        entry.reliable
+                    }
                     None => Reliable::new(self.config.session.clone(), self.recorder()),
                 };
                 (id.clone(), reliable, SessionGrant::fresh(id))

@@ -80,6 +80,14 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     async fn holds(&self, _agent: &AgentId, _id: &str) -> Result<Option<bool>, StoreError> {
         Ok(None)
     }
+
+    /// This hub dropped session `id` of `agent` (its grace ran out here). A store that
+    /// records holders forgets it if this hub still holds it; by default nothing
+    /// happens (a stored snapshot expires by itself, and another hub may have saved a
+    /// newer one under the same id).
+    async fn let_go(&self, _agent: &AgentId, _id: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A [`SessionStore`] in this process's memory, shared by the hubs given it (a hub

@@ -284,7 +284,9 @@ impl<T> ReplayBuffer<T> {
         &mut self,
         peer_received: u64,
     ) -> Result<impl Iterator<Item = &Sent<T>>, ResumeError> {
-        if self.open_tail && peer_received >= self.acked {
+        // An open numbering takes the peer's word, within a bound that keeps every
+        // later number representable.
+        if self.open_tail && peer_received >= self.acked && peer_received <= u64::MAX / 2 {
             // Whatever was sent past `acked` and not received is held elsewhere (the
             // record this was restored from says so): the numbering goes on after
             // what the peer has.

@@ -88,6 +88,11 @@ pub struct Session {
     /// The generation of the last snapshot saved of this copy (see
     /// [`SessionSnapshot::generation`](super::SessionSnapshot::generation)).
     pub(super) generation: u64,
+    /// After an open-numbered resume (see `SessionSnapshot::open_tail`), hold what
+    /// follows until released (`SessionSnapshot::hold_resumed`).
+    pub(super) hold_resumed: bool,
+    /// Where an open-numbered resume put the numbering: what the peer reported.
+    pub(super) resumed_open_at: Option<u64>,
 }
 
 /// What [`Session::send`] did with a message.
@@ -199,6 +204,8 @@ impl Session {
             changed: false,
             epoch: 0,
             generation: 0,
+            hold_resumed: false,
+            resumed_open_at: None,
         }
     }
 
@@ -434,6 +441,11 @@ impl Session {
                             // numbering goes on after it, and senders waiting for
                             // room may go on.
                             self.transmitted_through = peer_received;
+                            self.resumed_open_at = Some(peer_received);
+                            if self.hold_resumed {
+                                // Nothing more goes out until the holder released it.
+                                self.staged.push_front(peer_received + 1);
+                            }
                             self.changed = true;
                         }
                         self.publish_acked();
@@ -744,6 +756,12 @@ impl Session {
     /// connection brings them again.
     pub fn rewind_held(&mut self) {
         self.inb.rewind();
+    }
+
+    /// Where the numbering went on after an open-numbered resume (what the peer
+    /// reported having), if this copy was resumed so.
+    pub fn resumed_open_at(&self) -> Option<u64> {
+        self.resumed_open_at
     }
 
     /// The highest sequence number the peer acknowledged (or its resume reported).

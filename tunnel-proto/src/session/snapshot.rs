@@ -71,6 +71,11 @@ pub struct SessionSnapshot {
     /// the session takes no message. `next_seq` is `acked + 1`.
     #[serde(default)]
     pub open_tail: bool,
+    /// With `open_tail`: once the peer's resume fixed the numbering (at `R`), nothing
+    /// more goes to a connection until [`Session::release`] covers `R + 1`: a holder
+    /// that must first record where the numbering went on releases it after that.
+    #[serde(default)]
+    pub hold_resumed: bool,
 }
 
 /// A time before or after the snapshot.
@@ -166,7 +171,15 @@ impl SessionSnapshot {
             epoch: 0,
             generation: 0,
             open_tail: true,
+            hold_resumed: false,
         }
+    }
+
+    /// This snapshot with [`SessionSnapshot::hold_resumed`].
+    #[must_use]
+    pub fn holding_resumed(mut self) -> SessionSnapshot {
+        self.hold_resumed = self.open_tail;
+        self
     }
 }
 
@@ -226,6 +239,7 @@ impl Session {
             epoch: self.epoch,
             generation: self.generation + 1,
             open_tail: self.out.open_tail,
+            hold_resumed: self.hold_resumed && self.out.open_tail,
         })
     }
 
@@ -330,6 +344,8 @@ impl Session {
             changed: false,
             epoch: snapshot.epoch,
             generation: snapshot.generation,
+            hold_resumed: snapshot.hold_resumed,
+            resumed_open_at: None,
         })
     }
 }

@@ -645,6 +645,25 @@ fn an_open_numbering_goes_on_after_what_the_peer_reports_and_takes_nothing_befor
         Attach::Attached(None)
     ));
     assert_eq!(send(&mut s, event(1), t).0, 5);
+    // A peer's word past any sane numbering is refused, not trusted.
+    let mut s = Session::restore(config(), &open, t).expect("restores");
+    assert!(matches!(
+        s.handle_attach(1, 1, true, Some(u64::MAX)),
+        Attach::Restart(_)
+    ));
+    // Held after the resume: nothing goes out until the holder releases R + 1.
+    let mut s = Session::restore(config(), &open.clone().holding_resumed(), t).expect("restores");
+    assert!(matches!(
+        s.handle_attach(1, 1, true, Some(9)),
+        Attach::Attached(None)
+    ));
+    assert_eq!(s.resumed_open_at(), Some(9));
+    let (seq, frame) = send(&mut s, event(1), t);
+    assert_eq!(seq, 10);
+    assert!(frame.is_none(), "held until released");
+    assert!(s.release(10));
+    let sent: Vec<u64> = drain(&mut s, 1).iter().filter_map(|e| e.seq).collect();
+    assert_eq!(sent, vec![10]);
     // An open numbering with held messages does not add up.
     let mut bad = SessionSnapshot::open(4);
     let mut with_held = Session::new(config());
