@@ -538,7 +538,8 @@ impl SessionStore for NatsSessionStore {
     }
 }
 
-#[cfg(all(test, feature = "testing"))]
+#[cfg(test)]
+#[cfg(feature = "testing")]
 mod tests {
     use super::*;
     use crate::testing::Nats;
