@@ -56,6 +56,26 @@ impl Rng {
     }
 }
 
+/// Prints, per agent that got anything else than `1..=sent` once each in order, what
+/// differed: (missing, repeated, out of order).
+fn print_anomalies(
+    seed: u64,
+    direction: &str,
+    ids: &[AgentId],
+    sent: &[u64],
+    got: &HashMap<AgentId, Vec<u64>>,
+) {
+    let summary: Vec<_> = ids
+        .iter()
+        .zip(sent)
+        .map(|(id, n)| anomalies(got.get(id).map_or(&[][..], Vec::as_slice), *n))
+        .filter(|a| *a != (0, 0, 0))
+        .collect();
+    eprintln!(
+        "chaos seed {seed}: {direction} anomalies (missing, repeated, out of order) per agent: {summary:?}"
+    );
+}
+
 /// What differs from `1..=n` once each in order: (missing, repeated, out of order).
 fn anomalies(got: &[u64], n: u64) -> (usize, usize, usize) {
     let mut seen = std::collections::HashSet::new();
@@ -145,18 +165,7 @@ fn agent(id: &AgentId, urls: &[String], received: &Received) -> Agent {
             }
         }),
     );
-    let connector = tunnel_transport::WsConnector::new(
-        tunnel_transport::ClientConfig::new(id.clone())
-            .token(Some(support::TOKEN.into()))
-            // A hub that hangs is left within a second, and not waited for long when
-            // dialed again (a stopped process's socket still takes the connection).
-            .connect_timeout(Duration::from_secs(1))
-            .connection(
-                tunnel_transport::ConnectionConfig::default()
-                    .ping_interval(Duration::from_millis(300))
-                    .pong_timeout(Duration::from_millis(600)),
-            ),
-    );
+    let connector = support::quick_connector(id);
     Agent::start(
         connector,
         AgentConfig::with_endpoints(urls.iter().cloned()).backoff(
@@ -337,15 +346,7 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     {
         let got = received.lock().expect("lock");
-        let summary: Vec<_> = ids
-            .iter()
-            .zip(&sent_down)
-            .map(|(id, n)| anomalies(got.get(id).map_or(&[][..], Vec::as_slice), *n))
-            .filter(|a| *a != (0, 0, 0))
-            .collect();
-        eprintln!(
-            "chaos seed {seed}: down anomalies (missing, repeated, out of order) per agent: {summary:?}"
-        );
+        print_anomalies(seed, "down", &ids, &sent_down, &got);
         for (id, n) in ids.iter().zip(&sent_down) {
             let want: Vec<u64> = (1..=*n).collect();
             assert_eq!(
@@ -378,15 +379,7 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
         msg.ack().await.expect("ack");
     }
     let more = tokio::time::timeout(Duration::from_secs(1), up.next()).await;
-    let summary: Vec<_> = ids
-        .iter()
-        .zip(&sent_up)
-        .map(|(id, n)| anomalies(events.get(id).map_or(&[][..], Vec::as_slice), *n))
-        .filter(|a| *a != (0, 0, 0))
-        .collect();
-    eprintln!(
-        "chaos seed {seed}: up anomalies (missing, repeated, out of order) per agent: {summary:?}"
-    );
+    print_anomalies(seed, "up", &ids, &sent_up, &events);
     assert!(more.is_err(), "seed {seed}: nothing stored twice: {more:?}");
     for (id, n) in ids.iter().zip(&sent_up) {
         let want: Vec<u64> = (1..=*n).collect();

@@ -187,18 +187,7 @@ async fn hub_fails_under_load(name: &str, fault: Fault) {
         }),
     );
     let id = AgentId::new("root:e2e", "survivor");
-    let connector = tunnel_transport::WsConnector::new(
-        tunnel_transport::ClientConfig::new(id.clone())
-            .token(Some(support::TOKEN.into()))
-            // A hub that hangs is left within a second, and not waited for long when
-            // dialed again (a stopped process's socket still takes the connection).
-            .connect_timeout(Duration::from_secs(1))
-            .connection(
-                tunnel_transport::ConnectionConfig::default()
-                    .ping_interval(Duration::from_millis(300))
-                    .pong_timeout(Duration::from_millis(600)),
-            ),
-    );
+    let connector = support::quick_connector(&id);
     let agent = Agent::start(
         connector,
         AgentConfig::with_endpoints([a_url, b_url]).backoff(

@@ -1165,7 +1165,8 @@ async fn serve_inbox(
     let (mut next, mut unread) = (1u64, true);
     let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
-        while unread && retry.is_none() {
+        // A full batch of staged messages is recorded before more are read.
+        while unread && retry.is_none() && staged < RECORD_AT_MOST {
             let _reading = shared.reading.lock().await;
             {
                 let mut state = shared.lock();
@@ -1193,24 +1194,7 @@ async fn serve_inbox(
                         Box::pin(deliver(inner, hub, agent, &shared, msg, session.as_deref()))
                             .await;
                     match delivered {
-                        Ok(was_staged) => {
-                            staged += usize::from(was_staged);
-                            if staged >= RECORD_AT_MOST {
-                                drop(_reading);
-                                if !Box::pin(record(
-                                    inner,
-                                    hub,
-                                    agent,
-                                    session.as_deref(),
-                                    &mut staged,
-                                    &mut retry,
-                                ))
-                                .await
-                                {
-                                    return Box::pin(lost(hub, agent)).await;
-                                }
-                            }
-                        }
+                        Ok(was_staged) => staged += usize::from(was_staged),
                         // The hub no longer holds the agent: what is unread waits.
                         Err(NotDelivered::Gone) => {
                             drop(_reading);
@@ -1242,9 +1226,9 @@ async fn serve_inbox(
                 }
             }
         }
-        if staged > 0
-            && retry.is_none()
-            && !Box::pin(record(
+        if staged > 0 && retry.is_none() {
+            let full = staged >= RECORD_AT_MOST;
+            if !Box::pin(record(
                 inner,
                 hub,
                 agent,
@@ -1253,8 +1237,13 @@ async fn serve_inbox(
                 &mut retry,
             ))
             .await
-        {
-            return Box::pin(lost(hub, agent)).await;
+            {
+                return Box::pin(lost(hub, agent)).await;
+            }
+            if full && retry.is_none() {
+                // More may wait: read on without waiting for a wake-up.
+                continue;
+            }
         }
         tokio::select! {
             next_msg = inbox.next() => {

@@ -12,6 +12,22 @@ use std::time::{Duration, Instant};
 pub const TOKEN: &str = "commands-test-token";
 pub const SOON: Duration = Duration::from_secs(15);
 
+/// A connector for agent `id` with the tests' token that leaves a hub that hangs
+/// within a second, and does not wait long for one when dialing it again (a stopped
+/// process's socket still takes the connection).
+pub fn quick_connector(id: &tunnel_transport::AgentId) -> tunnel_transport::WsConnector {
+    tunnel_transport::WsConnector::new(
+        tunnel_transport::ClientConfig::new(id.clone())
+            .token(Some(TOKEN.into()))
+            .connect_timeout(Duration::from_secs(1))
+            .connection(
+                tunnel_transport::ConnectionConfig::default()
+                    .ping_interval(Duration::from_millis(300))
+                    .pong_timeout(Duration::from_millis(600)),
+            ),
+    )
+}
+
 /// The `tunnel` binary under test.
 pub fn tunnel() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tunnel"))
