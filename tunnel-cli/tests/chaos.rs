@@ -101,25 +101,7 @@ struct ClusterHub {
 
 impl ClusterHub {
     fn start(dir: &Dir, nats: &str, name: &str, port: u16) -> (Process, u16) {
-        let token = dir.token();
-        let listen = format!("127.0.0.1:{port}");
-        let process = Process::spawn(
-            support::tunnel()
-                .args(["--log", "info", "--log-format", "json"])
-                .args([
-                    "hub",
-                    "--listen",
-                    &listen,
-                    "--token-file",
-                    token.to_str().expect("utf-8"),
-                    "--nats",
-                    nats,
-                    "--hub-id",
-                    name,
-                    "--drain-timeout",
-                    "0",
-                ]),
-        );
+        let process = support::cluster_hub(dir, nats, name, port, "0");
         let url = process.wait_for("hub listening")["url"]
             .as_str()
             .expect("url")

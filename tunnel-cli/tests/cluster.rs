@@ -26,22 +26,9 @@ fn spawn(args: &[&str]) -> Process {
     )
 }
 
-/// `tunnel hub` in the cluster on `nats`, named `name`, agents' token in `dir`.
+/// `tunnel hub` in the cluster on `nats`, named `name`, on any port.
 fn cluster_hub(dir: &Dir, nats: &str, name: &str, drain_timeout: &str) -> Process {
-    let token = dir.token();
-    spawn(&[
-        "hub",
-        "--listen",
-        "127.0.0.1:0",
-        "--token-file",
-        token.to_str().expect("utf-8"),
-        "--nats",
-        nats,
-        "--hub-id",
-        name,
-        "--drain-timeout",
-        drain_timeout,
-    ])
+    support::cluster_hub(dir, nats, name, 0, drain_timeout)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

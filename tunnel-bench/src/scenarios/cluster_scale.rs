@@ -113,12 +113,9 @@ pub(crate) async fn run(agents: usize) -> Result<(), String> {
     }
     let remaining = agents - lost.len();
     let gone: std::collections::HashSet<AgentId> = lost.iter().map(|(id, _)| id.clone()).collect();
-    let moving_ids: Vec<AgentId> = owners
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .filter(|(agent, hub)| **hub == killed && !gone.contains(*agent))
-        .map(|(agent, _)| agent.clone())
+    let moving_ids: Vec<AgentId> = held_by(&owners, &killed)
+        .into_iter()
+        .filter(|agent| !gone.contains(agent))
         .collect();
     let watching = Watching::start(&crowd, &ids, &moving_ids);
     let killed_at = Instant::now();
@@ -178,13 +175,7 @@ pub(crate) async fn run(agents: usize) -> Result<(), String> {
     // Kill another and restart it on its port: its agents come back to it or to the
     // other hub, resumed.
     let restarted = hub_id(2);
-    let leaving: Vec<AgentId> = owners
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .filter(|(_, hub)| **hub == restarted)
-        .map(|(agent, _)| agent.clone())
-        .collect();
+    let leaving = held_by(&owners, &restarted);
     let watching = Watching::start(&crowd, &ids, &leaving);
     hubs[1].restart().await?;
     watching.report("restart", &restarted).await?;
@@ -207,13 +198,8 @@ async fn drain_one(
     ids: &[AgentId],
 ) -> Result<(), String> {
     let drained = hub_id(1);
-    let leaving: std::collections::HashSet<AgentId> = owners
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .filter(|(_, hub)| **hub == drained)
-        .map(|(agent, _)| agent.clone())
-        .collect();
+    let leaving: std::collections::HashSet<AgentId> =
+        held_by(owners, &drained).into_iter().collect();
     let started = Instant::now();
     let exited = hubs.remove(0).terminate(LIMIT).await?;
     let stopped = started.elapsed();
@@ -418,6 +404,17 @@ async fn wait_until(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     None
+}
+
+/// The agents `hub` holds now.
+fn held_by(owners: &Owners, hub: &str) -> Vec<AgentId> {
+    owners
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(_, h)| *h == hub)
+        .map(|(agent, _)| agent.clone())
+        .collect()
 }
 
 /// Agents per hub.

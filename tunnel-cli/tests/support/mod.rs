@@ -12,6 +12,30 @@ use std::time::{Duration, Instant};
 pub const TOKEN: &str = "commands-test-token";
 pub const SOON: Duration = Duration::from_secs(15);
 
+/// `tunnel hub` (JSON logs at info) in the cluster on `nats`, named `name`, listening
+/// on `port` of the loopback address (0: any), agents' token in `dir`.
+pub fn cluster_hub(dir: &Dir, nats: &str, name: &str, port: u16, drain_timeout: &str) -> Process {
+    let token = dir.token();
+    let listen = format!("127.0.0.1:{port}");
+    Process::spawn(
+        tunnel()
+            .args(["--log", "info", "--log-format", "json"])
+            .args([
+                "hub",
+                "--listen",
+                &listen,
+                "--token-file",
+                token.to_str().expect("utf-8"),
+                "--nats",
+                nats,
+                "--hub-id",
+                name,
+                "--drain-timeout",
+                drain_timeout,
+            ]),
+    )
+}
+
 /// A connector for agent `id` with the tests' token that leaves a hub that hangs
 /// within a second, and does not wait long for one when dialing it again (a stopped
 /// process's socket still takes the connection).
