@@ -32,7 +32,6 @@ pub struct Cluster {
 struct Inner {
     config: ClusterConfig,
     client: async_nats::Client,
-    js: jetstream::Context,
     down: stream::Stream,
     presence: kv::Store,
     /// This run of the hub, unique among its runs: in its beats and presence entries.
@@ -44,7 +43,9 @@ struct Inner {
     sessions: crate::NatsSessionStore,
     /// Why this hub may not keep its sessions there: another grace period.
     grace_mismatch: Option<String>,
-    /// Keeps each connection's messages in order across NATS reconnects.
+    /// The connection agents' messages are published through ([`crate::publisher`]).
+    publishers: crate::publisher::Publishers,
+    /// Keeps each connection's messages in order across publishing connections.
     fences: Fences,
     /// The up stream's duplicate window, as the stream has it.
     up_duplicate_window: Duration,
@@ -104,17 +105,13 @@ impl Cluster {
                 url: config.url.clone(),
                 source,
             })?;
-        // Publishes and their acks wait at most `publish_timeout` each (the context's
-        // own timers: no second one per message here); past the acks in flight a
-        // publish waits for room rather than failing.
         let js = jetstream::ContextBuilder::new()
             .timeout(config.publish_timeout)
-            .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
-            .backpressure_on_inflight(true)
             .build(client.clone());
         let (up, down) = crate::streams::ensure(&js, &config).await?;
         // What the up stream itself keeps (it may have been made by another hub).
         let up_duplicate_window = up.cached_info().config.duplicate_window;
+        let publishers = crate::publisher::Publishers::connect(&config, MAX_ACKS_IN_FLIGHT).await?;
         let (acks, waiting) = mpsc::unbounded_channel();
         tokio::spawn(collect_acks(waiting));
         let presence = crate::streams::presence(&js).await?;
@@ -139,13 +136,13 @@ impl Cluster {
                 grace_mismatch,
                 keeps_sessions: AtomicBool::new(false),
                 up_duplicate_window,
+                publishers,
                 fences: Fences::default(),
                 deleting: tokio_util::task::TaskTracker::new(),
                 run,
                 calls: Arc::new(Semaphore::new(config.max_calls)),
                 config,
                 client,
-                js,
                 down,
                 presence,
                 in_flight: Mutex::default(),
@@ -236,9 +233,14 @@ impl Cluster {
     /// trip each.
     pub async fn store(&self, msg: &Inbound) -> Result<(), BoxError> {
         let connection = msg.sender().info().id;
-        self.inner.fences.admit(&self.inner.client, msg.sender())?;
+        let Some(publisher) = self.inner.publishers.current() else {
+            return Err(Unavailable::new("NATS is not connected".to_owned()).into());
+        };
+        self.inner
+            .fences
+            .admit(publisher.generation, msg.sender())?;
         // The context bounds the wait for the ack by `publish_timeout`.
-        let ack = match publish_up(&self.inner, msg).await {
+        let ack = match publish_up(&publisher.js, msg).await {
             Ok(ack) => ack,
             Err(e) => {
                 self.inner.fences.resolved(connection, false);
@@ -297,13 +299,13 @@ impl Serving {
     }
 }
 
-/// Keeps each connection's messages in order in the up stream across NATS
-/// reconnects. Publishes are pipelined, and the NATS client sends what it queued
-/// during a reconnect on the new connection: a publish lost with the old one could
-/// otherwise be stored after later ones (when the agent replays it). So a connection
-/// publishes only while the client is connected, and not across a reconnect while
-/// any of its earlier publishes is unresolved, and never again once one failed (its
-/// connection is being closed: the agent replays from the failed one, in order).
+/// Keeps each agent connection's messages in order in the up stream across
+/// publishing connections ([`crate::publisher`]), which are never reestablished: what
+/// one had not sent when it broke fails with it. An agent connection publishes
+/// through a new publishing connection only once none of its earlier publishes is
+/// unresolved (a later one could otherwise be stored before an earlier one failed),
+/// and never again once one failed (its connection is being closed: the agent replays
+/// from the failed one, in order).
 #[derive(Debug, Default)]
 struct Fences {
     by_connection: Mutex<HashMap<u64, Fence>>,
@@ -311,7 +313,7 @@ struct Fences {
 
 #[derive(Debug)]
 struct Fence {
-    /// The client's connection count when the oldest unresolved publish was sent.
+    /// The publishing connection of the unresolved publishes.
     generation: u64,
     unresolved: u32,
     /// A publish failed: nothing more from this connection.
@@ -325,17 +327,14 @@ impl Fences {
         self.by_connection.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Admits one publish of `sender`'s connection, or refuses it ([`Unavailable`]).
+    /// Admits one publish of `sender`'s connection through publishing connection
+    /// `generation`, or refuses it ([`Unavailable`]).
     fn admit(
         &self,
-        client: &async_nats::Client,
+        generation: u64,
         sender: &tunnel_transport::ConnectionSender,
     ) -> Result<(), BoxError> {
         let refuse = |why: &str| -> BoxError { Unavailable::new(why.to_owned()).into() };
-        if client.connection_state() != async_nats::connection::State::Connected {
-            return Err(refuse("NATS is not connected"));
-        }
-        let generation = client.statistics().connects.load(Ordering::Relaxed);
         let mut fences = self.lock();
         if fences.len() % 1024 == 1023 {
             fences.retain(|_, f| !f.sender.is_closed());
@@ -353,7 +352,9 @@ impl Fences {
         }
         if fence.unresolved > 0 && fence.generation != generation {
             fence.failed = true;
-            return Err(refuse("NATS reconnected with earlier messages unresolved"));
+            return Err(refuse(
+                "NATS reconnected with earlier messages of this connection unresolved",
+            ));
         }
         if fence.unresolved == 0 {
             fence.generation = generation;
@@ -378,7 +379,7 @@ impl Fences {
 /// Publishes one agent message into the up stream; the stream's ack is the future
 /// returned.
 async fn publish_up(
-    inner: &Inner,
+    js: &jetstream::Context,
     msg: &Inbound,
 ) -> Result<async_nats::jetstream::context::PublishAckFuture, BoxError> {
     let env = &msg.envelope;
@@ -409,9 +410,7 @@ async fn publish_up(
     // The context bounds the wait for the client to take it by `publish_timeout`
     // (and, past `MAX_ACKS_IN_FLIGHT` publishes awaiting acks, waits for one to end:
     // each of those ends within `publish_timeout`).
-    inner
-        .js
-        .send_publish(subject, publish)
+    js.send_publish(subject, publish)
         .await
         .map_err(|e| Unavailable::new(format!("the up stream did not take it: {e}")).into())
 }
@@ -1526,18 +1525,42 @@ enum NotDelivered {
     Later,
 }
 
-/// Deletes a delivered down message, retrying (every 5 s at most) while NATS does not
-/// answer; an answer (deleted, or already gone) ends it. Until then its in-flight slot
-/// keeps it from being read again.
+/// Deletes a delivered down message, retrying (every 5 s at most) until the stream
+/// says it is deleted or not there (any other answer, such as a server that has not
+/// recovered its streams yet, leaves it there). Until then its in-flight slot keeps it
+/// from being read again.
 async fn delete_down(inner: &Inner, seq: u64) {
     let mut backoff = Backoff::new();
+    let mut warned = false;
     loop {
-        match inner.down.delete_message(seq).await {
+        let why = match inner.down.delete_message(seq).await {
             Ok(_) => return,
-            Err(e) if matches!(e.kind(), stream::DeleteMessageErrorKind::JetStream(_)) => return,
-            Err(_) => backoff.wait().await,
+            Err(e) => match e.kind() {
+                stream::DeleteMessageErrorKind::JetStream(js) if gone(&js) => return,
+                _ => e.to_string(),
+            },
+        };
+        if !warned && backoff.0 >= Duration::from_secs(5) {
+            tracing::warn!(seq, error = %why, "a delivered down message is not deleted yet: retrying");
+            warned = true;
         }
+        backoff.wait().await;
     }
+}
+
+/// The stream's answers to a delete that say the message is not there: deleted
+/// already (`10043`; `10057` "no message found" below the stream's first message),
+/// past the stream's last message (`10057` "stream store EOF"), or the stream gone
+/// (`10059`). Other `10057`s are failures.
+fn gone(error: &jetstream::Error) -> bool {
+    use jetstream::ErrorCode as E;
+    let code = error.error_code();
+    code == E::SEQUENCE_NOT_FOUND
+        || code == E::STREAM_NOT_FOUND
+        || (code == E::STREAM_MESSAGE_DELETE_FAILED && {
+            let said = error.to_string().to_ascii_lowercase();
+            said.contains("no message found") || said.contains("store eof")
+        })
 }
 
 /// How long a hub that stops waits for the deletes of acknowledged down messages.
@@ -1678,5 +1701,56 @@ mod tests {
         // A late failure of a copy of a message already deleted changes nothing.
         state.end(3, false);
         assert!(!state.rewind);
+    }
+}
+
+#[cfg(test)]
+#[cfg(feature = "testing")]
+mod against_nats {
+    use super::*;
+
+    async fn delete_error(down: &stream::Stream, seq: u64) -> Option<bool> {
+        match down.delete_message(seq).await {
+            Ok(_) => None,
+            Err(e) => match e.kind() {
+                stream::DeleteMessageErrorKind::JetStream(js) => Some(gone(&js)),
+                other => panic!("no answer from the stream: {other:?}"),
+            },
+        }
+    }
+
+    /// The server's answers for a message that is not there, as this server words
+    /// them: a delete that misread one would retry forever (or drop one still there).
+    #[tokio::test]
+    async fn a_delete_of_a_message_not_there_is_told_apart() {
+        let nats = crate::testing::Nats::start("gone");
+        let client = async_nats::connect(nats.url()).await.expect("nats");
+        let js = jetstream::new(client);
+        let down = js
+            .create_stream(stream::Config {
+                name: "GONE".into(),
+                subjects: vec!["gone.>".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("stream");
+        for i in 0..5u32 {
+            js.publish("gone.x", i.to_string().into())
+                .await
+                .expect("publish")
+                .await
+                .expect("stored");
+        }
+        assert_eq!(delete_error(&down, 1).await, None, "there: deleted");
+        assert_eq!(delete_error(&down, 1).await, Some(true), "below the first");
+        assert_eq!(delete_error(&down, 3).await, None);
+        assert_eq!(
+            delete_error(&down, 3).await,
+            Some(true),
+            "deleted in the middle"
+        );
+        assert_eq!(delete_error(&down, 99).await, Some(true), "past the last");
+        js.delete_stream("GONE").await.expect("deleted");
+        assert_eq!(delete_error(&down, 2).await, Some(true), "the stream gone");
     }
 }

@@ -17,6 +17,7 @@
 mod backend;
 mod config;
 mod hub;
+mod publisher;
 mod sessions;
 mod streams;
 pub mod subject;

@@ -250,9 +250,12 @@ async fn drain_one(
 /// The agents of a hub about to fail, watched (from before the failure, by a task of
 /// their own) until they are back.
 struct Watching {
-    task: tokio::task::JoinHandle<Option<(Duration, Vec<Outcome>)>>,
+    task: tokio::task::JoinHandle<Option<AllBack>>,
     agents: usize,
 }
+
+/// When the last watched agent was back, and each one's outcome and time back.
+type AllBack = (Duration, Vec<(Outcome, Duration)>);
 
 /// How an agent came back.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -282,26 +285,37 @@ impl Watching {
         let count = agents.len();
         let since = Instant::now();
         let task = tokio::spawn(async move {
+            // When each was first seen back (within one 20 ms look).
+            let mut back_at: Vec<Option<Duration>> = vec![None; agents.len()];
             while since.elapsed() < LIMIT {
                 // Each changed since the failure (it noticed), and is up now.
-                if agents.iter_mut().all(|(state, _)| {
-                    state.has_changed().unwrap_or(false) && is_up(&state.borrow())
-                }) {
+                let now = since.elapsed();
+                for ((state, _), at) in agents.iter_mut().zip(back_at.iter_mut()) {
+                    if at.is_none()
+                        && state.has_changed().unwrap_or(false)
+                        && is_up(&state.borrow())
+                    {
+                        *at = Some(now);
+                    }
+                }
+                if back_at.iter().all(Option::is_some) {
                     let back = since.elapsed();
                     let outcomes = agents
                         .iter_mut()
-                        .map(|(state, events)| {
+                        .zip(back_at)
+                        .map(|((state, events), at)| {
                             // Any session event is a reset (or many: lagged).
                             let reset = !matches!(
                                 events.try_recv(),
                                 Err(tokio::sync::broadcast::error::TryRecvError::Empty)
                             );
-                            match &*state.borrow() {
+                            let outcome = match &*state.borrow() {
                                 _ if reset => Outcome::Reset,
                                 tunnel_router::ConnectionState::Resumed { .. } => Outcome::Resumed,
                                 tunnel_router::ConnectionState::Connected { .. } => Outcome::Fresh,
                                 _ => Outcome::Reset,
-                            }
+                            };
+                            (outcome, at.unwrap_or(back))
                         })
                         .collect();
                     return Some((back, outcomes));
@@ -326,7 +340,13 @@ impl Watching {
                 LIMIT.as_secs()
             ));
         };
-        let count = |o: Outcome| outcomes.iter().filter(|x| **x == o).count();
+        let count = |o: Outcome| outcomes.iter().filter(|(x, _)| *x == o).count();
+        let mut times: Vec<Duration> = outcomes.iter().map(|(_, at)| *at).collect();
+        times.sort_unstable();
+        let (p50, p90) = (
+            crate::report::percentile(&times, 0.5),
+            crate::report::percentile(&times, 0.9),
+        );
         let (resumed, fresh, reset) = (
             count(Outcome::Resumed),
             count(Outcome::Fresh),
@@ -352,9 +372,11 @@ impl Watching {
         );
         let bar = reset == 0 && fresh == 0 && back <= BACK_BAR;
         println!(
-            "  {phase} of {hub}: its {} agents all back {:.2} s after it; {} resumed their session, {} started a new one, {} reset ({} the bar: 0 resets, all resumed and back within {} s)",
+            "  {phase} of {hub}: its {} agents all back {:.2} s after it (half by {:.2} s, 90% by {:.2} s); {} resumed their session, {} started a new one, {} reset ({} the bar: 0 resets, all resumed and back within {} s)",
             thousands(self.agents as u64),
             back.as_secs_f64(),
+            p50.as_secs_f64(),
+            p90.as_secs_f64(),
             thousands(resumed as u64),
             thousands(fresh as u64),
             thousands(reset as u64),

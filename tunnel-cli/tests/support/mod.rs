@@ -82,7 +82,8 @@ impl Drop for Dir {
 }
 
 /// A `tunnel` process whose stderr (JSON log lines) is read on a thread; killed when
-/// dropped.
+/// dropped. With `TUNNEL_TEST_LOGS=<dir>` each process's lines are also kept in
+/// `<dir>/<pid>.log`, to read after a failing run.
 pub struct Process {
     pub child: Child,
     lines: mpsc::Receiver<String>,
@@ -97,9 +98,17 @@ impl Process {
             .expect("start tunnel");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, lines) = mpsc::channel();
+        let mut kept = std::env::var_os("TUNNEL_TEST_LOGS").and_then(|dir| {
+            let path = std::path::Path::new(&dir).join(format!("{}.log", child.id()));
+            std::fs::File::create(path).ok()
+        });
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
+                if let Some(file) = kept.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(file, "{line}");
+                }
+                if tx.send(line).is_err() && kept.is_none() {
                     break;
                 }
             }
