@@ -143,21 +143,38 @@ impl ClusterHub {
 /// What one agent received: the commands' numbers, in arrival order.
 type Received = Arc<Mutex<HashMap<AgentId, Vec<u64>>>>;
 
-fn agent(id: &AgentId, urls: &[String], received: &Received) -> Agent {
-    let received = received.clone();
+/// Per agent and command number, the down stream sequences it came from: one command
+/// stored twice (two sequences) tells apart from one delivered twice (one).
+type Origins = Arc<Mutex<HashMap<(AgentId, u64), Vec<u64>>>>;
+
+fn agent(id: &AgentId, urls: &[String], received: &Received, origins: &Origins) -> Agent {
+    let (received, origins) = (received.clone(), origins.clone());
     let me = id.clone();
     let router = Router::new().route(
         MessageType::Command,
         service_fn(move |msg: Inbound| {
-            let (received, me) = (received.clone(), me.clone());
+            let (received, origins, me) = (received.clone(), origins.clone(), me.clone());
             async move {
                 let v: serde_json::Value = msg.envelope.decode_payload()?;
+                let n = v["n"].as_u64().unwrap_or_default();
+                let from = msg
+                    .envelope
+                    .headers
+                    .get(tunnel_cluster::subject::HEADER_DOWN_SEQ)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_default();
+                origins
+                    .lock()
+                    .expect("lock")
+                    .entry((me.clone(), n))
+                    .or_default()
+                    .push(from);
                 received
                     .lock()
                     .expect("lock")
                     .entry(me)
                     .or_default()
-                    .push(v["n"].as_u64().unwrap_or_default());
+                    .push(n);
                 Ok::<_, BoxError>(())
             }
         }),
@@ -197,6 +214,7 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
         .collect();
     let urls: Vec<String> = hubs.iter().map(ClusterHub::url).collect();
     let received: Received = Arc::default();
+    let origins: Origins = Arc::default();
     let ids: Vec<AgentId> = (0..AGENTS)
         .map(|i| AgentId::new("root:chaos", format!("agent-{i}")))
         .collect();
@@ -207,7 +225,7 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
             // Each agent prefers another hub first, so all three carry agents.
             let mut mine = urls.clone();
             mine.rotate_left(i % HUBS);
-            agent(id, &mine, &received)
+            agent(id, &mine, &received, &origins)
         })
         .collect();
     for a in &agents {
@@ -344,6 +362,16 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
     {
         let got = received.lock().expect("lock");
         print_anomalies(seed, "down", &ids, &sent_down, &got);
+        let twice: Vec<_> = origins
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, from)| from.len() > 1)
+            .map(|((id, n), from)| format!("{id} #{n} from down seqs {from:?}"))
+            .collect();
+        if !twice.is_empty() {
+            eprintln!("chaos seed {seed}: commands received more than once: {twice:?}");
+        }
         for (id, n) in ids.iter().zip(&sent_down) {
             let want: Vec<u64> = (1..=*n).collect();
             assert_eq!(

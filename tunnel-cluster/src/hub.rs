@@ -1334,14 +1334,16 @@ async fn deliver(
             return Err(NotDelivered::Later);
         }
     };
-    if let Some(id) = session
-        && !inner.sessions.stage(agent, id, receipt.seq(), seq)
-    {
-        // Lost meanwhile: staged, it never goes out of this copy.
-        return Err(NotDelivered::Gone);
-    }
+    let staged = match session {
+        Some(id) => match inner.sessions.stage(agent, id, receipt.seq(), seq) {
+            Some(staged) => Some(staged),
+            // Lost meanwhile: staged, it never goes out of this copy.
+            None => return Err(NotDelivered::Gone),
+        },
+        None => None,
+    };
     shared.lock().start(seq);
-    track(inner, shared, agent, seq, receipt, session);
+    track(inner, shared, agent, seq, receipt, staged);
     Ok(session.is_some())
 }
 
@@ -1460,10 +1462,10 @@ fn track(
     agent: &AgentId,
     seq: u64,
     receipt: tunnel_router::Receipt,
-    session: Option<&str>,
+    staged: Option<crate::sessions::StagedIn>,
 ) {
     let (inner, shared, agent) = (inner.clone(), shared.clone(), agent.clone());
-    let session = session.map(|id| (id.to_owned(), receipt.seq()));
+    let in_session = receipt.seq();
     // Held by the task: the pair is forgotten only once the message is deleted, or
     // its delivery failed (a send again records anew).
     // Not tied to this connection: a session resumed on this hub acknowledges later.
@@ -1484,11 +1486,11 @@ fn track(
         if done {
             inner.deleting.track_future(delete_down(&inner, seq)).await;
         }
-        if let Some((id, in_session)) = &session {
+        if let Some(staged) = &staged {
             if done {
-                inner.sessions.delivered(&agent, id, seq, *in_session);
+                staged.delivered(seq, in_session);
             } else {
-                inner.sessions.undelivered(&agent, id, seq, *in_session);
+                staged.undelivered(seq, in_session);
             }
         }
         shared.lock().end(seq, done);

@@ -153,16 +153,22 @@ impl NatsSessionStore {
     }
 
     /// Notes that down message `stream_seq` was staged as `seq` of session `id`; it
-    /// is written with the next [`NatsSessionStore::record`]. False when this hub does
-    /// not hold the session.
-    pub(crate) fn stage(&self, agent: &AgentId, id: &str, seq: u64, stream_seq: u64) -> bool {
-        let Some((_, held)) = self.held(agent, id) else {
-            return false;
-        };
-        let mut state = held.lock();
-        state.down.insert(stream_seq, seq);
-        state.unwritten = true;
-        true
+    /// is written with the next [`NatsSessionStore::record`]. `None` when this hub does
+    /// not hold the session; otherwise what the message's outcome is reported to.
+    pub(crate) fn stage(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        seq: u64,
+        stream_seq: u64,
+    ) -> Option<StagedIn> {
+        let (_, held) = self.held(agent, id)?;
+        {
+            let mut state = held.lock();
+            state.down.insert(stream_seq, seq);
+            state.unwritten = true;
+        }
+        Some(StagedIn(held))
     }
 
     /// Writes session `id`'s record if anything was staged since the last write;
@@ -178,29 +184,6 @@ impl NatsSessionStore {
         }
         // Every pair held was in a write that landed.
         Ok(held.lock().down.values().copied().max().unwrap_or(0))
-    }
-
-    /// The agent acknowledged down message `stream_seq` (sent as `seq`) of session
-    /// `id`, and it was deleted: its pair goes with the next write.
-    pub(crate) fn delivered(&self, agent: &AgentId, id: &str, stream_seq: u64, seq: u64) {
-        if let Some((_, held)) = self.held(agent, id) {
-            let mut state = held.lock();
-            if state.down.get(&stream_seq) == Some(&seq) {
-                state.down.remove(&stream_seq);
-            }
-            state.acked = state.acked.max(seq);
-        }
-    }
-
-    /// Down message `stream_seq`, sent as `seq` of session `id`, was not delivered
-    /// (the session ended or was reset): its pair goes, and a send again records anew.
-    pub(crate) fn undelivered(&self, agent: &AgentId, id: &str, stream_seq: u64, seq: u64) {
-        if let Some((_, held)) = self.held(agent, id) {
-            let mut state = held.lock();
-            if state.down.get(&stream_seq) == Some(&seq) {
-                state.down.remove(&stream_seq);
-            }
-        }
     }
 
     /// For a session this hub took from the store, once its agent resumed having
@@ -339,6 +322,35 @@ impl Inner {
             }
         }
         Err(WriteError::Failed(error.to_string()))
+    }
+}
+
+/// The hold a down message was staged in ([`NatsSessionStore::stage`]), to report its
+/// outcome to. Only that hold learns it: a copy of the session this hub took since
+/// (from the record, with its own pairs) is not told about the old copy's messages. A
+/// failed receipt of an old copy must not drop the new copy's pair for the same
+/// message: the agent may have it, and the taker deletes only what its pairs name.
+#[derive(Debug)]
+pub(crate) struct StagedIn(Arc<Held>);
+
+impl StagedIn {
+    /// The agent acknowledged down message `stream_seq` (sent as `seq`), and it was
+    /// deleted: its pair goes with the next write.
+    pub(crate) fn delivered(&self, stream_seq: u64, seq: u64) {
+        let mut state = self.0.lock();
+        if state.down.get(&stream_seq) == Some(&seq) {
+            state.down.remove(&stream_seq);
+        }
+        state.acked = state.acked.max(seq);
+    }
+
+    /// Down message `stream_seq`, sent as `seq`, was not delivered (the session copy
+    /// ended or was reset): its pair goes, and a send again records anew.
+    pub(crate) fn undelivered(&self, stream_seq: u64, seq: u64) {
+        let mut state = self.0.lock();
+        if state.down.get(&stream_seq) == Some(&seq) {
+            state.down.remove(&stream_seq);
+        }
     }
 }
 
@@ -576,8 +588,8 @@ mod tests {
         let (b, _) = store(&nats, "hub-b").await;
         let agent = AgentId::new("w", "t");
         a.open(&agent, "s1").await.expect("opened");
-        assert!(a.stage(&agent, "s1", 5, 100));
-        assert!(a.stage(&agent, "s1", 6, 101));
+        let first = a.stage(&agent, "s1", 5, 100).expect("held");
+        let second = a.stage(&agent, "s1", 6, 101).expect("held");
         assert_eq!(
             a.record(&agent, "s1").await,
             Ok(6),
@@ -589,9 +601,9 @@ mod tests {
         );
         // Acknowledged and deleted: the pair goes with the next write; a failed
         // delivery's pair goes too (sent again, it is recorded anew).
-        a.delivered(&agent, "s1", 100, 5);
-        a.undelivered(&agent, "s1", 101, 6);
-        assert!(a.stage(&agent, "s1", 7, 101));
+        first.delivered(100, 5);
+        second.undelivered(101, 6);
+        assert!(a.stage(&agent, "s1", 7, 101).is_some());
         assert_eq!(a.record(&agent, "s1").await, Ok(7));
         let written = record_of(&bucket, &agent, "s1").await;
         assert_eq!((written.acked, written.down), (5, vec![(7, 101)]));
@@ -601,10 +613,13 @@ mod tests {
         // Another hub takes it: the first one's writes are refused from then on.
         let taken = b.take(&agent, "s1").await.expect("take").expect("stored");
         assert!(taken.open_tail && taken.hold_resumed && taken.acked == 5);
-        assert!(a.stage(&agent, "s1", 8, 102));
+        assert!(a.stage(&agent, "s1", 8, 102).is_some());
         assert_eq!(a.record(&agent, "s1").await, Err(WriteError::Lost));
         assert!(!a.holds_session(&agent, "s1"), "fenced");
-        assert!(!a.stage(&agent, "s1", 9, 103), "nothing more staged there");
+        assert!(
+            a.stage(&agent, "s1", 9, 103).is_none(),
+            "nothing more staged there"
+        );
         // The agent resumed reporting 7: it has stream message 101.
         assert_eq!(b.taken_down(&agent, "s1", 7), Some(vec![101]));
         assert_eq!(b.taken_down(&agent, "s1", 6), Some(vec![]));
@@ -630,5 +645,25 @@ mod tests {
                 .expect("read")
                 .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn an_old_copys_failed_message_leaves_the_new_copys_pair() {
+        let nats = Nats::start("old-copy");
+        let (a, _) = store(&nats, "hub-a").await;
+        let (b, _) = store(&nats, "hub-b").await;
+        let agent = AgentId::new("w", "t");
+        a.open(&agent, "s1").await.expect("opened");
+        let old = a.stage(&agent, "s1", 5, 100).expect("held");
+        assert_eq!(a.record(&agent, "s1").await, Ok(5));
+        // The agent moves to hub b and back: hub a takes the record again, with the
+        // pair of message 100.
+        b.take(&agent, "s1").await.expect("take").expect("stored");
+        a.take(&agent, "s1").await.expect("take").expect("stored");
+        // Hub a's first copy of the session ends: its receipt for message 100 fails.
+        old.undelivered(100, 5);
+        // The agent resumed having 5: the new copy still deletes message 100 rather
+        // than reading it again.
+        assert_eq!(a.taken_down(&agent, "s1", 5), Some(vec![100]));
     }
 }
