@@ -128,6 +128,7 @@ impl Cluster {
             config.hub_id.clone(),
             run.clone(),
             config.session_grace,
+            down.cached_info().config.duplicate_window,
         );
         Ok(Cluster {
             inner: Arc::new(Inner {
@@ -1322,6 +1323,17 @@ async fn deliver(
             return Ok(false);
         }
     };
+    let msg_id = msg
+        .headers
+        .get("Nats-Msg-Id")
+        .map(|v| v.as_str().to_owned());
+    if let (Some(id), Some(msg_id)) = (session, &msg_id)
+        && inner.sessions.sent_before(agent, id, msg_id, seq)
+    {
+        tracing::debug!(%agent, seq, "deleting a second copy of a down message sent in the session (stored again under its id)");
+        delete_down(inner, seq).await;
+        return Ok(false);
+    }
     let sent = match session {
         Some(id) => hub.send_staged(agent, id, env).await,
         None => hub.send_envelope(agent, env).await,
@@ -1335,7 +1347,10 @@ async fn deliver(
         }
     };
     let staged = match session {
-        Some(id) => match inner.sessions.stage(agent, id, receipt.seq(), seq) {
+        Some(id) => match inner
+            .sessions
+            .stage(agent, id, receipt.seq(), seq, msg_id.as_deref())
+        {
             Some(staged) => Some(staged),
             // Lost meanwhile: staged, it never goes out of this copy.
             None => return Err(NotDelivered::Gone),

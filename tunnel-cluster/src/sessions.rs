@@ -12,6 +12,11 @@
 //!   not known to be deleted, its sequence number in the session and in the stream.
 //!   A pair is written *before* the message can reach the agent (it is staged until
 //!   then, see [`Hub::send_staged`](tunnel_router::Hub::send_staged)).
+//! - `seen`: the `Nats-Msg-Id`s of the last down messages sent in the session, with
+//!   their stream sequence and when they were sent: a copy of one stored again under
+//!   another sequence (a backend's retry that the stream's duplicate window forgot:
+//!   it knows only the messages it still stores once nats-server restarts) is deleted,
+//!   not sent.
 //!
 //! That is all a hub needs to continue the session after its holder is gone: the
 //! agent-to-hub direction is what the up stream holds (the agent replays everything
@@ -20,7 +25,7 @@
 //! received: the down messages recorded at or below that are deleted, the rest are
 //! read from the stream again, and the numbering goes on after the agent's.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -62,7 +67,17 @@ struct Inner {
     writes: AtomicU64,
     /// The sessions this hub holds, by key.
     held: Mutex<HashMap<String, Arc<Held>>>,
+    /// How long a down message's id is remembered: the down stream's duplicate window.
+    seen_for: Duration,
 }
+
+/// A down message's `Nats-Msg-Id` sent in a session: its stream sequence, the id,
+/// and when it was staged (milliseconds since the Unix epoch).
+type Seen = (u64, String, u64);
+
+/// The most ids a session remembers (the newest), and the longest id remembered.
+const SEEN_AT_MOST: usize = 64;
+const SEEN_ID_AT_MOST: usize = 128;
 
 /// A session this hub holds.
 #[derive(Debug)]
@@ -85,6 +100,24 @@ struct HeldState {
     /// Taken from the store: the record's `down` pairs were numbered by another
     /// copy, and wait for [`NatsSessionStore::adopt`].
     taken: bool,
+    /// The ids of the last down messages sent, oldest first (see [`Seen`]).
+    seen: VecDeque<Seen>,
+}
+
+impl HeldState {
+    /// Drops the ids older than `seen_for` at `now_ms`, and the oldest past
+    /// [`SEEN_AT_MOST`].
+    fn forget_seen(&mut self, now_ms: u64, seen_for: Duration) {
+        let window = u64::try_from(seen_for.as_millis()).unwrap_or(u64::MAX);
+        while self.seen.len() > SEEN_AT_MOST
+            || self
+                .seen
+                .front()
+                .is_some_and(|(_, _, at)| at.saturating_add(window) < now_ms)
+        {
+            self.seen.pop_front();
+        }
+    }
 }
 
 /// A session's entry (JSON).
@@ -96,6 +129,8 @@ struct Record {
     n: u64,
     acked: u64,
     down: Vec<(u64, u64)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    seen: Vec<Seen>,
 }
 
 /// A write of a session's record that did not land.
@@ -126,14 +161,21 @@ fn failed(what: &str, e: impl std::fmt::Display) -> StoreError {
 
 impl NatsSessionStore {
     /// A store on `bucket` for hub `hub` (run `run`), rewriting what it holds every
-    /// `grace / 4`.
-    pub(crate) fn new(bucket: kv::Store, hub: String, run: String, grace: Duration) -> Self {
+    /// `grace / 4`, remembering down messages' ids for `seen_for`.
+    pub(crate) fn new(
+        bucket: kv::Store,
+        hub: String,
+        run: String,
+        grace: Duration,
+        seen_for: Duration,
+    ) -> Self {
         let inner = Arc::new(Inner {
             bucket,
             hub,
             run,
             writes: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
+            seen_for,
         });
         let every = (grace / 4).max(Duration::from_millis(250));
         tokio::spawn(refresh(Arc::downgrade(&inner), every));
@@ -155,20 +197,54 @@ impl NatsSessionStore {
     /// Notes that down message `stream_seq` was staged as `seq` of session `id`; it
     /// is written with the next [`NatsSessionStore::record`]. `None` when this hub does
     /// not hold the session; otherwise what the message's outcome is reported to.
+    /// `msg_id` is the message's `Nats-Msg-Id`, remembered with it (see
+    /// [`NatsSessionStore::sent_before`]).
     pub(crate) fn stage(
         &self,
         agent: &AgentId,
         id: &str,
         seq: u64,
         stream_seq: u64,
+        msg_id: Option<&str>,
     ) -> Option<StagedIn> {
         let (_, held) = self.held(agent, id)?;
         {
             let mut state = held.lock();
             state.down.insert(stream_seq, seq);
             state.unwritten = true;
+            if let Some(msg_id) = msg_id.filter(|m| !m.is_empty() && m.len() <= SEEN_ID_AT_MOST)
+                && !state.seen.iter().any(|(s, _, _)| *s == stream_seq)
+            {
+                state.seen.push_back((
+                    stream_seq,
+                    msg_id.to_owned(),
+                    tunnel_transport::unix_millis(),
+                ));
+                state.forget_seen(tunnel_transport::unix_millis(), self.inner.seen_for);
+            }
         }
         Some(StagedIn(held))
+    }
+
+    /// Whether down message `stream_seq`, whose `Nats-Msg-Id` is `msg_id`, is a second
+    /// copy of one sent in session `id` within the down stream's duplicate window
+    /// (same id, another stream sequence): the agent has it, or will get the first.
+    pub(crate) fn sent_before(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        msg_id: &str,
+        stream_seq: u64,
+    ) -> bool {
+        let Some((_, held)) = self.held(agent, id) else {
+            return false;
+        };
+        let mut state = held.lock();
+        state.forget_seen(tunnel_transport::unix_millis(), self.inner.seen_for);
+        state
+            .seen
+            .iter()
+            .any(|(s, m, _)| *s != stream_seq && m == msg_id)
     }
 
     /// Writes session `id`'s record if anything was staged since the last write;
@@ -244,6 +320,7 @@ impl Inner {
             n: self.writes.fetch_add(1, Ordering::Relaxed),
             acked: state.acked,
             down: state.down.iter().map(|(s, h)| (*h, *s)).collect(),
+            seen: state.seen.iter().cloned().collect(),
         }
     }
 
@@ -255,6 +332,7 @@ impl Inner {
             let (record, revision) = {
                 let mut state = held.lock();
                 state.unwritten = false;
+                state.forget_seen(tunnel_transport::unix_millis(), self.seen_for);
                 (self.record(&state), state.revision)
             };
             let through = record.down.iter().map(|(h, _)| *h).max().unwrap_or(0);
@@ -481,7 +559,14 @@ impl SessionStore for NatsSessionStore {
                 down: record.down.iter().map(|(h, s)| (*s, *h)).collect(),
                 unwritten: false,
                 taken: true,
+                seen: record
+                    .seen
+                    .into_iter()
+                    .filter(|(_, m, _)| m.len() <= SEEN_ID_AT_MOST)
+                    .collect(),
             };
+            let mut state = state;
+            state.forget_seen(tunnel_transport::unix_millis(), self.inner.seen_for);
             let value =
                 serde_json::to_vec(&self.inner.record(&state)).map_err(|e| failed("encode", e))?;
             // Only the hub whose record lands at this revision continues it; one that
@@ -568,6 +653,7 @@ mod tests {
             hub.into(),
             format!("{hub}-run"),
             config.session_grace,
+            config.duplicate_window,
         );
         (store, bucket)
     }
@@ -588,8 +674,8 @@ mod tests {
         let (b, _) = store(&nats, "hub-b").await;
         let agent = AgentId::new("w", "t");
         a.open(&agent, "s1").await.expect("opened");
-        let first = a.stage(&agent, "s1", 5, 100).expect("held");
-        let second = a.stage(&agent, "s1", 6, 101).expect("held");
+        let first = a.stage(&agent, "s1", 5, 100, None).expect("held");
+        let second = a.stage(&agent, "s1", 6, 101, None).expect("held");
         assert_eq!(
             a.record(&agent, "s1").await,
             Ok(6),
@@ -603,7 +689,7 @@ mod tests {
         // delivery's pair goes too (sent again, it is recorded anew).
         first.delivered(100, 5);
         second.undelivered(101, 6);
-        assert!(a.stage(&agent, "s1", 7, 101).is_some());
+        assert!(a.stage(&agent, "s1", 7, 101, None).is_some());
         assert_eq!(a.record(&agent, "s1").await, Ok(7));
         let written = record_of(&bucket, &agent, "s1").await;
         assert_eq!((written.acked, written.down), (5, vec![(7, 101)]));
@@ -613,11 +699,11 @@ mod tests {
         // Another hub takes it: the first one's writes are refused from then on.
         let taken = b.take(&agent, "s1").await.expect("take").expect("stored");
         assert!(taken.open_tail && taken.hold_resumed && taken.acked == 5);
-        assert!(a.stage(&agent, "s1", 8, 102).is_some());
+        assert!(a.stage(&agent, "s1", 8, 102, None).is_some());
         assert_eq!(a.record(&agent, "s1").await, Err(WriteError::Lost));
         assert!(!a.holds_session(&agent, "s1"), "fenced");
         assert!(
-            a.stage(&agent, "s1", 9, 103).is_none(),
+            a.stage(&agent, "s1", 9, 103, None).is_none(),
             "nothing more staged there"
         );
         // The agent resumed reporting 7: it has stream message 101.
@@ -654,7 +740,7 @@ mod tests {
         let (b, _) = store(&nats, "hub-b").await;
         let agent = AgentId::new("w", "t");
         a.open(&agent, "s1").await.expect("opened");
-        let old = a.stage(&agent, "s1", 5, 100).expect("held");
+        let old = a.stage(&agent, "s1", 5, 100, None).expect("held");
         assert_eq!(a.record(&agent, "s1").await, Ok(5));
         // The agent moves to hub b and back: hub a takes the record again, with the
         // pair of message 100.
@@ -665,5 +751,49 @@ mod tests {
         // The agent resumed having 5: the new copy still deletes message 100 rather
         // than reading it again.
         assert_eq!(a.taken_down(&agent, "s1", 5), Some(vec![100]));
+    }
+
+    #[tokio::test]
+    async fn a_taker_knows_the_ids_of_the_down_messages_sent_in_the_session() {
+        let nats = Nats::start("seen");
+        let (a, bucket) = store(&nats, "hub-a").await;
+        let (b, _) = store(&nats, "hub-b").await;
+        let agent = AgentId::new("w", "t");
+        a.open(&agent, "s1").await.expect("opened");
+        a.stage(&agent, "s1", 1, 100, Some("cmd-1")).expect("held");
+        a.stage(&agent, "s1", 2, 101, Some(&"x".repeat(SEEN_ID_AT_MOST + 1)))
+            .expect("held");
+        assert_eq!(a.record(&agent, "s1").await, Ok(2));
+        let written = record_of(&bucket, &agent, "s1").await;
+        assert_eq!(written.seen.len(), 1, "an id past the bound is not kept");
+        assert!(
+            a.sent_before(&agent, "s1", "cmd-1", 200),
+            "a copy under another sequence"
+        );
+        assert!(
+            !a.sent_before(&agent, "s1", "cmd-1", 100),
+            "the message itself, sent again"
+        );
+        b.take(&agent, "s1").await.expect("take").expect("stored");
+        assert!(
+            b.sent_before(&agent, "s1", "cmd-1", 200),
+            "the taker knows it"
+        );
+        b.adopt(&agent, "s1", 2).await.expect("written");
+        assert!(
+            b.sent_before(&agent, "s1", "cmd-1", 200),
+            "and keeps it past the adopt"
+        );
+        assert!(!b.sent_before(&agent, "s1", "cmd-2", 201));
+        // At most the newest SEEN_AT_MOST.
+        for n in 0..SEEN_AT_MOST as u64 + 5 {
+            b.stage(&agent, "s1", 3 + n, 300 + n, Some(&format!("m-{n}")))
+                .expect("held");
+        }
+        assert!(
+            !b.sent_before(&agent, "s1", "cmd-1", 200),
+            "the oldest went"
+        );
+        assert!(b.sent_before(&agent, "s1", "m-68", 1));
     }
 }

@@ -930,3 +930,63 @@ async fn of_two_hubs_taking_one_session_at_once_one_holds_it_after() {
         );
     }
 }
+
+/// A backend that did not hear a publish's ack sends it again under its message id.
+/// The down stream drops such a second copy by `Nats-Msg-Id`, except after nats-server
+/// restarted: its duplicate window then knows only the messages it still stores, and
+/// the first copy was delivered and deleted. The session remembers the ids it
+/// delivered, so the agent still gets the command once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sent_again_under_its_id_after_nats_restarts_is_delivered_once() {
+    let mut nats = Nats::start("retried-id");
+    let (hub, _cluster, serving) = hub_with_stored_sessions(&nats, "hub-a").await;
+    let id = AgentId::new("root:org", "retried");
+    let (router, mut commands) = agent_router();
+    let agent = agent(&hub.url().expect("url"), &id, router);
+    within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+    let send = |n: u64| {
+        let (backend, id) = (backend.clone(), id.clone());
+        async move {
+            while backend
+                .send_with_id(
+                    &id,
+                    MessageType::Command,
+                    &json!({ "n": n }),
+                    &format!("cmd-{n}"),
+                )
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    within("stored", send(1)).await;
+    assert_eq!(within("delivered", commands.recv()).await, Some(1));
+    // Delivered, acknowledged and deleted from the stream.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+    within("deleted", async {
+        loop {
+            let mut down = js.get_stream("TUNNEL_DOWN").await.expect("stream");
+            if down.info().await.expect("info").state.messages == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    nats.restart();
+    within("sent again", send(1)).await;
+    within("the next one", send(2)).await;
+    assert_eq!(
+        within("after the restart", commands.recv()).await,
+        Some(2),
+        "the command sent again under its id is not delivered a second time"
+    );
+    serving.stop().await;
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
