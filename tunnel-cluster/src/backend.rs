@@ -150,7 +150,11 @@ impl Backend {
 
     /// [`Backend::send`] under the message id `id` (`Nats-Msg-Id`): sent again with
     /// the same id within the down stream's duplicate window (a retry after an error
-    /// whose publish may have landed), it is stored once.
+    /// whose publish may have landed), it is stored once. After a nats-server restart
+    /// the stream may store it again (its window then knows only the messages it still
+    /// has); an agent whose session is kept in NATS still gets it once when the retry
+    /// follows the first copy by fewer than 64 messages to that agent and the id is at
+    /// most 128 bytes (PROTOCOL.md 10.7).
     pub async fn send_with_id<T: serde::Serialize + ?Sized>(
         &self,
         agent: &AgentId,

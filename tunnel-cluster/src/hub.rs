@@ -1357,6 +1357,7 @@ async fn deliver(
         },
         None => None,
     };
+    tracing::debug!(%agent, stream_seq = seq, session_seq = receipt.seq(), session = ?session, "down message handed to the session");
     shared.lock().start(seq);
     track(inner, shared, agent, seq, receipt, staged);
     Ok(session.is_some())
@@ -1442,6 +1443,7 @@ async fn adopt_taken(
         return true;
     };
     if let Some(has) = inner.sessions.taken_down(agent, id, resumed_at) {
+        tracing::debug!(%agent, resumed_at, deleting = ?has, "a taken session resumed: deleting what the agent has");
         let mine: Vec<u64> = has
             .into_iter()
             .filter(|seq| shared.lock().start(*seq))
@@ -1485,7 +1487,9 @@ fn track(
     // its delivery failed (a send again records anew).
     // Not tied to this connection: a session resumed on this hub acknowledges later.
     tokio::spawn(async move {
-        let done = match receipt.delivered().await {
+        let outcome = receipt.delivered().await;
+        tracing::debug!(%agent, stream_seq = seq, session_seq = in_session, outcome = ?outcome, "down message's outcome");
+        let done = match outcome {
             Ok(()) => true,
             // Sent on a connection that tracks nothing (a hub without sessions): all
             // that can be known, so at most once there.

@@ -17,9 +17,11 @@ pub const SOON: Duration = Duration::from_secs(15);
 pub fn cluster_hub(dir: &Dir, nats: &str, name: &str, port: u16, drain_timeout: &str) -> Process {
     let token = dir.token();
     let listen = format!("127.0.0.1:{port}");
+    // `TUNNEL_TEST_LOG` (a tracing filter) for more, with `TUNNEL_TEST_LOGS` to keep it.
+    let log = std::env::var("TUNNEL_TEST_LOG").unwrap_or_else(|_| "info".into());
     Process::spawn(
         tunnel()
-            .args(["--log", "info", "--log-format", "json"])
+            .args(["--log", log.as_str(), "--log-format", "json"])
             .args([
                 "hub",
                 "--listen",
