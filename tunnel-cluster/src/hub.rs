@@ -1467,7 +1467,9 @@ async fn adopt_taken(
         }
         shared.changed.notify_one();
     }
-    hub.release(agent, id, resumed_at + 1).await;
+    // Only the hold: a message staged under `R + 1` by an earlier reader of this copy
+    // is released by a record write that carries it, like any other.
+    hub.release_resumed(agent, id).await;
     true
 }
 

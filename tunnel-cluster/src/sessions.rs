@@ -252,7 +252,21 @@ impl NatsSessionStore {
     /// everything staged up to it may be released.
     pub(crate) async fn record(&self, agent: &AgentId, id: &str) -> Result<u64, WriteError> {
         let (key, held) = self.held(agent, id).ok_or(WriteError::Lost)?;
-        let pending = held.lock().unwritten;
+        // A write on its way (the refresh's, a save's) has cleared the flag before it
+        // landed: what it carries may be released only once it did.
+        let pending = {
+            let _landed = held.writing.lock().await;
+            if !self
+                .inner
+                .lock()
+                .get(&key)
+                .is_some_and(|h| Arc::ptr_eq(h, &held))
+            {
+                // That write found the session taken.
+                return Err(WriteError::Lost);
+            }
+            held.lock().unwritten
+        };
         if pending {
             // Only what this write carried may be released: a pair staged meanwhile
             // waits for the next.

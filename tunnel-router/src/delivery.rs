@@ -332,6 +332,13 @@ impl Reliable {
         }
     }
 
+    /// Ends the hold after an open-numbered resume, and sends what may go now.
+    pub(crate) async fn release_resumed(&self) {
+        if self.with(|st| st.session.release_resumed()) {
+            Box::pin(self.drain()).await;
+        }
+    }
+
     /// The highest sequence number the agent acknowledged.
     pub(crate) fn acked(&self) -> u64 {
         self.state().session.acked()

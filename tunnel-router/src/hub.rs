@@ -653,6 +653,16 @@ impl Hub {
         }
     }
 
+    /// Ends the hold of `agent`'s session `session` after it resumed from a store's
+    /// open numbering (`SessionSnapshot::hold_resumed`): what is not staged goes out;
+    /// staged messages stay staged until [`Hub::release`]. Nothing happens if there is
+    /// no hold (any more), or that is not the agent's session here.
+    pub async fn release_resumed(&self, agent: &AgentId, session: &str) {
+        if let Some(reliable) = self.session_driver(agent, session) {
+            reliable.release_resumed().await;
+        }
+    }
+
     fn session_driver(
         &self,
         agent: &AgentId,

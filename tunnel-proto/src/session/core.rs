@@ -93,6 +93,11 @@ pub struct Session {
     pub(super) hold_resumed: bool,
     /// Where an open-numbered resume put the numbering: what the peer reported.
     pub(super) resumed_open_at: Option<u64>,
+    /// While held after an open-numbered resume: the first number that may not go out
+    /// until [`Session::release_resumed`]. Apart from the staged messages: the first
+    /// one staged after the resume has the same number, and releasing the hold must
+    /// not release it.
+    pub(super) resume_hold: Option<u64>,
 }
 
 /// What [`Session::send`] did with a message.
@@ -206,6 +211,7 @@ impl Session {
             generation: 0,
             hold_resumed: false,
             resumed_open_at: None,
+            resume_hold: None,
         }
     }
 
@@ -249,9 +255,24 @@ impl Session {
                 .is_some_and(|from| from <= self.release_limit())
     }
 
+    /// Ends the hold after an open-numbered resume (`SessionSnapshot::hold_resumed`);
+    /// staged messages stay staged. Returns whether a backlog now waits to be sent.
+    /// Nothing when there is no hold (any more).
+    pub fn release_resumed(&mut self) -> bool {
+        if self.resume_hold.take().is_none() {
+            return false;
+        }
+        self.link.is_some()
+            && self
+                .backlog_from
+                .is_some_and(|from| from <= self.release_limit())
+    }
+
     /// The highest sequence number that may go to a connection now.
     fn release_limit(&self) -> u64 {
-        self.staged.front().map_or(u64::MAX, |seq| seq - 1)
+        let staged = self.staged.front().map_or(u64::MAX, |seq| seq - 1);
+        let held = self.resume_hold.map_or(u64::MAX, |seq| seq - 1);
+        staged.min(held)
     }
 
     fn push(
@@ -444,7 +465,7 @@ impl Session {
                             self.resumed_open_at = Some(peer_received);
                             if self.hold_resumed {
                                 // Nothing more goes out until the holder released it.
-                                self.staged.push_front(peer_received + 1);
+                                self.resume_hold = Some(peer_received + 1);
                             }
                             self.changed = true;
                         }
@@ -519,6 +540,7 @@ impl Session {
         self.backlog_from = None;
         self.transmitted_through = through;
         self.staged.retain(|seq| *seq > through);
+        self.resume_hold = None;
         self.latest.retain(|_, seq| *seq > through);
         self.inb = ReceiveWindow::new(self.config.clone());
         self.outcomes.set_acked(self.out.acked());
@@ -692,6 +714,7 @@ impl Session {
         self.link = None;
         self.backlog_from = None;
         self.staged.clear();
+        self.resume_hold = None;
         self.latest.clear();
         self.outcomes.end(reason);
         self.changed = true;

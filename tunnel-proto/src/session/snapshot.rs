@@ -346,6 +346,7 @@ impl Session {
             generation: snapshot.generation,
             hold_resumed: snapshot.hold_resumed,
             resumed_open_at: None,
+            resume_hold: None,
         })
     }
 }

@@ -651,7 +651,7 @@ fn an_open_numbering_goes_on_after_what_the_peer_reports_and_takes_nothing_befor
         s.handle_attach(1, 1, true, Some(u64::MAX)),
         Attach::Restart(_)
     ));
-    // Held after the resume: nothing goes out until the holder releases R + 1.
+    // Held after the resume: nothing goes out until the holder releases the hold.
     let mut s = Session::restore(config(), &open.clone().holding_resumed(), t).expect("restores");
     assert!(matches!(
         s.handle_attach(1, 1, true, Some(9)),
@@ -661,6 +661,24 @@ fn an_open_numbering_goes_on_after_what_the_peer_reports_and_takes_nothing_befor
     let (seq, frame) = send(&mut s, event(1), t);
     assert_eq!(seq, 10);
     assert!(frame.is_none(), "held until released");
+    assert!(s.release_resumed());
+    let sent: Vec<u64> = drain(&mut s, 1).iter().filter_map(|e| e.seq).collect();
+    assert_eq!(sent, vec![10]);
+    // Ending the hold does not release a message staged under the first number after
+    // it (R + 1), and ending it again (a later reader on the same copy) neither.
+    let mut s = Session::restore(config(), &open.clone().holding_resumed(), t).expect("restores");
+    assert!(matches!(
+        s.handle_attach(1, 1, true, Some(9)),
+        Attach::Attached(None)
+    ));
+    let staged = s.send_staged(event(2), t).expect("staged");
+    assert!(matches!(staged, Pushed::Held { seq: 10, .. }));
+    assert!(!s.release_resumed(), "10 is still staged");
+    assert!(!s.release_resumed());
+    assert!(
+        drain(&mut s, 1).is_empty(),
+        "nothing goes out before its release"
+    );
     assert!(s.release(10));
     let sent: Vec<u64> = drain(&mut s, 1).iter().filter_map(|e| e.seq).collect();
     assert_eq!(sent, vec![10]);
