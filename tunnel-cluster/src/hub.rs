@@ -1323,11 +1323,8 @@ async fn deliver(
             return Ok(false);
         }
     };
-    let msg_id = msg
-        .headers
-        .get("Nats-Msg-Id")
-        .map(|v| v.as_str().to_owned());
-    if let (Some(id), Some(msg_id)) = (session, &msg_id)
+    let msg_id = msg.headers.get("Nats-Msg-Id").map(|v| v.as_str());
+    if let (Some(id), Some(msg_id)) = (session, msg_id)
         && inner.sessions.sent_before(agent, id, msg_id, seq)
     {
         tracing::debug!(%agent, seq, "deleting a second copy of a down message sent in the session (stored again under its id)");
@@ -1347,10 +1344,7 @@ async fn deliver(
         }
     };
     let staged = match session {
-        Some(id) => match inner
-            .sessions
-            .stage(agent, id, receipt.seq(), seq, msg_id.as_deref())
-        {
+        Some(id) => match inner.sessions.stage(agent, id, receipt.seq(), seq, msg_id) {
             Some(staged) => Some(staged),
             // Lost meanwhile: staged, it never goes out of this copy.
             None => return Err(NotDelivered::Gone),

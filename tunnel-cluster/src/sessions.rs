@@ -215,12 +215,9 @@ impl NatsSessionStore {
             if let Some(msg_id) = msg_id.filter(|m| !m.is_empty() && m.len() <= SEEN_ID_AT_MOST)
                 && !state.seen.iter().any(|(s, _, _)| *s == stream_seq)
             {
-                state.seen.push_back((
-                    stream_seq,
-                    msg_id.to_owned(),
-                    tunnel_transport::unix_millis(),
-                ));
-                state.forget_seen(tunnel_transport::unix_millis(), self.inner.seen_for);
+                let now = tunnel_transport::unix_millis();
+                state.seen.push_back((stream_seq, msg_id.to_owned(), now));
+                state.forget_seen(now, self.inner.seen_for);
             }
         }
         Some(StagedIn(held))
