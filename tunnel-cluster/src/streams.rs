@@ -13,8 +13,9 @@ pub(crate) async fn ensure(
     js: &jetstream::Context,
     config: &ClusterConfig,
 ) -> Result<(stream::Stream, stream::Stream), ClusterError> {
-    let up = js
-        .get_or_create_stream(stream::Config {
+    let up = made(
+        js,
+        stream::Config {
             name: UP_STREAM.into(),
             subjects: vec![format!("{PREFIX}.up.>")],
             max_age: config.up_max_age,
@@ -24,11 +25,13 @@ pub(crate) async fn ensure(
             duplicate_window: config.duplicate_window,
             storage: stream::StorageType::File,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| ClusterError::JetStream(format!("stream {UP_STREAM}: {e}")))?;
-    let down = js
-        .get_or_create_stream(stream::Config {
+        },
+    )
+    .await
+    .map_err(|e| ClusterError::JetStream(format!("stream {UP_STREAM}: {e}")))?;
+    let down = made(
+        js,
+        stream::Config {
             name: DOWN_STREAM.into(),
             subjects: vec![crate::subject::down_stream_subjects()],
             // A message leaves once the agent has it (the hub that delivered it deletes
@@ -44,9 +47,10 @@ pub(crate) async fn ensure(
             duplicate_window: config.duplicate_window,
             storage: stream::StorageType::File,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| ClusterError::JetStream(format!("stream {DOWN_STREAM}: {e}")))?;
+        },
+    )
+    .await
+    .map_err(|e| ClusterError::JetStream(format!("stream {DOWN_STREAM}: {e}")))?;
     // A stream made by another version would store calls and refuse direct gets.
     let made = &down.cached_info().config;
     if made.retention != stream::RetentionPolicy::Limits
@@ -62,6 +66,23 @@ pub(crate) async fn ensure(
         )));
     }
     Ok((up, down))
+}
+
+/// The stream `config` names: the one there, else one made with `config`.
+///
+/// Hubs that start together race to make it, and nats-server 2.9 refuses all but the
+/// first with "subjects overlap with an existing stream" (10065) rather than
+/// answering the others as a create of the same stream: a refused create reads the
+/// stream again, and fails only when it is still not there.
+async fn made(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, String> {
+    let name = config.name.clone();
+    match js.get_or_create_stream(config).await {
+        Ok(stream) => Ok(stream),
+        Err(refused) => js
+            .get_stream(&name)
+            .await
+            .map_err(|e| format!("{refused} (and read again: {e})")),
+    }
 }
 
 /// The presence bucket: one entry per connected agent, no history.
@@ -114,25 +135,28 @@ async fn bucket(
     max_age: std::time::Duration,
     max_bytes: i64,
 ) -> Result<kv::Store, ClusterError> {
-    js.get_or_create_stream(stream::Config {
-        name: format!("KV_{name}"),
-        subjects: vec![format!("$KV.{name}.>")],
-        max_age,
-        max_bytes,
-        max_messages_per_subject: 1,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        storage: stream::StorageType::File,
-        // The server refuses a window longer than the entries live.
-        duplicate_window: if max_age.is_zero() {
-            std::time::Duration::from_secs(120)
-        } else {
-            max_age.min(std::time::Duration::from_secs(120))
+    made(
+        js,
+        stream::Config {
+            name: format!("KV_{name}"),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_age,
+            max_bytes,
+            max_messages_per_subject: 1,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            storage: stream::StorageType::File,
+            // The server refuses a window longer than the entries live.
+            duplicate_window: if max_age.is_zero() {
+                std::time::Duration::from_secs(120)
+            } else {
+                max_age.min(std::time::Duration::from_secs(120))
+            },
+            ..Default::default()
         },
-        ..Default::default()
-    })
+    )
     .await
     .map_err(|e| ClusterError::JetStream(format!("bucket {name}: {e}")))?;
     js.get_key_value(name)

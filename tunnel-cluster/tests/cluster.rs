@@ -393,6 +393,22 @@ async fn while_nats_is_down_the_agent_keeps_its_messages_and_the_stream_gets_eac
     hub.shutdown().await;
 }
 
+/// Hubs that start together on a fresh server race to make the streams and buckets:
+/// each of them joins (nats-server 2.9 refuses the losers' creates as overlapping).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_joining_a_fresh_server_at_once_all_join() {
+    for round in 0..20 {
+        let nats = Nats::start(&format!("fresh-{round}"));
+        let joins =
+            (0..4).map(|i| Cluster::connect(ClusterConfig::new(nats.url(), format!("hub-{i}"))));
+        for joined in futures_util::future::join_all(joins).await {
+            if let Err(e) = joined {
+                panic!("round {round}: a hub did not join: {e}");
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_hub_announces_itself_as_a_micro_service_with_its_load() {
     let nats = Nats::start("service");

@@ -128,12 +128,22 @@ impl Process {
     pub fn wait_for_all(&self, messages: &[&str]) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + SOON;
         let mut found: Vec<Option<serde_json::Value>> = vec![None; messages.len()];
+        // The last lines read, for the failure's message.
+        let mut last = std::collections::VecDeque::new();
         while found.iter().any(Option::is_none) {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("not all of {messages:?} logged in time"));
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|e| {
+                let why = match e {
+                    mpsc::RecvTimeoutError::Timeout => "not logged in time",
+                    mpsc::RecvTimeoutError::Disconnected => "the process ended first",
+                };
+                let last = Vec::from(last.clone()).join("\n");
+                panic!("not all of {messages:?} logged: {why}; its last lines:\n{last}")
+            });
+            if last.len() == 12 {
+                last.pop_front();
+            }
+            last.push_back(line.clone());
             let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if let Some(i) = messages
                 .iter()
