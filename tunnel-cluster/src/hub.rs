@@ -1012,8 +1012,10 @@ async fn claim(presence: &kv::Store, key: &str, value: &Presence) -> Result<u64,
 #[derive(Debug, Default)]
 struct InFlight {
     state: Mutex<InFlightState>,
-    /// Wakes the reader: a delivery ended (a slot is free, or it failed).
-    changed: tokio::sync::Notify,
+    /// Bumped when a delivery ended (a slot is free, or it failed): wakes every reader
+    /// of the agent (the old connection's may still be there; a wake-up for one
+    /// reader only could go to it).
+    changed: watch::Sender<u64>,
     /// Held by the agent's reader for each read and delivery: a new connection's
     /// reader may start before the old one's task has gone.
     reading: tokio::sync::Mutex<()>,
@@ -1027,8 +1029,10 @@ struct InFlightState {
     awaiting: usize,
     /// Reads of the stream begun so far.
     reads: u64,
-    /// A delivery failed: read the agent's messages from the start of the stream again.
-    rewind: bool,
+    /// Deliveries that failed so far: a reader that has not seen the last reads the
+    /// agent's messages from the start of the stream again (each reader: one that
+    /// took a shared flag could leave another reader past the failed message).
+    rewinds: u64,
 }
 
 impl InFlight {
@@ -1047,12 +1051,15 @@ struct Slot {
     /// flight at the delete has ended, so a read racing the delete does not deliver it
     /// again.
     deleted: Option<u64>,
+    /// The session copy it was last handed to.
+    copy: u64,
 }
 
 impl InFlightState {
-    /// Down message `seq` was handed to a session copy, whose receipt is to be
-    /// awaited; false when it was deleted already (nothing to await).
-    fn start(&mut self, seq: u64) -> bool {
+    /// Down message `seq` was handed to session copy `copy` (see
+    /// [`crate::sessions::StagedIn::copy`]; 0 outside sessions kept in NATS), whose
+    /// receipt is to be awaited; false when it was deleted already (nothing to await).
+    fn start(&mut self, seq: u64, copy: u64) -> bool {
         match self.seqs.get_mut(&seq) {
             None => {
                 self.seqs.insert(
@@ -1060,6 +1067,7 @@ impl InFlightState {
                     Slot {
                         owners: 1,
                         deleted: None,
+                        copy,
                     },
                 );
                 self.awaiting += 1;
@@ -1068,9 +1076,20 @@ impl InFlightState {
             Some(slot) if slot.deleted.is_some() => false,
             Some(slot) => {
                 slot.owners += 1;
+                slot.copy = copy;
                 true
             }
         }
+    }
+
+    /// What a reader for session copy `copy` does with stream message `seq`: send it
+    /// (`None`), pass it (`Some(false)`: this copy has it, or it is deleted), or stop
+    /// before it (`Some(true)`): another copy has it, and if that copy's delivery
+    /// fails it is to be sent again, before anything after it.
+    fn meets(&self, seq: u64, copy: u64) -> Option<bool> {
+        self.seqs
+            .get(&seq)
+            .map(|slot| slot.deleted.is_none() && slot.copy != copy)
     }
 
     /// One receipt of down message `seq`: the agent has it (`done`: it was deleted),
@@ -1089,7 +1108,7 @@ impl InFlightState {
         } else if slot.owners == 0 {
             self.seqs.remove(&seq);
             self.awaiting -= 1;
-            self.rewind = true;
+            self.rewinds += 1;
         }
     }
 
@@ -1155,7 +1174,15 @@ async fn serve_inbox(
     // Down messages staged since the last record. At the start, what an earlier
     // reader of this session may have left staged is recorded and released.
     let mut staged = usize::from(session.is_some());
+    // The copy of the session this reader delivers for (0: not kept in NATS).
+    let copy = session
+        .as_deref()
+        .and_then(|id| inner.sessions.copy_of(agent, id))
+        .unwrap_or(0);
     let mut look_again = inner.look_again.subscribe();
+    let mut changed = shared.changed.subscribe();
+    // The failed deliveries this reader has read again for.
+    let mut rewinds = shared.lock().rewinds;
     let filter = subject::down_all(agent);
     // After a copy of a new message: how many of the [`RECHECKS`] were made.
     let mut rechecks = RECHECKS.len();
@@ -1169,11 +1196,12 @@ async fn serve_inbox(
         while unread && retry.is_none() && staged < RECORD_AT_MOST {
             let _reading = shared.reading.lock().await;
             {
-                let mut state = shared.lock();
+                let state = shared.lock();
                 if state.awaiting >= limit {
                     break;
                 }
-                if std::mem::take(&mut state.rewind) {
+                if state.rewinds != rewinds {
+                    rewinds = state.rewinds;
                     next = 1;
                 }
             }
@@ -1185,9 +1213,19 @@ async fn serve_inbox(
             );
             match read.await {
                 Ok(msg) => {
-                    next = msg.sequence + 1;
-                    if shared.lock().seqs.contains_key(&msg.sequence) {
-                        continue;
+                    match shared.lock().meets(msg.sequence, copy) {
+                        Some(false) => {
+                            next = msg.sequence + 1;
+                            continue;
+                        }
+                        Some(true) => {
+                            // An older copy's delivery: wait for its outcome (which
+                            // wakes the reader) before sending anything after it.
+                            next = msg.sequence;
+                            unread = false;
+                            break;
+                        }
+                        None => next = msg.sequence + 1,
                     }
                     let seq = msg.sequence;
                     let delivered =
@@ -1272,7 +1310,7 @@ async fn serve_inbox(
                     drop(permit);
                 });
             }
-            () = shared.changed.notified() => unread = true,
+            Ok(()) = changed.changed() => unread = true,
             // Reconnected to NATS, or the periodic look: read from the start.
             Ok(()) = look_again.changed() => {
                 unread = true;
@@ -1352,7 +1390,10 @@ async fn deliver(
         None => None,
     };
     tracing::debug!(%agent, stream_seq = seq, session_seq = receipt.seq(), session = ?session, "down message handed to the session");
-    shared.lock().start(seq);
+    shared.lock().start(
+        seq,
+        staged.as_ref().map_or(0, crate::sessions::StagedIn::copy),
+    );
     track(inner, shared, agent, seq, receipt, staged);
     Ok(session.is_some())
 }
@@ -1437,10 +1478,11 @@ async fn adopt_taken(
         return true;
     };
     if let Some(has) = inner.sessions.taken_down(agent, id, resumed_at) {
+        let copy = inner.sessions.copy_of(agent, id).unwrap_or(0);
         tracing::debug!(%agent, resumed_at, deleting = ?has, "a taken session resumed: deleting what the agent has");
         let mine: Vec<u64> = has
             .into_iter()
-            .filter(|seq| shared.lock().start(*seq))
+            .filter(|seq| shared.lock().start(*seq, copy))
             .collect();
         // Deleted before the record forgets them: a crash in between leaves them
         // recorded, and the next hub deletes them again.
@@ -1459,7 +1501,7 @@ async fn adopt_taken(
                 }
             }
         }
-        shared.changed.notify_one();
+        shared.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
     // Only the hold: a message staged under `R + 1` by an earlier reader of this copy
     // is released by a record write that carries it, like any other.
@@ -1509,7 +1551,7 @@ fn track(
             }
         }
         shared.lock().end(seq, done);
-        shared.changed.notify_one();
+        shared.changed.send_modify(|n| *n = n.wrapping_add(1));
     });
 }
 
@@ -1528,7 +1570,7 @@ fn adopt_held(inner: &Arc<Inner>, hub: &Hub, agent: &AgentId, shared: &Arc<InFli
         else {
             continue;
         };
-        if shared.lock().start(seq) {
+        if shared.lock().start(seq, 0) {
             track(inner, shared, agent, seq, held.receipt, None);
         }
     }
@@ -1689,14 +1731,14 @@ mod tests {
     #[test]
     fn a_message_handed_to_two_session_copies_is_read_again_only_when_both_failed() {
         let mut state = InFlightState::default();
-        assert!(state.start(7));
-        assert!(state.start(7), "the restored copy holds it too");
+        assert!(state.start(7, 0));
+        assert!(state.start(7, 0), "the restored copy holds it too");
         assert_eq!(state.awaiting, 1, "one message awaited");
         state.end(7, false);
-        assert!(!state.rewind, "the other copy may still deliver it");
+        assert_eq!(state.rewinds, 0, "the other copy may still deliver it");
         assert!(state.seqs.contains_key(&7));
         state.end(7, false);
-        assert!(state.rewind, "no copy left: read it again");
+        assert_eq!(state.rewinds, 1, "no copy left: read it again");
         assert!(!state.seqs.contains_key(&7));
         assert_eq!(state.awaiting, 0);
     }
@@ -1705,19 +1747,37 @@ mod tests {
     fn a_deleted_message_is_known_through_the_read_racing_its_delete_then_forgotten() {
         let mut state = InFlightState::default();
         state.begin_read();
-        assert!(state.start(3));
+        assert!(state.start(3, 0));
         // Read 2 is in flight when the delete lands: its answer may still hold 3.
         state.begin_read();
         state.end(3, true);
         assert_eq!(state.awaiting, 0);
         assert!(state.seqs.contains_key(&3), "skipped if read 2 returns it");
-        assert!(!state.start(3), "nothing to await for a deleted message");
+        assert!(!state.start(3, 0), "nothing to await for a deleted message");
         // Read 3 began after the delete: it cannot meet 3.
         state.begin_read();
         assert!(state.seqs.is_empty(), "forgotten");
         // A late failure of a copy of a message already deleted changes nothing.
         state.end(3, false);
-        assert!(!state.rewind);
+        assert_eq!(state.rewinds, 0);
+    }
+
+    #[test]
+    fn a_reader_stops_before_a_message_another_copy_may_give_back() {
+        let mut state = InFlightState::default();
+        assert!(state.start(5, 1), "sent by copy 1");
+        assert_eq!(state.meets(5, 1), Some(false), "copy 1 has it: pass it");
+        assert_eq!(
+            state.meets(5, 2),
+            Some(true),
+            "copy 2 waits for its outcome"
+        );
+        assert_eq!(state.meets(6, 2), None, "nobody has 6: send it");
+        state.end(5, false);
+        assert_eq!(state.meets(5, 2), None, "copy 1 failed: copy 2 sends it");
+        assert!(state.start(5, 2));
+        state.end(5, true);
+        assert_eq!(state.meets(5, 3), Some(false), "deleted: nobody sends it");
     }
 }
 

@@ -82,6 +82,9 @@ const SEEN_ID_AT_MOST: usize = 128;
 /// A session this hub holds.
 #[derive(Debug)]
 struct Held {
+    /// This copy of the session on this hub, unique in the process: a copy taken
+    /// again later is another.
+    copy: u64,
     state: Mutex<HeldState>,
     /// One write at a time: each is a compare-and-set on the revision the last left.
     writing: tokio::sync::Mutex<()>,
@@ -186,6 +189,11 @@ impl NatsSessionStore {
         let key = subject::session_key(agent, id);
         let held = self.inner.lock().get(&key).cloned()?;
         Some((key, held))
+    }
+
+    /// Which copy of session `id` this hub holds now (see [`StagedIn::copy`]).
+    pub(crate) fn copy_of(&self, agent: &AgentId, id: &str) -> Option<u64> {
+        self.held(agent, id).map(|(_, held)| held.copy)
     }
 
     /// Whether this hub holds session `id` of `agent` (opened or took it, and has not
@@ -423,6 +431,11 @@ impl Inner {
 pub(crate) struct StagedIn(Arc<Held>);
 
 impl StagedIn {
+    /// The copy it was staged in (never 0).
+    pub(crate) fn copy(&self) -> u64 {
+        self.0.copy
+    }
+
     /// The agent acknowledged down message `stream_seq` (sent as `seq`), and it was
     /// deleted: its pair goes with the next write.
     pub(crate) fn delivered(&self, stream_seq: u64, seq: u64) {
@@ -486,7 +499,9 @@ async fn refresh(inner: Weak<Inner>, every: Duration) {
 
 impl Held {
     fn new(state: HeldState) -> Arc<Held> {
+        static COPIES: AtomicU64 = AtomicU64::new(1);
         Arc::new(Held {
+            copy: COPIES.fetch_add(1, Ordering::Relaxed),
             state: Mutex::new(state),
             writing: tokio::sync::Mutex::new(()),
         })
