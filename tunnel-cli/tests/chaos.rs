@@ -10,11 +10,9 @@
 //!
 //! nats-server restarts (SIGKILL, then a start on the same port and storage) join the
 //! schedule with `CHAOS_NATS=1`. They are not in CI: runs of 60 s with them still fail
-//! now and then (BENCHMARKS.md has the figures and the causes known so far): a
-//! backend's retried publish stored a second time once the first copy was delivered
-//! and deleted (the stream's duplicate window forgets deleted messages when the server
-//! restarts), and runs where agents keep timing out their handshakes long after the
-//! schedule ended.
+//! now and then (BENCHMARKS.md has the figures and what is known of the causes: 2 of
+//! 30 runs at the last count). `TUNNEL_TEST_LOGS=dir` keeps every hub's log, and
+//! `TUNNEL_TEST_LOG=info,tunnel_cluster=debug` logs each down message's path.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,6 +32,7 @@ use support::{Dir, Process};
 
 const AGENTS: usize = 20;
 const HUBS: usize = 3;
+
 /// How long the end waits for every message to arrive.
 const SETTLE: Duration = Duration::from_secs(60);
 
@@ -359,9 +358,12 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
     }
     // Anything delivered twice would come within this wait.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // Missing commands still in the stream were not read; gone, they were deleted.
+    let left = down_left(&url).await;
     {
         let got = received.lock().expect("lock");
         print_anomalies(seed, "down", &ids, &sent_down, &got);
+        eprintln!("chaos seed {seed}: the down stream still holds {left} messages");
         let twice: Vec<_> = origins
             .lock()
             .expect("lock")
@@ -432,5 +434,17 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
     }
     for h in &mut hubs {
         drop(h.process.take());
+    }
+}
+
+/// How many messages the down stream holds (`u64::MAX`: it could not be read).
+async fn down_left(url: &str) -> u64 {
+    let Ok(client) = async_nats::connect(url).await else {
+        return u64::MAX;
+    };
+    let js = async_nats::jetstream::new(client);
+    match js.get_stream(tunnel_cluster::subject::DOWN_STREAM).await {
+        Ok(mut stream) => stream.info().await.map_or(u64::MAX, |i| i.state.messages),
+        Err(_) => u64::MAX,
     }
 }
