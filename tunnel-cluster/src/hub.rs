@@ -56,7 +56,7 @@ struct Inner {
     deleting: tokio_util::task::TaskTracker,
     calls: Arc<Semaphore>,
     /// Per agent, the down messages delivered and not yet deleted ([`InFlight`]).
-    in_flight: Mutex<HashMap<AgentId, std::sync::Weak<InFlight>>>,
+    in_flight: Mutex<Swept<AgentId, std::sync::Weak<InFlight>>>,
     /// The collector of publish acks that agents' sessions wait for: one task for the
     /// hub rather than one per message. As many wait as publishes may be in flight
     /// ([`MAX_ACKS_IN_FLIGHT`]).
@@ -309,7 +309,7 @@ impl Serving {
 /// from the failed one, in order).
 #[derive(Debug, Default)]
 struct Fences {
-    by_connection: Mutex<HashMap<u64, Fence>>,
+    by_connection: Mutex<Swept<u64, Fence>>,
 }
 
 #[derive(Debug)]
@@ -324,7 +324,7 @@ struct Fence {
 }
 
 impl Fences {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Fence>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Swept<u64, Fence>> {
         self.by_connection.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -337,10 +337,8 @@ impl Fences {
     ) -> Result<(), BoxError> {
         let refuse = |why: &str| -> BoxError { Unavailable::new(why.to_owned()).into() };
         let mut fences = self.lock();
-        if fences.len() % 1024 == 1023 {
-            fences.retain(|_, f| !f.sender.is_closed());
-        }
-        let fence = fences.entry(sender.info().id).or_insert_with(|| Fence {
+        fences.sweep(|_, f| !f.sender.is_closed());
+        let fence = fences.map.entry(sender.info().id).or_insert_with(|| Fence {
             generation,
             unresolved: 0,
             failed: false,
@@ -367,11 +365,11 @@ impl Fences {
     /// One admitted publish of `connection` was stored (`ok`) or not.
     fn resolved(&self, connection: u64, ok: bool) {
         let mut fences = self.lock();
-        if let Some(fence) = fences.get_mut(&connection) {
+        if let Some(fence) = fences.map.get_mut(&connection) {
             fence.unresolved = fence.unresolved.saturating_sub(1);
             fence.failed |= !ok;
             if fence.unresolved == 0 && !fence.failed {
-                fences.remove(&connection);
+                fences.map.remove(&connection);
             }
         }
     }
@@ -1127,17 +1125,49 @@ impl InFlightState {
 /// The agent's [`InFlight`], shared by its connections on this hub.
 fn in_flight(inner: &Inner, agent: &AgentId) -> Arc<InFlight> {
     let mut map = inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(live) = map.get(agent).and_then(std::sync::Weak::upgrade) {
+    if let Some(live) = map.map.get(agent).and_then(std::sync::Weak::upgrade) {
         return live;
     }
-    // Bounded by the agents that have a reader or a delivery pending, plus at most
-    // 1,024 ended ones (swept every 1,024 entries, not on every insert).
-    if map.len() % 1024 == 1023 {
-        map.retain(|_, w| w.strong_count() > 0);
-    }
+    // Bounded by the agents that have a reader or a delivery pending, plus as many
+    // ended ones (see `Swept`).
+    map.sweep(|_, w| w.strong_count() > 0);
     let fresh = Arc::new(InFlight::default());
-    map.insert(agent.clone(), Arc::downgrade(&fresh));
+    map.map.insert(agent.clone(), Arc::downgrade(&fresh));
     fresh
+}
+
+/// A map whose ended entries are swept out once it has grown to twice what the last
+/// sweep left (and to at least [`Swept::AT_LEAST`]): a sweep costs the map's length,
+/// so each insert pays for it about once, and what is left is at most twice what is
+/// live.
+#[derive(Debug)]
+struct Swept<K, V> {
+    map: HashMap<K, V>,
+    sweep_at: usize,
+}
+
+impl<K, V> Default for Swept<K, V> {
+    fn default() -> Self {
+        Swept {
+            map: HashMap::new(),
+            sweep_at: Self::AT_LEAST,
+        }
+    }
+}
+
+impl<K, V> Swept<K, V> {
+    /// No sweep below this many entries.
+    const AT_LEAST: usize = 1024;
+}
+
+impl<K: std::hash::Hash + Eq, V> Swept<K, V> {
+    /// Before an insert: keeps only the entries `keep` says are live, when it is time.
+    fn sweep(&mut self, keep: impl FnMut(&K, &mut V) -> bool) {
+        if self.map.len() >= self.sweep_at {
+            self.map.retain(keep);
+            self.sweep_at = (self.map.len() * 2).max(Self::AT_LEAST);
+        }
+    }
 }
 
 /// Serves what arrives for the agent: calls are forwarded to it; a copy of a down
@@ -1726,7 +1756,42 @@ async fn respond_error(
 
 #[cfg(test)]
 mod tests {
-    use super::InFlightState;
+    use super::{InFlightState, Swept};
+
+    #[test]
+    fn a_swept_map_sweeps_when_it_doubled_not_on_every_insert() {
+        let mut swept: Swept<u32, bool> = Swept::default();
+        let mut sweeps = 0;
+        // 1,500 live entries and as many ended ones, inserted in turn.
+        for i in 0..3000u32 {
+            swept.sweep(|_, live| {
+                sweeps += 1;
+                *live
+            });
+            swept.map.insert(i, i % 2 == 0);
+        }
+        // Swept at 1,024 (512 left), then at 1,024 again, ...: each entry is looked at
+        // a bounded number of times, not once per insert.
+        assert!(sweeps < 4 * 3000, "{sweeps} entries looked at");
+        assert!(
+            swept.map.len() <= 2 * 1500,
+            "at most twice the live entries"
+        );
+        let live = swept.map.values().filter(|l| **l).count();
+        assert_eq!(live, 1500, "no live entry swept");
+        // A map of live entries at the bound, looked up again and again without an
+        // insert, is swept once, not on every call.
+        let mut full: Swept<u32, ()> = Swept::default();
+        full.map.extend((0..1024).map(|i| (i, ())));
+        let mut looked = 0;
+        for _ in 0..1000 {
+            full.sweep(|_, ()| {
+                looked += 1;
+                true
+            });
+        }
+        assert_eq!(looked, 1024);
+    }
 
     #[test]
     fn a_message_handed_to_two_session_copies_is_read_again_only_when_both_failed() {
