@@ -105,6 +105,29 @@ struct HeldState {
     taken: bool,
     /// The ids of the last down messages sent, oldest first (see [`Seen`]).
     seen: VecDeque<Seen>,
+    /// The `n` of this copy's writes since its last confirmed one (at most
+    /// [`LANDING_AT_MOST`], the latest): one whose answer was lost may have landed
+    /// late. Another copy of this run (the agent came back to this hub and it took
+    /// the session again) writes other numbers, so its record is never taken for
+    /// this copy's.
+    landing: Vec<u64>,
+}
+
+/// How many unconfirmed writes of one copy are remembered; past it the oldest is
+/// forgotten, and should that one have landed, the copy counts its session as lost
+/// (the agent's next connection takes it again).
+const LANDING_AT_MOST: usize = 16;
+
+/// Marks the held state unwritten again unless disarmed: a write that does not end
+/// (its future dropped mid-way) leaves its changes to the next write.
+struct Unwritten<'a>(Option<&'a Held>);
+
+impl Drop for Unwritten<'_> {
+    fn drop(&mut self) {
+        if let Some(held) = self.0 {
+            held.lock().unwritten = true;
+        }
+    }
 }
 
 impl HeldState {
@@ -347,25 +370,35 @@ impl Inner {
     /// highest session sequence number among the pairs written.
     async fn write(&self, key: &str, held: &Arc<Held>) -> Result<u64, WriteError> {
         let _one = held.writing.lock().await;
+        let mut unwritten = Unwritten(Some(held));
         for _ in 0..2 {
             let (record, revision) = {
                 let mut state = held.lock();
                 state.unwritten = false;
                 state.forget_seen(tunnel_transport::unix_millis(), self.seen_for);
-                (self.record(&state), state.revision)
+                let record = self.record(&state);
+                if state.landing.len() == LANDING_AT_MOST {
+                    state.landing.remove(0);
+                }
+                state.landing.push(record.n);
+                (record, state.revision)
             };
             let through = record.down.iter().map(|(h, _)| *h).max().unwrap_or(0);
             let value =
                 serde_json::to_vec(&record).map_err(|e| WriteError::Failed(e.to_string()))?;
             match self.put(key, value.into(), revision).await {
                 Ok(revision) => {
-                    held.lock().revision = revision;
+                    let mut state = held.lock();
+                    state.revision = revision;
+                    state.landing.clear();
+                    unwritten.0 = None;
                     return Ok(through);
                 }
                 Err(WriteError::Lost) => {
-                    // A write of this run whose answer was lost may have landed late:
-                    // then the entry is still this hub's, at that revision.
-                    match self.own_revision(key).await {
+                    // A write of this copy whose answer was lost may have landed late:
+                    // then the entry is still this copy's, at that revision.
+                    let landing = held.lock().landing.clone();
+                    match self.own_revision(key, &landing).await {
                         Some(now) => held.lock().revision = now,
                         None => {
                             self.forget(key, held);
@@ -373,22 +406,22 @@ impl Inner {
                         }
                     }
                 }
-                Err(e) => {
-                    held.lock().unwritten = true;
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
-        held.lock().unwritten = true;
         Err(WriteError::Failed("the entry kept changing".into()))
     }
 
-    /// The entry's revision if this run wrote it last.
-    async fn own_revision(&self, key: &str) -> Option<u64> {
+    /// The entry's revision if one of the writes numbered `landing` (of this run)
+    /// wrote it last.
+    async fn own_revision(&self, key: &str, landing: &[u64]) -> Option<u64> {
         let entry = self.bucket.entry(key).await.ok()??;
         let record: Record = serde_json::from_slice(&entry.value).ok()?;
-        (entry.operation == kv::Operation::Put && record.run == self.run && record.hub == self.hub)
-            .then_some(entry.revision)
+        (entry.operation == kv::Operation::Put
+            && record.run == self.run
+            && record.hub == self.hub
+            && landing.contains(&record.n))
+        .then_some(entry.revision)
     }
 
     /// Stops holding `key`, if `held` is still what this hub holds under it.
@@ -584,6 +617,7 @@ impl SessionStore for NatsSessionStore {
                 acked: record.acked,
                 down: record.down.iter().map(|(h, s)| (*s, *h)).collect(),
                 unwritten: false,
+                landing: Vec::new(),
                 taken: true,
                 seen: record
                     .seen
@@ -777,6 +811,45 @@ mod tests {
         // The agent resumed having 5: the new copy still deletes message 100 rather
         // than reading it again.
         assert_eq!(a.taken_down(&agent, "s1", 5), Some(vec![100]));
+    }
+
+    #[tokio::test]
+    async fn a_write_of_a_replaced_copy_is_refused_not_taken_for_the_new_copys() {
+        let nats = Nats::start("replaced-copy");
+        let (a, bucket) = store(&nats, "hub-a").await;
+        let (b, _) = store(&nats, "hub-b").await;
+        let agent = AgentId::new("w", "t");
+        a.open(&agent, "s1").await.expect("opened");
+        a.stage(&agent, "s1", 5, 100, None).expect("held");
+        assert_eq!(a.record(&agent, "s1").await, Ok(5));
+        let (key, old) = a.held(&agent, "s1").expect("held");
+        // The agent moves to hub b and back: hub a holds a new copy, which writes.
+        b.take(&agent, "s1").await.expect("take").expect("stored");
+        a.take(&agent, "s1").await.expect("take").expect("stored");
+        a.adopt(&agent, "s1", 5).await.expect("written");
+        // A write of the old copy still on its way (a refresh round holds it), with a
+        // pair it staged: the entry is this run's, but not this copy's.
+        old.lock().down.insert(101, 6);
+        assert_eq!(a.inner.write(&key, &old).await, Err(WriteError::Lost));
+        let written = record_of(&bucket, &agent, "s1").await;
+        assert!(written.down.is_empty(), "the new copy's record stands");
+        assert!(a.holds_session(&agent, "s1"), "the new copy still holds it");
+    }
+
+    #[tokio::test]
+    async fn a_write_dropped_on_its_way_leaves_its_pairs_to_the_next() {
+        let nats = Nats::start("dropped-write");
+        let (a, bucket) = store(&nats, "hub-a").await;
+        let agent = AgentId::new("w", "t");
+        a.open(&agent, "s1").await.expect("opened");
+        a.stage(&agent, "s1", 5, 100, None).expect("held");
+        let (key, held) = a.held(&agent, "s1").expect("held");
+        // Polled once (it waits for the bucket's answer there), then dropped.
+        let cut = tokio::time::timeout(Duration::ZERO, a.inner.write(&key, &held)).await;
+        assert!(cut.is_err(), "the write was under way");
+        assert!(held.lock().unwritten, "its pairs still to be written");
+        assert_eq!(a.record(&agent, "s1").await, Ok(5));
+        assert_eq!(record_of(&bucket, &agent, "s1").await.down, vec![(5, 100)]);
     }
 
     #[tokio::test]
