@@ -838,16 +838,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_dropped_on_its_way_leaves_its_pairs_to_the_next() {
-        let nats = Nats::start("dropped-write");
+        let mut nats = Nats::start("dropped-write");
         let (a, bucket) = store(&nats, "hub-a").await;
         let agent = AgentId::new("w", "t");
         a.open(&agent, "s1").await.expect("opened");
         a.stage(&agent, "s1", 5, 100, None).expect("held");
         let (key, held) = a.held(&agent, "s1").expect("held");
-        // Polled once (it waits for the bucket's answer there), then dropped.
-        let cut = tokio::time::timeout(Duration::ZERO, a.inner.write(&key, &held)).await;
+        // With the server down the write waits for its answer; it is dropped there.
+        nats.kill();
+        let cut =
+            tokio::time::timeout(Duration::from_millis(200), a.inner.write(&key, &held)).await;
         assert!(cut.is_err(), "the write was under way");
         assert!(held.lock().unwritten, "its pairs still to be written");
+        nats.restart();
         assert_eq!(a.record(&agent, "s1").await, Ok(5));
         assert_eq!(record_of(&bucket, &agent, "s1").await.down, vec![(5, 100)]);
     }
