@@ -776,20 +776,24 @@ pub struct HeldSession {
 }
 
 async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc<Inner>) {
+    let mut stopped = false;
     loop {
-        let conn = tokio::select! {
-            () = inner.accepting.cancelled() => {
-                // Connections whose handshake finished are still taken in (and then
-                // drained like the others), not dropped with the acceptor.
-                use futures_util::FutureExt as _;
-                match acceptor.accept().now_or_never() {
-                    Some(conn) => conn,
-                    None => break,
+        let conn = if stopped {
+            // Connections whose handshake finished are still taken in (and then
+            // drained like the others), not dropped with the acceptor.
+            use futures_util::FutureExt as _;
+            acceptor.accept().now_or_never()
+        } else {
+            tokio::select! {
+                () = inner.accepting.cancelled() => {
+                    acceptor.stop().await;
+                    stopped = true;
+                    continue;
                 }
+                conn = acceptor.accept() => Some(conn),
             }
-            conn = acceptor.accept() => conn,
         };
-        let Ok(conn) = conn else {
+        let Some(Ok(conn)) = conn else {
             break;
         };
         let (sender, receiver) = conn.split();

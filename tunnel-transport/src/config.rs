@@ -150,7 +150,8 @@ pub struct ServerConfig {
     /// Codecs the hub accepts. Default: both.
     pub formats: Vec<Format>,
     /// Completed connections waiting for `accept`; the handshakes of further agents wait
-    /// while it is full. Default 1024.
+    /// while it is full, within their handshake timeout (then they are refused with
+    /// `1013`). Default 1024.
     pub accept_queue: usize,
     /// Decides which session each connection belongs to. Default: none, every
     /// connection is a new session and `resume` is not offered.

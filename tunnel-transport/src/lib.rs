@@ -100,4 +100,13 @@ pub trait Connector: Send + Sync + std::fmt::Debug {
 pub trait Acceptor: Send + std::fmt::Debug {
     /// The next connection; [`AcceptError::Closed`] once the acceptor is shut down.
     async fn accept(&mut self) -> Result<Connection, AcceptError>;
+
+    /// Stops taking connections in, for a drain: handshakes in progress are abandoned
+    /// unless their acknowledgement has gone out, and when this returns every
+    /// connection an agent was told is established waits in the queue, where
+    /// [`accept`](Acceptor::accept) yields it (then [`AcceptError::Closed`]). No agent
+    /// is acknowledged and then dropped unheard.
+    ///
+    /// The default does nothing: what is queued is what was accepted.
+    async fn stop(&mut self) {}
 }

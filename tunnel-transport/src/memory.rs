@@ -276,6 +276,11 @@ impl crate::Acceptor for MemoryAcceptor {
     async fn accept(&mut self) -> Result<Connection, AcceptError> {
         self.incoming.recv().await.ok_or(AcceptError::Closed)
     }
+
+    async fn stop(&mut self) {
+        // A connector's send fails from now on; what it queued before stays.
+        self.incoming.close();
+    }
 }
 
 fn pair(

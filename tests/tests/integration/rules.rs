@@ -331,6 +331,48 @@ async fn a_drain_ends_with_1001_for_agents_that_stay() {
     );
 }
 
+/// Agents whose handshake the hub answers just as a drain begins are either not
+/// acknowledged or taken in and drained like the others (`1001`): none is told it is
+/// connected and then dropped unheard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_answered_as_a_drain_begins_are_drained_too() {
+    let hub = resumable(Router::new()).await;
+    let url = hub.url().expect("url");
+    let mut sockets = Vec::new();
+    for n in 0..32u64 {
+        let id = AgentId::new("ws", format!("late-{n}").as_str());
+        let hello = Handshake::new(id.workspace.clone(), id.sync_target.clone())
+            .to_envelope(0, 1, Format::MsgPack)
+            .expect("handshake");
+        sockets.push((n, raw_client(&url, &id, Format::MsgPack).await, hello));
+    }
+    // Hellos go out over a few milliseconds, so that the drain finds some handshakes
+    // before, some during and some after their acknowledgement.
+    let agents =
+        futures_util::future::join_all(sockets.iter_mut().map(|(n, ws, hello)| async move {
+            tokio::time::sleep(Duration::from_micros(300 * *n)).await;
+            send_raw(ws, Format::MsgPack, hello).await;
+            let (code, seen) = read_until_close(ws, Format::MsgPack).await;
+            let acked = seen.iter().any(|e| e.kind == MessageType::HandshakeAck);
+            (*n, acked, code)
+        }));
+    let drain = async {
+        tokio::time::sleep(Duration::from_millis(4)).await;
+        hub.drain(tunnel_router::Drain::default().timeout(Duration::from_millis(300)))
+            .await;
+    };
+    let ((), outcomes) = tokio::join!(drain, agents);
+    for (n, acked, code) in outcomes {
+        if acked {
+            assert_eq!(
+                code,
+                Some(CloseCode::GOING_AWAY),
+                "agent {n} was acknowledged, then not drained"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_never_acknowledges_replies_is_closed_not_ignored() {
     let sessions = HubSessions::default().session(

@@ -122,9 +122,17 @@ impl Drop for WsListener {
 impl crate::Acceptor for WsListener {
     async fn accept(&mut self) -> Result<Connection, AcceptError> {
         tokio::select! {
+            // What was queued before a stop is still handed over.
+            biased;
             conn = self.ready.recv() => conn.ok_or(AcceptError::Closed),
             () = self.shutdown.cancelled() => Err(AcceptError::Closed),
         }
+    }
+
+    async fn stop(&mut self) {
+        // Handshake tasks queue their connection in the same poll that finishes the
+        // acknowledgement (see `handshake`): once they all ended, the queue is final.
+        self.shutdown().await;
     }
 }
 
@@ -554,10 +562,7 @@ async fn serve_stream<S>(
         _ => deadline,
     };
     match handshake(ws, peer, agent, format, &listening, deadline, admitted).await {
-        Ok(conn) => {
-            drop(slot);
-            let _ = listening.ready.send(conn).await;
-        }
+        Ok(()) => drop(slot),
         Err(reason) => {
             recorder.handshake_failed(reason);
         }
@@ -574,7 +579,7 @@ async fn handshake<S>(
     listening: &Listening,
     deadline: Instant,
     admitted: Admitted,
-) -> Result<Connection, &'static str>
+) -> Result<(), &'static str>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -683,6 +688,25 @@ where
             return Err("session_store");
         }
     };
+    // Room in the accept queue is taken before the acknowledgement goes out, so that
+    // the connection is queued in the same poll that finishes sending it, without an
+    // await between: a listener stopping (a drain) either abandons a handshake whose
+    // acknowledgement the agent does not have, or finds its connection queued.
+    let permit = match tokio::time::timeout_at(deadline, listening.ready.reserve()).await {
+        Ok(Ok(permit)) => permit,
+        Ok(Err(_)) => return Err("closed"),
+        Err(_) => {
+            reject(
+                &mut ws,
+                format,
+                CloseCode::TRY_AGAIN_LATER,
+                "the hub is not taking connections in",
+                Some(env.id),
+            )
+            .await;
+            return Err("accept_queue_full");
+        }
+    };
     let ack = agreed.ack(&grant.session_id, grant.resumed, grant.last_received);
     let reply = match ack.to_envelope(0, unix_millis(), format) {
         Ok(reply) => reply.with_correlation(env.id),
@@ -710,13 +734,14 @@ where
     let reader = ws.get_mut();
     reader.uncap();
     reader.set_budget(&listening.budget, done.clone());
-    Ok(spawn_connection(
+    permit.send(spawn_connection(
         ws,
         info,
         &config.connection,
         Some(admitted),
         Some(done),
-    ))
+    ));
+    Ok(())
 }
 
 pub(crate) async fn send_envelope<S>(
