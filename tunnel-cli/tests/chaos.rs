@@ -259,30 +259,41 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
         .collect();
     // Down: a backend sends each agent numbered commands, retrying a failed publish
     // under the same message id (stored once) until NATS takes it.
-    let commanders: Vec<tokio::task::JoinHandle<u64>> = ids
+    // Each command's stream sequence is kept: a missing one tells whether the stream
+    // took it, and a sequence lower than the agent's previous one that the stream
+    // lost messages it had acknowledged.
+    let commanders: Vec<tokio::task::JoinHandle<Vec<u64>>> = ids
         .iter()
         .map(|id| {
             let (backend, id, stop) = (backend.clone(), id.clone(), stop.clone());
             tokio::spawn(async move {
-                let mut n = 0u64;
+                let mut seqs = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    n += 1;
+                    let n = seqs.len() as u64 + 1;
                     let msg_id = format!("{}-{n}", id.sync_target);
-                    while backend
-                        .send_with_id(
-                            &id,
-                            MessageType::Command,
-                            &serde_json::json!({"n": n}),
-                            &msg_id,
-                        )
-                        .await
-                        .is_err()
-                    {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    let seq = loop {
+                        match backend
+                            .send_with_id(
+                                &id,
+                                MessageType::Command,
+                                &serde_json::json!({"n": n}),
+                                &msg_id,
+                            )
+                            .await
+                        {
+                            Ok(seq) => break seq,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        }
+                    };
+                    if let Some(last) = seqs.last().filter(|last| **last >= seq) {
+                        eprintln!(
+                            "chaos: {id}'s command {n} stored as down seq {seq}, its previous as {last}: the stream went back"
+                        );
                     }
+                    seqs.push(seq);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                n
+                seqs
             })
         })
         .collect();
@@ -341,8 +352,11 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
         }
     }
     let mut sent_down = Vec::new();
+    let mut down_seqs = Vec::new();
     for c in commanders {
-        sent_down.push(c.await.expect("commander"));
+        let seqs = c.await.expect("commander");
+        sent_down.push(seqs.len() as u64);
+        down_seqs.push(seqs);
     }
 
     // Down: every command once, in order, per agent.
@@ -363,7 +377,7 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
     {
         let got = received.lock().expect("lock");
         print_anomalies(seed, "down", &ids, &sent_down, &got);
-        eprintln!("chaos seed {seed}: the down stream still holds {left} messages");
+        eprintln!("chaos seed {seed}: the down stream still holds {left}");
         let twice: Vec<_> = origins
             .lock()
             .expect("lock")
@@ -373,6 +387,17 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
             .collect();
         if !twice.is_empty() {
             eprintln!("chaos seed {seed}: commands received more than once: {twice:?}");
+        }
+        for ((id, n), seqs) in ids.iter().zip(&sent_down).zip(&down_seqs) {
+            let mine = got.get(id).map_or(&[][..], Vec::as_slice);
+            let missing: Vec<String> = (1..=*n)
+                .filter(|c| !mine.contains(c))
+                .take(8)
+                .map(|c| format!("#{c} (down seq {})", seqs[c as usize - 1]))
+                .collect();
+            if !missing.is_empty() {
+                eprintln!("chaos seed {seed}: {id} misses {missing:?}");
+            }
         }
         for (id, n) in ids.iter().zip(&sent_down) {
             let want: Vec<u64> = (1..=*n).collect();
@@ -437,14 +462,20 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
     }
 }
 
-/// How many messages the down stream holds (`u64::MAX`: it could not be read).
-async fn down_left(url: &str) -> u64 {
+/// How many messages the down stream holds, and its first and last sequence.
+async fn down_left(url: &str) -> String {
     let Ok(client) = async_nats::connect(url).await else {
-        return u64::MAX;
+        return "(unknown: no connection)".into();
     };
     let js = async_nats::jetstream::new(client);
     match js.get_stream(tunnel_cluster::subject::DOWN_STREAM).await {
-        Ok(mut stream) => stream.info().await.map_or(u64::MAX, |i| i.state.messages),
-        Err(_) => u64::MAX,
+        Ok(mut stream) => match stream.info().await {
+            Ok(i) => format!(
+                "{} messages (seqs {} to {})",
+                i.state.messages, i.state.first_sequence, i.state.last_sequence
+            ),
+            Err(e) => format!("(unknown: {e})"),
+        },
+        Err(e) => format!("(unknown: {e})"),
     }
 }
