@@ -4,14 +4,12 @@
 //! restarts nats-server. Every message must arrive exactly once and in order per agent
 //! and direction, every receipt must resolve `Ok`, and no session may be reset.
 //!
-//! In CI the schedule runs for 10 s; `CHAOS_SECS=90 cargo nextest run -p tunnel-cli
-//! --test chaos` runs a long one, and `CHAOS_SEED=n` another schedule (each action is
-//! printed with the seed, so a failing run can be replayed).
-//!
-//! nats-server restarts (SIGKILL, then a start on the same port and storage) join the
-//! schedule with `CHAOS_NATS=1`. They are not in CI: runs of 60 s with them still fail
-//! now and then (BENCHMARKS.md has the figures and what is known of the causes: 2 of
-//! 30 runs at the last count). `TUNNEL_TEST_LOGS=dir` keeps every hub's log, and
+//! nats-server restarts (SIGKILL, then a start on the same port and storage) are in the
+//! schedule; `CHAOS_NATS=0` leaves them out. In CI the schedule runs for 10 s (seed 14:
+//! a nats-server restart, a SIGSTOP and three SIGKILLs of hubs); `CHAOS_SECS=60
+//! cargo nextest run -p tunnel-cli --test chaos` runs a long one, and `CHAOS_SEED=n`
+//! another schedule (each action is printed with the seed, so a failing run can be
+//! replayed). `TUNNEL_TEST_LOGS=dir` keeps every hub's log, and
 //! `TUNNEL_TEST_LOG=info,tunnel_cluster=debug` logs each down message's path.
 
 use std::collections::HashMap;
@@ -193,9 +191,9 @@ fn agent(id: &AgentId, urls: &[String], received: &Received, origins: &Origins) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_chaos_every_message_once_in_order_no_reset() {
-    let seed = env_u64("CHAOS_SEED", 7);
+    let seed = env_u64("CHAOS_SEED", 14);
     let secs = env_u64("CHAOS_SECS", 10);
-    let with_nats = env_u64("CHAOS_NATS", 0) == 1;
+    let with_nats = env_u64("CHAOS_NATS", 1) == 1;
     let mut rng = Rng(seed);
     let mut nats = Nats::start("chaos");
     let dir = Dir::new("chaos");
