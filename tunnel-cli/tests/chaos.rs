@@ -339,13 +339,19 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
 
     let mut sent_up = Vec::new();
-    for s in senders {
+    for ((s, id), a) in senders.into_iter().zip(&ids).zip(&agents) {
         let receipts = s.await.expect("sender");
         sent_up.push(receipts.len() as u64);
         for (i, r) in receipts.into_iter().enumerate() {
             let outcome = tokio::time::timeout(SETTLE, r.delivered())
                 .await
-                .unwrap_or_else(|_| panic!("seed {seed}: receipt {} never resolved", i + 1));
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "seed {seed}: {id}'s receipt {} never resolved (the agent is {:?})",
+                        i + 1,
+                        *a.state().borrow()
+                    )
+                });
             assert_eq!(outcome, Ok(()), "seed {seed}: event {}", i + 1);
         }
     }

@@ -1258,9 +1258,16 @@ async fn serve_inbox(
                         None => next = msg.sequence + 1,
                     }
                     let seq = msg.sequence;
-                    let delivered =
-                        Box::pin(deliver(inner, hub, agent, &shared, msg, session.as_deref()))
-                            .await;
+                    let delivered = Box::pin(deliver(
+                        inner,
+                        hub,
+                        agent,
+                        &shared,
+                        msg,
+                        session.as_deref(),
+                        copy,
+                    ))
+                    .await;
                     match delivered {
                         Ok(was_staged) => staged += usize::from(was_staged),
                         // The hub no longer holds the agent: what is unread waits.
@@ -1377,6 +1384,7 @@ async fn deliver(
     shared: &Arc<InFlight>,
     msg: jetstream::message::StreamMessage,
     session: Option<&str>,
+    copy: u64,
 ) -> Result<bool, NotDelivered> {
     let seq = msg.sequence;
     let env = match down_envelope(msg.subject.as_str(), Some(&msg.headers), &msg.payload) {
@@ -1399,6 +1407,14 @@ async fn deliver(
         delete_down(inner, seq).await;
         return Ok(false);
     }
+    // A reader of a copy this hub has since replaced (the agent came back and the
+    // session was taken again) stops: the new copy's reader delivers, from its record.
+    if let Some(id) = session
+        && copy != 0
+        && inner.sessions.copy_of(agent, id) != Some(copy)
+    {
+        return Err(NotDelivered::Gone);
+    }
     let sent = match session {
         Some(id) => hub.send_staged(agent, id, env).await,
         None => hub.send_envelope(agent, env).await,
@@ -1412,7 +1428,10 @@ async fn deliver(
         }
     };
     let staged = match session {
-        Some(id) => match inner.sessions.stage(agent, id, receipt.seq(), seq, msg_id) {
+        Some(id) => match inner
+            .sessions
+            .stage(agent, id, copy, receipt.seq(), seq, msg_id)
+        {
             Some(staged) => Some(staged),
             // Lost meanwhile: staged, it never goes out of this copy.
             None => return Err(NotDelivered::Gone),

@@ -225,20 +225,25 @@ impl NatsSessionStore {
         self.held(agent, id).is_some()
     }
 
-    /// Notes that down message `stream_seq` was staged as `seq` of session `id`; it
-    /// is written with the next [`NatsSessionStore::record`]. `None` when this hub does
-    /// not hold the session; otherwise what the message's outcome is reported to.
-    /// `msg_id` is the message's `Nats-Msg-Id`, remembered with it (see
+    /// Notes that down message `stream_seq` was staged as `seq` of session `id` in
+    /// `copy` of it (0: whichever copy is held); it is written with the next
+    /// [`NatsSessionStore::record`]. `None` when this hub does not hold the session, or
+    /// holds a newer copy (a reader of an older one must not put its pairs in the
+    /// newer's record); otherwise what the message's outcome is reported to. `msg_id`
+    /// is the message's `Nats-Msg-Id`, remembered with it (see
     /// [`NatsSessionStore::sent_before`]).
     pub(crate) fn stage(
         &self,
         agent: &AgentId,
         id: &str,
+        copy: u64,
         seq: u64,
         stream_seq: u64,
         msg_id: Option<&str>,
     ) -> Option<StagedIn> {
-        let (_, held) = self.held(agent, id)?;
+        let (_, held) = self
+            .held(agent, id)
+            .filter(|(_, h)| copy == 0 || h.copy == copy)?;
         {
             let mut state = held.lock();
             state.down.insert(stream_seq, seq);
@@ -734,8 +739,8 @@ mod tests {
         let (b, _) = store(&nats, "hub-b").await;
         let agent = AgentId::new("w", "t");
         a.open(&agent, "s1").await.expect("opened");
-        let first = a.stage(&agent, "s1", 5, 100, None).expect("held");
-        let second = a.stage(&agent, "s1", 6, 101, None).expect("held");
+        let first = a.stage(&agent, "s1", 0, 5, 100, None).expect("held");
+        let second = a.stage(&agent, "s1", 0, 6, 101, None).expect("held");
         assert_eq!(
             a.record(&agent, "s1").await,
             Ok(6),
@@ -749,7 +754,7 @@ mod tests {
         // delivery's pair goes too (sent again, it is recorded anew).
         first.delivered(100, 5);
         second.undelivered(101, 6);
-        assert!(a.stage(&agent, "s1", 7, 101, None).is_some());
+        assert!(a.stage(&agent, "s1", 0, 7, 101, None).is_some());
         assert_eq!(a.record(&agent, "s1").await, Ok(7));
         let written = record_of(&bucket, &agent, "s1").await;
         assert_eq!((written.acked, written.down), (5, vec![(7, 101)]));
@@ -759,11 +764,11 @@ mod tests {
         // Another hub takes it: the first one's writes are refused from then on.
         let taken = b.take(&agent, "s1").await.expect("take").expect("stored");
         assert!(taken.open_tail && taken.hold_resumed && taken.acked == 5);
-        assert!(a.stage(&agent, "s1", 8, 102, None).is_some());
+        assert!(a.stage(&agent, "s1", 0, 8, 102, None).is_some());
         assert_eq!(a.record(&agent, "s1").await, Err(WriteError::Lost));
         assert!(!a.holds_session(&agent, "s1"), "fenced");
         assert!(
-            a.stage(&agent, "s1", 9, 103, None).is_none(),
+            a.stage(&agent, "s1", 0, 9, 103, None).is_none(),
             "nothing more staged there"
         );
         // The agent resumed reporting 7: it has stream message 101.
@@ -800,7 +805,7 @@ mod tests {
         let (b, _) = store(&nats, "hub-b").await;
         let agent = AgentId::new("w", "t");
         a.open(&agent, "s1").await.expect("opened");
-        let old = a.stage(&agent, "s1", 5, 100, None).expect("held");
+        let old = a.stage(&agent, "s1", 0, 5, 100, None).expect("held");
         assert_eq!(a.record(&agent, "s1").await, Ok(5));
         // The agent moves to hub b and back: hub a takes the record again, with the
         // pair of message 100.
@@ -814,13 +819,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_replaced_copy_cannot_stage_into_the_new_copy() {
+        let nats = Nats::start("stale-stage");
+        let (a, _) = store(&nats, "hub-a").await;
+        let (b, _) = store(&nats, "hub-b").await;
+        let agent = AgentId::new("w", "t");
+        a.open(&agent, "s1").await.expect("opened");
+        let old = a.copy_of(&agent, "s1").expect("held");
+        a.stage(&agent, "s1", old, 5, 100, None).expect("held");
+        assert_eq!(a.record(&agent, "s1").await, Ok(5));
+        // The agent moves to hub b and back: hub a takes the record again, with the
+        // pair of message 100, in a new copy.
+        b.take(&agent, "s1").await.expect("take").expect("stored");
+        a.take(&agent, "s1").await.expect("take").expect("stored");
+        let new = a.copy_of(&agent, "s1").expect("held");
+        assert_ne!(old, new);
+        // A reader of the old copy, still running, reads message 100 again: it may
+        // not stage it in the new copy, whose pair for it must stay.
+        assert!(a.stage(&agent, "s1", old, 6, 100, None).is_none());
+        assert_eq!(a.taken_down(&agent, "s1", 5), Some(vec![100]));
+        assert!(a.stage(&agent, "s1", new, 6, 101, None).is_some());
+    }
+
+    #[tokio::test]
     async fn a_write_of_a_replaced_copy_is_refused_not_taken_for_the_new_copys() {
         let nats = Nats::start("replaced-copy");
         let (a, bucket) = store(&nats, "hub-a").await;
         let (b, _) = store(&nats, "hub-b").await;
         let agent = AgentId::new("w", "t");
         a.open(&agent, "s1").await.expect("opened");
-        a.stage(&agent, "s1", 5, 100, None).expect("held");
+        a.stage(&agent, "s1", 0, 5, 100, None).expect("held");
         assert_eq!(a.record(&agent, "s1").await, Ok(5));
         let (key, old) = a.held(&agent, "s1").expect("held");
         // The agent moves to hub b and back: hub a holds a new copy, which writes.
@@ -842,7 +870,7 @@ mod tests {
         let (a, bucket) = store(&nats, "hub-a").await;
         let agent = AgentId::new("w", "t");
         a.open(&agent, "s1").await.expect("opened");
-        a.stage(&agent, "s1", 5, 100, None).expect("held");
+        a.stage(&agent, "s1", 0, 5, 100, None).expect("held");
         let (key, held) = a.held(&agent, "s1").expect("held");
         // With the server down the write waits for its answer; it is dropped there.
         nats.kill();
@@ -862,9 +890,17 @@ mod tests {
         let (b, _) = store(&nats, "hub-b").await;
         let agent = AgentId::new("w", "t");
         a.open(&agent, "s1").await.expect("opened");
-        a.stage(&agent, "s1", 1, 100, Some("cmd-1")).expect("held");
-        a.stage(&agent, "s1", 2, 101, Some(&"x".repeat(SEEN_ID_AT_MOST + 1)))
+        a.stage(&agent, "s1", 0, 1, 100, Some("cmd-1"))
             .expect("held");
+        a.stage(
+            &agent,
+            "s1",
+            0,
+            2,
+            101,
+            Some(&"x".repeat(SEEN_ID_AT_MOST + 1)),
+        )
+        .expect("held");
         assert_eq!(a.record(&agent, "s1").await, Ok(2));
         let written = record_of(&bucket, &agent, "s1").await;
         assert_eq!(written.seen.len(), 1, "an id past the bound is not kept");
@@ -889,7 +925,7 @@ mod tests {
         assert!(!b.sent_before(&agent, "s1", "cmd-2", 201));
         // At most the newest SEEN_AT_MOST.
         for n in 0..SEEN_AT_MOST as u64 + 5 {
-            b.stage(&agent, "s1", 3 + n, 300 + n, Some(&format!("m-{n}")))
+            b.stage(&agent, "s1", 0, 3 + n, 300 + n, Some(&format!("m-{n}")))
                 .expect("held");
         }
         assert!(
