@@ -393,7 +393,8 @@ async fn cluster_chaos_every_message_once_in_order_no_reset() {
             eprintln!("chaos seed {seed}: commands received more than once: {twice:?}");
         }
         for ((id, n), seqs) in ids.iter().zip(&sent_down).zip(&down_seqs) {
-            let mine = got.get(id).map_or(&[][..], Vec::as_slice);
+            let mine: std::collections::HashSet<u64> =
+                got.get(id).into_iter().flatten().copied().collect();
             let missing: Vec<String> = (1..=*n)
                 .filter(|c| !mine.contains(c))
                 .take(8)
