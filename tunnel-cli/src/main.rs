@@ -14,7 +14,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// Many small buffers are allocated on one thread and freed on another (encoded frames
 /// cross from senders to the writer task); mimalloc handles that far better than the
-/// system allocator.
+/// system allocator. It is built without transparent huge pages (the workspace
+/// manifest says why).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tunnel_proto::Format;
