@@ -862,15 +862,18 @@ impl Claim<'_> {
     /// gone (a hub cut off from NATS, or too slow to beat, is swept as dead: [`sweep`]).
     async fn run(&self, presence: &Presence, revision: &AtomicU64) {
         let mut look_again = self.inner.look_again.subscribe();
-        self.claim(presence, revision).await;
+        // Each claim and look is boxed: this future stays alive as long as the agent's
+        // connection, and holding the largest of them inline would keep its whole size
+        // (2.6 KiB) in every idle agent's task.
+        Box::pin(self.claim(presence, revision)).await;
         while look_again.changed().await.is_ok() {
-            let gone = match self.inner.presence.entry(self.key).await {
+            let gone = match Box::pin(self.inner.presence.entry(self.key)).await {
                 Ok(None) => true,
                 Ok(Some(entry)) => entry.operation != kv::Operation::Put,
                 Err(_) => false,
             };
             if gone {
-                self.claim(presence, revision).await;
+                Box::pin(self.claim(presence, revision)).await;
             }
         }
     }
@@ -1221,7 +1224,12 @@ async fn serve_inbox(
     // The first stream sequence not looked at yet, and whether there may be more.
     let (mut next, mut unread) = (1u64, true);
     let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    // A "busy" answer to a call, sent before anything else is looked at.
+    let mut busy = None;
     loop {
+        if let Some(answer) = busy.take() {
+            answer.await;
+        }
         // A full batch of staged messages is recorded before more are read.
         while unread && retry.is_none() && staged < RECORD_AT_MOST {
             let _reading = shared.reading.lock().await;
@@ -1331,21 +1339,7 @@ async fn serve_inbox(
                     rechecks = 0;
                     continue;
                 }
-                let Some(reply_to) = msg.reply.clone() else { continue };
-                let client = inner.client.clone();
-                let Ok(permit) = inner.calls.clone().try_acquire_owned() else {
-                    let _ = Box::pin(respond_error(&client, reply_to, "busy", "too many calls in flight")).await;
-                    continue;
-                };
-                let (hub, agent) = (hub.clone(), agent.clone());
-                calls.spawn(async move {
-                    let answer = forward_call(&hub, &agent, &msg).await;
-                    let _ = match answer {
-                        Ok(reply) => respond(&client, reply_to, &reply).await,
-                        Err((code, message)) => respond_error(&client, reply_to, &code, &message).await,
-                    };
-                    drop(permit);
-                });
+                busy = start_call(inner, hub, agent, msg, &mut calls);
             }
             Ok(()) = changed.changed() => unread = true,
             // Reconnected to NATS, or the periodic look: read from the start.
@@ -1360,6 +1354,36 @@ async fn serve_inbox(
             Some(_) = calls.join_next(), if !calls.is_empty() => {}
         }
     }
+}
+
+/// Starts forwarding a call to the agent, in `calls`; returns the answer to send
+/// instead when too many calls are in flight. Not async, and the answer is awaited
+/// outside the reader's `select!`: a call's message held across an await there would
+/// stay in every idle agent's task.
+fn start_call(
+    inner: &Inner,
+    hub: &Hub,
+    agent: &AgentId,
+    msg: async_nats::Message,
+    calls: &mut JoinSet<()>,
+) -> Option<futures_util::future::BoxFuture<'static, ()>> {
+    let reply_to = msg.reply.clone()?;
+    let client = inner.client.clone();
+    let Ok(permit) = inner.calls.clone().try_acquire_owned() else {
+        return Some(Box::pin(async move {
+            let _ = respond_error(&client, reply_to, "busy", "too many calls in flight").await;
+        }));
+    };
+    let (hub, agent) = (hub.clone(), agent.clone());
+    calls.spawn(async move {
+        let answer = forward_call(&hub, &agent, &msg).await;
+        let _ = match answer {
+            Ok(reply) => respond(&client, reply_to, &reply).await,
+            Err((code, message)) => respond_error(&client, reply_to, &code, &message).await,
+        };
+        drop(permit);
+    });
+    None
 }
 
 /// The waits before looking again after a copy of a new message found nothing yet.

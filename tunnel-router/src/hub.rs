@@ -888,7 +888,8 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 end = &mut session => end,
                 () = inner2.shutdown.cancelled() => {
                     // Keep reading while closing, so the agent's close reply is seen.
-                    let close = sender.close(CloseCode::GOING_AWAY, "hub shutting down");
+                    // Boxed, as the attach: only a shutdown needs it.
+                    let close = Box::pin(sender.close(CloseCode::GOING_AWAY, "hub shutting down"));
                     tokio::join!(session, close).0
                 }
             };
@@ -904,8 +905,7 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 && reliable.detach(&sender)
                 && let Some(store) = &inner2.sessions
             {
-                store
-                    .detached(&sender.info().agent, &sender.info().session_id, reliable)
+                Box::pin(store.detached(&sender.info().agent, &sender.info().session_id, reliable))
                     .await;
             }
             let mut agents = inner2.agents.write().unwrap_or_else(|e| e.into_inner());

@@ -88,7 +88,9 @@ async fn write_loop<S>(
             biased;
             () = shared.shutdown.cancelled() => break Ok(()),
             msg = rx.recv() => {
-                let step = async {
+                // Boxed (one allocation per batch written): held inline, a batch's
+                // futures would make every idle connection's writer task larger.
+                let step = Box::pin(async {
                     match msg {
                         None => {
                             shared.set_reason(CloseReason::Local(CloseCode::NORMAL, "all senders dropped".into()));
@@ -97,7 +99,7 @@ async fn write_loop<S>(
                         }
                         Some(first) => write_batch(&mut sink, &mut rx, first, kind, &shared).await,
                     }
-                };
+                });
                 let more = tokio::select! {
                     biased;
                     () = shared.shutdown.cancelled() => break Ok(()),
@@ -127,7 +129,13 @@ async fn write_loop<S>(
             if let Some((code, reason)) = shared.final_close_frame() {
                 let _ = tokio::time::timeout(
                     FINAL_CLOSE_TIMEOUT.min(shared.close_timeout),
-                    send_close(&mut sink, shared.info.format, code, &reason, None),
+                    Box::pin(send_close(
+                        &mut sink,
+                        shared.info.format,
+                        code,
+                        &reason,
+                        None,
+                    )),
                 )
                 .await;
             }
