@@ -113,9 +113,10 @@ pub(crate) enum SessionEnd {
 
 /// Reads messages until the connection ends, answering protocol pings, keeping the
 /// reconnect hint of a `close` message in `hint`, and handing everything else to
-/// `router`, one message at a time.
+/// `router`, one message at a time. The receiver is borrowed, not moved: a moved one is
+/// kept in each future it passes through, and this one lives as long as the connection.
 pub(crate) async fn run(
-    receiver: ConnectionReceiver,
+    receiver: &mut ConnectionReceiver,
     sender: ConnectionSender,
     router: &mut Router,
     hint: &mut Option<ReconnectHint>,
@@ -181,7 +182,7 @@ struct Reading {
 }
 
 async fn read(
-    mut receiver: ConnectionReceiver,
+    receiver: &mut ConnectionReceiver,
     sender: ConnectionSender,
     router: &mut Router,
     hint: &mut Option<ReconnectHint>,

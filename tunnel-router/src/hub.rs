@@ -796,7 +796,7 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
         let Some(Ok(conn)) = conn else {
             break;
         };
-        let (sender, receiver) = conn.split();
+        let (sender, mut receiver) = conn.split();
         let agent = sender.info().agent.clone();
         let replaced = {
             let mut agents = inner.agents.write().unwrap_or_else(|e| e.into_inner());
@@ -882,17 +882,21 @@ async fn accept_loop(mut acceptor: Box<dyn Acceptor>, router: Router, inner: Arc
                 &*inner2.recorder,
                 false,
             );
-            let session = connection_loop::run(receiver, sender.clone(), &mut router, &mut hint, &link);
-            tokio::pin!(session);
-            let end = tokio::select! {
-                end = &mut session => end,
-                () = inner2.shutdown.cancelled() => {
-                    // Keep reading while closing, so the agent's close reply is seen.
-                    // Boxed, as the attach: only a shutdown needs it.
-                    let close = Box::pin(sender.close(CloseCode::GOING_AWAY, "hub shutting down"));
-                    tokio::join!(session, close).0
+            let end = {
+                let session = connection_loop::run(&mut receiver, sender.clone(), &mut router, &mut hint, &link);
+                tokio::pin!(session);
+                tokio::select! {
+                    end = &mut session => end,
+                    () = inner2.shutdown.cancelled() => {
+                        // Keep reading while closing, so the agent's close reply is seen.
+                        // Boxed, as the attach: only a shutdown needs it.
+                        let close = Box::pin(sender.close(CloseCode::GOING_AWAY, "hub shutting down"));
+                        tokio::join!(session, close).0
+                    }
                 }
             };
+            // Nothing more is read from this connection.
+            drop(receiver);
             match end {
                 SessionEnd::Closed => {
                     tracing::info!(agent = %sender.info().agent, reason = %tunnel_proto::text::Untrusted(&sender.close_reason().map(|r| r.to_string()).unwrap_or_default()), "agent disconnected");

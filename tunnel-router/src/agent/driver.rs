@@ -84,7 +84,7 @@ pub(super) async fn supervise(
         }
         report(&mut redial, &*recorder);
         let mut hint = None;
-        let (sender, receiver) = conn.split();
+        let (sender, mut receiver) = conn.split();
         let info = sender.info().clone();
         tracing::info!(session = %tunnel_proto::text::Untrusted(&info.session_id), resumed = info.resumed, %endpoint, "connected");
         let reliable = inner
@@ -159,7 +159,7 @@ pub(super) async fn supervise(
         let link = connection_loop::Link::new(reliable, &inner.pending, &*recorder, true);
         let (end, stopping) = {
             let session =
-                connection_loop::run(receiver, sender.clone(), &mut router, &mut hint, &link);
+                connection_loop::run(&mut receiver, sender.clone(), &mut router, &mut hint, &link);
             tokio::pin!(session);
             tokio::select! {
                 end = &mut session => (end, false),
@@ -174,6 +174,8 @@ pub(super) async fn supervise(
                 }
             }
         };
+        // Nothing more is read from this connection.
+        drop(receiver);
         inner.current.send_replace(None);
         inner.resumable.store(false, Ordering::Release);
         match reliable {
