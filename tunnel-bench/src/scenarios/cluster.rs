@@ -201,8 +201,8 @@ async fn through_hub(nats: &Nats, n: u64, run: usize, stored: bool) -> Result<f6
     Ok(rate)
 }
 
-/// Backend calls to an agent (one in flight) through NATS and its hub, alternating with plain NATS
-/// requests to a responder in this process.
+/// Backend calls to an agent (one in flight) through NATS and its hub, alternating with
+/// plain NATS requests to a responder in this process.
 async fn call_latency(nats: &Nats, n: usize) -> Result<(), String> {
     let client = async_nats::connect(nats.url())
         .await
@@ -265,9 +265,8 @@ async fn call_latency(nats: &Nats, n: usize) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Plain requests and calls alternate, one of each per round, so that both see the
-    // same machine: measured one phase after the other, the plain figure alone moved
-    // between runs by 2x on this 2-core machine, and so did the ratio.
+    // One plain request and one call per round, so that both see the same machine: on
+    // two shared cores the plain figure alone varies twofold from one phase to the next.
     let (mut plain, mut through) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n + n / 10 {
         let started = Instant::now();
