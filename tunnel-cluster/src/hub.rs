@@ -1433,14 +1433,14 @@ async fn deliver(
     }
     // A reader of a copy this hub has since replaced (the agent came back and the
     // session was taken again) stops: the new copy's reader delivers, from its record.
-    if let Some(id) = session
-        && copy != 0
-        && inner.sessions.copy_of(agent, id) != Some(copy)
-    {
-        return Err(NotDelivered::Gone);
-    }
+    // Checked after the hub found the session's copy: a take replaces the copy here
+    // before the hub registers the session it restored, so a message staged after a
+    // yes is in the old copy's session, which never sends it.
     let sent = match session {
-        Some(id) => hub.send_staged(agent, id, env).await,
+        Some(id) => {
+            let ours = || copy == 0 || inner.sessions.copy_of(agent, id) == Some(copy);
+            hub.send_staged(agent, id, env, ours).await
+        }
         None => hub.send_envelope(agent, env).await,
     };
     let receipt = match sent {

@@ -628,20 +628,33 @@ impl Hub {
     /// [`Receipt::seq`](crate::Receipt::seq) in between. Fails with
     /// [`Error::NotConnected`] when that is not the agent's session here, and with
     /// [`Error::Full`] at once when its buffer has no room.
+    ///
+    /// `still_ours` is asked once the session's copy here has been found, just before
+    /// the message is staged in it; `false` stages nothing (`NotConnected`). A caller
+    /// whose own hold on the session can be replaced (a
+    /// [`SessionStore`](crate::SessionStore) whose `take` starts a new copy, which this
+    /// hub registers only after `take` returned) checks its hold there: when it says
+    /// yes, the copy found is the one it holds, never one registered after a take
+    /// that replaced it.
     pub async fn send_staged(
         &self,
         agent: &AgentId,
         session: &str,
         env: impl Into<Box<Envelope>>,
+        still_ours: impl FnOnce() -> bool,
     ) -> Result<Receipt, Error> {
         let mut env = env.into();
         env.id = tunnel_transport::next_message_id();
         if env.content_encoding().is_some() {
             connection_loop::fit_encoding(&mut env, self.sender(agent).as_ref());
         }
-        self.session_driver(agent, session)
-            .ok_or(Error::NotConnected)?
-            .send_staged(env)
+        let driver = self
+            .session_driver(agent, session)
+            .ok_or(Error::NotConnected)?;
+        if !still_ours() {
+            return Err(Error::NotConnected);
+        }
+        driver.send_staged(env)
     }
 
     /// Releases the staged messages of `agent`'s session `session` numbered up to

@@ -690,3 +690,74 @@ async fn acknowledge_later_after_the_handler_returned_closes_the_connection() {
     agent.shutdown().await;
     hub.shutdown().await;
 }
+
+fn numbered(n: u64) -> Box<tunnel_proto::Envelope> {
+    let payload = tunnel_proto::Payload::msgpack(&json!({ "n": n })).expect("encode");
+    Box::new(
+        tunnel_proto::Envelope::new(0, MessageType::Status, tunnel_transport::unix_millis())
+            .with_payload(payload),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_message_waits_for_its_release_and_one_its_sender_disowns_is_never_staged() {
+    let hub = resumable_hub(Router::new(), HubSessions::default()).await;
+    let (agent_router, mut at_agent) = numbers();
+    let id = AgentId::new("ws", "staged");
+    let agent = session_agent(
+        &format!("ws://{}/", hub.local_addr().expect("addr")),
+        &id,
+        agent_router,
+    );
+    agent.wait_connected(SOON).await.expect("connected");
+    let session = hub.session_of(&id).expect("a session").id;
+
+    let mut asked = false;
+    let refused = hub
+        .send_staged(&id, &session, numbered(1), || {
+            asked = true;
+            false
+        })
+        .await;
+    assert!(asked, "the sender is asked once the session is found");
+    assert!(
+        matches!(refused, Err(tunnel_router::Error::NotConnected)),
+        "{refused:?}"
+    );
+    let not_here = hub
+        .send_staged(&id, "no-such-session", numbered(1), || {
+            panic!("asked although the session is not here")
+        })
+        .await;
+    assert!(matches!(not_here, Err(tunnel_router::Error::NotConnected)));
+
+    let staged = hub
+        .send_staged(&id, &session, numbered(2), || true)
+        .await
+        .expect("staged");
+    // Sent after the staged one: held behind it.
+    let behind = hub
+        .send(&id, MessageType::Status, &json!({ "n": 3 }))
+        .await
+        .expect("accepted");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        at_agent.try_recv().is_err(),
+        "a staged message went out before its release"
+    );
+    hub.release(&id, &session, staged.seq()).await;
+    // The disowned message took no number and never goes out: 2, then 3, nothing else.
+    for expected in [2, 3] {
+        let got = tokio::time::timeout(SOON, at_agent.recv())
+            .await
+            .expect("released in time")
+            .expect("channel");
+        assert_eq!(got, expected);
+    }
+    assert_eq!(staged.delivered().await, Ok(()));
+    assert_eq!(behind.delivered().await, Ok(()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(at_agent.try_recv().is_err(), "the disowned message arrived");
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
