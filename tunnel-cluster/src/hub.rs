@@ -1224,6 +1224,11 @@ async fn serve_inbox(
     // The first stream sequence not looked at yet, and whether there may be more.
     let (mut next, mut unread) = (1u64, true);
     let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    // Whether `retry` is only one of the [`RECHECKS`] (not a wait after a failure):
+    // what is staged is recorded and released meanwhile. Otherwise, while copies of
+    // new messages keep coming, each resets the rechecks and the staged messages
+    // would wait for a full batch, and with them the agent's acks, which ride on them.
+    let mut rechecking = false;
     // A "busy" answer to a call, sent before anything else is looked at.
     let mut busy = None;
     loop {
@@ -1291,6 +1296,7 @@ async fn serve_inbox(
                         Err(NotDelivered::Later) => {
                             next = seq;
                             retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+                            rechecking = false;
                         }
                     }
                 }
@@ -1301,31 +1307,27 @@ async fn serve_inbox(
                     if let Some(wait) = RECHECKS.get(rechecks) {
                         rechecks += 1;
                         retry = Some(Box::pin(tokio::time::sleep(*wait)));
+                        rechecking = true;
                     }
                 }
                 Err(e) => {
                     tracing::debug!(%agent, error = %e, "cannot read the agent's down messages yet");
                     retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+                    rechecking = false;
                 }
             }
         }
-        if staged > 0 && retry.is_none() {
+        if staged > 0 && (retry.is_none() || rechecking) {
             let full = staged >= RECORD_AT_MOST;
-            if !Box::pin(record(
-                inner,
-                hub,
-                agent,
-                session.as_deref(),
-                &mut staged,
-                &mut retry,
-            ))
-            .await
-            {
-                return Box::pin(lost(hub, agent)).await;
-            }
-            if full && retry.is_none() {
+            match Box::pin(record(inner, hub, agent, session.as_deref(), &mut staged)).await {
+                Recorded::Lost => return Box::pin(lost(hub, agent)).await,
+                Recorded::NotYet => {
+                    retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+                    rechecking = false;
+                }
                 // More may wait: read on without waiting for a wake-up.
-                continue;
+                Recorded::Written if full && retry.is_none() => continue,
+                Recorded::Written => {}
             }
         }
         tokio::select! {
@@ -1349,6 +1351,7 @@ async fn serve_inbox(
             }
             () = async { if let Some(r) = retry.as_mut() { r.await } }, if retry.is_some() => {
                 retry = None;
+                rechecking = false;
                 unread = true;
             }
             Some(_) = calls.join_next(), if !calls.is_empty() => {}
@@ -1477,32 +1480,39 @@ const ATTACH_WAITS: u32 = 2_000;
 /// At most this many down messages are staged before they are recorded.
 const RECORD_AT_MOST: usize = 64;
 
+/// What [`record`] did.
+enum Recorded {
+    /// Written (or nothing to write), and released.
+    Written,
+    /// NATS did not take the write: they stay staged.
+    NotYet,
+    /// Another hub holds the session now.
+    Lost,
+}
+
 /// Writes the staged down messages of `session` in its record, then releases them to
-/// the agent. When NATS did not take the write they stay staged, and `retry` is set.
-/// False when another hub holds the session now.
+/// the agent.
 async fn record(
     inner: &Inner,
     hub: &Hub,
     agent: &AgentId,
     session: Option<&str>,
     staged: &mut usize,
-    retry: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-) -> bool {
+) -> Recorded {
     let Some(id) = session else {
         *staged = 0;
-        return true;
+        return Recorded::Written;
     };
     match inner.sessions.record(agent, id).await {
         Ok(through) => {
             *staged = 0;
             hub.release(agent, id, through).await;
-            true
+            Recorded::Written
         }
-        Err(crate::sessions::WriteError::Lost) => false,
+        Err(crate::sessions::WriteError::Lost) => Recorded::Lost,
         Err(e) => {
             tracing::debug!(%agent, error = %e, "down messages wait: their record is not written");
-            *retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
-            true
+            Recorded::NotYet
         }
     }
 }

@@ -1006,3 +1006,42 @@ async fn a_command_sent_again_under_its_id_after_nats_restarts_is_delivered_once
     agent.shutdown().await;
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_message_goes_out_while_later_ones_keep_coming_not_with_a_full_batch() {
+    // Fewer than a record batch (64), one every 100 ms: each copy of a new message
+    // starts the hub's rechecks again, which once kept the first message staged until
+    // the sending stopped.
+    const COMMANDS: u64 = 30;
+    let nats = Nats::start("steady-down");
+    let (hub, _cluster, serving) = hub_with_stored_sessions(&nats, "hub-a").await;
+    let id = AgentId::new("root:org", "steady");
+    let (router, mut commands) = agent_router();
+    let agent = agent(&hub.url().expect("url"), &id, router);
+    within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+    let target = id.clone();
+    let sending = tokio::spawn(async move {
+        for n in 1..=COMMANDS {
+            backend
+                .send(&target, MessageType::Command, &json!({"n": n}))
+                .await
+                .expect("stored");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert_eq!(within("the first command", commands.recv()).await, Some(1));
+    assert!(
+        !sending.is_finished(),
+        "the first command waited until all {COMMANDS} were sent"
+    );
+    for n in 2..=COMMANDS {
+        assert_eq!(within("the next command", commands.recv()).await, Some(n));
+    }
+    sending.await.expect("sender");
+    agent.shutdown().await;
+    serving.stop().await;
+    hub.shutdown().await;
+}

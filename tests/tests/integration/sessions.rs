@@ -735,6 +735,7 @@ async fn a_staged_message_waits_for_its_release_and_one_its_sender_disowns_is_ne
         .send_staged(&id, &session, numbered(2), || true)
         .await
         .expect("staged");
+    assert_eq!(staged.seq(), 1, "the disowned message took no number");
     // Sent after the staged one: held behind it.
     let behind = hub
         .send(&id, MessageType::Status, &json!({ "n": 3 }))
