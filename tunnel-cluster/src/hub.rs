@@ -1223,12 +1223,8 @@ async fn serve_inbox(
     let mut calls = JoinSet::new();
     // The first stream sequence not looked at yet, and whether there may be more.
     let (mut next, mut unread) = (1u64, true);
-    let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    // Whether `retry` is only one of the [`RECHECKS`] (not a wait after a failure):
-    // what is staged is recorded and released meanwhile. Otherwise, while copies of
-    // new messages keep coming, each resets the rechecks and the staged messages
-    // would wait for a full batch, and with them the agent's acks, which ride on them.
-    let mut rechecking = false;
+    // The wait before reading again, if any.
+    let mut retry: Option<Wait> = None;
     // A "busy" answer to a call, sent before anything else is looked at.
     let mut busy = None;
     loop {
@@ -1295,8 +1291,7 @@ async fn serve_inbox(
                         }
                         Err(NotDelivered::Later) => {
                             next = seq;
-                            retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
-                            rechecking = false;
+                            retry = Some(Wait::after_failure());
                         }
                     }
                 }
@@ -1306,25 +1301,20 @@ async fn serve_inbox(
                     // it: look a few times more, a little later each time.
                     if let Some(wait) = RECHECKS.get(rechecks) {
                         rechecks += 1;
-                        retry = Some(Box::pin(tokio::time::sleep(*wait)));
-                        rechecking = true;
+                        retry = Some(Wait::recheck(*wait));
                     }
                 }
                 Err(e) => {
                     tracing::debug!(%agent, error = %e, "cannot read the agent's down messages yet");
-                    retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
-                    rechecking = false;
+                    retry = Some(Wait::after_failure());
                 }
             }
         }
-        if staged > 0 && (retry.is_none() || rechecking) {
+        if staged > 0 && retry.as_ref().is_none_or(|w| w.recheck) {
             let full = staged >= RECORD_AT_MOST;
             match Box::pin(record(inner, hub, agent, session.as_deref(), &mut staged)).await {
                 Recorded::Lost => return Box::pin(lost(hub, agent)).await,
-                Recorded::NotYet => {
-                    retry = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
-                    rechecking = false;
-                }
+                Recorded::NotYet => retry = Some(Wait::after_failure()),
                 // More may wait: read on without waiting for a wake-up.
                 Recorded::Written if full && retry.is_none() => continue,
                 Recorded::Written => {}
@@ -1349,9 +1339,8 @@ async fn serve_inbox(
                 unread = true;
                 next = 1;
             }
-            () = async { if let Some(r) = retry.as_mut() { r.await } }, if retry.is_some() => {
+            () = async { if let Some(w) = retry.as_mut() { w.sleep.as_mut().await } }, if retry.is_some() => {
                 retry = None;
-                rechecking = false;
                 unread = true;
             }
             Some(_) = calls.join_next(), if !calls.is_empty() => {}
@@ -1387,6 +1376,33 @@ fn start_call(
         drop(permit);
     });
     None
+}
+
+/// A down reader's wait before it reads again.
+struct Wait {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// One of the [`RECHECKS`], not a wait after a failure: what is staged is recorded
+    /// and released meanwhile. (Each copy of a new message starts the rechecks again:
+    /// under a steady flow, staged messages would otherwise wait for a full batch, and
+    /// with them the agent's acks, which ride on them.)
+    recheck: bool,
+}
+
+impl Wait {
+    fn recheck(wait: Duration) -> Self {
+        Wait {
+            sleep: Box::pin(tokio::time::sleep(wait)),
+            recheck: true,
+        }
+    }
+
+    /// After a failure (NATS, or the session cannot take a message now).
+    fn after_failure() -> Self {
+        Wait {
+            sleep: Box::pin(tokio::time::sleep(Duration::from_secs(1))),
+            recheck: false,
+        }
+    }
 }
 
 /// The waits before looking again after a copy of a new message found nothing yet.
