@@ -1465,6 +1465,14 @@ async fn deliver(
     let receipt = match sent {
         Ok(receipt) => receipt,
         Err(tunnel_router::Error::NotConnected) => return Err(NotDelivered::Gone),
+        Err(tunnel_router::Error::Encode(e)) => {
+            // Never: its payload has no form on the agent's connection (a MessagePack
+            // map with a binary key for a JSON agent, say). Left in the stream, it
+            // would stop every later message to the agent.
+            tracing::warn!(%agent, stream_seq = seq, error = %e, "deleting a down message the agent's connection cannot carry");
+            delete_down(inner, seq).await;
+            return Ok(false);
+        }
         Err(e) => {
             tracing::debug!(%agent, error = %e, "a down message waits: the agent's session cannot take it now");
             return Err(NotDelivered::Later);

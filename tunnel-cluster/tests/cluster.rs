@@ -679,6 +679,54 @@ async fn a_down_message_the_agent_rejects_is_deleted_not_sent_again() {
     hub.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_message_the_agents_codec_cannot_carry_is_deleted_and_later_ones_arrive() {
+    let nats = Nats::start("uncarried");
+    let (hub, _cluster, serving) = cluster_hub(&nats, "hub-a", Router::new()).await;
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+    let id = AgentId::new("root:org", "json");
+    let (router, mut commands) = agent_router();
+    let agent = Agent::start(
+        WsConnector::new(ClientConfig::new(id.clone()).format(Format::Json)),
+        AgentConfig::new(hub.url().expect("url")),
+        router,
+    )
+    .expect("agent");
+    within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    // Valid MessagePack (a map with a binary key) with no JSON form.
+    let bytes: &[u8] = &[0x81, 0xc4, 0x01, 0x00, 0x01];
+    let payload =
+        tunnel_proto::Payload::from_encoded(Format::MsgPack, bytes.to_vec()).expect("valid");
+    backend
+        .send_payload(&id, MessageType::Command, &payload)
+        .await
+        .expect("stored");
+    backend
+        .send(&id, MessageType::Command, &json!({"n": 1}))
+        .await
+        .expect("stored");
+    assert_eq!(
+        within("the command after it", commands.recv()).await,
+        Some(1)
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+    let mut down = js
+        .get_stream(tunnel_cluster::subject::DOWN_STREAM)
+        .await
+        .expect("down stream");
+    within("both deleted", async {
+        while down.info().await.expect("info").state.messages > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    serving.stop().await;
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
 /// A hub in the cluster whose detached sessions wait in NATS (the cluster's store).
 async fn hub_with_stored_sessions(nats: &Nats, name: &str) -> (Hub, Cluster, Serving) {
     let config = ClusterConfig::new(nats.url(), name).publish_timeout(Duration::from_secs(2));

@@ -485,44 +485,54 @@ fn on_deferral(
     Ok(())
 }
 
-/// Fits a compressed payload to the connection it is about to go on: inflated for a
-/// peer that did not grant `deflate` (a peer never receives an encoding it did not
-/// accept), and transcoded then compressed again when the connection's codec differs
-/// from the payload's format (a compressed payload cannot be transcoded on the fly).
-pub(crate) fn fit_encoding(env: &mut Envelope, sender: Option<&ConnectionSender>) {
-    let Some(sender) = sender else {
-        return;
+/// Fits a payload to the connection it is about to go on, or refuses it before it is
+/// numbered and held: a message held in a session that can never be written would stop
+/// the session's traffic behind it (and be replayed, failing again, on every
+/// connection). A payload in the other codec's format is transcoded now; a compressed
+/// one is inflated for a peer that did not grant `deflate` (a peer never receives an
+/// encoding it did not accept), and transcoded then compressed again when the codecs
+/// differ (a compressed payload cannot be transcoded on the fly). Refused: a payload
+/// with no form in the connection's codec (a MessagePack map with a binary key has
+/// none in JSON), a compressed one that does not inflate, and one larger than the
+/// connection's message limit on its own. Without a connection nothing is checked:
+/// the payload is transcoded when written.
+pub(crate) fn fit_payload(
+    env: &mut Envelope,
+    sender: Option<&ConnectionSender>,
+) -> Result<(), tunnel_proto::EncodeError> {
+    let (Some(sender), Some(payload)) = (sender, env.payload.as_ref()) else {
+        return Ok(());
     };
     let info = sender.info();
-    let Some(format) = env.payload.as_ref().map(tunnel_proto::Payload::format) else {
-        return;
-    };
+    let format = payload.format();
+    let limit = sender.limits().max_message_size;
+    if payload.len() > limit {
+        return Err(tunnel_proto::EncodeError::TooLarge {
+            size: payload.len(),
+            limit,
+        });
+    }
+    if env.content_encoding().is_none() {
+        if format != info.format {
+            env.payload = Some(payload.to_format(info.format)?);
+        }
+        return Ok(());
+    }
     let deflate = info.has_capability(tunnel_proto::capability::DEFLATE);
-    if env.content_encoding().is_none() || (deflate && format == info.format) {
-        return;
+    if deflate && format == info.format {
+        return Ok(());
     }
-    let refit = env.decompress_payload(sender.limits()).and_then(|()| {
-        if format != info.format
-            && let Some(payload) = &env.payload
-        {
-            env.payload = Some(payload.to_format(info.format).map_err(|e| {
-                tunnel_proto::DecodeError::BadField {
-                    field: "payload",
-                    reason: e.to_string(),
-                }
-            })?);
-        }
-        Ok(())
-    });
-    match refit {
-        Ok(()) if deflate => {
-            env.compress_payload(0);
-        }
-        Ok(()) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, "could not fit a compressed payload to the connection")
-        }
+    env.decompress_payload(sender.limits())
+        .map_err(|e| tunnel_proto::EncodeError::Serialize(format!("cannot inflate: {e}")))?;
+    if let Some(payload) = &env.payload
+        && format != info.format
+    {
+        env.payload = Some(payload.to_format(info.format)?);
     }
+    if deflate {
+        env.compress_payload(0);
+    }
+    Ok(())
 }
 
 fn stamp(mut reply: Box<Envelope>) -> Box<Envelope> {

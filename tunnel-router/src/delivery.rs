@@ -11,7 +11,7 @@ use tunnel_metrics::Recorder;
 
 use crate::Error;
 use tunnel_proto::session::{self, Attach, Next, Pushed, Refused, Session, SessionConfig};
-use tunnel_proto::{Envelope, MessageType};
+use tunnel_proto::{CloseCode, Envelope, MessageType};
 use tunnel_transport::ConnectionSender;
 
 pub use tunnel_proto::session::{FullPolicy, Held, Undelivered, WhenFull};
@@ -162,7 +162,8 @@ impl State {
                 self.session.on_link_full(seq);
                 true
             }
-            Err(_) => {
+            Err(e) => {
+                close_after_failed_write(conn, &e);
                 self.session.on_link_lost();
                 self.conn = None;
                 false
@@ -185,6 +186,42 @@ impl State {
                 Next::Hold => (seq, false),
             },
         })
+    }
+}
+
+/// Ends a connection a session message could not be written on. The session stops
+/// writing to it (what it holds waits for the next connection), so a connection left
+/// open would carry nothing of the session, its acks included, for as long as it
+/// lived; closed, the peer reconnects and resumes, and the message is sent again.
+fn close_after_failed_write(conn: &ConnectionSender, e: &tunnel_transport::SendError) {
+    use tunnel_transport::SendError;
+    let agent = &conn.info().agent;
+    match e {
+        // Ending already.
+        SendError::Closed => {}
+        SendError::Timeout(_) | SendError::Full => {
+            tracing::warn!(%agent, error = %e, "closing: the peer does not read what it is sent");
+            conn.abort_with(
+                CloseCode::POLICY_VIOLATION,
+                "outbound queue full: the peer does not read what it is sent",
+            );
+        }
+        SendError::Encode(_) => {
+            // Payloads are fitted to the connection before they are held: this one
+            // was held while no connection was there to fit it to, or fitted an
+            // earlier one with another codec, or passes the message limit only with
+            // its envelope. Until it expires (the replay buffer's age bound) every
+            // connection of the session ends here.
+            tracing::error!(%agent, error = %e, "closing: a held message cannot be written on this connection");
+            conn.abort_with(
+                CloseCode::INTERNAL_ERROR,
+                "a held message cannot be encoded",
+            );
+        }
+        _ => conn.abort_with(
+            CloseCode::INTERNAL_ERROR,
+            "a session message could not be written",
+        ),
     }
 }
 
@@ -450,7 +487,11 @@ impl Reliable {
                 (conn, Envelope::clone(env), seq)
             };
             let (conn, env, seq) = next;
-            let sent = conn.send(&env).await.is_ok();
+            let sent = conn.send(&env).await;
+            if let Err(e) = &sent {
+                close_after_failed_write(&conn, e);
+            }
+            let sent = sent.is_ok();
             let mut st = self.state();
             let more = st.session.on_backlog_sent(seq, conn.info().id, sent);
             if st.session.link().is_none() {

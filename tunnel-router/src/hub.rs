@@ -587,16 +587,15 @@ impl Hub {
     }
 
     async fn transmit(&self, agent: &AgentId, mut env: Box<Envelope>) -> Result<Receipt, Error> {
-        if env.content_encoding().is_some() {
-            connection_loop::fit_encoding(&mut env, self.sender(agent).as_ref());
-        }
+        let sender = self.sender(agent);
+        connection_loop::fit_payload(&mut env, sender.as_ref())?;
         if let Some(store) = &self.inner.sessions
             && let Some(reliable) = store.of_agent(agent)
         {
             let policy = store.when_full().for_type(&env.kind);
             return reliable.send(env, policy).await;
         }
-        let sender = self.sender(agent).ok_or(Error::NotConnected)?;
+        let sender = sender.ok_or(Error::NotConnected)?;
         sender.send(&env).await?;
         Ok(Receipt::untracked())
     }
@@ -645,9 +644,7 @@ impl Hub {
     ) -> Result<Receipt, Error> {
         let mut env = env.into();
         env.id = tunnel_transport::next_message_id();
-        if env.content_encoding().is_some() {
-            connection_loop::fit_encoding(&mut env, self.sender(agent).as_ref());
-        }
+        connection_loop::fit_payload(&mut env, self.sender(agent).as_ref())?;
         let driver = self
             .session_driver(agent, session)
             .ok_or(Error::NotConnected)?;

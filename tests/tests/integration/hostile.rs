@@ -413,3 +413,94 @@ async fn an_accept_rate_paces_new_connections_without_refusing_them() {
     drop(clients);
     hub.shutdown().await;
 }
+
+/// A session peer that stops reading until the hub's outbound queue stays full for the
+/// send timeout is closed with `1008`, not left connected with its session no longer
+/// writing to it (it would then get nothing, acks included, for as long as it stayed);
+/// its next connection resumes the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_peer_that_stops_reading_is_closed_and_resumes_on_its_next_connection() {
+    let (router, at_hub) = collecting_router();
+    let mut config = server_config();
+    config.connection = config
+        .connection
+        .outbound_queue(8)
+        .send_timeout(Duration::from_millis(300));
+    let (hub, url, healthy, healthy_id) = hub_with_healthy_agent_config(router, config).await;
+    let scene = Scene {
+        hub,
+        url,
+        healthy,
+        healthy_id,
+        at_hub,
+    };
+    let id = AgentId::new("ws", "pausing");
+    let (mut ws, ack) = scene.raw("pausing", None).await;
+    let sender = registered(&scene.hub, &id).await;
+    // 200 x 64 KiB: more than the socket buffers and the queue take from a peer that
+    // does not read (a few MiB here), less than the replay buffer's 16 MiB.
+    let payload = Payload::msgpack(&"x".repeat(64 * 1024)).expect("payload");
+    tokio::time::timeout(Duration::from_secs(20), async {
+        for _ in 0..200 {
+            let env = Envelope::new(0, MessageType::Event, 0).with_payload(payload.clone());
+            scene
+                .hub
+                .send_envelope(&id, env)
+                .await
+                .expect("held by the session");
+        }
+    })
+    .await
+    .expect("sends do not wait for the peer");
+    eventually("the hub to close the connection", || sender.is_closed()).await;
+    assert!(
+        matches!(
+            sender.close_reason(),
+            Some(tunnel_transport::CloseReason::Protocol(
+                CloseCode::POLICY_VIOLATION,
+                _
+            ))
+        ),
+        "{:?}",
+        sender.close_reason()
+    );
+    // The peer reads again: what reached its socket, then the end.
+    let (_, seen) = read_until_close(&mut ws, Format::MsgPack).await;
+    let last_received = seen
+        .iter()
+        .filter_map(|env| env.seq)
+        .enumerate()
+        .inspect(|(i, seq)| assert_eq!(*seq, *i as u64 + 1, "in order from 1"))
+        .map(|(_, seq)| seq)
+        .last()
+        .unwrap_or(0);
+    assert!(last_received < 200, "the peer could not have read them all");
+    drop(ws);
+
+    let format = Format::MsgPack;
+    let mut ws = raw_client(&scene.url, &id, format).await;
+    let mut hello = Handshake::new(id.workspace.clone(), id.sync_target.clone());
+    hello.capabilities = vec![capability::RESUME.into()];
+    hello.resume = Some(Resume {
+        session_id: ack.session_id.clone(),
+        last_received,
+    });
+    send_raw(
+        &mut ws,
+        format,
+        &hello.to_envelope(0, 1, format).expect("hello"),
+    )
+    .await;
+    let again = recv_raw_until(&mut ws, format, MessageType::HandshakeAck).await;
+    let again = HandshakeAck::from_envelope(&again).expect("ack");
+    assert!(again.resumed, "the session resumes");
+    assert_eq!(again.session_id, ack.session_id);
+    let next = recv_raw_until(&mut ws, format, MessageType::Event).await;
+    assert_eq!(
+        next.seq,
+        Some(last_received + 1),
+        "the replay goes on where it stopped"
+    );
+    drop(ws);
+    scene.finish().await;
+}

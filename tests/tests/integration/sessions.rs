@@ -762,3 +762,102 @@ async fn a_staged_message_waits_for_its_release_and_one_its_sender_disowns_is_ne
     agent.shutdown().await;
     hub.shutdown().await;
 }
+
+/// A JSON agent on a resumable hub (through `url`) whose received `n`s go to the
+/// returned channel.
+fn json_agent(url: &str, id: &AgentId) -> (Agent, mpsc::UnboundedReceiver<u64>) {
+    let (router, rx) = numbers();
+    let agent = Agent::start(
+        WsConnector::new(client_config(id, Format::Json)),
+        AgentConfig::new(url)
+            .backoff(fast_backoff())
+            .breaker(BreakerConfig::default().cooldown(Duration::from_millis(200))),
+        router,
+    )
+    .expect("valid config");
+    (agent, rx)
+}
+
+/// A MessagePack map with a binary key: valid MessagePack with no JSON form.
+fn no_json_form() -> Box<tunnel_proto::Envelope> {
+    let bytes: &[u8] = &[0x81, 0xc4, 0x01, 0x00, 0x01];
+    let payload = tunnel_proto::Payload::from_encoded(Format::MsgPack, bytes.to_vec())
+        .expect("valid MessagePack");
+    Box::new(tunnel_proto::Envelope::new(0, MessageType::Command, 0).with_payload(payload))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_the_agents_codec_cannot_carry_is_refused_at_send_and_the_session_goes_on() {
+    let hub = resumable_hub(Router::new(), HubSessions::default()).await;
+    let id = AgentId::new("ws", "json");
+    let (agent, mut at_agent) = json_agent(&hub.url().expect("url"), &id);
+    agent.wait_connected(SOON).await.expect("connected");
+    registered(&hub, &id).await;
+
+    let refused = hub.send_envelope(&id, no_json_form()).await;
+    assert!(
+        matches!(refused, Err(tunnel_router::Error::Encode(_))),
+        "{refused:?}"
+    );
+    // Refused before it took a number: what follows goes out as usual.
+    let next = hub
+        .send(&id, MessageType::Command, &json!({ "n": 1 }))
+        .await
+        .expect("accepted");
+    assert_eq!(next.seq(), 1);
+    assert_eq!(recv_soon(&mut at_agent).await, 1);
+    assert_eq!(next.delivered().await, Ok(()));
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_held_offline_that_the_agents_codec_cannot_carry_expires_and_the_session_recovers()
+ {
+    let sessions = HubSessions::default().session(
+        tunnel_proto::session::SessionConfig::default().max_replay_age(Duration::from_secs(1)),
+    );
+    let hub = resumable_hub(Router::new(), sessions).await;
+    let proxy = FaultProxy::start(hub.local_addr().expect("addr"))
+        .await
+        .expect("proxy");
+    let id = AgentId::new("ws", "json-offline");
+    let (agent, mut at_agent) = json_agent(&proxy.ws_url(), &id);
+    agent.wait_connected(SOON).await.expect("connected");
+    registered(&hub, &id).await;
+    go_offline(&proxy, &agent).await;
+    eventually("the hub to notice", || {
+        hub.session_of(&id).is_some_and(|s| !s.attached)
+    })
+    .await;
+
+    // With no connection to fit it to, the session takes it; it fails on every
+    // connection (each is closed) until it expires.
+    let poison = hub
+        .send_envelope(&id, no_json_form())
+        .await
+        .expect("held offline");
+    let reconnects = agent.reconnects();
+    proxy.set_refuse(false);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), poison.delivered())
+        .await
+        .expect("resolved");
+    assert_eq!(outcome, Err(Undelivered::Expired));
+    assert!(
+        agent.reconnects() > reconnects + 1,
+        "the connections it could not be written on were closed"
+    );
+    // Past it, the agent is served again (in a new session: what it never got is gone).
+    let next = hub
+        .send(&id, MessageType::Command, &json!({ "n": 7 }))
+        .await
+        .expect("accepted");
+    let got = tokio::time::timeout(Duration::from_secs(10), at_agent.recv())
+        .await
+        .expect("delivered in time")
+        .expect("channel");
+    assert_eq!(got, 7);
+    assert_eq!(next.delivered().await, Ok(()));
+    agent.shutdown().await;
+    hub.shutdown().await;
+}

@@ -415,8 +415,10 @@ impl Agent {
 
     /// As much of [`Agent::transmit`] as can be done without waiting.
     fn try_transmit(&self, mut env: Box<Envelope>) -> Transmit {
-        if env.content_encoding().is_some() {
-            connection_loop::fit_encoding(&mut env, self.sender().as_ref());
+        // Under the borrow, without cloning the sender: every message passes here.
+        let fitted = connection_loop::fit_payload(&mut env, self.inner.current.borrow().as_ref());
+        if let Err(e) = fitted {
+            return Transmit::Failed(e.into());
         }
         let current = if self.inner.resumable.load(Ordering::Acquire) {
             None
