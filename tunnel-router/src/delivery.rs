@@ -648,7 +648,16 @@ impl Reliable {
             st.session.take_standalone_ack()
         };
         if let Some(ack) = ack {
-            let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
+            self.send_standalone_ack(conn, ack);
+        }
+    }
+
+    /// Queues a standalone `ack`; one the full queue does not take is owed again.
+    fn send_standalone_ack(&self, conn: &ConnectionSender, ack: u64) {
+        let sent = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
+        if matches!(sent, Err(tunnel_transport::SendError::Full)) {
+            let now = Instant::now().into_std();
+            self.state().session.on_ack_unsent(now);
         }
     }
 
@@ -663,7 +672,7 @@ impl Reliable {
             st.session.poll_ack(now)
         };
         if let Some(ack) = ack {
-            let _ = conn.try_send(&conn.envelope(MessageType::Ack).with_ack(ack));
+            self.send_standalone_ack(conn, ack);
         }
     }
 

@@ -520,6 +520,14 @@ impl ReceiveWindow {
         self.acked
     }
 
+    /// The acknowledgement taken last could not be sent (the connection's queue was
+    /// full): it is owed again, due `retry` after `now` unless it is due sooner.
+    pub fn owe_again(&mut self, now: Instant, retry: Duration) {
+        self.first_at.get_or_insert(now);
+        let at = now + retry;
+        self.ack_at = Some(self.ack_at.map_or(at, |due| due.min(at)));
+    }
+
     /// The highest sequence number received in order and handled: what an
     /// acknowledgement covers and what a resume reports.
     pub fn last_received(&self) -> u64 {

@@ -621,6 +621,14 @@ impl Session {
         }
     }
 
+    /// The standalone acknowledgement taken at `now` (from
+    /// [`Session::take_standalone_ack`] or [`Session::poll_ack`]) could not be sent:
+    /// it rides on the next outgoing message, or goes standalone an ack delay later.
+    pub fn on_ack_unsent(&mut self, now: Instant) {
+        self.owed = true;
+        self.inb.owe_again(now, self.config.ack_delay);
+    }
+
     /// The standalone acknowledgement to send at `now`, if one is due (see
     /// [`Session::ack_due_at`]). While a backlog is sent the ack rides on it, and is
     /// looked at again an ack delay later.

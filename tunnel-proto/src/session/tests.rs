@@ -147,6 +147,27 @@ fn acks_are_due_after_ack_every_messages_or_the_delay() {
 }
 
 #[test]
+fn an_ack_the_connection_did_not_take_is_owed_again_standalone_or_on_the_next_message() {
+    let t = Instant::now();
+    let mut s = Session::new(config());
+    attached(&mut s, 1);
+    for seq in 1..=2 {
+        s.handle_inbound(&event(seq).with_seq(seq), || t);
+    }
+    assert_eq!(s.poll_ack(t + Duration::from_millis(20)), Some(2));
+    // Not sent (the queue was full): due again an ack delay later...
+    s.on_ack_unsent(t + Duration::from_millis(20));
+    assert_eq!(s.ack_due_at(), Some(t + Duration::from_millis(40)));
+    assert_eq!(s.poll_ack(t + Duration::from_millis(30)), None);
+    assert_eq!(s.poll_ack(t + Duration::from_millis(40)), Some(2));
+    // ...or riding on the next message sent before then.
+    s.on_ack_unsent(t + Duration::from_millis(40));
+    let (_, frame) = send(&mut s, event(10), t + Duration::from_millis(41));
+    assert_eq!(frame.expect("sent").ack, Some(2));
+    assert_eq!(s.ack_due_at(), None, "the message carried it");
+}
+
+#[test]
 fn a_held_message_is_acknowledged_only_once_released_and_a_rewound_one_is_received_again() {
     let t = Instant::now();
     let mut s = Session::new(config());
