@@ -493,44 +493,67 @@ fn on_deferral(
 /// encoding it did not accept), and transcoded then compressed again when the codecs
 /// differ (a compressed payload cannot be transcoded on the fly). Refused: a payload
 /// with no form in the connection's codec (a MessagePack map with a binary key has
-/// none in JSON), a compressed one that does not inflate, and one larger than the
-/// connection's message limit on its own. Without a connection nothing is checked:
-/// the payload is transcoded when written.
+/// none in JSON), a compressed one that does not inflate, and one that is larger,
+/// fitted, than the connection's message limit. Not caught here: a payload just under
+/// the limit that only its envelope takes over it, and, without a connection, anything
+/// (the payload is transcoded when written); such a message ends every connection it
+/// cannot be written on until it expires (see `delivery::close_after_failed_write`).
 pub(crate) fn fit_payload(
     env: &mut Envelope,
     sender: Option<&ConnectionSender>,
 ) -> Result<(), tunnel_proto::EncodeError> {
-    let (Some(sender), Some(payload)) = (sender, env.payload.as_ref()) else {
+    let Some(sender) = sender else {
         return Ok(());
     };
+    if !needs_fitting(env, sender) {
+        return Ok(());
+    }
     let info = sender.info();
-    let format = payload.format();
-    let limit = sender.limits().max_message_size;
-    if payload.len() > limit {
+    let limits = sender.limits();
+    let Some(format) = env.payload.as_ref().map(tunnel_proto::Payload::format) else {
+        return Ok(());
+    };
+    let deflate = info.has_capability(tunnel_proto::capability::DEFLATE);
+    if env.content_encoding().is_some() && !(deflate && format == info.format) {
+        env.decompress_payload(limits)
+            .map_err(|e| tunnel_proto::EncodeError::Serialize(format!("cannot inflate: {e}")))?;
+        refit_format(env, info.format)?;
+        if deflate {
+            env.compress_payload(0);
+        }
+    } else {
+        refit_format(env, info.format)?;
+    }
+    let size = env.payload.as_ref().map_or(0, tunnel_proto::Payload::len);
+    if size > limits.max_message_size {
         return Err(tunnel_proto::EncodeError::TooLarge {
-            size: payload.len(),
-            limit,
+            size,
+            limit: limits.max_message_size,
         });
     }
-    if env.content_encoding().is_none() {
-        if format != info.format {
-            env.payload = Some(payload.to_format(info.format)?);
-        }
-        return Ok(());
-    }
-    let deflate = info.has_capability(tunnel_proto::capability::DEFLATE);
-    if deflate && format == info.format {
-        return Ok(());
-    }
-    env.decompress_payload(sender.limits())
-        .map_err(|e| tunnel_proto::EncodeError::Serialize(format!("cannot inflate: {e}")))?;
+    Ok(())
+}
+
+/// Whether [`fit_payload`] has anything to do for `env` on `sender`: cheap enough to
+/// ask for every message.
+pub(crate) fn needs_fitting(env: &Envelope, sender: &ConnectionSender) -> bool {
+    env.payload.as_ref().is_some_and(|p| {
+        p.format() != sender.info().format
+            || env.content_encoding().is_some()
+            || p.len() > sender.limits().max_message_size
+    })
+}
+
+/// Transcodes an uncompressed payload to `format` if it is in the other one.
+fn refit_format(
+    env: &mut Envelope,
+    format: tunnel_proto::Format,
+) -> Result<(), tunnel_proto::EncodeError> {
     if let Some(payload) = &env.payload
-        && format != info.format
+        && payload.format() != format
+        && env.content_encoding().is_none()
     {
-        env.payload = Some(payload.to_format(info.format)?);
-    }
-    if deflate {
-        env.compress_payload(0);
+        env.payload = Some(payload.to_format(format)?);
     }
     Ok(())
 }

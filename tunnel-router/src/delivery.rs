@@ -163,8 +163,10 @@ impl State {
                 true
             }
             Err(e) => {
+                // The session keeps its link until the connection is gone and detached
+                // (the registry then marks the session disconnected); nothing more is
+                // written to it meanwhile.
                 close_after_failed_write(conn, &e);
-                self.session.on_link_lost();
                 self.conn = None;
                 false
             }
@@ -189,17 +191,18 @@ impl State {
     }
 }
 
-/// Ends a connection a session message could not be written on. The session stops
-/// writing to it (what it holds waits for the next connection), so a connection left
-/// open would carry nothing of the session, its acks included, for as long as it
-/// lived; closed, the peer reconnects and resumes, and the message is sent again.
+/// Ends a connection a session message could not be written on. Nothing more of the
+/// session is written to it (what it holds waits for the next connection), so a
+/// connection left open would carry nothing of the session, its acks included, for as
+/// long as it lived; closed, it is detached, the peer reconnects and resumes, and the
+/// message is sent again.
 fn close_after_failed_write(conn: &ConnectionSender, e: &tunnel_transport::SendError) {
     use tunnel_transport::SendError;
     let agent = &conn.info().agent;
     match e {
         // Ending already.
         SendError::Closed => {}
-        SendError::Timeout(_) | SendError::Full => {
+        SendError::Timeout(_) => {
             tracing::warn!(%agent, error = %e, "closing: the peer does not read what it is sent");
             conn.abort_with(
                 CloseCode::POLICY_VIOLATION,
@@ -488,12 +491,21 @@ impl Reliable {
             };
             let (conn, env, seq) = next;
             let sent = conn.send(&env).await;
-            if let Err(e) = &sent {
-                close_after_failed_write(&conn, e);
-            }
-            let sent = sent.is_ok();
             let mut st = self.state();
-            let more = st.session.on_backlog_sent(seq, conn.info().id, sent);
+            if let Err(e) = &sent {
+                // As in `State::transmit`: the link stays until the connection is
+                // detached.
+                close_after_failed_write(&conn, e);
+                if st
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.info().id == conn.info().id)
+                {
+                    st.conn = None;
+                }
+                return;
+            }
+            let more = st.session.on_backlog_sent(seq, conn.info().id);
             if st.session.link().is_none() {
                 st.conn = None;
             }

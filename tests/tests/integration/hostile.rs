@@ -70,24 +70,30 @@ impl Scene {
     /// A raw client that completed the handshake, offering `resume` (and optionally
     /// asking to resume `session`); returns the socket and the hub's answer.
     async fn raw(&self, name: &str, session: Option<&str>) -> (RawWs, HandshakeAck) {
-        let id = AgentId::new("ws", name);
-        let format = Format::MsgPack;
-        let mut ws = raw_client(&self.url, &id, format).await;
-        let mut hello = Handshake::new(id.workspace.clone(), id.sync_target.clone());
-        hello.capabilities = vec![capability::RESUME.into()];
-        hello.resume = session.map(|s| Resume {
-            session_id: s.to_owned(),
-            last_received: 0,
-        });
-        send_raw(
-            &mut ws,
-            format,
-            &hello.to_envelope(0, 1, format).expect("hello"),
-        )
-        .await;
-        let ack = recv_raw_until(&mut ws, format, MessageType::HandshakeAck).await;
-        (ws, HandshakeAck::from_envelope(&ack).expect("ack"))
+        raw_session(&self.url, name, session).await
     }
+}
+
+/// A raw client of agent `ws/<name>` at `url` that completed the handshake, offering
+/// `resume` (and optionally asking to resume `session`); the socket and the answer.
+async fn raw_session(url: &str, name: &str, session: Option<&str>) -> (RawWs, HandshakeAck) {
+    let id = AgentId::new("ws", name);
+    let format = Format::MsgPack;
+    let mut ws = raw_client(url, &id, format).await;
+    let mut hello = Handshake::new(id.workspace.clone(), id.sync_target.clone());
+    hello.capabilities = vec![capability::RESUME.into()];
+    hello.resume = session.map(|s| Resume {
+        session_id: s.to_owned(),
+        last_received: 0,
+    });
+    send_raw(
+        &mut ws,
+        format,
+        &hello.to_envelope(0, 1, format).expect("hello"),
+    )
+    .await;
+    let ack = recv_raw_until(&mut ws, format, MessageType::HandshakeAck).await;
+    (ws, HandshakeAck::from_envelope(&ack).expect("ack"))
 }
 
 fn event(id: u64, seq: Option<u64>, n: u64) -> Envelope {
@@ -451,15 +457,13 @@ async fn a_session_peer_that_stops_reading_is_closed_and_resumes_on_its_next_con
         }
     })
     .await
-    .expect("sends do not wait for the peer");
+    .expect("sends wait at most the send timeout");
     eventually("the hub to close the connection", || sender.is_closed()).await;
     assert!(
         matches!(
             sender.close_reason(),
-            Some(tunnel_transport::CloseReason::Protocol(
-                CloseCode::POLICY_VIOLATION,
-                _
-            ))
+            Some(tunnel_transport::CloseReason::Protocol(CloseCode::POLICY_VIOLATION, ref why))
+                if why.contains("does not read")
         ),
         "{:?}",
         sender.close_reason()
@@ -503,4 +507,48 @@ async fn a_session_peer_that_stops_reading_is_closed_and_resumes_on_its_next_con
     );
     drop(ws);
     scene.finish().await;
+}
+
+/// The session of a peer closed for not reading counts as disconnected from then on:
+/// if the peer does not come back, it is dropped after the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_of_a_peer_closed_for_not_reading_ends_after_its_grace() {
+    let mut config = server_config();
+    config.connection = config
+        .connection
+        .outbound_queue(8)
+        .send_timeout(Duration::from_millis(300));
+    let sessions = tunnel_router::HubSessions::default().grace(Duration::from_millis(500));
+    let hub = Hub::bind_with(
+        "127.0.0.1:0",
+        config,
+        Router::new(),
+        tunnel_router::HubConfig::default().sessions(tunnel_router::SessionRegistry::new(sessions)),
+    )
+    .await
+    .expect("bind");
+    let url = hub.url().expect("url");
+    let id = AgentId::new("ws", "gone-deaf");
+    let (ws, _) = raw_session(&url, "gone-deaf", None).await;
+    let sender = registered(&hub, &id).await;
+    let payload = Payload::msgpack(&"x".repeat(64 * 1024)).expect("payload");
+    let mut receipts = Vec::new();
+    for _ in 0..200 {
+        let env = Envelope::new(0, MessageType::Event, 0).with_payload(payload.clone());
+        receipts.push(hub.send_envelope(&id, env).await.expect("held"));
+    }
+    eventually("the hub to close the connection", || sender.is_closed()).await;
+    assert_eq!(hub.sessions(), 1);
+    // Past the grace period the session is dropped and what it held fails.
+    let last = receipts.pop().expect("sent");
+    let outcome = tokio::time::timeout(SOON, last.delivered())
+        .await
+        .expect("resolved after the grace period");
+    assert!(
+        matches!(outcome, Err(tunnel_router::Undelivered::Reset(_))),
+        "{outcome:?}"
+    );
+    eventually("the session to be dropped", || hub.sessions() == 0).await;
+    drop(ws);
+    hub.shutdown().await;
 }

@@ -339,8 +339,11 @@ impl Session {
     }
 
     /// Message `seq` as it goes on the wire now (carrying the acknowledgement owed),
-    /// after [`Next::Transmit`]. Report the write with [`Session::on_transmitted`],
-    /// [`Session::on_link_full`] or [`Session::on_link_lost`].
+    /// after [`Next::Transmit`]. Report the write with [`Session::on_transmitted`] or
+    /// [`Session::on_link_full`]. A write that fails otherwise is not reported: the
+    /// caller ends that connection, and [`Session::detach`] follows when it is gone
+    /// (until then nothing more is written to it, and what it lost is replayed on the
+    /// next connection).
     pub fn transmit(&mut self, seq: u64) -> Option<&Envelope> {
         let ack = self.piggyback();
         let held = self.out.get_mut(seq)?;
@@ -361,11 +364,6 @@ impl Session {
         if self.out.get(seq).is_some_and(|m| m.item.ack.is_some()) {
             self.owed = true;
         }
-    }
-
-    /// The connection is gone (a write failed).
-    pub fn on_link_lost(&mut self) {
-        self.link = None;
     }
 
     /// The next message of the backlog, as it goes on the wire (with the ack owed),
@@ -399,15 +397,10 @@ impl Session {
         Some((first, &held.item))
     }
 
-    /// A backlog message `seq` was written on connection `link` (or the write
-    /// failed). Returns whether more of the backlog waits.
-    pub fn on_backlog_sent(&mut self, seq: u64, link: u64, sent: bool) -> bool {
-        if !sent {
-            if self.link == Some(link) {
-                self.link = None;
-            }
-            return false;
-        }
+    /// A backlog message `seq` was written on connection `link`. Returns whether more
+    /// of the backlog waits. A failed write is not reported (see
+    /// [`Session::transmit`]).
+    pub fn on_backlog_sent(&mut self, seq: u64, link: u64) -> bool {
         self.transmitted_through = self.transmitted_through.max(seq);
         if self.link != Some(link) {
             // Written on a connection that no longer carries the session: the one that

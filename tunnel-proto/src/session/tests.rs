@@ -48,7 +48,7 @@ fn drain(s: &mut Session, link: u64) -> Vec<Envelope> {
     let mut out = Vec::new();
     while let Some((seq, env)) = s.poll_backlog() {
         out.push(env.clone());
-        if !s.on_backlog_sent(seq, link, true) {
+        if !s.on_backlog_sent(seq, link) {
             break;
         }
     }
@@ -787,7 +787,7 @@ impl Pair {
         let link = self.link;
         while let Some((seq, env)) = self.sides[side].poll_backlog() {
             let env = env.clone();
-            let more = self.sides[side].on_backlog_sent(seq, link, true);
+            let more = self.sides[side].on_backlog_sent(seq, link);
             self.write(side, env);
             if !more {
                 break;

@@ -415,9 +415,15 @@ impl Agent {
 
     /// As much of [`Agent::transmit`] as can be done without waiting.
     fn try_transmit(&self, mut env: Box<Envelope>) -> Transmit {
-        // Under the borrow, without cloning the sender: every message passes here.
-        let fitted = connection_loop::fit_payload(&mut env, self.inner.current.borrow().as_ref());
-        if let Err(e) = fitted {
+        // Asked under the borrow, without cloning the sender: every message passes
+        // here, and the rare work of fitting is done outside it.
+        let fit = self
+            .inner
+            .current
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| connection_loop::needs_fitting(&env, s));
+        if fit && let Err(e) = connection_loop::fit_payload(&mut env, self.sender().as_ref()) {
             return Transmit::Failed(e.into());
         }
         let current = if self.inner.resumable.load(Ordering::Acquire) {
