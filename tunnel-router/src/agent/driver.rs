@@ -155,6 +155,9 @@ pub(super) async fn supervise(
             sender.info().format == tunnel_proto::Format::Json,
             Ordering::Relaxed,
         );
+        inner
+            .max_message_size
+            .store(sender.limits().max_message_size, Ordering::Relaxed);
         inner.current.send_replace(Some(sender.clone()));
         let link = connection_loop::Link::new(reliable, &inner.pending, &*recorder, true);
         let (end, stopping) = {

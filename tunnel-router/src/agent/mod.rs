@@ -1,7 +1,7 @@
 //! The agent: stays connected to a hub, redialing with jittered backoff.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
@@ -94,6 +94,9 @@ struct Inner {
     current: watch::Sender<Option<ConnectionSender>>,
     /// Whether the last connection used JSON (for [`Agent::format`] between connections).
     json: AtomicBool,
+    /// The last connection's message size limit (0 before the first): with `json`, what
+    /// tells most messages fit it without looking at the connection.
+    max_message_size: AtomicUsize,
     reconnects: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -215,6 +218,7 @@ impl Agent {
             state: watch::Sender::new(ConnectionState::Connecting),
             current: watch::Sender::new(None),
             json: AtomicBool::new(false),
+            max_message_size: AtomicUsize::new(0),
             reconnects: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -415,14 +419,23 @@ impl Agent {
 
     /// As much of [`Agent::transmit`] as can be done without waiting.
     fn try_transmit(&self, mut env: Box<Envelope>) -> Transmit {
-        // Asked under the borrow, without cloning the sender: every message passes
-        // here, and the rare work of fitting is done outside it.
-        let fit = self
-            .inner
-            .current
-            .borrow()
-            .as_ref()
-            .is_some_and(|s| connection_loop::needs_fitting(&env, s));
+        // Every message passes here: one in the last connection's format, uncompressed
+        // and within its size limit, is taken to fit without a look at the connection
+        // (the format comes from the agent's configuration; one that changed meanwhile
+        // is transcoded when written); else the connection is asked under the borrow,
+        // and the rare work of fitting done outside it.
+        let fits = env.payload.as_ref().is_none_or(|p| {
+            env.content_encoding().is_none()
+                && p.format() == self.cached_format()
+                && p.len() <= self.inner.max_message_size.load(Ordering::Relaxed)
+        });
+        let fit = !fits
+            && self
+                .inner
+                .current
+                .borrow()
+                .as_ref()
+                .is_some_and(|s| connection_loop::needs_fitting(&env, s));
         if fit && let Err(e) = connection_loop::fit_payload(&mut env, self.sender().as_ref()) {
             return Transmit::Failed(e.into());
         }
@@ -450,6 +463,15 @@ impl Agent {
             Ok(()) => Transmit::Done(Receipt::untracked()),
             Err(SendError::Full) => Transmit::Queue(sender, env),
             Err(e) => Transmit::Failed(e.into()),
+        }
+    }
+
+    /// The last connection's format, without looking at the connection.
+    fn cached_format(&self) -> tunnel_proto::Format {
+        if self.inner.json.load(Ordering::Relaxed) {
+            tunnel_proto::Format::Json
+        } else {
+            tunnel_proto::Format::MsgPack
         }
     }
 
