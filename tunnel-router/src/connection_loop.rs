@@ -494,54 +494,82 @@ fn on_deferral(
 /// differ (a compressed payload cannot be transcoded on the fly). Refused: a payload
 /// with no form in the connection's codec (a MessagePack map with a binary key has
 /// none in JSON), a compressed one that does not inflate, and one that is larger,
-/// fitted, than the connection's message limit. Not caught here: a payload just under
-/// the limit that only its envelope takes over it, and, without a connection, anything
-/// (the payload is transcoded when written); such a message ends every connection it
-/// cannot be written on until it expires (see `delivery::close_after_failed_write`).
+/// fitted, than the connection's message limit. Between connections a session's
+/// message is fitted to its last connection ([`Fit`], kept by the session's driver),
+/// which the peer's next one is almost always like. Not caught here: a payload just
+/// under the limit that only its envelope takes over it, one held by a session that
+/// has had no connection on this side (restored from a store), and one fitted to a
+/// last connection that the next one is not like (the peer changed its codec); such a
+/// message ends every connection it cannot be written on until it expires (see
+/// `delivery::close_after_failed_write`).
 pub(crate) fn fit_payload(
     env: &mut Envelope,
-    sender: Option<&ConnectionSender>,
+    fit: Option<Fit>,
 ) -> Result<(), tunnel_proto::EncodeError> {
-    let Some(sender) = sender else {
+    let Some(fit) = fit else {
         return Ok(());
     };
-    if !needs_fitting(env, sender) {
+    if !fit.needs_fitting(env) {
         return Ok(());
     }
-    let info = sender.info();
-    let limits = sender.limits();
     let Some(format) = env.payload.as_ref().map(tunnel_proto::Payload::format) else {
         return Ok(());
     };
-    let deflate = info.has_capability(tunnel_proto::capability::DEFLATE);
-    if env.content_encoding().is_some() && !(deflate && format == info.format) {
-        env.decompress_payload(limits)
+    if env.content_encoding().is_some() && !(fit.deflate && format == fit.format) {
+        let limits = tunnel_proto::Limits::default()
+            .max_message_size(fit.max_message_size)
+            .max_decompressed_size(fit.max_decompressed_size);
+        env.decompress_payload(&limits)
             .map_err(|e| tunnel_proto::EncodeError::Serialize(format!("cannot inflate: {e}")))?;
-        refit_format(env, info.format)?;
-        if deflate {
+        refit_format(env, fit.format)?;
+        if fit.deflate {
             env.compress_payload(0);
         }
     } else {
-        refit_format(env, info.format)?;
+        refit_format(env, fit.format)?;
     }
     let size = env.payload.as_ref().map_or(0, tunnel_proto::Payload::len);
-    if size > limits.max_message_size {
+    if size > fit.max_message_size {
         return Err(tunnel_proto::EncodeError::TooLarge {
             size,
-            limit: limits.max_message_size,
+            limit: fit.max_message_size,
         });
     }
     Ok(())
 }
 
-/// Whether [`fit_payload`] has anything to do for `env` on `sender`: cheap enough to
-/// ask for every message.
-pub(crate) fn needs_fitting(env: &Envelope, sender: &ConnectionSender) -> bool {
-    env.payload.as_ref().is_some_and(|p| {
-        p.format() != sender.info().format
-            || env.content_encoding().is_some()
-            || p.len() > sender.limits().max_message_size
-    })
+/// What a payload must be to go on a connection: the connection's codec, whether its
+/// peer takes `deflate`, and its limits. Small and `Copy`, so that a session keeps its
+/// last connection's after the connection is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fit {
+    format: tunnel_proto::Format,
+    deflate: bool,
+    max_message_size: usize,
+    max_decompressed_size: usize,
+}
+
+impl Fit {
+    pub(crate) fn of(sender: &ConnectionSender) -> Self {
+        let info = sender.info();
+        let limits = sender.limits();
+        Fit {
+            format: info.format,
+            deflate: info.has_capability(tunnel_proto::capability::DEFLATE),
+            max_message_size: limits.max_message_size,
+            max_decompressed_size: limits.max_decompressed_size,
+        }
+    }
+
+    /// Whether [`fit_payload`] has anything to do for `env`: cheap enough to ask for
+    /// every message.
+    pub(crate) fn needs_fitting(&self, env: &Envelope) -> bool {
+        env.payload.as_ref().is_some_and(|p| {
+            p.format() != self.format
+                || env.content_encoding().is_some()
+                || p.len() > self.max_message_size
+        })
+    }
 }
 
 /// Transcodes an uncompressed payload to `format` if it is in the other one.

@@ -138,6 +138,9 @@ struct State {
     session: Session,
     /// The connection named by `session.link()`.
     conn: Option<ConnectionSender>,
+    /// What the last connection attached took: messages held while there is none are
+    /// fitted to it (`connection_loop::fit_payload`).
+    fit: Option<crate::connection_loop::Fit>,
     /// What a restored session held when it was restored (sequence number, headers),
     /// until [`Reliable::take_restored`] takes it.
     restored: Vec<(u64, tunnel_proto::Headers)>,
@@ -210,10 +213,11 @@ fn close_after_failed_write(conn: &ConnectionSender, e: &tunnel_transport::SendE
             );
         }
         SendError::Encode(_) => {
-            // Payloads are fitted to the connection before they are held: this one
-            // was held while no connection was there to fit it to, or fitted an
-            // earlier one with another codec, or passes the message limit only with
-            // its envelope. Until it expires (the replay buffer's age bound) every
+            // Payloads are fitted to the connection (or the session's last one)
+            // before they are held: this one was held by a session restored with no
+            // connection here yet, or fitted a last connection the current one is not
+            // like (another codec), or passes the message limit only with its
+            // envelope. Until it expires (the replay buffer's age bound) every
             // connection of the session ends here.
             tracing::error!(%agent, error = %e, "closing: a held message cannot be written on this connection");
             conn.abort_with(
@@ -281,6 +285,7 @@ impl Reliable {
             state: Mutex::new(State {
                 session,
                 conn: None,
+                fit: None,
                 restored,
             }),
             drain: tokio::sync::Mutex::new(()),
@@ -537,6 +542,7 @@ impl Reliable {
                 Attach::Superseded => Ok(None),
                 Attach::Restart(reset) => Err(reset),
                 Attach::Attached(reset) => {
+                    st.fit = Some(crate::connection_loop::Fit::of(&conn));
                     st.conn = Some(conn);
                     Ok(Some(reset))
                 }
@@ -568,6 +574,12 @@ impl Reliable {
     /// unacknowledged, the next connection may start a new session without a reset.
     pub(crate) fn end_for_handover(&self) -> bool {
         self.state().session.handle_handover()
+    }
+
+    /// What a message held now must fit: the current connection, or the last one
+    /// attached; `None` before any was.
+    pub(crate) fn fit(&self) -> Option<crate::connection_loop::Fit> {
+        self.state().fit
     }
 
     /// Whether `conn` is the connection carrying the session.

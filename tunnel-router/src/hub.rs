@@ -24,7 +24,7 @@ use tunnel_proto::session::Held;
 /// How often a hub with sessions expires old messages and ends sessions past their
 /// grace period.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
-use crate::connection_loop::{self, SessionEnd};
+use crate::connection_loop::{self, Fit, SessionEnd};
 
 #[derive(Debug)]
 struct Inner {
@@ -588,10 +588,18 @@ impl Hub {
 
     async fn transmit(&self, agent: &AgentId, mut env: Box<Envelope>) -> Result<Receipt, Error> {
         let sender = self.sender(agent);
-        connection_loop::fit_payload(&mut env, sender.as_ref())?;
-        if let Some(store) = &self.inner.sessions
-            && let Some(reliable) = store.of_agent(agent)
-        {
+        let session = self
+            .inner
+            .sessions
+            .as_ref()
+            .and_then(|s| Some((s, s.of_agent(agent)?)));
+        let fit = match (&sender, &session) {
+            (Some(sender), _) => Some(Fit::of(sender)),
+            (None, Some((_, reliable))) => reliable.fit(),
+            (None, None) => None,
+        };
+        connection_loop::fit_payload(&mut env, fit)?;
+        if let Some((store, reliable)) = session {
             let policy = store.when_full().for_type(&env.kind);
             return reliable.send(env, policy).await;
         }
@@ -644,10 +652,14 @@ impl Hub {
     ) -> Result<Receipt, Error> {
         let mut env = env.into();
         env.id = tunnel_transport::next_message_id();
-        connection_loop::fit_payload(&mut env, self.sender(agent).as_ref())?;
         let driver = self
             .session_driver(agent, session)
             .ok_or(Error::NotConnected)?;
+        let fit = self
+            .sender(agent)
+            .map(|s| Fit::of(&s))
+            .or_else(|| driver.fit());
+        connection_loop::fit_payload(&mut env, fit)?;
         if !still_ours() {
             return Err(Error::NotConnected);
         }

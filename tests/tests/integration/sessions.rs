@@ -765,10 +765,15 @@ async fn a_staged_message_waits_for_its_release_and_one_its_sender_disowns_is_ne
 
 /// A JSON agent on a resumable hub (through `url`) whose received `n`s go to the
 /// returned channel.
+/// The message limit of [`json_agent`]'s connections.
+const AGENT_LIMIT: usize = 64 * 1024;
+
 fn json_agent(url: &str, id: &AgentId) -> (Agent, mpsc::UnboundedReceiver<u64>) {
     let (router, rx) = numbers();
+    let mut config = client_config(id, Format::Json);
+    config.connection.limits = tunnel_proto::Limits::default().max_message_size(AGENT_LIMIT);
     let agent = Agent::start(
-        WsConnector::new(client_config(id, Format::Json)),
+        WsConnector::new(config),
         AgentConfig::new(url)
             .backoff(fast_backoff())
             .breaker(BreakerConfig::default().cooldown(Duration::from_millis(200))),
@@ -812,12 +817,10 @@ async fn a_payload_the_agents_codec_cannot_carry_is_refused_at_send_and_the_sess
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_held_offline_that_the_agents_codec_cannot_carry_expires_and_the_session_recovers()
+async fn a_payload_the_agents_codec_cannot_carry_is_refused_while_it_is_offline_and_the_session_resumes()
  {
-    let sessions = HubSessions::default().session(
-        tunnel_proto::session::SessionConfig::default().max_replay_age(Duration::from_secs(3)),
-    );
-    let hub = resumable_hub(Router::new(), sessions).await;
+    let (hub_router, mut at_hub) = numbers();
+    let hub = resumable_hub(hub_router, HubSessions::default()).await;
     let proxy = FaultProxy::start(hub.local_addr().expect("addr"))
         .await
         .expect("proxy");
@@ -825,46 +828,59 @@ async fn a_message_held_offline_that_the_agents_codec_cannot_carry_expires_and_t
     let (agent, mut at_agent) = json_agent(&proxy.ws_url(), &id);
     agent.wait_connected(SOON).await.expect("connected");
     registered(&hub, &id).await;
+    let session = hub.session_of(&id).expect("a session").id;
     go_offline(&proxy, &agent).await;
     // Both: the session is detached before the connection is unregistered, and a
-    // registered connection would have the message fitted to it (and refused).
+    // registered connection would have the message fitted to it.
     eventually("the hub to notice", || {
         hub.sender(&id).is_none() && hub.session_of(&id).is_some_and(|s| !s.attached)
     })
     .await;
 
-    // With no connection to fit it to, the session takes it; it fails on every
-    // connection (each is closed) until it expires.
-    let poison = hub
-        .send_envelope(&id, no_json_form())
+    // With no connection, the message is fitted to the session's last one: refused
+    // before it took a number, as it would be on the connection.
+    let refused = hub.send_envelope(&id, no_json_form()).await;
+    assert!(
+        matches!(refused, Err(tunnel_router::Error::Encode(_))),
+        "{refused:?}"
+    );
+    // Offline too, on the agent's side: larger than its connection's message limit.
+    let mut too_large = tunnel_proto::Envelope::new(0, MessageType::Event, 0).with_payload(
+        tunnel_proto::Payload::encode(Format::Json, &"x".repeat(AGENT_LIMIT + 1)).expect("encodes"),
+    );
+    too_large.id = 0;
+    let refused = agent.send_envelope(Box::new(too_large)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(tunnel_router::Error::Encode(
+                tunnel_proto::EncodeError::TooLarge { .. }
+            ))
+        ),
+        "{refused:?}"
+    );
+    let down = hub
+        .send(&id, MessageType::Command, &json!({ "n": 1 }))
         .await
         .expect("held offline");
-    let reconnects = agent.reconnects();
+    assert_eq!(down.seq(), 1, "the refused message took no number");
+    let up = agent
+        .send(MessageType::Event, &json!({ "n": 1 }))
+        .await
+        .expect("held offline");
+    assert_eq!(up.seq(), 1, "the refused message took no number");
+
+    // The session resumes (no reset) and both arrive.
     proxy.set_refuse(false);
-    let outcome = tokio::time::timeout(Duration::from_secs(10), poison.delivered())
-        .await
-        .expect("resolved");
-    // Expired; or, read only after the reset that the agent's next resume then is,
-    // failed with that reset (a reset's outcome is reported over an expiry).
-    assert!(
-        matches!(outcome, Err(Undelivered::Expired | Undelivered::Reset(_))),
-        "{outcome:?}"
+    assert_eq!(recv_soon(&mut at_agent).await, 1);
+    assert_eq!(recv_soon(&mut at_hub).await, 1);
+    assert_eq!(down.delivered().await, Ok(()));
+    assert_eq!(up.delivered().await, Ok(()));
+    assert_eq!(
+        hub.session_of(&id).map(|s| s.id),
+        Some(session),
+        "resumed, not reset"
     );
-    assert!(
-        agent.reconnects() > reconnects + 1,
-        "the connections it could not be written on were closed"
-    );
-    // Past it, the agent is served again (in a new session: what it never got is gone).
-    let next = hub
-        .send(&id, MessageType::Command, &json!({ "n": 7 }))
-        .await
-        .expect("accepted");
-    let got = tokio::time::timeout(Duration::from_secs(10), at_agent.recv())
-        .await
-        .expect("delivered in time")
-        .expect("channel");
-    assert_eq!(got, 7);
-    assert_eq!(next.delivered().await, Ok(()));
     agent.shutdown().await;
     hub.shutdown().await;
 }

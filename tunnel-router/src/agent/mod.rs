@@ -19,7 +19,7 @@ use tunnel_reconnect::{
 use tunnel_transport::{ConnectionInfo, ConnectionSender, Connector, Resume, SendError};
 
 use crate::Error;
-use crate::connection_loop::{self, SessionEnd};
+use crate::connection_loop::{self, Fit, SessionEnd};
 use crate::delivery::{FullPolicy, Receipt, Reliable, TrySend};
 use crate::request::{Pending, Request, Response, Ticket};
 use crate::router::Router;
@@ -423,21 +423,24 @@ impl Agent {
         // and within its size limit, is taken to fit without a look at the connection
         // (the format comes from the agent's configuration; one that changed meanwhile
         // is transcoded when written); else the connection is asked under the borrow,
-        // and the rare work of fitting done outside it.
+        // and the rare work of fitting done outside it (between connections, the
+        // session's last connection is asked instead).
         let fits = env.payload.as_ref().is_none_or(|p| {
             env.content_encoding().is_none()
                 && p.format() == self.cached_format()
                 && p.len() <= self.inner.max_message_size.load(Ordering::Relaxed)
         });
-        let fit = !fits
-            && self
+        if !fits {
+            let fit = self
                 .inner
                 .current
                 .borrow()
                 .as_ref()
-                .is_some_and(|s| connection_loop::needs_fitting(&env, s));
-        if fit && let Err(e) = connection_loop::fit_payload(&mut env, self.sender().as_ref()) {
-            return Transmit::Failed(e.into());
+                .map(Fit::of)
+                .or_else(|| self.inner.reliable.as_ref().and_then(|r| r.fit()));
+            if let Err(e) = connection_loop::fit_payload(&mut env, fit) {
+                return Transmit::Failed(e.into());
+            }
         }
         let current = if self.inner.resumable.load(Ordering::Acquire) {
             None
