@@ -431,13 +431,9 @@ impl Agent {
                 && p.len() <= self.inner.max_message_size.load(Ordering::Relaxed)
         });
         if !fits {
-            let fit = self
-                .inner
-                .current
-                .borrow()
-                .as_ref()
-                .map(Fit::of)
-                .or_else(|| self.inner.reliable.as_ref().and_then(|r| r.fit()));
+            // The borrow ends before the session's lock is taken.
+            let current = self.inner.current.borrow().as_ref().map(Fit::of);
+            let fit = current.or_else(|| self.inner.reliable.as_ref().and_then(|r| r.fit()));
             if let Err(e) = connection_loop::fit_payload(&mut env, fit) {
                 return Transmit::Failed(e.into());
             }
