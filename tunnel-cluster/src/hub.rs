@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::{BoxError, service_fn};
 use tunnel_proto::{CloseCode, Envelope, Format, MessageType, Payload};
-use tunnel_router::{Hub, HubEvent, Inbound, Request, Router, Unavailable, Undelivered};
+use tunnel_router::{Hub, HubEvent, Inbound, Refused, Request, Router, Unavailable, Undelivered};
 use tunnel_transport::AgentId;
 
 use crate::subject::{self, HEADER_CODEC, HEADER_ERROR, HEADER_TRACEPARENT, HEADER_TYPE};
@@ -212,8 +212,10 @@ impl Cluster {
     /// A router whose fallback publishes every data message an agent sends into the up
     /// stream: the agent's session acknowledges it only once the stream stored it, and a
     /// message the stream cannot take now (NATS down, no ack in time) is answered with
-    /// [`Unavailable`], so the agent keeps it and replays it. Routes already in
-    /// `router` keep their messages in this hub.
+    /// [`Unavailable`], so the agent keeps it and replays it. One NATS can never take
+    /// (with its headers, larger than the server's `max_payload`) is [`Refused`]: the
+    /// agent's receipt fails with `bad_request` and it is not sent again. Routes
+    /// already in `router` keep their messages in this hub.
     pub fn router(&self, router: Router) -> Router {
         let cluster = self.clone();
         router
@@ -226,7 +228,8 @@ impl Cluster {
 
     /// Stores one agent message in the up stream and waits for the stream's ack: what
     /// [`Cluster::router`]'s fallback does, for a handler of one's own. Fails with
-    /// [`Unavailable`] when the stream cannot take it now.
+    /// [`Unavailable`] when the stream cannot take it now, and with [`Refused`] when it
+    /// never can (larger than NATS's `max_payload`).
     ///
     /// Publishes are pipelined: the handler returns once the publish is sent, and the
     /// session acknowledges the message when the stream's ack arrives
@@ -244,7 +247,9 @@ impl Cluster {
         let ack = match publish_up(&publisher.js, msg).await {
             Ok(ack) => ack,
             Err(e) => {
-                self.inner.fences.resolved(connection, false);
+                // A refused message was never sent: it fails nothing after it.
+                let never_sent = e.is::<Refused>();
+                self.inner.fences.resolved(connection, never_sent);
                 return Err(e);
             }
         };
@@ -411,7 +416,13 @@ async fn publish_up(
     // each of those ends within `publish_timeout`).
     js.send_publish(subject, publish)
         .await
-        .map_err(|e| Unavailable::new(format!("the up stream did not take it: {e}")).into())
+        .map_err(|e| -> BoxError {
+            if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded {
+                Refused::new(format!("larger than the cluster's NATS takes: {e}")).into()
+            } else {
+                Unavailable::new(format!("the up stream did not take it: {e}")).into()
+            }
+        })
 }
 
 /// One publish's ack and what the session does with it.

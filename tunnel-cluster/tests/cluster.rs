@@ -1093,3 +1093,40 @@ async fn a_down_message_goes_out_while_later_ones_keep_coming_not_with_a_full_ba
     serving.stop().await;
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_message_larger_than_nats_takes_is_refused_and_later_ones_land() {
+    let nats = Nats::start("too-large");
+    let (hub, _cluster, serving) = cluster_hub(&nats, "hub-a", Router::new()).await;
+    let id = AgentId::new("root:org", "large.1");
+    let agent = agent(&hub.url().expect("url"), &id, Router::new());
+    let info = within("connect", agent.wait_connected(SOON))
+        .await
+        .expect("up");
+    // Within the tunnel's 16 MiB, over nats-server's default max_payload (1 MiB).
+    let big = agent
+        .send(
+            MessageType::Event,
+            &json!({"n": 0, "pad": "x".repeat(1_100_000)}),
+        )
+        .await
+        .expect("accepted by the agent's session");
+    let outcome = within("refusal", big.delivered()).await;
+    assert!(
+        matches!(&outcome, Err(tunnel_router::Undelivered::Rejected { code, .. }) if code == "bad_request"),
+        "{outcome:?}"
+    );
+    let receipts = send_events(&agent, 5).await.expect("sender");
+    all_stored(receipts).await;
+    let backend = Backend::connect(&nats.url()).await.expect("backend");
+    let got = read_up(&backend, "reader", &id, 5).await;
+    assert_eq!(numbers_of(&got), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        agent.sender().expect("connected").info().id,
+        info.id,
+        "the same connection: a refusal closes nothing"
+    );
+    serving.stop().await;
+    agent.shutdown().await;
+    hub.shutdown().await;
+}

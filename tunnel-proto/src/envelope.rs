@@ -513,6 +513,59 @@ impl Envelope {
         self.headers.get(header::CONTENT_ENCODING)
     }
 
+    /// An upper bound of this envelope's encoded size in `format`'s codec, counting the
+    /// largest `seq` and `ack` a session may add when it sends it. Costs no encoding, so
+    /// a sender tells that a message fits a size limit without encoding it, and encodes
+    /// it only when the bound is over the limit. `None` when the codec would have to
+    /// transcode the payload (its size in the other format is known only by doing so).
+    ///
+    /// ```
+    /// use tunnel_proto::{Envelope, Format, MessageType, Payload};
+    ///
+    /// let env = Envelope::new(1, MessageType::Event, 0)
+    ///     .with_payload(Payload::encode(Format::Json, &"hello")?);
+    /// let mut wire = Vec::new();
+    /// Format::Json.codec().encode(&env, &mut wire)?;
+    /// assert!(wire.len() <= env.encoded_len_bound(Format::Json).unwrap());
+    /// assert_eq!(env.encoded_len_bound(Format::MsgPack), None); // transcoded
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn encoded_len_bound(&self, format: Format) -> Option<usize> {
+        // A string: JSON escapes a control character in six bytes; MessagePack adds a
+        // header of at most five.
+        let text = |s: &str| match format {
+            Format::Json => s.len().saturating_mul(6).saturating_add(2),
+            Format::MsgPack => s.len().saturating_add(5),
+        };
+        // The field names and punctuation, and six u64 fields (id, ts, seq, ack,
+        // corr, and a spare) at their widest: 20 digits in JSON, 9 bytes in MessagePack.
+        let mut bound: usize = 256 + text(self.kind.as_str());
+        for (k, v) in self.headers.iter() {
+            bound = bound
+                .saturating_add(text(k))
+                .saturating_add(text(v))
+                .saturating_add(2);
+        }
+        if let Some(err) = &self.error {
+            bound = bound
+                .saturating_add(text(&err.code))
+                .saturating_add(text(&err.message));
+        }
+        if let Some(payload) = &self.payload {
+            let n = payload.len();
+            let wire = match (format, self.content_encoding().is_some()) {
+                // Compressed bytes travel in base64 in JSON.
+                (Format::Json, true) => n.div_ceil(3).saturating_mul(4).saturating_add(2),
+                (Format::MsgPack, true) => n.saturating_add(5),
+                (_, false) if payload.format() != format => return None,
+                (Format::Json, false) => n,
+                (Format::MsgPack, false) => n.saturating_add(5),
+            };
+            bound = bound.saturating_add(wire);
+        }
+        Some(bound)
+    }
+
     /// Deserializes the payload into `T`.
     ///
     /// Fails with [`DecodeError::StillEncoded`] if the payload is compressed

@@ -67,8 +67,35 @@ fn check_roundtrip(format: Format, env: &Envelope) -> Result<(), TestCaseError> 
     Ok(())
 }
 
+/// `env`, compressed if asked, encodes within its bound with the widest `seq` and
+/// `ack` a session may add.
+fn check_bound(format: Format, mut env: Envelope, compress: bool) -> Result<(), TestCaseError> {
+    if compress {
+        env.compress_payload(0);
+    }
+    let bound = env
+        .encoded_len_bound(format)
+        .expect("the payload is in the codec's format");
+    env.seq = Some(u64::MAX);
+    env.ack = Some(u64::MAX);
+    let mut buf = Vec::new();
+    format.codec().encode(&env, &mut buf).expect("encode");
+    prop_assert!(buf.len() <= bound, "encoded {} > bound {bound}", buf.len());
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn json_envelopes_encode_within_their_bound(env in envelope(Format::Json), compress in any::<bool>()) {
+        check_bound(Format::Json, env, compress)?;
+    }
+
+    #[test]
+    fn msgpack_envelopes_encode_within_their_bound(env in envelope(Format::MsgPack), compress in any::<bool>()) {
+        check_bound(Format::MsgPack, env, compress)?;
+    }
 
     #[test]
     fn json_envelopes_roundtrip(env in envelope(Format::Json)) {

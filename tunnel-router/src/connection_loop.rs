@@ -59,9 +59,22 @@ impl Link<'_> {
     /// reads the acks that make room. A reply that finds the buffer full is dropped
     /// (the requester times out) while the peer acknowledges; once it has not for
     /// the session's `stall_timeout`, the connection is closed with `1008` (the next one resumes
-    /// and replays) rather than dropping this and every later reply.
+    /// and replays) rather than dropping this and every later reply. A handler's
+    /// result the connection cannot carry (no form in its codec, larger than its
+    /// limit) is answered with `handler_error` instead: held by the session, it would
+    /// end every connection it cannot be written on until it expired.
     async fn send_reply(&self, sender: &ConnectionSender, mut reply: Box<Envelope>) {
         reply.id = tunnel_transport::next_message_id();
+        if let Err(e) = fit_payload(&mut reply, Some(Fit::of(sender))) {
+            tracing::warn!(agent = %sender.info().agent, error = %e, "a handler's result cannot be sent: answering handler_error");
+            self.recorder.error("reply_unsendable");
+            reply.payload = None;
+            reply.headers.remove(tunnel_proto::header::CONTENT_ENCODING);
+            reply.error = Some(ErrorBody::new(
+                error_code::HANDLER_ERROR,
+                format!("the handler's result cannot be sent: {e}"),
+            ));
+        }
         let outcome = match self.reliable {
             Some(reliable) if !self.draining.load(Ordering::Acquire) => {
                 match reliable.send(reply, WhenFull::Reject).await {
@@ -403,6 +416,19 @@ async fn read(
                 }
                 ErrorBody::new(error_code::NO_HANDLER, why)
             }
+            Err(e) if cause::<crate::Refused>(&e).is_some() => {
+                let why = cause::<crate::Refused>(&e)
+                    .map(|r| r.reason().to_owned())
+                    .unwrap_or_default();
+                link.recorder.error("refused");
+                tracing::debug!(agent = %sender.info().agent, kind = %tunnel_proto::text::Untrusted(kind.as_str()), reason = %tunnel_proto::text::Untrusted(&why), "the handler refused a message");
+                // Answered as a message this side cannot read is: counted as received,
+                // and the one reply (a request's too).
+                let refused_env = Envelope::new(unrouted_id, kind.clone(), 0);
+                link.reject(&sender, &refused_env, error_code::BAD_REQUEST, why)
+                    .await;
+                continue;
+            }
             Err(e) if is_unavailable(&e) => {
                 // Not taken: unacknowledged, and replayed by the peer's session on its
                 // next connection.
@@ -444,14 +470,19 @@ fn late_deferral(sender: &ConnectionSender, seq: u64, state: &mut Reading) -> Se
 
 /// Whether a handler's error is (or wraps, as a layer's error may) [`crate::Unavailable`].
 fn is_unavailable(e: &BoxError) -> bool {
+    cause::<crate::Unavailable>(e).is_some()
+}
+
+/// The first error of type `T` in `e`'s chain of causes (a layer may wrap a handler's).
+fn cause<T: std::error::Error + 'static>(e: &BoxError) -> Option<&T> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
     while let Some(c) = cause {
-        if c.is::<crate::Unavailable>() {
-            return true;
+        if let Some(t) = c.downcast_ref::<T>() {
+            return Some(t);
         }
         cause = c.source();
     }
-    false
+    None
 }
 
 /// Applies what a handler that acknowledges later reported. A message it could not take
@@ -493,15 +524,16 @@ fn on_deferral(
 /// encoding it did not accept), and transcoded then compressed again when the codecs
 /// differ (a compressed payload cannot be transcoded on the fly). Refused: a payload
 /// with no form in the connection's codec (a MessagePack map with a binary key has
-/// none in JSON), a compressed one that does not inflate, and one that is larger,
-/// fitted, than the connection's message limit. Between connections a session's
+/// none in JSON), a compressed one that does not inflate, and a message whose envelope,
+/// fitted, is larger than the connection's message limit (with the widest `seq` and
+/// `ack` its session may add; encoded to tell only when its cheap bound,
+/// `Envelope::encoded_len_bound`, is over the limit). Between connections a session's
 /// message is fitted to its last connection ([`Fit`], kept by the session's driver),
-/// which the peer's next one is almost always like. Not caught here: a payload just
-/// under the limit that only its envelope takes over it, one held by a session that
-/// has had no connection on this side (restored from a store), and one fitted to a
-/// last connection that the next one is not like (the peer changed its codec); such a
-/// message ends every connection it cannot be written on until it expires (see
-/// `delivery::close_after_failed_write`).
+/// which the peer's next one is almost always like. Not caught here: a message held
+/// by a session that has had no connection on this side (restored from a store), and
+/// one fitted to a last connection that the next one is not like (the peer changed
+/// its codec or limit); such a message ends every connection it cannot be written on
+/// until it expires (see `delivery::close_after_failed_write`).
 pub(crate) fn fit_payload(
     env: &mut Envelope,
     fit: Option<Fit>,
@@ -509,9 +541,15 @@ pub(crate) fn fit_payload(
     let Some(fit) = fit else {
         return Ok(());
     };
-    if !fit.needs_fitting(env) {
-        return Ok(());
+    if fit.needs_fitting(env) {
+        fit_format(env, fit)?;
     }
+    fit.check_size(env)
+}
+
+/// Transcodes, inflates or compresses `env`'s payload as `fit` asks
+/// ([`Fit::needs_fitting`]).
+fn fit_format(env: &mut Envelope, fit: Fit) -> Result<(), tunnel_proto::EncodeError> {
     let Some(format) = env.payload.as_ref().map(tunnel_proto::Payload::format) else {
         return Ok(());
     };
@@ -527,13 +565,6 @@ pub(crate) fn fit_payload(
         }
     } else {
         refit_format(env, fit.format)?;
-    }
-    let size = env.payload.as_ref().map_or(0, tunnel_proto::Payload::len);
-    if size > fit.max_message_size {
-        return Err(tunnel_proto::EncodeError::TooLarge {
-            size,
-            limit: fit.max_message_size,
-        });
     }
     Ok(())
 }
@@ -561,14 +592,40 @@ impl Fit {
         }
     }
 
-    /// Whether [`fit_payload`] has anything to do for `env`: cheap enough to ask for
-    /// every message.
-    pub(crate) fn needs_fitting(&self, env: &Envelope) -> bool {
-        env.payload.as_ref().is_some_and(|p| {
-            p.format() != self.format
-                || env.content_encoding().is_some()
-                || p.len() > self.max_message_size
-        })
+    /// Whether `env`'s payload has to be transcoded, inflated or compressed again for
+    /// this connection: cheap enough to ask for every message.
+    fn needs_fitting(&self, env: &Envelope) -> bool {
+        env.payload
+            .as_ref()
+            .is_some_and(|p| p.format() != self.format || env.content_encoding().is_some())
+    }
+
+    /// Refuses `env` if it would encode larger than the message limit once its session
+    /// numbers and acknowledges in it. The bound is enough for almost every message;
+    /// one near the limit is encoded to tell.
+    fn check_size(&self, env: &mut Envelope) -> Result<(), tunnel_proto::EncodeError> {
+        let limit = self.max_message_size;
+        if env
+            .encoded_len_bound(self.format)
+            .is_some_and(|bound| bound <= limit)
+        {
+            return Ok(());
+        }
+        let (seq, ack) = (env.seq, env.ack);
+        env.seq = Some(u64::MAX);
+        env.ack = Some(u64::MAX);
+        let mut wire = Vec::new();
+        let encoded = self.format.codec().encode(env, &mut wire);
+        env.seq = seq;
+        env.ack = ack;
+        encoded?;
+        if wire.len() > limit {
+            return Err(tunnel_proto::EncodeError::TooLarge {
+                size: wire.len(),
+                limit,
+            });
+        }
+        Ok(())
     }
 }
 

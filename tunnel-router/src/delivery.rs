@@ -216,9 +216,8 @@ fn close_after_failed_write(conn: &ConnectionSender, e: &tunnel_transport::SendE
             // Payloads are fitted to the connection (or the session's last one)
             // before they are held: this one was held by a session restored with no
             // connection here yet, or fitted a last connection the current one is not
-            // like (another codec), or passes the message limit only with its
-            // envelope. Until it expires (the replay buffer's age bound) every
-            // connection of the session ends here.
+            // like (another codec or limit). Until it expires (the replay buffer's age
+            // bound) every connection of the session ends here.
             tracing::error!(%agent, error = %e, "closing: a held message cannot be written on this connection");
             conn.abort_with(
                 CloseCode::INTERNAL_ERROR,

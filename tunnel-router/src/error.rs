@@ -149,3 +149,43 @@ impl Unavailable {
         &self.reason
     }
 }
+
+/// What a handler returns as its error for a message it can never take, however often
+/// it is sent (a hub that stores every message in NATS, one larger than NATS takes):
+/// the message is refused as one this side cannot read is (PROTOCOL.md, section 4.2).
+/// It counts as received, so the sender's session does not replay it; the sender gets
+/// a failed reply with code `bad_request` and `reason` (its receipt fails with
+/// `Undelivered::Rejected`, a request with [`Error::Remote`]), and the connection
+/// stays up. For a message that can be taken later, return [`Unavailable`].
+///
+/// ```
+/// use tower::{BoxError, service_fn};
+/// use tunnel_router::{Inbound, Refused};
+///
+/// let handler = service_fn(|msg: Inbound| async move {
+///     if msg.envelope.payload.as_ref().is_some_and(|p| p.len() > 1024) {
+///         return Err::<(), BoxError>(Refused::new("larger than 1 KiB").into());
+///     }
+///     Ok(())
+/// });
+/// # drop(handler);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused: {reason}")]
+pub struct Refused {
+    reason: String,
+}
+
+impl Refused {
+    /// Refused for `reason` (sent to the peer in the failed reply).
+    pub fn new(reason: impl Into<String>) -> Self {
+        Refused {
+            reason: reason.into(),
+        }
+    }
+
+    /// Why.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}

@@ -72,7 +72,7 @@ pub use agent::{
     ResponseFuture, SessionEvent,
 };
 pub use delivery::{FullPolicy, Held, Receipt, Unacked, Undelivered, WhenFull};
-pub use error::{Error, Unavailable};
+pub use error::{Error, Refused, Unavailable};
 pub use hub::{
     AgentStatus, DEFAULT_REQUEST_TIMEOUT, Drain, HeldSession, Hub, HubClient, HubConfig, HubEvent,
 };

@@ -76,6 +76,63 @@ async fn an_agent_request_gets_the_hub_handlers_reply_in_both_codecs() {
 }
 
 #[tokio::test]
+async fn a_handler_result_the_connection_cannot_carry_is_answered_with_handler_error() {
+    const LIMIT: usize = 64 * 1024;
+    let router = Router::new().route(
+        MessageType::Command,
+        service_fn(|msg: Inbound| async move {
+            let command: Command = msg.envelope.decode_payload()?;
+            Ok::<_, BoxError>(match command.name.as_str() {
+                // Within the limit as a payload, not with its envelope.
+                "big" => msg.encode(&"x".repeat(LIMIT - 10))?,
+                // A map with a binary key: no form in JSON.
+                "binary-key" => {
+                    Payload::from_encoded(Format::MsgPack, vec![0x81, 0xc4, 0x01, 0x00, 0x01])
+                        .expect("valid MessagePack")
+                }
+                _ => msg.encode(&json!({"echo": command.name}))?,
+            })
+        }),
+    );
+    let mut config = server_config();
+    config.connection.limits = tunnel_proto::Limits::default().max_message_size(LIMIT);
+    let hub = tunnel_router::Hub::bind("127.0.0.1:0", config, router)
+        .await
+        .expect("bind");
+    let id = AgentId::new("root:org", "unsendable");
+    let agent = agent(
+        &hub.url().expect("url"),
+        client_config(&id, Format::Json),
+        Router::new(),
+    );
+    let info = agent.wait_connected(SOON).await.expect("connected");
+
+    for (name, why) in [("big", "exceeds max_message_size"), ("binary-key", "")] {
+        let err = agent.call(command(name)).await.unwrap_err();
+        let Error::Remote(body) = err else {
+            panic!("{name}: expected a remote error, got {err:?}")
+        };
+        assert_eq!(body.code, error_code::HANDLER_ERROR, "{name}");
+        assert!(
+            body.message
+                .starts_with("the handler's result cannot be sent")
+                && body.message.contains(why),
+            "{name}: {}",
+            body.message
+        );
+    }
+    // The session goes on, on the same connection.
+    let reply = agent.call(command("after")).await.expect("reply");
+    assert_eq!(
+        reply.decode::<Value>().expect("decode"),
+        json!({"echo": "after"})
+    );
+    assert_eq!(agent.sender().expect("connected").info().id, info.id);
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_failing_handler_answers_with_an_error_and_keeps_the_connection() {
     let hub = resumable(command_router()).await;
     let id = AgentId::new("root:org", "err");

@@ -816,6 +816,97 @@ async fn a_payload_the_agents_codec_cannot_carry_is_refused_at_send_and_the_sess
     hub.shutdown().await;
 }
 
+/// An event whose JSON payload is `limit - 8` bytes: within `limit`, its envelope not.
+fn just_under(limit: usize) -> Box<tunnel_proto::Envelope> {
+    let payload =
+        tunnel_proto::Payload::encode(Format::Json, &"x".repeat(limit - 10)).expect("encodes");
+    assert_eq!(payload.len(), limit - 8);
+    Box::new(tunnel_proto::Envelope::new(0, MessageType::Event, 0).with_payload(payload))
+}
+
+fn is_too_large(
+    outcome: &Result<tunnel_router::Receipt, tunnel_router::Error>,
+    limit: usize,
+) -> bool {
+    matches!(
+        outcome,
+        Err(tunnel_router::Error::Encode(tunnel_proto::EncodeError::TooLarge { size, limit: l }))
+            if *size > limit && *l == limit
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_within_the_limit_whose_envelope_is_not_is_refused_at_send_and_no_connection_ends()
+ {
+    let (hub_router, mut at_hub) = numbers();
+    let mut config = server_config();
+    config.connection.limits = tunnel_proto::Limits::default().max_message_size(AGENT_LIMIT);
+    let hub = Hub::bind_with(
+        "127.0.0.1:0",
+        config,
+        hub_router,
+        tunnel_router::HubConfig::default()
+            .sessions(tunnel_router::SessionRegistry::new(HubSessions::default())),
+    )
+    .await
+    .expect("bind");
+    let proxy = FaultProxy::start(hub.local_addr().expect("addr"))
+        .await
+        .expect("proxy");
+    let id = AgentId::new("ws", "near-limit");
+    let (agent, mut at_agent) = json_agent(&proxy.ws_url(), &id);
+    agent.wait_connected(SOON).await.expect("connected");
+    registered(&hub, &id).await;
+    let session = hub.session_of(&id).expect("a session").id;
+    let reconnects = agent.reconnects();
+
+    // Connected: refused on both sides before the session numbers it (taken, it would
+    // end every connection it cannot be written on until it expires).
+    let refused = agent.send_envelope(just_under(AGENT_LIMIT)).await;
+    assert!(is_too_large(&refused, AGENT_LIMIT), "{refused:?}");
+    let refused = hub.send_envelope(&id, just_under(AGENT_LIMIT)).await;
+    assert!(is_too_large(&refused, AGENT_LIMIT), "{refused:?}");
+    // Offline: the same against the session's last connection.
+    go_offline(&proxy, &agent).await;
+    eventually("the hub to notice", || {
+        hub.sender(&id).is_none() && hub.session_of(&id).is_some_and(|s| !s.attached)
+    })
+    .await;
+    let refused = agent.send_envelope(just_under(AGENT_LIMIT)).await;
+    assert!(is_too_large(&refused, AGENT_LIMIT), "{refused:?}");
+    let refused = hub.send_envelope(&id, just_under(AGENT_LIMIT)).await;
+    assert!(is_too_large(&refused, AGENT_LIMIT), "{refused:?}");
+
+    // Nothing refused took a number; the session resumes once and carries on.
+    let up = agent
+        .send(MessageType::Event, &json!({ "n": 1 }))
+        .await
+        .expect("held offline");
+    assert_eq!(up.seq(), 1, "the refused messages took no number");
+    let down = hub
+        .send(&id, MessageType::Command, &json!({ "n": 1 }))
+        .await
+        .expect("held offline");
+    assert_eq!(down.seq(), 1, "the refused messages took no number");
+    proxy.set_refuse(false);
+    assert_eq!(recv_soon(&mut at_hub).await, 1);
+    assert_eq!(recv_soon(&mut at_agent).await, 1);
+    assert_eq!(up.delivered().await, Ok(()));
+    assert_eq!(down.delivered().await, Ok(()));
+    assert_eq!(
+        hub.session_of(&id).map(|s| s.id),
+        Some(session),
+        "resumed, not reset"
+    );
+    assert_eq!(
+        agent.reconnects(),
+        reconnects + 1,
+        "one reconnect: after the cut, and none for a message it could not write"
+    );
+    agent.shutdown().await;
+    hub.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payload_the_agents_codec_cannot_carry_is_refused_while_it_is_offline_and_the_session_resumes()
  {

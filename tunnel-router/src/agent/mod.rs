@@ -420,16 +420,15 @@ impl Agent {
     /// As much of [`Agent::transmit`] as can be done without waiting.
     fn try_transmit(&self, mut env: Box<Envelope>) -> Transmit {
         // Every message passes here: one in the last connection's format, uncompressed
-        // and within its size limit, is taken to fit without a look at the connection
-        // (the format comes from the agent's configuration; one that changed meanwhile
-        // is transcoded when written); else the connection is asked under the borrow,
-        // and the rare work of fitting done outside it (between connections, the
-        // session's last connection is asked instead).
-        let fits = env.payload.as_ref().is_none_or(|p| {
-            env.content_encoding().is_none()
-                && p.format() == self.cached_format()
-                && p.len() <= self.inner.max_message_size.load(Ordering::Relaxed)
-        });
+        // and with an envelope bound within its size limit, is taken to fit without a
+        // look at the connection (the format comes from the agent's configuration; one
+        // that changed meanwhile is transcoded when written); else the connection is
+        // asked under the borrow, and the rare work of fitting done outside it (between
+        // connections, the session's last connection is asked instead).
+        let fits = env.content_encoding().is_none()
+            && env
+                .encoded_len_bound(self.cached_format())
+                .is_some_and(|b| b <= self.inner.max_message_size.load(Ordering::Relaxed));
         if !fits {
             // The borrow ends before the session's lock is taken.
             let current = self.inner.current.borrow().as_ref().map(Fit::of);
